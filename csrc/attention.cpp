@@ -1,0 +1,3 @@
+// Placeholder until the attention family lands.
+#include "fastinternlm/attention.h"
+#include "check.h"

@@ -1,0 +1,20 @@
+// fastinternlm._C: the Python face of the C++ core. One register_* per kernel family.
+#include "bind_util.h"
+
+namespace fastinternlm {
+namespace bindings {
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastinternlm kernels (C++ core; pointers in, Status out)";
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_architectures", &cuda_architectures);
+  m.def("version", &version);
+  register_rms_norm(m);
+  register_rotary(m);
+  register_silu_and_mul(m);
+  register_attention(m);
+  register_int4_gemm(m);
+}
+
+}  // namespace bindings
+}  // namespace fastinternlm

@@ -1,0 +1,94 @@
+// Precondition checks for the API entry points. Each returns a Status whose message names
+// the argument, what was expected and what was given, so the Python layer can pass it on
+// to the user unchanged.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+#include "fastinternlm/common.h"
+
+namespace fastinternlm {
+
+#define FIL_RETURN_IF_ERROR(expr)            \
+  do {                                       \
+    ::fastinternlm::Status fil_status_ = (expr); \
+    if (!fil_status_.ok()) return fil_status_;   \
+  } while (0)
+
+template <typename... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  return os.str();
+}
+
+template <typename... Parts>
+Status invalid_value(const Parts&... parts) {
+  return Status(StatusCode::kInvalidValue, concat(parts...));
+}
+
+template <typename... Parts>
+Status invalid_type(const Parts&... parts) {
+  return Status(StatusCode::kInvalidType, concat(parts...));
+}
+
+inline Status check_not_null(const char* name, const void* ptr) {
+  if (ptr == nullptr) return invalid_value(name, " must not be a null pointer");
+  return Status::Ok();
+}
+
+inline Status check_positive(const char* name, int64_t value) {
+  if (value <= 0) return invalid_value(name, " must be positive, got ", value);
+  return Status::Ok();
+}
+
+// lo <= value < hi
+inline Status check_range(const char* name, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value >= hi)
+    return invalid_value(name, " must be in [", lo, ", ", hi, "), got ", value);
+  return Status::Ok();
+}
+
+inline Status check_one_of(const char* name, int64_t value, std::initializer_list<int64_t> allowed) {
+  std::ostringstream list;
+  for (int64_t a : allowed) {
+    if (a == value) return Status::Ok();
+    list << (list.tellp() > 0 ? ", " : "") << a;
+  }
+  return invalid_value(name, " must be one of {", list.str(), "}, got ", value);
+}
+
+inline Status check_multiple(const char* name, int64_t value, int64_t divisor, const char* divisor_name) {
+  if (divisor <= 0 || value % divisor != 0)
+    return invalid_value(name, " (", value, ") must be a multiple of ", divisor_name, " (", divisor, ")");
+  return Status::Ok();
+}
+
+// The device is known and, for CUDA, compiled in.
+Status check_context(const Context& ctx);
+
+// Activation types: float16/bfloat16 everywhere, float32 on the CPU only.
+Status check_activation_dtype(const Context& ctx, const char* name, DType dtype);
+
+// Vectorised CUDA kernels need their pointers aligned to `bytes`.
+inline Status check_aligned(const char* name, const void* ptr, int64_t bytes) {
+  if (reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) != 0)
+    return invalid_value(name, " must be ", bytes, "-byte aligned, got address ", ptr);
+  return Status::Ok();
+}
+
+Status not_compiled(const char* op);
+
+}  // namespace fastinternlm
+
+// Route a validated call to the CUDA implementation, or report that it is not built in.
+#if FASTINTERNLM_WITH_CUDA
+#define FIL_DISPATCH_CUDA(ctx, op_name, call) \
+  if ((ctx).device == ::fastinternlm::Device::kCUDA) return (call)
+#else
+#define FIL_DISPATCH_CUDA(ctx, op_name, call) \
+  if ((ctx).device == ::fastinternlm::Device::kCUDA) return ::fastinternlm::not_compiled(op_name)
+#endif

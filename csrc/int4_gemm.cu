@@ -1,0 +1,1 @@
+// Placeholder until the int4_gemm family lands.

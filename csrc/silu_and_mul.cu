@@ -1,0 +1,1 @@
+// Placeholder until the silu_and_mul family lands.

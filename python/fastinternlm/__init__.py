@@ -1,0 +1,23 @@
+"""fastinternlm: InternLM2/2.5 inference on hand-written CUDA kernels with CPU references."""
+
+from __future__ import annotations
+
+from . import _C, ops
+
+__version__ = _C.version()
+
+
+def build_info() -> dict:
+    """What this build of the extension contains. Asks no GPU and no driver anything."""
+    archs = _C.cuda_architectures()
+    return {
+        "version": __version__,
+        "cuda": bool(_C.cuda_compiled()),
+        "cuda_architectures": [a for a in archs.split(",") if a],
+        "cuda_runtime": "static" if _C.cuda_compiled() else None,
+        "links_libtorch": False,
+        "int4_format_version": ops.INT4_FORMAT_VERSION,
+    }
+
+
+__all__ = ["__version__", "build_info", "ops"]
