@@ -44,19 +44,20 @@ def seed(request) -> int:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, roundings: float,
-                 name: str = "output") -> None:
-    """|actual - expected| <= roundings * u * (|expected| + mean|expected|).
+                 name: str = "output", float32_ops: float = 0) -> None:
+    """|actual - expected| <= (roundings * u + float32_ops * u32) * (|expected| + mean|expected|).
 
-    `expected` is a float64 reference; `roundings` is how many roundings to `dtype` (or
-    their equivalent in float32 accumulation error) the op under test may legitimately
-    incur, argued at the call site. The mean|expected| term is the absolute floor that
-    rounding of intermediates leaves where the output itself cancels to near zero."""
+    `expected` is a float64 reference. `roundings` is how many roundings to `dtype` the op
+    under test may legitimately incur and `float32_ops` how many float32 operations (each
+    one rounding, or one ulp of a libm function) stand between inputs and output, both
+    argued at the call site. The mean|expected| term is the absolute floor that rounding
+    of intermediates leaves where the output itself cancels to near zero."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
     assert torch.isfinite(a).all(), f"{name}: non-finite values"
-    u = UNIT_ROUNDOFF[dtype]
-    bound = roundings * u * (e.abs() + e.abs().mean())
+    u = roundings * UNIT_ROUNDOFF[dtype] + float32_ops * UNIT_ROUNDOFF[torch.float32]
+    bound = u * (e.abs() + e.abs().mean())
     err = (a - e).abs()
     worst = int(torch.argmax(err - bound))
     assert bool((err <= bound).all()), (

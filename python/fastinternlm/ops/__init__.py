@@ -2,7 +2,16 @@
 stream). One module per kernel family, named like its C++ files."""
 
 from .rms_norm import add_rms_norm, rms_norm
+from .rotary import ntk_base, rotary_embedding
+from .silu_and_mul import silu_and_mul
 
 INT4_FORMAT_VERSION = 1
 
-__all__ = ["INT4_FORMAT_VERSION", "add_rms_norm", "rms_norm"]
+__all__ = [
+    "INT4_FORMAT_VERSION",
+    "add_rms_norm",
+    "ntk_base",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+]

@@ -47,7 +47,8 @@ def check_tensor(
     if shape is not None:
         for want, got in zip(shape, t.shape):
             if want is not None and want != got:
-                expected = tuple("*" if s is None else s for s in shape)
+                expected = ", ".join("*" if s is None else str(s) for s in shape)
+                expected = f"({expected},)" if len(shape) == 1 else f"({expected})"
                 raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}")

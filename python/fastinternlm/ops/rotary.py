@@ -1,0 +1,49 @@
+"""Rotary embedding with per-token bases, and the dynamic-NTK base
+(see csrc/include/fastinternlm/rotary.h)."""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+
+from ._checks import (POSITION_DTYPES, _C, check_activation, check_tensor, context, dtype_code,
+                      same_device)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     base: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (half-split pairing) and return them.
+
+    positions: int32/int64 [T]. base: one float for every token, or a float32 tensor [T]
+    with one base per token (a batch can carry one dynamic-NTK base per sequence)."""
+    check_tensor("q", q, ndim=3)
+    check_activation("q", q)
+    tokens, _, head_dim = q.shape
+    check_tensor("k", k, dtypes=(q.dtype,), shape=(tokens, None, head_dim))
+    check_tensor("positions", positions, dtypes=POSITION_DTYPES, shape=(tokens,))
+    tensors = dict(q=q, k=k, positions=positions)
+    bases_ptr, base_value = 0, 1.0
+    if isinstance(base, torch.Tensor):
+        check_tensor("base", base, dtypes=(torch.float32,), shape=(tokens,))
+        tensors["base"] = base
+        bases_ptr = base.data_ptr()
+    elif isinstance(base, (int, float)) and not isinstance(base, bool):
+        base_value = float(base)
+    else:
+        raise TypeError(f"base must be a float or a float32 tensor, got {type(base).__name__}")
+    device = same_device(**tensors)
+    if tokens == 0:
+        return q, k
+    _C.rotary_embedding(*context(device), dtype_code(q.dtype), q.data_ptr(), k.data_ptr(),
+                        positions.data_ptr(), dtype_code(positions.dtype), bases_ptr, base_value,
+                        tokens, q.shape[1], k.shape[1], head_dim)
+    return q, k
+
+
+def ntk_base(theta: float, factor: float, max_position_embeddings: int, length: int,
+             head_dim: int) -> float:
+    """The dynamic-NTK rotary base for a sequence of `length` tokens: theta itself while
+    length <= max_position_embeddings, else
+    theta * (factor * length / max_position_embeddings - (factor - 1)) ** (D / (D - 2))."""
+    return _C.ntk_base(float(theta), float(factor), int(max_position_embeddings), int(length), int(head_dim))
