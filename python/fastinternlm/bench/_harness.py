@@ -84,15 +84,16 @@ def run_cases(cases: List[Case], device: torch.device, min_time: float = 0.2) ->
     return [Result(c, time_fn(c.ours, device, min_time), time_fn(c.baseline, device, min_time)) for c in cases]
 
 
-def format_table(results: List[Result], title: Optional[str] = None) -> str:
-    lines = []
-    if title:
-        lines.append(title)
-    header = f"{'op':<18} {'shape':<40} {'ours':>10} {'rate':>16} {'baseline':>10} {'speedup':>8}  baseline op"
-    lines.append(header)
-    lines.append("-" * len(header))
+def format_table(results: List[Result], copy_bandwidth: Optional[float] = None) -> str:
+    """One row per case; `% copy` is our GB/s over the measured copy bandwidth."""
+    header = (f"{'op':<18} {'shape':<40} {'ours':>10} {'rate':>16} {'% copy':>7} {'baseline':>10} "
+              f"{'speedup':>8}  baseline op")
+    lines = [header, "-" * len(header)]
     for r in results:
+        share = ""
+        if copy_bandwidth and r.case.bytes:
+            share = f"{100 * r.case.bytes / r.ours_s / copy_bandwidth:6.0f}%"
         lines.append(
-            f"{r.case.op:<18} {r.case.shape:<40} {r.ours_s * 1e6:8.1f}us {r.rate(r.ours_s):>16} "
+            f"{r.case.op:<18} {r.case.shape:<40} {r.ours_s * 1e6:8.1f}us {r.rate(r.ours_s):>16} {share:>7} "
             f"{r.baseline_s * 1e6:8.1f}us {r.speedup:7.2f}x  {r.case.baseline_name}")
     return "\n".join(lines)

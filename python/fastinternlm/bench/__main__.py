@@ -1,0 +1,66 @@
+"""python -m fastinternlm.bench kernels [--device cuda|cpu] [--dtype float16|bfloat16] [--ops ...]
+
+Times every kernel family on InternLM2.5-7B shapes (smaller ones on the CPU) next to the
+torch way of doing the same thing, in the same run, and prints time, GB/s or TFLOP/s and
+the speed-up over the baseline. On CUDA it first measures the card's device-to-device copy
+bandwidth, the ceiling for these memory-bound kernels, and reports each kernel against it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import torch
+
+from ._harness import format_table, run_cases, time_fn
+
+FAMILIES = ["rms_norm", "rotary", "silu_and_mul", "attention", "int4_gemm"]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (256 MiB, far over L2)."""
+    src = torch.randn(64 << 20, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=["kernels"])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--ops", nargs="*", default=FAMILIES, choices=FAMILIES)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case and side")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"fastinternlm kernel benchmark on {name}, {args.dtype}, torch {torch.__version__}")
+    ceiling = copy_bandwidth(device) if device.type == "cuda" else None
+    if ceiling:
+        print(f"measured copy bandwidth: {ceiling / 1e9:.0f} GB/s (read + write)")
+
+    results = []
+    for family in args.ops:
+        module = importlib.import_module(f"fastinternlm.bench.{family}")
+        results += run_cases(module.cases(device, dtype), device, args.min_time)
+    print(format_table(results, ceiling))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "dtype": args.dtype, "copy_bandwidth": ceiling,
+                       "results": [{"op": r.case.op, "shape": r.case.shape, "ours_s": r.ours_s,
+                                    "baseline_s": r.baseline_s, "baseline": r.case.baseline_name,
+                                    "bytes": r.case.bytes, "flops": r.case.flops} for r in results]},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
