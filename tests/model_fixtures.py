@@ -30,7 +30,6 @@ import glob
 import io
 import json
 import math
-import os
 import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
