@@ -80,6 +80,16 @@ def test_load_formats(device, tmp_path, dtype, fmt, shards):
     assert_matches_internlm2(weights, ck.internlm2_tensors, dtype, device)
 
 
+def test_load_legacy_bin(device, tmp_path):
+    """Pre-zip pickles cannot be memory-mapped; they are read whole, one shard at a time."""
+    ck = write_tiny_internlm2(tmp_path, fmt="bin", shards=2, seed=9)
+    for file in tmp_path.glob("*.bin"):
+        tensors = torch.load(file, weights_only=True)
+        torch.save(tensors, file, _use_new_zipfile_serialization=False)
+    _, weights = load_checkpoint(tmp_path, device, torch.float16, progress=False)
+    assert_matches_internlm2(weights, ck.internlm2_tensors, torch.float16, device)
+
+
 @pytest.mark.parametrize("fmt,shards", [("safetensors", 3), ("bin", 2)])
 def test_load_llama_equals_internlm2(device, tmp_path, fmt, shards):
     """The Llama checkpoint of the same random model (q/k/v split by the row formula,
@@ -149,6 +159,9 @@ def test_bad_load_arguments(tmp_path, tiny_internlm2):
         load_checkpoint(tiny_internlm2.path, "cpu", torch.int8, progress=False)
     with pytest.raises(ValueError, match="device must be the CPU or a CUDA device, got meta"):
         load_checkpoint(tiny_internlm2.path, "meta", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda was requested but torch sees no CUDA device"):
+            load_checkpoint(tiny_internlm2.path, "cuda", progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere", progress=False)
     (tmp_path / "config.json").write_text(json.dumps(tiny_internlm2.config))

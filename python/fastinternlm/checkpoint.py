@@ -197,7 +197,14 @@ def _read_safetensors_header(file: str) -> Dict[str, _TensorInfo]:
 
 def _load_bin(file: str) -> Dict[str, torch.Tensor]:
     # mmap: the pickle is parsed but storages stay on disk until a tensor is touched.
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        # Only the zip format (torch >= 1.6) can be memory-mapped; the legacy format is
+        # read whole, one shard at a time.
+        if "zip" not in str(e).lower():
+            raise
+        state = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} does not hold a state dict (got {type(state).__name__})")
     return state
@@ -310,6 +317,8 @@ def _check_target(device, dtype) -> Tuple[torch.device, Optional[torch.dtype]]:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be the CPU or a CUDA device, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was requested but torch sees no CUDA device")
     return device, dtype
 
 
