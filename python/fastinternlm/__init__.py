@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import _C, ops
+from .llm import LLM, Generation, load
 
 __version__ = _C.version()
 
@@ -20,4 +21,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["__version__", "build_info", "ops"]
+__all__ = ["LLM", "Generation", "__version__", "build_info", "load", "ops"]

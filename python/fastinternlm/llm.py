@@ -29,10 +29,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops
-from .chat import chat_stop_ids, encode_chat
-from .model import Transformer
+from .chat import IM_END, encode_chat
+from .checkpoint import load_checkpoint
+from .model import Layer, Transformer
 from .sampling import SamplingParams, sample
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 NTK_MODES = ("hf", "fixed")
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory for long prompts
@@ -103,7 +104,18 @@ class LLM:
         self.ntk_mode = ntk_mode
         self.device = model.device
         self.dtype = model.dtype
-        self.stop_ids = set(stop_ids if stop_ids is not None else self.config.eos_token_ids)
+        if stop_ids is None:
+            stop_ids = set(self.config.eos_token_ids)
+            if IM_END in tokenizer._by_content:  # chat models end a turn with <|im_end|>
+                stop_ids.add(tokenizer.token_to_id(IM_END))
+        self.stop_ids = set(stop_ids)
+        # A model vocabulary padded past the tokenizer's: those ids have no text, never sample them.
+        self._vocab_limit = min(self.config.vocab_size, tokenizer.vocab_size)
+
+    def _sample(self, logits, params, generator, seen):
+        if self._vocab_limit < logits.shape[-1]:
+            logits[:, self._vocab_limit:] = float("-inf")
+        return sample(logits, params, generator, seen)
 
     # ---- rotary bases ------------------------------------------------------------------
     def _base(self, length: int) -> float:
@@ -203,7 +215,7 @@ class LLM:
                 seen[n, torch.tensor(p, device=self.device)] = True
 
         hidden = torch.cat([self._prefill(p, n, prompt_bases[n]) for n, p in enumerate(prompts)])
-        tokens = sample(self.model.logits(hidden), params, generator, seen)
+        tokens = self._sample(self.model.logits(hidden), params, generator, seen)
         host = tokens.tolist()
         ttft = time.perf_counter() - t_start
         for s, t in zip(seqs, host):
@@ -221,7 +233,7 @@ class LLM:
             if self.ntk_mode == "hf":
                 bases = self._bases_for(positions)
             logits = self.model.decode(tokens, slots, positions, bases)
-            tokens = sample(logits, params, generator, seen)
+            tokens = self._sample(logits, params, generator, seen)
             positions += 1
             host = tokens.tolist()
             steps += 1
@@ -323,3 +335,41 @@ class LLM:
         out = [self.model.logits(self.model.prefill(tokens[s:s + PREFILL_CHUNK], 0, s, base))
                for s in range(0, len(ids), PREFILL_CHUNK)]
         return torch.cat(out)
+
+
+def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
+         ntk_mode: str = "hf", progress: bool = True) -> LLM:
+    """Load an InternLM2/2.5 (or Llama-family) checkpoint directory.
+
+    device: None means CUDA when available, else the CPU. dtype: None means the
+    checkpoint's (float16/bfloat16; float32 runs on the CPU only). max_seq_len: the KV
+    cache length per sequence, default min(max_position_embeddings, 32768) on CUDA and
+    min(max_position_embeddings, 4096) on the CPU. max_batch: KV-cache slots, i.e. how
+    many prompts one generate call can take. ntk_mode: "hf" or "fixed" (module docs)."""
+    if ntk_mode not in NTK_MODES:
+        raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and dtype == torch.float32:
+        raise TypeError("dtype float32 runs on the CPU only; use float16 or bfloat16 on CUDA")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    tokenizer = load_tokenizer(path)
+    config, weights = load_checkpoint(path, device, dtype, progress)
+    if device.type == "cuda" and weights.tok_embeddings.dtype == torch.float32:
+        raise TypeError("this checkpoint is float32; on CUDA pass dtype='float16' or 'bfloat16'")
+    if max_seq_len is None:
+        max_seq_len = min(config.max_position_embeddings, 32768 if device.type == "cuda" else 4096)
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    layers = []
+    for lw in weights.layers:
+        # Gate and up stacked so one GEMM feeds silu_and_mul; the separate copies are dropped.
+        layers.append(Layer(lw.attention_norm, lw.wqkv, lw.wo, lw.ffn_norm, torch.cat([lw.w1, lw.w3]), lw.w2))
+        lw.w1 = lw.w3 = None
+    model = Transformer(config, weights.tok_embeddings, layers, weights.norm, weights.output,
+                        max_batch=max_batch, max_seq_len=max_seq_len)
+    return LLM(model, tokenizer, ntk_mode=ntk_mode)

@@ -1,0 +1,117 @@
+"""Command line: `fastinternlm generate --model DIR "prompt"`, `fastinternlm chat --model DIR`,
+`fastinternlm info`. Also `python -m fastinternlm ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="activation dtype (default: the checkpoint's)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length per sequence")
+    p.add_argument("--ntk-mode", default="hf", choices=["hf", "fixed"], help="dynamic-NTK policy (see README)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+
+
+def _sampling(args) -> dict:
+    names = ["max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _load(args):
+    from . import load
+    return load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                ntk_mode=args.ntk_mode, progress=not args.no_progress)
+
+
+def _generate(args) -> int:
+    llm = _load(args)
+    kwargs = _sampling(args)
+    if args.stop:
+        kwargs["stop"] = args.stop
+    for delta in llm.generate(args.prompt, stream=True, **kwargs):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args) -> int:
+    llm = _load(args)
+    kwargs = _sampling(args)
+    history: list = []
+    print("fastinternlm chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            query = input("user> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        command = query.strip()
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        sys.stdout.write("assistant> ")
+        response = ""
+        try:
+            for delta in llm.stream_chat(query, history, system=args.system, **kwargs):
+                response += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except ValueError as e:  # e.g. the conversation no longer fits the cache
+            print(f"\nerror: {e} (/reset to start over)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history.append((query, response))
+
+
+def _info(args) -> int:
+    import fastinternlm
+    for k, v in fastinternlm.build_info().items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastinternlm", description="InternLM2/2.5 inference on fastinternlm kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
+    _add_model_args(g)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("prompt")
+    g.set_defaults(run=_generate)
+    c = sub.add_parser("chat", help="interactive chat with the InternLM2 prompt format")
+    _add_model_args(c)
+    c.add_argument("--system", default=None, help="system prompt (default: InternLM's meta instruction)")
+    c.set_defaults(run=_chat)
+    i = sub.add_parser("info", help="what this build contains")
+    i.set_defaults(run=_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"fastinternlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
