@@ -1,1 +1,610 @@
-// Placeholder until the attention family lands.
+// Attention over the KV cache on CUDA.
+//
+// Prefill: a small kernel copies the chunk's k, v into the cache, then a flash-attention
+// style kernel reads every key/value from the cache. One block owns a tile of 64 query
+// rows, a row being one (token, query head) of a single KV group, so each K/V tile staged
+// in shared memory is reused by every token of the tile and every query head of the group.
+// SIMT float32 math (no tensor cores yet): the 64x64 score tile and the 64xD output are
+// register-blocked 4 rows per thread, and the softmax keeps a running maximum per row.
+//
+// Decode (one token per sequence): flash-decoding. A sequence's context is cut into up to
+// `splits` chunks; block (split, kv head, sequence) computes an unnormalised partial
+// softmax (max, sum, acc[D]) for all query heads of the KV group, so every K/V byte is
+// loaded once for the whole group, and a second kernel merges the partials. The number of
+// splits depends on sizes only (batch, kv_heads, max_seq), never on positions, so the
+// workspace size is known on the host and the step can be captured in a CUDA graph; each
+// sequence divides its own length over the splits and splits past its end return at once.
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+#include "kernels_cuda.h"
+
+namespace fastinternlm {
+namespace cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------------------------------
+// Vector loads: 16 bytes (8 halves) per access, the width at which a warp's loads reach
+// full DRAM bandwidth with the fewest instructions.
+
+template <typename T> struct Half2Of;
+template <> struct Half2Of<__half> { using type = __half2; };
+template <> struct Half2Of<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+__device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+
+template <typename T>
+__device__ __forceinline__ typename Half2Of<T>::type from_float2(float a, float b);
+template <>
+__device__ __forceinline__ __half2 from_float2<__half>(float a, float b) { return __floats2half2_rn(a, b); }
+template <>
+__device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+
+template <int N> struct RawVec;
+template <> struct RawVec<8> { using type = uint4; };
+template <> struct RawVec<4> { using type = uint2; };
+
+template <typename T, int N>
+__device__ __forceinline__ void unpack(float (&f)[N], const typename RawVec<N>::type& raw) {
+  const auto* h = reinterpret_cast<const typename Half2Of<T>::type*>(&raw);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float2 x = to_float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(float (&f)[N], const T* p) {
+  unpack<T, N>(f, *reinterpret_cast<const typename RawVec<N>::type*>(p));
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const float (&f)[N]) {
+  typename RawVec<N>::type raw;
+  auto* h = reinterpret_cast<typename Half2Of<T>::type*>(&raw);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) h[i] = from_float2<T>(f[2 * i], f[2 * i + 1]);
+  *reinterpret_cast<typename RawVec<N>::type*>(p) = raw;
+}
+
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
+
+// ---------------------------------------------------------------------------------------
+// Prefill
+
+constexpr int kPrefillThreads = 256;  // a 16 x 16 grid of threads over (rows, keys or dims)
+constexpr int kRows = 64;             // query rows (token, head) per block
+constexpr int kKeys = 64;             // keys per shared-memory tile
+constexpr int kPStride = kKeys + 4;   // the two half-warps read P rows 4 apart: +4 moves them
+                                      // to different banks
+
+// Q and K are stored transposed ([d][row]) so that the score loop reads 4 consecutive rows
+// and 4 consecutive keys as one float4 each: 2 shared loads per 16 FMAs. P reuses K's space:
+// K is dead once the scores are in registers.
+template <int D>
+struct PrefillSmem {
+  float qt[D][kRows];
+  union {
+    float kt[D][kKeys];
+    float p[kRows][kPStride];
+  };
+  float v[kKeys][D];
+};
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+prefill_write_kv_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k,
+                        const T* __restrict__ v, int64_t tokens, int kv_heads, int head_dim,
+                        int64_t max_seq, int64_t slot, int64_t start) {
+  const int vecs_per_row = head_dim / 8;
+  const int64_t total = tokens * kv_heads * vecs_per_row;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = idx / vecs_per_row;  // t * kv_heads + h, the layout of k and v
+    const int c = static_cast<int>(idx % vecs_per_row);
+    const int64_t t = row / kv_heads, h = row % kv_heads;
+    const int64_t dst = ((slot * kv_heads + h) * max_seq + start + t) * head_dim + c * 8;
+    const int64_t src = row * head_dim + c * 8;
+    *reinterpret_cast<uint4*>(k_cache + dst) = *reinterpret_cast<const uint4*>(k + src);
+    *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v + src);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kPrefillThreads)
+prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,
+                         const T* __restrict__ v_cache, int tokens, int q_heads, int group,
+                         int tile_tokens, int kv_heads, int64_t max_seq, int64_t slot,
+                         int64_t start, float scale_log2) {
+  constexpr int DPT = D / 16;  // output dims per thread
+  extern __shared__ float4 smem_raw[];
+  auto& sm = *reinterpret_cast<PrefillSmem<D>*>(smem_raw);
+
+  // Causal work grows with the query position: start the longest tiles first so the
+  // grid's tail is made of short blocks.
+  const int tile = gridDim.x - 1 - blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int q0 = tile * tile_tokens;
+  const int nq = min(tile_tokens, tokens - q0);
+  const int rows = nq * group;  // row i = token q0 + i / group, head kvh * group + i % group
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+
+  // Scores are kept in log2 units so the softmax uses exp2 (one MUFU op).
+  for (int idx = tid; idx < kRows * D / 8; idx += kPrefillThreads) {
+    const int i = idx % kRows, c = idx / kRows;  // consecutive lanes: consecutive rows
+    float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (i < rows) {
+      const int t = i / group, g = i % group;
+      load_vec<T, 8>(f, q + (int64_t{q0 + t} * q_heads + kvh * group + g) * D + c * 8);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sm.qt[c * 8 + e][i] = f[e] * scale_log2;
+  }
+
+  // Padding rows (i >= rows) take the last real row's position: finite, never stored.
+  int64_t qpos[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) qpos[r] = start + q0 + min(ty * 4 + r, rows - 1) / group;
+
+  const int64_t head = (slot * kv_heads + kvh) * max_seq;
+  const T* kc = k_cache + head * D;
+  const T* vc = v_cache + head * D;
+  const int64_t kv_end = start + q0 + nq;  // one past the tile's last query position
+
+  float m[4], l[4], o[4][DPT];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < DPT; ++e) o[r][e] = 0.0f;
+  }
+
+  for (int64_t k0 = 0; k0 < kv_end; k0 += kKeys) {
+    __syncthreads();  // the previous tile's P and V are no longer read
+    for (int idx = tid; idx < kKeys * D / 8; idx += kPrefillThreads) {
+      const int j = idx % kKeys, c = idx / kKeys;  // consecutive lanes: consecutive keys, so
+                                                   // the transposed stores hit distinct banks
+      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (k0 + j < kv_end) load_vec<T, 8>(f, kc + (k0 + j) * D + c * 8);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sm.kt[c * 8 + e][j] = f[e];
+    }
+    for (int idx = tid; idx < kKeys * D / 8; idx += kPrefillThreads) {
+      const int c = idx % (D / 8), j = idx / (D / 8);
+      // Zeros past kv_end: a zero probability times stale cache data that happens to be
+      // inf/NaN would still poison the sum.
+      float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (k0 + j < kv_end) load_vec<T, 8>(f, vc + (k0 + j) * D + c * 8);
+      *reinterpret_cast<float4*>(&sm.v[j][c * 8]) = make_float4(f[0], f[1], f[2], f[3]);
+      *reinterpret_cast<float4*>(&sm.v[j][c * 8 + 4]) = make_float4(f[4], f[5], f[6], f[7]);
+    }
+    __syncthreads();
+
+    float s[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[r][c] = 0.0f;
+#pragma unroll 8
+    for (int d = 0; d < D; ++d) {
+      const float4 a = *reinterpret_cast<const float4*>(&sm.qt[d][ty * 4]);
+      const float4 b = *reinterpret_cast<const float4*>(&sm.kt[d][tx * 4]);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[r][c] = fmaf(av[r], bv[c], s[r][c]);
+    }
+
+    // Online softmax per row. A row's 64 scores live in the 16 threads of one half-warp
+    // (same ty), so xor-shuffles over lane bits 0..3 reduce a row. Every row sees key 0 in
+    // the first tile (qpos >= 0), so m is finite from then on and exp2(m - m_new) never
+    // meets inf - inf.
+    float alpha[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (k0 + tx * 4 + c > qpos[r]) s[r][c] = -INFINITY;
+        mx = fmaxf(mx, s[r][c]);
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m[r], mx);
+      alpha[r] = exp2f(m[r] - m_new);
+      float sum = 0.0f;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[r][c] = exp2f(s[r][c] - m_new);
+        sum += s[r][c];
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      l[r] = l[r] * alpha[r] + sum;
+      m[r] = m_new;
+    }
+    __syncthreads();  // all threads are done reading kt, which p overwrites
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      *reinterpret_cast<float4*>(&sm.p[ty * 4 + r][tx * 4]) = make_float4(s[r][0], s[r][1], s[r][2], s[r][3]);
+    __syncthreads();
+
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int e = 0; e < DPT; ++e) o[r][e] *= alpha[r];
+#pragma unroll 2
+    for (int j = 0; j < kKeys; j += 4) {
+      float pr[4][4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float4 x = *reinterpret_cast<const float4*>(&sm.p[ty * 4 + r][j]);
+        pr[r][0] = x.x, pr[r][1] = x.y, pr[r][2] = x.z, pr[r][3] = x.w;
+      }
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        float vv[DPT];
+#pragma unroll
+        for (int e = 0; e < DPT; e += 4) {
+          const float4 x = *reinterpret_cast<const float4*>(&sm.v[j + jj][tx * DPT + e]);
+          vv[e] = x.x, vv[e + 1] = x.y, vv[e + 2] = x.z, vv[e + 3] = x.w;
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int e = 0; e < DPT; ++e) o[r][e] = fmaf(pr[r][jj], vv[e], o[r][e]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = ty * 4 + r;
+    if (i >= rows) continue;
+    const int t = i / group, g = i % group;
+    const float inv = 1.0f / l[r];
+    float f[DPT];
+#pragma unroll
+    for (int e = 0; e < DPT; ++e) f[e] = o[r][e] * inv;
+    store_vec<T, DPT>(out + (int64_t{q0 + t} * q_heads + kvh * group + g) * D + tx * DPT, f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decode
+
+constexpr int kDecodeThreads = 128;
+constexpr int kMinChunk = 64;        // tokens: below this a block's fixed costs (q load, merge
+                                     // of its row groups, the partial's store) dominate
+constexpr int kMaxSplits = 256;
+constexpr int64_t kTargetBlocks = 1024;  // ~8 blocks per SM on a 132-SM H100, enough to keep
+                                         // the memory system busy
+
+int decode_splits(int64_t batch, int64_t kv_heads, int64_t max_seq) {
+  const int64_t by_len = (max_seq + kMinChunk - 1) / kMinChunk;
+  const int64_t by_grid = (kTargetBlocks + batch * kv_heads - 1) / (batch * kv_heads);
+  int64_t s = by_len < by_grid ? by_len : by_grid;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return static_cast<int>(s < 1 ? 1 : s);
+}
+
+// Tokens per split for a sequence of `len` tokens: all splits busy when the context is
+// long, a multiple of 16 (the block's token stride for head_dim 64), never below kMinChunk.
+// ceil(len / chunk) <= splits always holds.
+__device__ __forceinline__ int decode_chunk(int len, int splits) {
+  int64_t per = (int64_t{len} + splits - 1) / splits;
+  per = (per + 15) / 16 * 16;
+  return static_cast<int>(per < kMinChunk ? kMinChunk : per);
+}
+
+__device__ __forceinline__ bool decode_valid(int slot, int pos, int num_slots, int max_seq) {
+  return slot >= 0 && slot < num_slots && pos >= 0 && pos < max_seq;
+}
+
+// Block (split, kv head, sequence). Threads form row groups of L = D/8 lanes; a row group
+// takes one token at a time, each lane 8 of its dims (a 16-byte load), so a warp reads
+// 32/L whole rows of 2*D bytes: fully coalesced. U tokens per row group are loaded before
+// any is used, which keeps 2*U 16-byte loads in flight per thread.
+// Occupancy: at most 128 registers for groups up to 4 (the 7B model's), so 4 blocks (16
+// warps) fit an SM and keep enough loads in flight; larger groups need more registers for
+// q and acc and settle for 2.
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kDecodeThreads, G <= 4 ? 4 : 2)
+decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __restrict__ ws_acc,
+                    const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new,
+                    T* k_cache, T* v_cache, int num_slots, int kv_heads, int max_seq,
+                    const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
+                    float scale_log2, int splits) {
+  constexpr int L = D / 8;
+  constexpr int R = kDecodeThreads / L;
+  constexpr int U = G <= 4 ? 4 : 2;  // the q and acc registers grow with G; fewer tokens
+                                     // in flight keep large groups from spilling
+  __shared__ __align__(16) float sm_acc[R][G][D];  // written as float4
+  __shared__ float sm_m[R][G], sm_l[R][G];
+
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid % L, rg = tid / L;
+  const int q_heads = kv_heads * G;
+  const int slot = slots[b], pos = positions[b];
+  const bool direct = splits == 1;  // no merge pass: normalise and store here
+  const int64_t out_row0 = int64_t{b} * q_heads + kvh * G;
+
+  if (!decode_valid(slot, pos, num_slots, max_seq)) {
+    if (direct)
+      for (int idx = tid; idx < G * D; idx += kDecodeThreads) out[out_row0 * D + idx] = from_float<T>(nan_f());
+    return;  // with splits > 1 the merge kernel writes the NaNs
+  }
+  const int len = pos + 1;
+  const int chunk = decode_chunk(len, splits);
+  const int64_t begin = int64_t{split} * chunk;
+  if (begin >= len) return;
+  const int end = static_cast<int>(begin + chunk < len ? begin + chunk : len);
+
+  const int64_t head = (int64_t{slot} * kv_heads + kvh) * max_seq;
+  const T* kc = k_cache + head * D + lane * 8;
+  const T* vc = v_cache + head * D + lane * 8;
+  const T* kn = k_new + (int64_t{b} * kv_heads + kvh) * D + lane * 8;
+  const T* vn = v_new + (int64_t{b} * kv_heads + kvh) * D + lane * 8;
+  // The block whose chunk holds the new token stores it; it reads that token from k_new /
+  // v_new below, so no other block and no ordering is involved.
+  if (pos < end && rg == 0) {
+    *reinterpret_cast<uint4*>(k_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(kn);
+    *reinterpret_cast<uint4*>(v_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(vn);
+  }
+
+  float qf[G][8], acc[G][8], m[G], l[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    load_vec<T, 8>(qf[g], q + (out_row0 + g) * D + lane * 8);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      qf[g][e] *= scale_log2;
+      acc[g][e] = 0.0f;
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+  }
+
+  // The trip count is the same for every thread (the shuffles need the whole warp).
+  for (int base = static_cast<int>(begin); base < end; base += R * U) {
+    uint4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int t = base + u * R + rg;
+      // Zeros for tokens past the end: their probability is 0, and 0 * stale data could
+      // be NaN.
+      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+      if (t < end) {
+        kr[u] = *reinterpret_cast<const uint4*>(t == pos ? kn : kc + int64_t{t} * D);
+        vr[u] = *reinterpret_cast<const uint4*>(t == pos ? vn : vc + int64_t{t} * D);
+      }
+    }
+    float s[G][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[8];
+      unpack<T, 8>(kf, kr[u]);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float x = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x = fmaf(qf[g][e], kf[e], x);
+        s[g][u] = x;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int off = L / 2; off > 0; off >>= 1) s[g][u] += __shfl_xor_sync(0xffffffffu, s[g][u], off);
+        if (base + u * R + rg >= end) s[g][u] = -INFINITY;
+      }
+    // Token u = 0 of a row group with any token at all is valid, so m_new is finite
+    // whenever the row group has seen a token; rows groups that never do keep
+    // m = -inf, l = 0, acc = 0 and are weighted 0 in the merge below.
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[g][u]);
+      if (mx == -INFINITY) continue;
+      const float alpha = exp2f(m[g] - mx);
+      l[g] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
+      m[g] = mx;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float p = exp2f(s[g][u] - mx);
+        l[g] += p;
+        float vf[8];
+        unpack<T, 8>(vf, vr[u]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    *reinterpret_cast<float4*>(&sm_acc[rg][g][lane * 8]) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+    *reinterpret_cast<float4*>(&sm_acc[rg][g][lane * 8 + 4]) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    if (lane == 0) {
+      sm_m[rg][g] = m[g];
+      sm_l[rg][g] = l[g];
+    }
+  }
+  __syncthreads();
+  // Row group 0 always holds the chunk's first token, so mx below is finite.
+  for (int idx = tid; idx < G * D; idx += kDecodeThreads) {
+    const int g = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < R; ++r) mx = fmaxf(mx, sm_m[r][g]);
+    float sum = 0.0f, a = 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float w = exp2f(sm_m[r][g] - mx);
+      sum += sm_l[r][g] * w;
+      a += sm_acc[r][g][d] * w;
+    }
+    const int64_t row = out_row0 + g;
+    if (direct) {
+      out[row * D + d] = from_float<T>(a / sum);
+    } else {
+      ws_acc[(row * splits + split) * D + d] = a;
+      if (d == 0) ws_ml[row * splits + split] = make_float2(mx, sum);
+    }
+  }
+}
+
+// Block (query head, sequence), one thread per dim: rescale each split's partial to the
+// common maximum and normalise.
+template <typename T, int D>
+__global__ void __launch_bounds__(D)
+decode_merge_kernel(T* __restrict__ out, const float2* __restrict__ ws_ml, const float* __restrict__ ws_acc,
+                    int num_slots, int max_seq, int q_heads, const int32_t* __restrict__ slots,
+                    const int32_t* __restrict__ positions, int splits) {
+  const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  const int64_t row = int64_t{b} * q_heads + h;
+  const int slot = slots[b], pos = positions[b];
+  if (!decode_valid(slot, pos, num_slots, max_seq)) {
+    out[row * D + d] = from_float<T>(nan_f());
+    return;
+  }
+  const int len = pos + 1;
+  const int chunk = decode_chunk(len, splits);
+  const int n = (len + chunk - 1) / chunk;
+  const float2* ml = ws_ml + row * splits;
+  const float* acc = ws_acc + row * splits * D + d;
+  float mx = -INFINITY;
+  for (int i = 0; i < n; ++i) mx = fmaxf(mx, ml[i].x);
+  float sum = 0.0f, a = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float w = exp2f(ml[i].x - mx);
+    sum += ml[i].y * w;
+    a += acc[int64_t{i} * D] * w;
+  }
+  out[row * D + d] = from_float<T>(a / sum);
+}
+
+// ---------------------------------------------------------------------------------------
+// Compile-time dispatch over head_dim and group size: both fix register arrays and loop
+// trip counts, which is what lets the kernels keep everything in registers.
+
+template <typename F>
+Status dispatch_head_dim(int64_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return invalid_value("head_dim must be one of {64, 128}, got ", head_dim);
+  }
+}
+
+template <typename F>
+Status dispatch_group(int64_t group, F&& f) {
+  switch (group) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return invalid_value("the group size q_heads / kv_heads must be in [1, 8], got ", group);
+  }
+}
+
+}  // namespace
+
+Status attention_prefill(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
+                         const void* v, const KVCache& cache, int64_t tokens, int64_t q_heads,
+                         int64_t slot, int64_t start, float scale) {
+  FIL_RETURN_IF_ERROR(set_device(ctx));
+  const int64_t group = q_heads / cache.kv_heads;
+  const int tile_tokens = static_cast<int>(kRows / group);
+  const cudaStream_t stream = stream_of(ctx);
+  return dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* kc = static_cast<T*>(cache.k);
+    T* vc = static_cast<T*>(cache.v);
+    const int64_t vecs = tokens * cache.kv_heads * (cache.head_dim / 8);
+    const unsigned write_blocks = static_cast<unsigned>(vecs / 256 + 1 < 8192 ? vecs / 256 + 1 : 8192);
+    prefill_write_kv_kernel<T><<<write_blocks, 256, 0, stream>>>(
+        kc, vc, static_cast<const T*>(k), static_cast<const T*>(v), tokens,
+        static_cast<int>(cache.kv_heads), static_cast<int>(cache.head_dim), cache.max_seq, slot, start);
+    FIL_RETURN_IF_ERROR(launch_status("attention_prefill (cache write)"));
+    return dispatch_head_dim(cache.head_dim, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      auto kernel = prefill_attention_kernel<T, D>;
+      const int smem = static_cast<int>(sizeof(PrefillSmem<D>));
+      // Over the 48 KiB default: the opt-in is per kernel, and cheap to repeat.
+      FIL_RETURN_IF_ERROR(cuda_status(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+          "attention_prefill: cudaFuncSetAttribute"));
+      const dim3 grid(ceil_div(tokens, tile_tokens), static_cast<unsigned>(cache.kv_heads));
+      kernel<<<grid, kPrefillThreads, smem, stream>>>(
+          static_cast<T*>(out), static_cast<const T*>(q), kc, vc, static_cast<int>(tokens),
+          static_cast<int>(q_heads), static_cast<int>(group), tile_tokens,
+          static_cast<int>(cache.kv_heads), cache.max_seq, slot, start, scale * kLog2e);
+      return launch_status("attention_prefill");
+    });
+  });
+}
+
+int64_t attention_decode_workspace_bytes(int64_t batch, int64_t q_heads, const KVCache& cache) {
+  const int splits = decode_splits(batch, cache.kv_heads, cache.max_seq);
+  if (splits == 1) return 0;
+  return batch * q_heads * splits * (cache.head_dim + 2) * static_cast<int64_t>(sizeof(float));
+}
+
+Status attention_decode(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
+                        const void* v, const KVCache& cache, int64_t batch, int64_t q_heads,
+                        const int32_t* slots, const int32_t* positions, float scale,
+                        void* workspace, int64_t workspace_bytes) {
+  FIL_RETURN_IF_ERROR(set_device(ctx));
+  const int splits = decode_splits(batch, cache.kv_heads, cache.max_seq);
+  if (workspace_bytes < attention_decode_workspace_bytes(batch, q_heads, cache))
+    return invalid_value("workspace is too small for attention_decode");
+  auto* ws_ml = static_cast<float2*>(workspace);
+  float* ws_acc = splits > 1 ? reinterpret_cast<float*>(ws_ml + batch * q_heads * splits) : nullptr;
+  const cudaStream_t stream = stream_of(ctx);
+  const int num_slots = static_cast<int>(cache.num_slots < INT32_MAX ? cache.num_slots : INT32_MAX);
+  const int kv_heads = static_cast<int>(cache.kv_heads), max_seq = static_cast<int>(cache.max_seq);
+  return dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_head_dim(cache.head_dim, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      return dispatch_group(q_heads / cache.kv_heads, [&](auto grp) {
+        constexpr int G = decltype(grp)::value;
+        const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
+        decode_split_kernel<T, D, G><<<grid, kDecodeThreads, 0, stream>>>(
+            static_cast<T*>(out), ws_ml, ws_acc, static_cast<const T*>(q), static_cast<const T*>(k),
+            static_cast<const T*>(v), static_cast<T*>(cache.k), static_cast<T*>(cache.v), num_slots,
+            kv_heads, max_seq, slots, positions, scale * kLog2e, splits);
+        FIL_RETURN_IF_ERROR(launch_status("attention_decode (split)"));
+        if (splits == 1) return Status::Ok();
+        const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
+        decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
+            static_cast<T*>(out), ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots,
+            positions, splits);
+        return launch_status("attention_decode (merge)");
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastinternlm

@@ -1,4 +1,59 @@
 #include "bind_util.h"
-namespace fastinternlm { namespace bindings {
-void register_attention(py::module_&) {}
-}}
+
+namespace fastinternlm {
+namespace bindings {
+
+namespace {
+
+KVCache make_cache(uintptr_t k_cache, uintptr_t v_cache, int64_t num_slots, int64_t kv_heads,
+                   int64_t max_seq, int64_t head_dim) {
+  KVCache cache;
+  cache.k = as_ptr(k_cache);
+  cache.v = as_ptr(v_cache);
+  cache.num_slots = num_slots;
+  cache.kv_heads = kv_heads;
+  cache.max_seq = max_seq;
+  cache.head_dim = head_dim;
+  return cache;
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  m.def(
+      "attention_prefill",
+      [](int device, int index, uintptr_t stream, int dtype, uintptr_t out, uintptr_t q, uintptr_t k,
+         uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, int64_t num_slots, int64_t kv_heads,
+         int64_t max_seq, int64_t head_dim, int64_t tokens, int64_t q_heads, int64_t slot,
+         int64_t start, float scale) {
+        throw_if_error(fastinternlm::attention_prefill(
+            make_context(device, index, stream), as_dtype(dtype), as_ptr(out), as_ptr(q), as_ptr(k),
+            as_ptr(v), make_cache(k_cache, v_cache, num_slots, kv_heads, max_seq, head_dim), tokens,
+            q_heads, slot, start, scale));
+      },
+      release_gil());
+  m.def(
+      "attention_decode_workspace_bytes",
+      [](int device, int index, int64_t batch, int64_t q_heads, int64_t num_slots,
+         int64_t kv_heads, int64_t max_seq, int64_t head_dim) {
+        return fastinternlm::attention_decode_workspace_bytes(
+            make_context(device, index, 0), batch, q_heads,
+            make_cache(0, 0, num_slots, kv_heads, max_seq, head_dim));
+      });
+  m.def(
+      "attention_decode",
+      [](int device, int index, uintptr_t stream, int dtype, uintptr_t out, uintptr_t q, uintptr_t k,
+         uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, int64_t num_slots, int64_t kv_heads,
+         int64_t max_seq, int64_t head_dim, int64_t batch, int64_t q_heads, uintptr_t slots,
+         uintptr_t positions, float scale, uintptr_t workspace, int64_t workspace_bytes) {
+        throw_if_error(fastinternlm::attention_decode(
+            make_context(device, index, stream), as_dtype(dtype), as_ptr(out), as_ptr(q), as_ptr(k),
+            as_ptr(v), make_cache(k_cache, v_cache, num_slots, kv_heads, max_seq, head_dim), batch,
+            q_heads, as_ptr<const int32_t>(slots), as_ptr<const int32_t>(positions), scale,
+            as_ptr(workspace), workspace_bytes));
+      },
+      release_gil());
+}
+
+}  // namespace bindings
+}  // namespace fastinternlm

@@ -2,8 +2,15 @@
 //
 // The cache of one layer is two arrays k and v of shape [num_slots, kv_heads, max_seq,
 // head_dim]; a sequence owns one slot. Query head h reads KV head h / (q_heads / kv_heads).
-// Scores and softmax are float32 with a running maximum (online softmax), so long
-// contexts neither overflow nor lose the small terms.
+// Scores, softmax and the weighted sum are float32 and max-subtracted (the CUDA kernels
+// keep a running maximum, online softmax), so long contexts neither overflow nor lose the
+// small terms; the output is rounded once to the activation dtype.
+//
+// Supported: head_dim 64 or 128; q_heads a multiple of kv_heads with a group size
+// q_heads / kv_heads from 1 to 8; float16/bfloat16 (float32 too on the CPU); a scale that
+// is finite and > 0 (models use 1/sqrt(head_dim)). On CUDA every pointer (q, k, v, out,
+// both caches, the workspace) must be 16-byte aligned, since the kernels move 16-byte
+// vectors; on the CPU the element alignment suffices.
 #pragma once
 
 #include "fastinternlm/common.h"
@@ -21,23 +28,30 @@ struct KVCache {
 
 // Prefill a chunk of one sequence: writes k, v [tokens, kv_heads, head_dim] into `slot` at
 // positions [start, start + tokens), then out[t] = attention of q[t] over positions
-// [0, start + t]. q, out: [tokens, q_heads, head_dim]. start > 0 continues a long prompt.
+// [0, start + t]. q, out: [tokens, q_heads, head_dim]. start > 0 continues a long prompt,
+// whose positions [0, start) an earlier call wrote. slot, start and start + tokens <=
+// max_seq are checked on every device (they are host values).
 Status attention_prefill(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
                          const void* v, const KVCache& cache, int64_t tokens, int64_t q_heads,
                          int64_t slot, int64_t start, float scale);
 
-// Bytes of scratch attention_decode needs on the GPU for these sizes (0 on the CPU). The
-// decode kernel splits each sequence's context across thread blocks and merges the
-// partial softmaxes, so one long sequence still fills the GPU.
+// Bytes of scratch attention_decode needs for these sizes: 0 on the CPU. It depends on the
+// sizes only (never on slot or position values), so a caller can allocate it once and
+// capture the decode step in a CUDA graph. The decode kernel splits each sequence's context
+// across thread blocks and merges the partial softmaxes, so one long sequence still fills
+// the GPU.
 int64_t attention_decode_workspace_bytes(const Context& ctx, int64_t batch, int64_t q_heads,
                                          const KVCache& cache);
 
 // One new token per sequence: q [batch, q_heads, head_dim]; k, v [batch, kv_heads, head_dim];
-// slots, positions: int32 [batch]. Writes each token's k, v at its position in its slot,
-// then attends over [0, position]. Slots in one call must be distinct.
-// On the CPU, slots and positions are checked; on the GPU an out-of-range entry is skipped
-// (nothing written to the cache, its output rows set to NaN) since checking would need a
-// host round trip.
+// slots, positions: int32 [batch] in the memory of ctx's device. Writes each token's k, v at
+// its position in its slot, then attends over [0, position]. Slots in one call must be
+// distinct. workspace: at least attention_decode_workspace_bytes(...) bytes on the device
+// (may be null when that is 0).
+// On the CPU, slots (in range, distinct) and positions (in [0, max_seq)) are checked; on
+// the GPU, where checking would need a host round trip, a sequence with an out-of-range
+// slot or position is skipped: nothing of it is written to the cache and its output rows
+// are NaN. Duplicate slots on the GPU race on the cache (never out of bounds).
 Status attention_decode(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
                         const void* v, const KVCache& cache, int64_t batch, int64_t q_heads,
                         const int32_t* slots, const int32_t* positions, float scale,

@@ -1,6 +1,7 @@
 """The kernel ops on torch tensors (CPU or one CUDA device; CUDA work on torch's current
 stream). One module per kernel family, named like its C++ files."""
 
+from .attention import attention_decode, attention_decode_workspace_bytes, attention_prefill
 from .rms_norm import add_rms_norm, rms_norm
 from .rotary import ntk_base, rotary_embedding
 from .silu_and_mul import silu_and_mul
@@ -10,6 +11,9 @@ INT4_FORMAT_VERSION = 1
 __all__ = [
     "INT4_FORMAT_VERSION",
     "add_rms_norm",
+    "attention_decode",
+    "attention_decode_workspace_bytes",
+    "attention_prefill",
     "ntk_base",
     "rms_norm",
     "rotary_embedding",

@@ -1,0 +1,137 @@
+"""Causal grouped-query attention over a per-layer KV cache (see
+csrc/include/fastinternlm/attention.h).
+
+A layer's cache is two tensors k_cache, v_cache of shape [slots, kv_heads, max_seq, head_dim]
+in the activation dtype; a sequence owns one slot. head_dim is 64 or 128, q_heads a multiple
+of kv_heads with a group size of 1 to 8. Scores, softmax and the weighted sum are float32."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import _C, check_activation, check_index_range, check_tensor, context, dtype_code, same_device
+
+_INT64 = (-(2**63), 2**63)
+
+
+def _host_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not _INT64[0] <= value < _INT64[1]:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
+
+
+def _scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)  # finiteness and sign are checked by the C++ entry point
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Tuple[int, int, int, int]:
+    check_tensor("q", q, ndim=3)
+    check_activation("q", q)
+    check_tensor("k_cache", k_cache, dtypes=(q.dtype,), ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=(q.dtype,), shape=tuple(k_cache.shape))
+    num_slots, kv_heads, max_seq, head_dim = k_cache.shape
+    check_tensor("q", q, shape=(None, None, head_dim))
+    return num_slots, kv_heads, max_seq, head_dim
+
+
+def _cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor):
+    return (k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.shape)
+
+
+def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot: int, start: int, scale: Optional[float] = None) -> torch.Tensor:
+    """Writes k, v [T, kv_heads, D] into `slot` at positions [start, start + T), then returns
+    [T, q_heads, D] where query t attends causally to positions [0, start + t].
+
+    start > 0 continues a long prompt whose earlier chunks were written by earlier calls.
+    scale defaults to 1/sqrt(D)."""
+    _, kv_heads, _, head_dim = _check_cache(q, k_cache, v_cache)
+    tokens, q_heads = q.shape[0], q.shape[1]
+    check_tensor("k", k, dtypes=(q.dtype,), shape=(tokens, kv_heads, head_dim))
+    check_tensor("v", v, dtypes=(q.dtype,), shape=(tokens, kv_heads, head_dim))
+    device = same_device(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    slot = _host_int("slot", slot)
+    start = _host_int("start", start)
+    scale = _scale(scale, head_dim)
+    out = torch.empty_like(q)
+    if tokens == 0:
+        return out
+    _C.attention_prefill(*context(device), dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(),
+                         v.data_ptr(), *_cache_args(k_cache, v_cache), tokens, q_heads, slot, start, scale)
+    return out
+
+
+def attention_decode_workspace_bytes(batch: int, q_heads: int, k_cache: torch.Tensor) -> int:
+    """Bytes of scratch attention_decode needs for a batch against this cache (0 on the CPU).
+    Depends on sizes only, so a decode loop can allocate it once (and capture the step in a
+    CUDA graph)."""
+    check_tensor("k_cache", k_cache, ndim=4)
+    device = same_device(k_cache=k_cache)
+    # Only the device type matters to the size; no CUDA call is made.
+    code = 1 if device.type == "cuda" else 0
+    return int(_C.attention_decode_workspace_bytes(code, device.index or 0, _host_int("batch", batch),
+                                                   _host_int("q_heads", q_heads), *k_cache.shape))
+
+
+def _check_distinct(slots: torch.Tensor, enabled: bool) -> None:
+    if not enabled or slots.numel() < 2:
+        return
+    if slots.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if torch.unique(slots).numel() != slots.numel():
+        raise ValueError(f"slots must be distinct, got {slots.tolist()}")
+
+
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     scale: Optional[float] = None, *, workspace: Optional[torch.Tensor] = None,
+                     check_indices: bool = True) -> torch.Tensor:
+    """One new token per sequence: q [B, q_heads, D], k, v [B, kv_heads, D], slots and positions
+    int32 [B] on the same device. Writes each token's k, v at positions[b] in slots[b], then
+    returns [B, q_heads, D] attending over [0, positions[b]].
+
+    workspace: a uint8 tensor of at least attention_decode_workspace_bytes(...) bytes on the
+    device; allocated per call when None. check_indices: validate slots/positions here (on
+    CUDA a host sync, skipped during graph capture); on the CPU the C++ entry point checks
+    them anyway. On CUDA an unchecked out-of-range entry writes nothing and yields NaN rows
+    for its sequence."""
+    num_slots, kv_heads, max_seq, head_dim = _check_cache(q, k_cache, v_cache)
+    batch, q_heads = q.shape[0], q.shape[1]
+    check_tensor("k", k, dtypes=(q.dtype,), shape=(batch, kv_heads, head_dim))
+    check_tensor("v", v, dtypes=(q.dtype,), shape=(batch, kv_heads, head_dim))
+    check_tensor("slots", slots, dtypes=(torch.int32,), shape=(batch,))
+    check_tensor("positions", positions, dtypes=(torch.int32,), shape=(batch,))
+    device = same_device(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slots=slots, positions=positions)
+    scale = _scale(scale, head_dim)
+    if device.type == "cuda":
+        check_index_range("slots", slots, 0, num_slots, check_indices)
+        check_index_range("positions", positions, 0, max_seq, check_indices)
+        _check_distinct(slots, check_indices)
+    ctx = context(device)
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    if workspace is None:
+        nbytes = _C.attention_decode_workspace_bytes(ctx[0], ctx[1], batch, q_heads, *k_cache.shape)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    else:
+        check_tensor("workspace", workspace, dtypes=(torch.uint8,), ndim=1)
+        same_device(q=q, workspace=workspace)
+    _C.attention_decode(*ctx, dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                        *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
+                        scale, workspace.data_ptr(), workspace.numel())
+    return out
+
+
+__all__ = ["attention_decode", "attention_decode_workspace_bytes", "attention_prefill"]

@@ -1,0 +1,445 @@
+import math
+
+import pytest
+import torch
+
+from conftest import UNIT_ROUNDOFF, assert_close, rand
+from fastinternlm import ops
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+GROUPS = [1, 2, 3, 4, 6, 8]
+HEAD_DIMS = [64, 128]
+
+
+def skip_cuda_float32(device, dtype):
+    if device.type == "cuda" and dtype == torch.float32:
+        pytest.skip("float32 is a CPU-only activation dtype")
+
+
+def make_cache(num_slots, kv_heads, max_seq, head_dim, dtype, device):
+    """Random "poison": whatever the op must not touch keeps these values; positions an
+    earlier chunk would have written hold them as data."""
+    k = rand(num_slots, kv_heads, max_seq, head_dim, dtype=dtype, device=device, scale=1.5)
+    v = rand(num_slots, kv_heads, max_seq, head_dim, dtype=dtype, device=device, scale=1.5)
+    return k, v
+
+
+def reference(q, k_cache, v_cache, slots, last, scale):
+    """float64 attention: row n of q [N, Hq, D] attends to positions [0, last[n]] of
+    slot slots[n]; query head h reads KV head h // (Hq / Hkv). Also returns the largest
+    |score| seen (it sets the float32 error of the scores, see `roundings`)."""
+    n, q_heads, d = q.shape
+    group = q_heads // k_cache.shape[1]
+    out = torch.empty(n, q_heads, d, dtype=torch.float64)
+    smax = 0.0
+    # Rows that share a slot are done together with a causal mask.
+    for slot in sorted(set(slots)):
+        rows = [i for i in range(n) if slots[i] == slot]
+        length = max(last[i] for i in rows) + 1
+        kk = k_cache[slot, :, :length].to("cpu", torch.float64).repeat_interleave(group, 0)
+        vv = v_cache[slot, :, :length].to("cpu", torch.float64).repeat_interleave(group, 0)
+        qq = q[rows].to("cpu", torch.float64)
+        s = torch.einsum("nhd,hld->nhl", qq, kk) * scale
+        masked = torch.arange(length)[None, :] > torch.tensor([last[i] for i in rows])[:, None]
+        s = s.masked_fill(masked[:, None, :], float("-inf"))
+        smax = max(smax, float(s.masked_fill(masked[:, None, :], 0).abs().max()))
+        out[rows] = torch.einsum("nhl,hld->nhd", torch.softmax(s, dim=-1), vv)
+    return out, smax
+
+
+def roundings(dtype, length, head_dim, smax):
+    """Error budget in units of dtype's roundoff. The output is rounded once to dtype (1);
+    the rest is float32 arithmetic, the same in absolute terms for every dtype: a sum over
+    `length` terms drifts like sqrt(length) roundings, and a score of magnitude smax from a
+    head_dim-term dot product carries ~sqrt(head_dim) * smax float32 roundings, which exp
+    turns into the same relative error of its weight (x2: the score and the maximum). For
+    float16/bfloat16 that float32 part is far below one rounding; for float32 it dominates."""
+    float32_part = 2 * (math.sqrt(length) + math.sqrt(head_dim) * smax)
+    return 2 + float32_part * UNIT_ROUNDOFF[torch.float32] / UNIT_ROUNDOFF[dtype]
+
+
+def expected_prefill_cache(cache, k, slot, start):
+    e = cache.clone()
+    e[slot, :, start:start + k.shape[0]] = k.transpose(0, 1)
+    return e
+
+
+def run_prefill_and_check(q, k, v, k_cache, v_cache, slot, start, scale=None):
+    dtype = q.dtype
+    ek = expected_prefill_cache(k_cache, k, slot, start)
+    ev = expected_prefill_cache(v_cache, v, slot, start)
+    out = ops.attention_prefill(q, k, v, k_cache, v_cache, slot, start, scale)
+    # The cache must hold exactly the new rows where they belong and nothing else changed.
+    assert torch.equal(k_cache, ek), "k_cache differs from the expected contents"
+    assert torch.equal(v_cache, ev), "v_cache differs from the expected contents"
+    tokens, head_dim = q.shape[0], q.shape[2]
+    s = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    expected, smax = reference(q, ek, ev, [slot] * tokens, [start + t for t in range(tokens)], s)
+    assert out.dtype == dtype and out.device == q.device and out.shape == q.shape
+    assert_close(out, expected, dtype, roundings(dtype, start + tokens, head_dim, smax))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("tokens,start", [(37, 0), (70, 29)])
+def test_attention_prefill(device, dtype, group, head_dim, tokens, start):
+    skip_cuda_float32(device, dtype)
+    kv_heads, num_slots, slot = 2, 3, 1
+    max_seq = start + tokens + 13
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(num_slots, kv_heads, max_seq, head_dim, dtype, device)
+    run_prefill_and_check(q, k, v, k_cache, v_cache, slot, start)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_prefill_fills_cache_to_the_end(device, dtype):
+    # start + tokens == max_seq, an explicit scale, one KV head, slot 0 of a single slot.
+    skip_cuda_float32(device, dtype)
+    tokens, start, max_seq, head_dim = 19, 45, 64, 128
+    q = rand(tokens, 3, head_dim, dtype=dtype, device=device)
+    k = rand(tokens, 1, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, 1, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(1, 1, max_seq, head_dim, dtype, device)
+    run_prefill_and_check(q, k, v, k_cache, v_cache, 0, start, scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 6])
+def test_attention_prefill_chunked_equals_one_shot(device, dtype, group):
+    skip_cuda_float32(device, dtype)
+    kv_heads, head_dim, tokens, max_seq = 2, 64, 151, 167
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    k_one, v_one = make_cache(2, kv_heads, max_seq, head_dim, dtype, device)
+    k_chunked, v_chunked = k_one.clone(), v_one.clone()
+    one_shot = run_prefill_and_check(q, k, v, k_one, v_one, 1, 0)
+    pieces, start = [], 0
+    for size in (64, 1, 50, 36):
+        end = start + size
+        pieces.append(ops.attention_prefill(q[start:end].contiguous(), k[start:end].contiguous(),
+                                            v[start:end].contiguous(), k_chunked, v_chunked, 1, start))
+        start = end
+    assert start == tokens
+    chunked = torch.cat(pieces)
+    assert torch.equal(k_chunked, k_one) and torch.equal(v_chunked, v_one)
+    # Both compute each query over the same positions in float32; they may differ by the
+    # order of float32 operations only, so well within one rounding of each other's output.
+    _, smax = reference(q, k_one, v_one, [1] * tokens, list(range(tokens)), 1 / math.sqrt(head_dim))
+    assert_close(chunked, one_shot.double(), dtype, roundings(dtype, tokens, head_dim, smax))
+
+
+def run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions, scale=None, **kwargs):
+    dtype, head_dim = q.dtype, q.shape[2]
+    ek, ev = k_cache.clone(), v_cache.clone()
+    for b, (s, p) in enumerate(zip(slots, positions)):
+        ek[s, :, p] = k[b]
+        ev[s, :, p] = v[b]
+    dev = q.device
+    out = ops.attention_decode(q, k, v, k_cache, v_cache, torch.tensor(slots, dtype=torch.int32, device=dev),
+                               torch.tensor(positions, dtype=torch.int32, device=dev), scale, **kwargs)
+    assert torch.equal(k_cache, ek), "k_cache differs from the expected contents"
+    assert torch.equal(v_cache, ev), "v_cache differs from the expected contents"
+    s = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    expected, smax = reference(q, ek, ev, slots, positions, s)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, expected, dtype, roundings(dtype, max(positions) + 1, head_dim, smax))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_attention_decode(device, dtype, group, head_dim):
+    skip_cuda_float32(device, dtype)
+    kv_heads, num_slots, max_seq, batch = 2, 7, 203, 6
+    slots = torch.randperm(num_slots)[:batch].tolist()  # one slot stays untouched
+    # First and last position, both sides of a 64-token boundary, and random ones.
+    positions = [0, max_seq - 1, 63, 64, *torch.randint(1, max_seq, (batch - 4,)).tolist()]
+    q = rand(batch, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(batch, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(batch, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(num_slots, kv_heads, max_seq, head_dim, dtype, device)
+    run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [3, 8])
+def test_attention_decode_short_cache(device, dtype, group):
+    # A cache shorter than one decode chunk (on CUDA: a single split, no merge pass), an
+    # explicit scale and a caller-provided workspace.
+    skip_cuda_float32(device, dtype)
+    kv_heads, num_slots, max_seq, head_dim = 3, 4, 45, 64
+    slots, positions = [2, 0, 3], [44, 0, 17]
+    q = rand(3, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(3, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(3, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(num_slots, kv_heads, max_seq, head_dim, dtype, device)
+    nbytes = ops.attention_decode_workspace_bytes(3, kv_heads * group, k_cache)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions, scale=0.21, workspace=workspace)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_decode_long_context(device, dtype):
+    # ~32K positions, with one sequence near the end of the cache and one in the middle.
+    skip_cuda_float32(device, dtype)
+    kv_heads, group, head_dim, max_seq = 1, 4, 128, 32771
+    slots, positions = [1, 0], [32770, 20001]
+    q = rand(2, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(2, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(2, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(2, kv_heads, max_seq, head_dim, dtype, device)
+    run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_decode_large_scores(device, dtype):
+    # scale = 1 with |q| ~ 3 |k| gives scores of a few hundred over 32K positions: exp of
+    # the raw scores overflows float32 (> 88), so this fails unless the maximum is
+    # subtracted; it also puts the maximum far from the first positions.
+    kv_heads, group, head_dim, max_seq = 2, 2, 64, 32003
+    q = rand(1, kv_heads * group, head_dim, dtype=dtype, device=device, scale=3.0)
+    k = rand(1, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(1, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(1, kv_heads, max_seq, head_dim, dtype, device)
+    run_decode_and_check(q, k, v, k_cache, v_cache, [0], [max_seq - 1], scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_prefill_long_context(device, dtype):
+    # A late chunk of a ~32K prompt: its queries attend over 32K earlier positions.
+    skip_cuda_float32(device, dtype)
+    kv_heads, group, head_dim, start, tokens = 1, 2, 128, 32700, 23
+    max_seq = start + tokens + 5
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(1, kv_heads, max_seq, head_dim, dtype, device)
+    run_prefill_and_check(q, k, v, k_cache, v_cache, 0, start)
+
+
+def test_attention_decode_then_prefill_agree(device):
+    # Decoding token by token after a prefill gives what prefilling the whole text gives.
+    dtype, kv_heads, group, head_dim, tokens = torch.bfloat16, 2, 3, 128, 40
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    kc1, vc1 = make_cache(1, kv_heads, 47, head_dim, dtype, device)
+    kc2, vc2 = kc1.clone(), vc1.clone()
+    full = ops.attention_prefill(q, k, v, kc1, vc1, 0, 0)
+    ops.attention_prefill(q[:30].contiguous(), k[:30].contiguous(), v[:30].contiguous(), kc2, vc2, 0, 0)
+    slot = torch.zeros(1, dtype=torch.int32, device=device)
+    for t in range(30, tokens):
+        pos = torch.full((1,), t, dtype=torch.int32, device=device)
+        out = ops.attention_decode(q[t:t + 1], k[t:t + 1], v[t:t + 1], kc2, vc2, slot, pos)
+        assert_close(out, full[t:t + 1].double(), dtype, roundings=2)
+    assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+
+
+def test_attention_decode_out_of_range_unchecked(device):
+    """check_indices=False: on the CPU the C++ entry still refuses; on CUDA the bad
+    sequence writes nothing and gets NaN rows, the good ones are unaffected."""
+    dtype, kv_heads, group, head_dim, max_seq = torch.float16, 2, 2, 64, 300
+    q = rand(3, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(3, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(3, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(3, kv_heads, max_seq, head_dim, dtype, device)
+    slots = torch.tensor([0, 5, 2], dtype=torch.int32, device=device)
+    positions = torch.tensor([10, 3, max_seq], dtype=torch.int32, device=device)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match=r"slots must be in \[0, 3\), got 5 at index 1"):
+            ops.attention_decode(q, k, v, k_cache, v_cache, slots, positions, check_indices=False)
+        return
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = ops.attention_decode(q, k, v, k_cache, v_cache, slots, positions, check_indices=False)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1:]).all(), "out-of-range sequences must produce NaN"
+    ek, ev = k_before.clone(), v_before.clone()
+    ek[0, :, 10], ev[0, :, 10] = k[0], v[0]
+    assert torch.equal(k_cache, ek) and torch.equal(v_cache, ev)
+    expected, smax = reference(q[:1], ek, ev, [0], [10], 1 / math.sqrt(head_dim))
+    assert_close(out[:1], expected, dtype, roundings(dtype, 11, head_dim, smax))
+
+
+def test_attention_misaligned(device):
+    # A view one element into a buffer: fine for the CPU path, refused by the CUDA kernels'
+    # 16-byte vector loads.
+    dtype, head_dim = torch.float16, 64
+    buf = rand(5 * 2 * head_dim + 1, dtype=dtype, device=device)
+    q = buf[1:].view(5, 2, head_dim)
+    k = rand(5, 1, head_dim, dtype=dtype, device=device)
+    v = rand(5, 1, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(1, 1, 8, head_dim, dtype, device)
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="q must be 16-byte aligned"):
+            ops.attention_prefill(q, k, v, k_cache, v_cache, 0, 0)
+    else:
+        run_prefill_and_check(q, k, v, k_cache, v_cache, 0, 0)
+
+
+def _prefill_inputs(device, dtype=torch.float16, tokens=5, q_heads=4, kv_heads=2, head_dim=64, max_seq=16):
+    return dict(
+        q=rand(tokens, q_heads, head_dim, dtype=dtype, device=device),
+        k=rand(tokens, kv_heads, head_dim, dtype=dtype, device=device),
+        v=rand(tokens, kv_heads, head_dim, dtype=dtype, device=device),
+        k_cache=rand(3, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
+        v_cache=rand(3, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
+        slot=1, start=0)
+
+
+def _decode_inputs(device, dtype=torch.float16, batch=3, q_heads=4, kv_heads=2, head_dim=64, max_seq=16):
+    return dict(
+        q=rand(batch, q_heads, head_dim, dtype=dtype, device=device),
+        k=rand(batch, kv_heads, head_dim, dtype=dtype, device=device),
+        v=rand(batch, kv_heads, head_dim, dtype=dtype, device=device),
+        k_cache=rand(4, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
+        v_cache=rand(4, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
+        slots=torch.tensor([3, 0, 1], dtype=torch.int32, device=device)[:batch],
+        positions=torch.tensor([5, 0, 15], dtype=torch.int32, device=device)[:batch])
+
+
+def test_attention_prefill_bad_input(device):
+    good = _prefill_inputs(device)
+    k_before, v_before = good["k_cache"].clone(), good["v_cache"].clone()
+
+    def call(**changes):
+        args = dict(good, **changes)
+        return ops.attention_prefill(**args)
+
+    with pytest.raises(TypeError, match="q must have dtype float16 or bfloat16"):
+        call(q=good["q"].to(torch.int32))
+    with pytest.raises(TypeError, match="k must have dtype float16"):
+        call(k=good["k"].to(torch.bfloat16))
+    with pytest.raises(TypeError, match="v_cache must have dtype float16"):
+        call(v_cache=good["v_cache"].float())
+    if device.type == "cuda":
+        with pytest.raises(TypeError, match="q must have dtype float16 or bfloat16 on cuda"):
+            call(**{n: good[n].float() for n in ("q", "k", "v", "k_cache", "v_cache")})
+    with pytest.raises(ValueError, match=r"k must have shape \(5, 2, 64\)"):
+        call(k=rand(5, 3, 64, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match=r"v must have shape \(5, 2, 64\)"):
+        call(v=rand(4, 2, 64, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match=r"q must have shape \('\*', '\*', 64\)"):
+        call(q=rand(5, 4, 128, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="k_cache must be 4-D"):
+        call(k_cache=good["k_cache"][0])
+    with pytest.raises(ValueError, match=r"v_cache must have shape \(3, 2, 16, 64\)"):
+        call(v_cache=rand(3, 2, 17, 64, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        call(q=rand(4, 5, 64, dtype=torch.float16, device=device).transpose(0, 1))
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        call(k_cache=rand(3, 16, 2, 64, dtype=torch.float16, device=device).transpose(1, 2))
+    with pytest.raises(ValueError, match=r"slot must be in \[0, 3\), got 3"):
+        call(slot=3)
+    with pytest.raises(ValueError, match=r"slot must be in \[0, 3\), got -1"):
+        call(slot=-1)
+    with pytest.raises(ValueError, match="start must be >= 0, got -2"):
+        call(start=-2)
+    with pytest.raises(ValueError, match=r"start \+ tokens must be <= max_seq \(16\), got 12 \+ 5 = 17"):
+        call(start=12)
+    with pytest.raises(TypeError, match="slot must be an int"):
+        call(slot=1.0)
+    with pytest.raises(TypeError, match="start must be an int"):
+        call(start=torch.tensor(0))
+    with pytest.raises(ValueError, match=r"q_heads \(5\) must be a multiple of kv_heads \(2\)"):
+        call(q=rand(5, 5, 64, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match=r"group size\) must be in \[1, 8\], got 18 / 2 = 9"):
+        call(q=rand(5, 18, 64, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match=r"head_dim must be one of \{64, 128\}, got 96"):
+        call(**_prefill_inputs(device, head_dim=96))
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        call(scale=0.0)
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        call(scale=float("nan"))
+    with pytest.raises(TypeError, match="scale must be a float or None"):
+        call(scale="0.1")
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        call(q=[[1.0]])
+    # Nothing above may have touched the cache.
+    assert torch.equal(good["k_cache"], k_before) and torch.equal(good["v_cache"], v_before)
+
+
+def test_attention_decode_bad_input(device):
+    good = _decode_inputs(device)
+    k_before = good["k_cache"].clone()
+
+    def call(**changes):
+        args = dict(good, **changes)
+        return ops.attention_decode(**args)
+
+    with pytest.raises(TypeError, match="q must have dtype float16 or bfloat16"):
+        call(q=good["q"].to(torch.int32))
+    with pytest.raises(TypeError, match="k_cache must have dtype float16"):
+        call(k_cache=good["k_cache"].to(torch.bfloat16))
+    with pytest.raises(TypeError, match="slots must have dtype int32"):
+        call(slots=good["slots"].long())
+    with pytest.raises(TypeError, match="positions must have dtype int32"):
+        call(positions=good["positions"].float())
+    with pytest.raises(ValueError, match=r"k must have shape \(3, 2, 64\)"):
+        call(k=rand(2, 2, 64, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match=r"positions must have shape \(3,\)"):
+        call(positions=good["positions"][:2])
+    with pytest.raises(ValueError, match="v must be contiguous"):
+        call(v=rand(3, 64, 2, dtype=torch.float16, device=device).transpose(1, 2))
+    with pytest.raises(ValueError, match="slots must be contiguous"):
+        call(slots=torch.tensor([3, 9, 0, 9, 1], dtype=torch.int32, device=device)[::2])
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 4\)"):
+        call(slots=torch.tensor([3, 4, 1], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 4\)"):
+        call(slots=torch.tensor([3, -1, 1], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 16\)"):
+        call(positions=torch.tensor([5, 16, 1], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 16\)"):
+        call(positions=torch.tensor([-3, 0, 1], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="slots must be distinct"):
+        call(slots=torch.tensor([3, 1, 3], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"q_heads \(6\) must be a multiple of kv_heads \(4\)"):
+        call(**_decode_inputs(device, q_heads=6, kv_heads=4))
+    with pytest.raises(ValueError, match=r"head_dim must be one of \{64, 128\}, got 32"):
+        call(**_decode_inputs(device, head_dim=32))
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        call(scale=-1.0)
+    with pytest.raises(TypeError, match="workspace must have dtype uint8"):
+        call(workspace=torch.empty(64, dtype=torch.float32, device=device))
+    if device.type == "cuda":
+        big = _decode_inputs(device, max_seq=1000)  # long enough to need a workspace
+        need = ops.attention_decode_workspace_bytes(3, 4, big["k_cache"])
+        assert need > 0
+        with pytest.raises(ValueError, match=f"workspace must have at least {need} bytes, got {need - 16}"):
+            ops.attention_decode(**big, workspace=torch.empty(need - 16, dtype=torch.uint8, device=device))
+        with pytest.raises(TypeError, match="q must have dtype float16 or bfloat16 on cuda"):
+            call(**{n: good[n].float() for n in ("q", "k", "v", "k_cache", "v_cache")})
+    assert torch.equal(good["k_cache"], k_before), "a refused call wrote the cache"
+
+
+def test_attention_device_mix(device):
+    # The meta device stands in for "another device" where no second one exists.
+    good = _decode_inputs(device)
+    for name in ("k", "v_cache", "slots", "positions"):
+        args = dict(good, **{name: torch.empty_like(good[name], device="meta")})
+        with pytest.raises(ValueError, match=f"{name} must be on {device.type}"):
+            ops.attention_decode(**args)
+    goodp = _prefill_inputs(device)
+    for name in ("v", "k_cache"):
+        args = dict(goodp, **{name: torch.empty_like(goodp[name], device="meta")})
+        with pytest.raises(ValueError, match=f"{name} must be on {device.type}"):
+            ops.attention_prefill(**args)
+
+
+def test_attention_decode_workspace_bytes(device):
+    k_cache = torch.empty(1, 8, 4096, 128, dtype=torch.float16, device=device)
+    nbytes = ops.attention_decode_workspace_bytes(1, 32, k_cache)
+    if device.type == "cpu":
+        assert nbytes == 0
+    else:
+        # float32 (max, sum, acc[D]) per query head and split: a whole number of splits,
+        # more than one for a long cache at batch 1.
+        per_split = 32 * (128 + 2) * 4
+        assert nbytes % per_split == 0 and 2 <= nbytes // per_split <= 256
+    with pytest.raises(ValueError, match="k_cache must be 4-D"):
+        ops.attention_decode_workspace_bytes(1, 32, k_cache[0])
