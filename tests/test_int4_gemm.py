@@ -213,6 +213,17 @@ def test_int4_gemm_long_k(device, dtype, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemm_tiles(device, dtype):
+    # Several 128 x 128 output tiles of the CUDA prefill kernel in both directions, each
+    # direction ending in a partial tile.
+    skip_float32_on_cuda(device, dtype)
+    m, n, k = random.randint(129, 300), 2 * random.randint(129, 200) + 1, 96
+    qw = random_weight(n, k, 32, device)
+    x = rand(m, k, dtype=dtype, device=device)
+    assert_gemm_close(ops.int4_gemm(x, qw), x, reconstruct(qw.qweight, qw.scales, qw.offsets, 32), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_int4_gemm_quantized_weight(device, dtype):
     # The whole path: quantize a dense weight, multiply, compare with the reconstruction.
     skip_float32_on_cuda(device, dtype)
