@@ -151,9 +151,11 @@ constexpr int kLaneStride = kLaneK + 2;
 
 template <int MT>  // MT: rows of x the kernel is compiled for (1, 2, 4, 8, 16); m <= MT
 struct GemvShape {
-  // Rows of W per warp. Every x value a lane reads from shared memory feeds kRows * 1
-  // FMAs; with 8 or 16 rows of x the FMAs outnumber what shared memory delivers per clock
-  // unless a value is reused for 4 rows of W. Few rows of x: 2, to keep more blocks.
+  // Rows of W per warp. Lanes own distinct channels, so x cannot be broadcast: each float
+  // a lane reads from shared memory feeds kRows FMAs. An SM reads 128 bytes (32 floats) of
+  // shared memory per clock and issues 128 FMAs, so with 8 or 16 rows of x (FMA-heavy)
+  // 4 rows of W keep shared memory from being the limit; with few rows of x the weights'
+  // DRAM traffic is the limit and 2 rows keep more, smaller blocks in flight.
   static constexpr int kRows = MT <= 4 ? 2 : 4;
   // 16-byte loads per lane per row per chunk: up to 4 in flight for few rows of x, to
   // cover DRAM latency; the chunk of x in shared memory shrinks as MT grows.
