@@ -2,7 +2,7 @@
 //
 // A weight W [n, k] is stored as w = q * s + m with q in 0..15 and float16 s, m per group
 // of `group_size` consecutive input channels of one output row. This form holds AWQ,
-// GPTQ and GGUF Q4_0/Q4_1 weights without loss.
+// GPTQ and GGUF Q4_0/Q4_1 weights without loss (an integer zero point z is m = -z * s).
 //
 // Packed format, version 1 (kInt4FormatVersion):
 //   qweight  int32   [n, k / 8]  word j of row r holds k = 8j .. 8j+7, nibble i (bits
@@ -11,6 +11,11 @@
 //   offsets  float16 [n, k / group_size]
 // Row-major by output channel so that one warp streams one row's nibbles, scales and
 // offsets as contiguous bytes.
+//
+// Sizes: n >= 1; group_size is 32, 64 or 128; k is a positive multiple of group_size;
+// n and k below 2^31. On CUDA, qweight and the activation x of int4_gemm must be 16-byte
+// aligned (the kernels read them with 16-byte loads); scales, offsets, w and out need
+// their element alignment everywhere. Outputs must not overlap inputs.
 #pragma once
 
 #include "fastinternlm/common.h"
@@ -28,16 +33,30 @@ struct Int4Weight {
   int64_t group_size = 0;  // 32, 64 or 128; k must be a multiple of it
 };
 
-// Round-to-nearest asymmetric quantization of w [n, k] (of `dtype`): per group the offset
-// m is the minimum and s = (max - min) / 15, both rounded to float16 so that every value
-// stays within s/2 of its reconstruction.
+// Round-to-nearest asymmetric quantization of w [n, k] (of `dtype`: float32, float16 or
+// bfloat16, on the CPU and on CUDA). Per group, with min and max its extreme values:
+//   m = min rounded DOWN to float16,
+//   s = (max - m) / 15 rounded UP to float16,
+//   q = rint((w - m) / s)  (in float64; lies in 0..15 because m <= min and 15 s >= max - m),
+// so every value lies within s/2 of its reconstruction q * s + m. A group whose values
+// all equal one float16 number gets s = 0, q = 0 and reconstructs exactly; a constant
+// group that is not a float16 number (float32 or tiny bfloat16 input) gets the smallest s
+// that covers it and reconstructs within s/2, closer than float16 itself could hold it.
+// Every value must be finite with |w| <= 65504 (the float16 range, where m and s live):
+// otherwise kInvalidValue naming the first offending row and group, and the outputs are
+// unspecified. On CUDA this reads a flag back from the device (a stream synchronisation),
+// so it must not be called while the stream is being captured into a graph.
 Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, int64_t k,
                      int64_t group_size, int32_t* qweight, void* scales, void* offsets);
 
-// out [n, k] of `dtype` = q * s + m.
+// out [n, k] of `dtype` (float32, float16 or bfloat16) = dtype(q * float(s) + float(m)),
+// evaluated in float32 (one rounding there, then one to dtype).
 Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Weight& w);
 
-// out [m, n] = x [m, k] @ W^T, x and out of `dtype`, float32 accumulation.
+// out [m, n] = x [m, k] @ W^T for any m >= 1, x and out of `dtype` (float16/bfloat16;
+// float32 too on the CPU). Each weight is dequantized in float32 exactly as by
+// dequantize_int4 (before its rounding to dtype), products are accumulated in float32,
+// and the result is rounded to dtype once.
 Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                  const Int4Weight& w);
 

@@ -2,19 +2,22 @@
 stream). One module per kernel family, named like its C++ files."""
 
 from .attention import attention_decode, attention_decode_workspace_bytes, attention_prefill
+from .int4_gemm import INT4_FORMAT_VERSION, Int4Weight, dequantize_int4, int4_gemm, quantize_int4
 from .rms_norm import add_rms_norm, rms_norm
 from .rotary import ntk_base, rotary_embedding
 from .silu_and_mul import silu_and_mul
 
-INT4_FORMAT_VERSION = 1
-
 __all__ = [
     "INT4_FORMAT_VERSION",
+    "Int4Weight",
     "add_rms_norm",
     "attention_decode",
     "attention_decode_workspace_bytes",
     "attention_prefill",
+    "dequantize_int4",
+    "int4_gemm",
     "ntk_base",
+    "quantize_int4",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
