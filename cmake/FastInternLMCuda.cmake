@@ -62,10 +62,13 @@ else()
   message(STATUS "fastinternlm: CPU only (no CUDA kernels)")
 endif()
 
+# Extra nvcc flags from the environment arrive as one string ("-Xptxas=-v -lineinfo").
+separate_arguments(FASTINTERNLM_NVCC_EXTRA_FLAGS_LIST UNIX_COMMAND "${FASTINTERNLM_NVCC_EXTRA_FLAGS}")
+
 function(fastinternlm_configure_cuda_target target)
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:${FASTINTERNLM_CUDA_GENCODE} --expt-relaxed-constexpr -lineinfo>
-    $<$<COMPILE_LANGUAGE:CUDA>:${FASTINTERNLM_NVCC_EXTRA_FLAGS}>)
+    $<$<COMPILE_LANGUAGE:CUDA>:${FASTINTERNLM_NVCC_EXTRA_FLAGS_LIST}>)
   set_target_properties(${target} PROPERTIES CUDA_RUNTIME_LIBRARY Static)
   target_link_libraries(${target} PUBLIC CUDA::cudart_static)
 endfunction()

@@ -34,9 +34,9 @@ tail -25 "$OUT/pytest.log"
 san_line="memcheck: skipped"
 if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null; then
   stamp "compute-sanitizer memcheck on the CUDA tests of each kernel family"
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 -m pytest tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py \
-      tests/test_attention.py tests/test_int4_gemm.py -q -x -p no:cacheprovider -k "cuda and not 32k and not long" \
+      tests/test_attention.py tests/test_int4_gemm.py -q -x -p no:cacheprovider -k "cuda and not long_context and not large_scores" \
       > "$OUT/memcheck.log" 2>&1
   san_rc=$?
   san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses reported; 124 = timed out)"
