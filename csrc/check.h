@@ -4,9 +4,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
-#include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "fastinternlm/common.h"
 
@@ -18,11 +19,35 @@ namespace fastinternlm {
     if (!fil_status_.ok()) return fil_status_;   \
   } while (0)
 
+// Messages are assembled with std::to_string and snprintf, not iostreams: a libstdc++
+// stream formats through the process's locale facets, and in a process that mixes
+// toolchains (a torch wheel, our module, the static CUDA runtime) that machinery was seen
+// to crash (H100 device run, 2026-11-26). Plain appends also keep the success path free of
+// any allocation.
+inline void append_part(std::string& s, const std::string& v) { s += v; }
+inline void append_part(std::string& s, const char* v) { s += v ? v : "(null)"; }
+inline void append_part(std::string& s, char v) { s += v; }
+inline void append_part(std::string& s, double v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%g", v);
+  s += buffer;
+}
+inline void append_part(std::string& s, const void* v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%p", v);
+  s += buffer;
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, char>>>
+void append_part(std::string& s, T v) {
+  s += std::to_string(v);
+}
+inline void append_part(std::string& s, float v) { append_part(s, static_cast<double>(v)); }
+
 template <typename... Parts>
 std::string concat(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return os.str();
+  std::string s;
+  (append_part(s, parts), ...);
+  return s;
 }
 
 template <typename... Parts>
@@ -53,12 +78,11 @@ inline Status check_range(const char* name, int64_t value, int64_t lo, int64_t h
 }
 
 inline Status check_one_of(const char* name, int64_t value, std::initializer_list<int64_t> allowed) {
-  std::ostringstream list;
-  for (int64_t a : allowed) {
+  for (int64_t a : allowed)
     if (a == value) return Status::Ok();
-    list << (list.tellp() > 0 ? ", " : "") << a;
-  }
-  return invalid_value(name, " must be one of {", list.str(), "}, got ", value);
+  std::string list;
+  for (int64_t a : allowed) list += (list.empty() ? "" : ", ") + std::to_string(a);
+  return invalid_value(name, " must be one of {", list, "}, got ", value);
 }
 
 inline Status check_multiple(const char* name, int64_t value, int64_t divisor, const char* divisor_name) {

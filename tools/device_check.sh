@@ -18,10 +18,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 cap=$(python3 -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")
 export FASTINTERNLM_CUDA=1 FASTINTERNLM_CUDA_ARCHS="$cap" MAX_JOBS=$(nproc)
 export FASTINTERNLM_BUILD_DIR="$PWD/build/device-$cap" FASTINTERNLM_NVCC_FLAGS="-Xptxas=-v"
-stamp "building for sm_$cap"
+stamp "building for sm_$cap (the module, and the C++-only CUDA test beside it)"
+(cmake -S . -B build/device-cpp -G Ninja -DFASTINTERNLM_PYTHON=OFF -DFASTINTERNLM_BUILD_TESTS=ON \
+   -DFASTINTERNLM_CUDA=ON -DFASTINTERNLM_CUDA_ARCHS="$cap" > "$OUT/build-cpp.log" 2>&1 &&
+ cmake --build build/device-cpp --target fastinternlm_cuda_test fastinternlm_core_test >> "$OUT/build-cpp.log" 2>&1) &
 if ! python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
+wait
+cpp_line="C++ (no Python): $(./build/device-cpp/fastinternlm_core_test | tail -1); $(./build/device-cpp/fastinternlm_cuda_test | tail -1)"
+echo "$cpp_line"
 grep -E "ptxas info|spill" "$OUT/build.log" | grep -E "spill stores|Used" | sort | uniq -c | sort -rn | head -40 > "$OUT/ptxas.txt"
 export PYTHONPATH="$PWD/python"
 python3 -c "import fastinternlm, json; print(json.dumps(fastinternlm.build_info()))" | tee "$OUT/build_info.json"
@@ -52,6 +58,7 @@ echo "==================== SUMMARY ===================="
 echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  date: $(date -u +%F)"
 head -2 "$OUT/gpu.txt" | tail -1
 echo "build: sm_$cap, $(grep -c 'spill stores' "$OUT/ptxas.txt" 2>/dev/null) ptxas spill lines (see ptxas.txt)"
+echo "$cpp_line"
 echo "tests: rc=$test_rc  $(tail -1 "$OUT/pytest.log")"
 echo "$san_line"
 echo "bench: rc=$bench_rc"
