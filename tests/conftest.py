@@ -29,6 +29,8 @@ def device(request) -> torch.device:
             pytest.skip("this build has no CUDA kernels")
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
+        # With its index, so it compares equal to the .device of the tensors made on it.
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(request.param)
 
 
