@@ -61,9 +61,12 @@ class _Sequence:
         self.emitted = 0
         self.stops = stops
         self.finish_reason: Optional[str] = None
+        self.ttft = 0.0  # set when the request finishes
+        self.rate = 0.0
 
     def push(self, token: int, stop_ids: set, max_new_tokens: int) -> None:
         self.ids.append(token)
+        before = len(self.text)
         if token in stop_ids:
             self.text += self.decoder.flush()
             self.finish_reason = "stop"
@@ -72,11 +75,12 @@ class _Sequence:
             if len(self.ids) >= max_new_tokens:
                 self.text += self.decoder.flush()
                 self.finish_reason = "length"
-        for s in self.stops:
-            at = self.text.find(s)
-            if at >= 0:
-                self.text = self.text[:at]
-                self.finish_reason = "stop_string"
+        # Only a stop string that ends in the new text can be new: search from just
+        # before it, so long generations do not rescan their whole text every token.
+        hits = [at for s in self.stops for at in [self.text.find(s, max(0, before - len(s) + 1))] if at >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason = "stop_string"
 
     def delta(self) -> str:
         """New text that can be shown: while running, hold back a tail that could still
