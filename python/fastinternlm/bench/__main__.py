@@ -1,4 +1,5 @@
 """python -m fastinternlm.bench kernels [--device cuda|cpu] [--dtype float16|bfloat16] [--ops ...]
+   python -m fastinternlm.bench accuracy [--tokens N] (see accuracy.py)
 
 Times every kernel family on InternLM2.5-7B shapes (smaller ones on the CPU) next to the
 torch way of doing the same thing, in the same run, and prints time, GB/s or TFLOP/s and
@@ -28,9 +29,15 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["accuracy"]:
+        from .accuracy import main as accuracy_main
+        return accuracy_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["kernels"])
+    parser.add_argument("suite", choices=["kernels", "accuracy"],
+                        help="kernels: per-op timings; accuracy: SmolLM2 perplexity and speed vs HF "
+                             "(python -m fastinternlm.bench accuracy --help)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--ops", nargs="*", default=FAMILIES, choices=FAMILIES)

