@@ -299,8 +299,8 @@ def test_quantize_cli_round_trip(device, tmp_path, arch, dtype, fmt, group_size,
         src = write_tiny_llama(tmp_path / "in", dtype=dtype, ffn=FFN, seed=9, fmt=fmt, shards=3,
                                tie_word_embeddings=tied)
     out = tmp_path / "out"
-    args = [src.path, out, "--group-size", group_size, "--device", device.type] + (["--quant-head"] if quant_head else [])
-    run = run_cli(*args)
+    args = [src.path, out, "--group-size", group_size, "--device", device.type]
+    run = run_cli(*args, *(["--quant-head"] if quant_head else []))
     assert run.returncode == 0, run.stderr
     # config.json: the input's, plus our quantization_config.
     config = json.loads((out / "config.json").read_text())
