@@ -20,6 +20,17 @@ both), `wo`, `w1` (gate), `w3` (up), `w2` (down), `attention_norm`, `ffn_norm`; 
 
 The grouped layout: row (g*(G+2) + s)*D + d, for KV head g, slot s, d < D; slots s < G are
 query head g*G + s, slot G key head g, slot G+1 value head g (G = heads / kv_heads).
+
+int4 (see int4_import.py and quantize.py): the linears may come out as Int4Weight, either
+quantized while loading (`quant="int4"`: each linear right after it is read, on the
+device, from the checkpoint's own values; the dense copy is dropped before the next
+tensor is read) or imported from a pre-quantized checkpoint (ours, AWQ "gemm", GPTQ),
+whose config.json's quantization_config decides which tensors the checkpoint must hold
+(validated like any other, before any data is read). A quantized linear's parts may sit
+in different shards; they wait on the device (packed, a quarter of the dense size)
+until the last one arrives. Llama's q/k/v rows go into the fused wqkv either way (rows
+are output channels, and int4 groups run along the input channels, so placing rows is
+exact); embeddings and norms stay dense in the activation dtype.
 """
 
 from __future__ import annotations
@@ -29,31 +40,41 @@ import json
 import os
 import struct
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 
-from .config import INTERNLM2, ConfigError, ModelConfig, expected_tensors, ignorable_tensor, load_config
+from .config import (INTERNLM2, ConfigError, Linear, ModelConfig, TensorSpec, check_quantizable, checkpoint_tensors,
+                     ignorable_tensor, linears, load_config)
+from .int4_import import concat_rows, import_linear
+from .ops.int4_gemm import GROUP_SIZES, Int4Weight, quantize_int4
 
 LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SAFETENSORS_FLOAT = {"F16", "BF16", "F32", "F64"}
 _TORCH_FLOAT = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 _MAX_LISTED = 8
+QUANT_MODES = (None, "int4")
+# safetensors' dtype codes -> torch's names, so one message vocabulary serves both formats.
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 class CheckpointError(ValueError):
     """The checkpoint's files do not hold what its config.json describes."""
 
 
+Weight = Union[torch.Tensor, Int4Weight]
+
+
 @dataclasses.dataclass
 class LayerWeights:
     attention_norm: torch.Tensor  # [hidden]
-    wqkv: torch.Tensor  # [(H + 2 KV) * D, hidden], grouped layout
-    wo: torch.Tensor  # [hidden, H * D]
+    wqkv: Weight  # [(H + 2 KV) * D, hidden], grouped layout
+    wo: Weight  # [hidden, H * D]
     ffn_norm: torch.Tensor  # [hidden]
-    w1: torch.Tensor  # gate [ffn, hidden]
-    w3: torch.Tensor  # up [ffn, hidden]
-    w2: torch.Tensor  # down [hidden, ffn]
+    w1: Weight  # gate [ffn, hidden]
+    w3: Weight  # up [ffn, hidden]
+    w2: Weight  # down [hidden, ffn]
 
 
 @dataclasses.dataclass
@@ -61,10 +82,11 @@ class ModelWeights:
     tok_embeddings: torch.Tensor  # [vocab, hidden]
     layers: List[LayerWeights]
     norm: torch.Tensor  # [hidden]
-    output: torch.Tensor  # [vocab, hidden]; `is tok_embeddings` when tied
+    output: Weight  # [vocab, hidden]; `is tok_embeddings` when tied (and not quantized)
 
-    def named_tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Canonical names ("layers.3.wqkv"); a tied output is listed once."""
+    def named_tensors(self) -> Iterator[Tuple[str, Weight]]:
+        """Canonical names ("layers.3.wqkv"); a tied output is listed once. Quantized
+        linears are listed as their Int4Weight."""
         yield "tok_embeddings", self.tok_embeddings
         for i, layer in enumerate(self.layers):
             for field in dataclasses.fields(LayerWeights):
@@ -74,7 +96,8 @@ class ModelWeights:
             yield "output", self.output
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.named_tensors())
+        return sum(t.nbytes if isinstance(t, Int4Weight) else t.numel() * t.element_size()
+                   for _, t in self.named_tensors())
 
 
 # ---- the wqkv layout ---------------------------------------------------------------------
@@ -134,6 +157,7 @@ class _TensorInfo:
     dtype: str  # as the file spells it, for messages
     floating: bool
     nbytes: int
+    torch_dtype: str = ""  # torch's name for the dtype ("int32")
 
 
 def _read_json(file: str) -> dict:
@@ -191,7 +215,7 @@ def _read_safetensors_header(file: str) -> Dict[str, _TensorInfo]:
             continue
         begin, end = entry["data_offsets"]
         out[name] = _TensorInfo(base, tuple(entry["shape"]), entry["dtype"], entry["dtype"] in _SAFETENSORS_FLOAT,
-                                end - begin)
+                                end - begin, _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]))
     return out
 
 
@@ -216,8 +240,9 @@ def _read_bin_metadata(file: str) -> Dict[str, _TensorInfo]:
     for name, t in _load_bin(file).items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{file}: entry {name} is not a tensor ({type(t).__name__})")
-        out[name] = _TensorInfo(base, tuple(t.shape), str(t.dtype).replace("torch.", ""), t.dtype in _TORCH_FLOAT,
-                                t.numel() * t.element_size())
+        dtype = str(t.dtype).replace("torch.", "")
+        out[name] = _TensorInfo(base, tuple(t.shape), dtype, t.dtype in _TORCH_FLOAT, t.numel() * t.element_size(),
+                                dtype)
     return out
 
 
@@ -240,22 +265,27 @@ def _listing(names: List[str]) -> str:
 
 
 def _validate(path: str, config: ModelConfig, infos: Dict[str, _TensorInfo]) -> None:
-    expected = expected_tensors(config)
+    specs = checkpoint_tensors(config)
     problems = []
-    missing = [n for n in expected if n not in infos]
+    missing = [n for n, spec in specs.items() if n not in infos and not spec.optional]
     if missing:
         problems.append(f"missing tensor(s) {_listing(missing)}")
-    extra = [n for n in infos if n not in expected and not ignorable_tensor(config, n)]
+    extra = [n for n in infos if n not in specs and not ignorable_tensor(config, n)]
     if extra:
         problems.append(f"unexpected tensor(s) {_listing(sorted(extra))}")
+        if config.quantization is None and any(n.endswith(".qweight") for n in extra):
+            problems.append("(tensors named *.qweight belong to a quantized checkpoint, but config.json has no "
+                            "quantization_config)")
     for name, info in infos.items():
-        want = expected.get(name)
-        if want is None and ignorable_tensor(config, name) and not name.endswith(".inv_freq"):
-            want = (config.vocab_size, config.hidden_size)  # a tied head's saved copy
-        if want is not None and info.shape != want:
-            problems.append(f"tensor {name} has shape {info.shape}, expected {want}")
-        if want is not None and not info.floating:
+        spec = specs.get(name)
+        if spec is None and ignorable_tensor(config, name) and not name.endswith(".inv_freq"):
+            spec = TensorSpec((config.vocab_size, config.hidden_size))  # a tied head's saved copy
+        if spec is not None and info.shape != spec.shape:
+            problems.append(f"tensor {name} has shape {info.shape}, expected {spec.shape}")
+        if spec is not None and not spec.dtypes and not info.floating:
             problems.append(f"tensor {name} has dtype {info.dtype}; only floating-point weights are supported")
+        if spec is not None and spec.dtypes and info.torch_dtype not in spec.dtypes:
+            problems.append(f"tensor {name} has dtype {info.dtype}, expected {' or '.join(spec.dtypes)}")
     if problems:
         raise CheckpointError(
             f"checkpoint {path} ({config.architecture}, {config.num_layers} layers) does not match its "
@@ -322,17 +352,43 @@ def _check_target(device, dtype) -> Tuple[torch.device, Optional[torch.dtype]]:
     return device, dtype
 
 
+def check_quant_args(quant, group_size, quant_head) -> None:
+    """The quantization arguments of load / load_checkpoint / quantize_checkpoint, checked
+    before any work: TypeError for a wrong type, ValueError for a wrong value."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be None or 'int4', got {quant!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if not isinstance(quant_head, bool):
+        raise TypeError(f"quant_head must be True or False, got {quant_head!r}")
+    if quant is None and (group_size != 128 or quant_head):
+        raise ValueError("group_size and quant_head apply to quant='int4' only (quant is None)")
+
+
 def load_checkpoint(path: Union[str, "os.PathLike[str]"], device: Union[str, torch.device] = "cpu",
-                    dtype: Optional[torch.dtype] = None, progress: bool = True
-                    ) -> Tuple[ModelConfig, ModelWeights]:
+                    dtype: Optional[torch.dtype] = None, progress: bool = True, *, quant: Optional[str] = None,
+                    group_size: int = 128, quant_head: bool = False) -> Tuple[ModelConfig, ModelWeights]:
     """(config, weights) of the checkpoint directory `path`, every weight on `device` in
     `dtype` (None: the checkpoint's declared torch_dtype if it is float16, bfloat16 or
-    float32, else float16). `progress` shows a tqdm bar on stderr."""
+    float32, else float16). `progress` shows a tqdm bar on stderr.
+
+    quant="int4" quantizes every decoder-layer linear (and the output head if quant_head)
+    round-to-nearest, asymmetric, `group_size` input channels per group, while loading.
+    A pre-quantized checkpoint (quantization_config in config.json) loads its linears as
+    Int4Weight with quant=None."""
     device, dtype = _check_target(device, dtype)
+    check_quant_args(quant, group_size, quant_head)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = load_config(path)
+    if quant is not None:
+        if config.quantization is not None:
+            raise ValueError(f"checkpoint {path} is already quantized (quantization_config.quant_method "
+                             f"{config.quantization.method!r}); load it with quant=None")
+        check_quantizable(config, group_size, quant_head)
     if dtype is None:
         dtype = config.torch_dtype if config.torch_dtype in LOAD_DTYPES else torch.float16
     kind, files = _checkpoint_files(path)
@@ -340,19 +396,22 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], device: Union[str, tor
     _validate(path, config, infos)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    _check_act_order(path, kind, config, infos)
 
     from tqdm.auto import tqdm
 
-    wanted = expected_tensors(config)
+    wanted = [n for n in checkpoint_tensors(config) if n in infos]
     total = sum(infos[n].nbytes for n in wanted)
-    layers: List[Dict[str, torch.Tensor]] = [{} for _ in range(config.num_layers)]
-    globals_: Dict[str, torch.Tensor] = {}
     by_file: Dict[str, List[str]] = {}
     for name in wanted:
         by_file.setdefault(infos[name].file, []).append(name)
+    loader = _Loader(config, device, dtype, infos, group_size if quant else None, quant_head)
+    what = f"Loading {os.path.basename(os.path.normpath(path))}"
+    if quant:
+        what += f" (int4, group_size {group_size})"
 
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-              disable=not progress, desc=f"Loading {os.path.basename(os.path.normpath(path))}") as bar:
+              disable=not progress, desc=what) as bar:
         for file in files:
             names = by_file.get(file)
             if not names:
@@ -362,51 +421,203 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], device: Union[str, tor
                 from safetensors import safe_open
 
                 with safe_open(full, framework="pt", device="cpu") as handle:
-                    _convert_file(handle, names, config, device, dtype, layers, globals_, infos, bar)
+                    loader.convert_file(handle, names, bar)
             else:
                 handle = _load_bin(full)
-                _convert_file(handle, names, config, device, dtype, layers, globals_, infos, bar)
+                loader.convert_file(handle, names, bar)
                 del handle
-
-    if config.tie_word_embeddings:
-        globals_["output"] = globals_["tok_embeddings"]
-    weights = ModelWeights(
-        tok_embeddings=globals_["tok_embeddings"],
-        layers=[LayerWeights(**{f.name: layer[f.name] for f in dataclasses.fields(LayerWeights)})
-                for layer in layers],
-        norm=globals_["norm"],
-        output=globals_["output"],
-    )
-    return config, weights
+    return config, loader.finish()
 
 
-def _convert_file(handle, names, config, device, dtype, layers, globals_, infos, bar) -> None:
-    for name in names:
-        src = _read_tensor(handle, name)
-        layer, field = _destination(config, name)
-        if field in ("q", "k", "v"):
-            wqkv = layers[layer].get("wqkv")
-            if wqkv is None:
-                wqkv = layers[layer]["wqkv"] = torch.empty(
-                    (config.qkv_rows, config.hidden_size), dtype=dtype, device=device)
-            _place_qkv(wqkv, field, src, config)
+def _check_act_order(path: str, kind: str, config: ModelConfig, infos: Dict[str, _TensorInfo]) -> None:
+    """A GPTQ checkpoint that declares desc_act: read every g_idx (K integers per linear)
+    before any weight, so an act-order permutation is refused before the long part."""
+    q = config.quantization
+    if q is None or q.method != "gptq" or not q.desc_act:
+        return
+    names = [n for n in infos if n.endswith(".g_idx")]
+    for file in sorted({infos[n].file for n in names}):
+        full = os.path.join(path, file)
+        in_file = [n for n in names if infos[n].file == file]
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(full, framework="pt", device="cpu") as handle:
+                gidx = {n: _read_tensor(handle, n) for n in in_file}
         else:
-            # A fresh tensor per weight: owned, contiguous memory (never a view of a
-            # memory-mapped file), converted during the copy.
-            dst = torch.empty(tuple(src.shape), dtype=dtype, device=device)
-            dst.copy_(src)
-            (globals_ if layer is None else layers[layer])[field] = dst
-        bar.update(infos[name].nbytes)
-        del src
+            handle = _load_bin(full)
+            gidx = {n: _read_tensor(handle, n).clone() for n in in_file}
+            del handle
+        for name, g in gidx.items():
+            k = g.shape[0]
+            group = q.group(k)
+            if not torch.equal(g.to(torch.int64), torch.arange(k) // group):
+                raise CheckpointError(
+                    f"checkpoint {path}: {name} is not k // group_size ({group}): an act-order (desc_act=true) "
+                    f"GPTQ checkpoint whose input channels are permuted across groups, which the int4 format "
+                    f"(groups of consecutive channels) cannot hold; re-quantize with desc_act=false (or "
+                    f"static_groups=true), or load the unquantized model with quant='int4'")
+
+
+class _Int4Rows:
+    """The packed tensors of a fused wqkv, filled part by part (Llama's q, k, v) by the
+    same row placement as dense weights."""
+
+    def __init__(self, rows: int, first: Int4Weight):
+        self.group_size = first.group_size
+        self.k = first.k
+        self.qweight = torch.empty((rows, first.qweight.shape[1]), dtype=torch.int32, device=first.device)
+        self.scales = torch.empty((rows, first.scales.shape[1]), dtype=torch.float16, device=first.device)
+        self.offsets = torch.empty_like(self.scales)
+
+    def place(self, part: str, w: Int4Weight, config: ModelConfig) -> None:
+        if (w.k, w.group_size) != (self.k, self.group_size):
+            raise CheckpointError(f"the {part} projection is {w}, but the other parts of wqkv have k={self.k}, "
+                                  f"group_size={self.group_size}")
+        _place_qkv(self.qweight, part, w.qweight, config)
+        _place_qkv(self.scales, part, w.scales, config)
+        _place_qkv(self.offsets, part, w.offsets, config)
+
+    def finish(self) -> Int4Weight:
+        return Int4Weight.from_tensors(self.qweight, self.scales, self.offsets, self.group_size)
+
+
+class _Loader:
+    """Turns checkpoint tensors, one at a time, into the canonical weights."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 infos: Dict[str, _TensorInfo], group_size: Optional[int], quant_head: bool):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.group_size = group_size  # quantize at load with this group size; None: no
+        self.layers: List[Dict[str, object]] = [{} for _ in range(config.num_layers)]
+        self.globals: Dict[str, Weight] = {}
+        self.linears: Dict[str, Linear] = {lin.name: lin for lin in linears(config)}
+        # Dense tensors to quantize on arrival (checkpoint name -> linear).
+        self.to_quantize: Dict[str, Linear] = {}
+        self.head_from_embedding = False
+        if group_size is not None:
+            for lin in self.linears.values():
+                if not lin.head or quant_head:
+                    self.to_quantize[lin.name + ".weight"] = lin
+            self.head_from_embedding = quant_head and config.tie_word_embeddings
+        # Pre-quantized: each quantized linear's parts present in the checkpoint (validated
+        # already); parts that arrived wait in `pending` until all have.
+        self.expected_parts: Dict[str, Set[str]] = {}
+        q = config.quantization
+        if q is not None:
+            quantized = {lin.name for lin in self.linears.values() if q.quantizes(lin)}
+            for n in infos:
+                module, _, part = n.rpartition(".")
+                if module in quantized and part != "weight":
+                    self.expected_parts.setdefault(module, set()).add(part)
+        self.pending: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.infos = infos
+
+    def convert_file(self, handle, names: List[str], bar) -> None:
+        for name in names:
+            src = _read_tensor(handle, name)
+            self.convert(name, src)
+            bar.update(self.infos[name].nbytes)
+            del src
+
+    def convert(self, name: str, src: torch.Tensor) -> None:
+        module, _, part = name.rpartition(".")
+        if part != "weight" and module in self.expected_parts:
+            # A part of a pre-quantized linear: to the device as it is (integers and
+            # float16 scales are used bit for bit).
+            parts = self.pending.setdefault(module, {})
+            parts[part] = src.to(self.device, copy=True).contiguous()
+            if set(parts) == self.expected_parts[module]:
+                lin = self.linears[module]
+                try:
+                    w = import_linear(self.config.quantization, module, self.pending.pop(module), lin.n, lin.k)
+                except ValueError as e:
+                    raise CheckpointError(str(e)) from None
+                self._store(module + ".weight", w)
+            return
+        lin = self.to_quantize.get(name)
+        if lin is not None:
+            self._store(name, self._quantize(name, src))
+            return
+        # A fresh tensor per weight: owned, contiguous memory (never a view of a
+        # memory-mapped file), converted during the copy.
+        dst = torch.empty(tuple(src.shape), dtype=self.dtype, device=self.device)
+        dst.copy_(src)
+        self._store(name, dst)
+        if self.head_from_embedding and self._destination(name) == (None, "tok_embeddings"):
+            self.globals["output"] = self._quantize(name, src)
+
+    def _quantize(self, name: str, src: torch.Tensor) -> Int4Weight:
+        """src on the device in its own dtype (float64 narrowed to float32), quantized
+        there; the dense copy is dropped before the caller reads the next tensor. From the
+        checkpoint's values rather than the activation dtype's, so the int4 weights do not
+        depend on the dtype the model runs in (and `fastinternlm quantize` writes the same)."""
+        dtype = src.dtype if src.dtype in LOAD_DTYPES else torch.float32
+        w = src.to(self.device, dtype).contiguous()
+        try:
+            return quantize_int4(w, self.group_size)
+        except ValueError as e:
+            raise CheckpointError(f"cannot quantize {name}: {e}") from None
+
+    def _destination(self, name: str) -> Tuple[Optional[int], str]:
+        return _destination(self.config, name)
+
+    def _store(self, name: str, value: Weight) -> None:
+        layer, field = self._destination(name)
+        if field not in ("q", "k", "v"):
+            (self.globals if layer is None else self.layers[layer])[field] = value
+            return
+        wqkv = self.layers[layer].get("wqkv")
+        if wqkv is None:
+            if isinstance(value, Int4Weight):
+                wqkv = _Int4Rows(self.config.qkv_rows, value)
+            else:
+                wqkv = torch.empty((self.config.qkv_rows, self.config.hidden_size), dtype=self.dtype,
+                                   device=self.device)
+            self.layers[layer]["wqkv"] = wqkv
+        if isinstance(wqkv, _Int4Rows) != isinstance(value, Int4Weight):
+            raise CheckpointError(f"layer {layer}: q, k and v projections must be all quantized or all dense")
+        if isinstance(wqkv, _Int4Rows):
+            wqkv.place(field, value, self.config)
+        else:
+            _place_qkv(wqkv, field, value, self.config)
+
+    def finish(self) -> ModelWeights:
+        if self.pending:
+            raise CheckpointError(f"incomplete quantized linear(s) {_listing(sorted(self.pending))}")
+        for layer in self.layers:
+            if isinstance(layer.get("wqkv"), _Int4Rows):
+                layer["wqkv"] = layer["wqkv"].finish()
+        if "output" not in self.globals:  # tied, not quantized
+            self.globals["output"] = self.globals["tok_embeddings"]
+        return ModelWeights(
+            tok_embeddings=self.globals["tok_embeddings"],
+            layers=[LayerWeights(**{f.name: layer[f.name] for f in dataclasses.fields(LayerWeights)})
+                    for layer in self.layers],
+            norm=self.globals["norm"],
+            output=self.globals["output"],
+        )
+
+
+def stack_rows(a: Weight, b: Weight) -> Weight:
+    """Rows of a, then rows of b (gate and up into one GEMM), dense or int4; exact."""
+    if isinstance(a, Int4Weight) or isinstance(b, Int4Weight):
+        if not (isinstance(a, Int4Weight) and isinstance(b, Int4Weight)):
+            raise CheckpointError("gate and up projections must be both quantized or both dense")
+        return concat_rows(a, b)
+    return torch.cat([a, b])
 
 
 __all__ = [
     "LOAD_DTYPES",
+    "QUANT_MODES",
     "CheckpointError",
     "ConfigError",
     "LayerWeights",
     "ModelWeights",
+    "check_quant_args",
     "fuse_qkv",
     "load_checkpoint",
     "split_wqkv",
+    "stack_rows",
 ]

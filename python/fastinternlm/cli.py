@@ -1,5 +1,5 @@
 """Command line: `fastinternlm generate --model DIR "prompt"`, `fastinternlm chat --model DIR`,
-`fastinternlm info`. Also `python -m fastinternlm ...`."""
+`fastinternlm quantize IN_DIR OUT_DIR`, `fastinternlm info`. Also `python -m fastinternlm ...`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ def _chat(args) -> int:
         history.append((query, response))
 
 
+def _quantize(args) -> int:
+    from .quantize import main_args
+    return main_args(args)
+
+
 def _info(args) -> int:
     import fastinternlm
     for k, v in fastinternlm.build_info().items():
@@ -101,6 +106,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_model_args(c)
     c.add_argument("--system", default=None, help="system prompt (default: InternLM's meta instruction)")
     c.set_defaults(run=_chat)
+    q = sub.add_parser("quantize", help="write an int4 checkpoint (loads later without quantizing again)")
+    q.add_argument("input", metavar="IN_DIR", help="checkpoint directory to quantize (HF layout)")
+    q.add_argument("output", metavar="OUT_DIR", help="new directory for the int4 checkpoint")
+    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
+                   help="input channels per scale/offset group (default 128)")
+    q.add_argument("--quant-head", action="store_true", help="quantize the output head too (default: keep it)")
+    q.add_argument("--device", default=None, help="where to quantize: cuda, cuda:N or cpu (default: cuda when "
+                                                  "available); the result is the same")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(run=_quantize)
     i = sub.add_parser("info", help="what this build contains")
     i.set_defaults(run=_info)
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ import torch
 
 from . import ops
 from .chat import IM_END, encode_chat
-from .checkpoint import load_checkpoint
+from .checkpoint import check_quant_args, load_checkpoint, stack_rows
 from .model import Layer, Transformer
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer, load_tokenizer
@@ -342,14 +342,22 @@ class LLM:
 
 
 def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
-         ntk_mode: str = "hf", progress: bool = True) -> LLM:
+         ntk_mode: str = "hf", progress: bool = True, quant: Optional[str] = None, group_size: int = 128,
+         quant_head: bool = False) -> LLM:
     """Load an InternLM2/2.5 (or Llama-family) checkpoint directory.
 
     device: None means CUDA when available, else the CPU. dtype: None means the
     checkpoint's (float16/bfloat16; float32 runs on the CPU only). max_seq_len: the KV
     cache length per sequence, default min(max_position_embeddings, 32768) on CUDA and
     min(max_position_embeddings, 4096) on the CPU. max_batch: KV-cache slots, i.e. how
-    many prompts one generate call can take. ntk_mode: "hf" or "fixed" (module docs)."""
+    many prompts one generate call can take. ntk_mode: "hf" or "fixed" (module docs).
+
+    quant: None keeps the checkpoint's weights (a pre-quantized AWQ, GPTQ or
+    `fastinternlm quantize` checkpoint loads as int4 by itself); "int4" quantizes every
+    decoder-layer linear round-to-nearest, asymmetric, group_size (32, 64 or 128) input
+    channels per group, tensor by tensor while loading. The output head stays in the
+    activation dtype unless quant_head=True; embeddings and norms always do."""
+    check_quant_args(quant, group_size, quant_head)
     if ntk_mode not in NTK_MODES:
         raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
     if isinstance(dtype, str):
@@ -362,7 +370,8 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     tokenizer = load_tokenizer(path)
-    config, weights = load_checkpoint(path, device, dtype, progress)
+    config, weights = load_checkpoint(path, device, dtype, progress, quant=quant, group_size=group_size,
+                                      quant_head=quant_head)
     if device.type == "cuda" and weights.tok_embeddings.dtype == torch.float32:
         raise TypeError("this checkpoint is float32; on CUDA pass dtype='float16' or 'bfloat16'")
     if max_seq_len is None:
@@ -372,7 +381,7 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
     layers = []
     for lw in weights.layers:
         # Gate and up stacked so one GEMM feeds silu_and_mul; the separate copies are dropped.
-        layers.append(Layer(lw.attention_norm, lw.wqkv, lw.wo, lw.ffn_norm, torch.cat([lw.w1, lw.w3]), lw.w2))
+        layers.append(Layer(lw.attention_norm, lw.wqkv, lw.wo, lw.ffn_norm, stack_rows(lw.w1, lw.w3), lw.w2))
         lw.w1 = lw.w3 = None
     model = Transformer(config, weights.tok_embeddings, layers, weights.norm, weights.output,
                         max_batch=max_batch, max_seq_len=max_seq_len)
