@@ -18,6 +18,7 @@ import copy
 import importlib.util
 import math
 import os
+import random
 import sys
 from collections import Counter
 from pathlib import Path
@@ -371,8 +372,12 @@ def write_tiny_gguf(path: Path, tokenizer, types: Dict[str, str], *, seed: int =
 
 @pytest.fixture(scope="module", params=["all_q4_tied", "mixed_untied"])
 def tiny(request, tmp_path_factory, bpe_digits):
+    # Fresh weights each run (module scope comes before conftest's per-test seed; the same
+    # variable replays a run).
+    seed = int(os.environ.get("FASTINTERNLM_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"tiny GGUF seed={seed}")
     types = ALL_Q4_TIED if request.param == "all_q4_tied" else MIXED_UNTIED
-    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", bpe_digits, types, seed=3,
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", bpe_digits, types, seed=seed,
                            tiny_rows=True)
 
 
@@ -564,7 +569,10 @@ def test_logits_match_float64_and_hf(device, tiny, dtype):
     # un-permutation, so it also checks the reference's reading of the format.
     floor = UNIT_ROUNDOFF[dtype] * ref.abs().mean().item()
     assert err_ours <= 2 * err_hf + floor, f"ours {err_ours:.3e} vs HF {err_hf:.3e} (floor {floor:.1e})"
-    assert err_hf < 1e-2 * ref.abs().mean().item()  # HF and the reference read the file alike
+    if dtype == torch.float32:
+        # HF and the reference read the file alike: float32 rounding stays orders of
+        # magnitude below this, a misread row order or scale is O(1) of the logits.
+        assert err_hf < 1e-3 * ref.abs().mean().item()
 
 
 def test_greedy_equals_hf_generate_float32(tiny):
@@ -744,7 +752,7 @@ def test_chat_uses_the_gguf_template(tiny):
     assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
     response, history = llm.chat("q2", [("q1", "r1")], temperature=0, max_new_tokens=5)
     assert history == [("q1", "r1"), ("q2", response)]
-    assert "<|im_end|>" in tok.added_tokens[2].content and 2 in llm.stop_ids
+    assert tok.token_to_id("<|im_end|>") in llm.stop_ids and tok.token_to_id("<|endoftext|>") in llm.stop_ids
 
 
 def test_chat_template_is_sandboxed_and_raises(tmp_path, bpe_digits):
@@ -780,6 +788,7 @@ def test_cli_generate_with_a_gguf(tiny, capsys):
     from fastinternlm.cli import main
 
     assert main(["generate", "--model", str(tiny.path), "--max-new-tokens", "4", "--no-progress", "Hello"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
 
 
 def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
@@ -892,10 +901,13 @@ def test_smollm2_greedy_48_tokens_equal_hf(smollm2, smollm2_hf, prompt):
     assert len(ours.text.split()) > 10  # English words, not a degenerate repeat of one token
 
 
-def test_smollm2_chat_is_coherent(smollm2):
-    llm = smollm2[1]
-    response, _ = llm.chat("What is the capital of France?", temperature=0, max_new_tokens=20)
+def test_smollm2_chat_is_coherent(device, smollm2):
+    # On CUDA: the default dtype there (float16) through the CUDA kernels, int4 GEMM included.
+    llm = smollm2[1] if device.type == "cpu" else load(smollm2[0], device, max_seq_len=256)
+    response, history = llm.chat("What is the capital of France?", temperature=0, max_new_tokens=20)
     assert "Paris" in response
+    response, _ = llm.chat("And of Italy?", history, temperature=0, max_new_tokens=20)
+    assert "Rome" in response
 
 
 def test_cli_default_model_generates(smollm2, capsys):

@@ -125,6 +125,10 @@ def _open(path: str):
         reader = gguf.GGUFReader(path)
     except (ValueError, KeyError, struct.error) as e:
         raise GGUFError(f"{path}: unreadable GGUF file: {e}") from None
+    if reader.byte_order != "I":
+        # The quantized blocks are repacked from raw bytes, which assumes the host's order.
+        raise GGUFError(f"{path} is a GGUF file of the other byte order (big-endian); only little-endian "
+                        f"files are supported")
     meta: Dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
