@@ -90,25 +90,25 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
   const int64_t len = start + tokens;
   constexpr bool kConvert = !std::is_same<T, float>::value;
   const int threads = get_num_threads();
-  std::vector<float> kv, scratch;
-  std::vector<int64_t> pair_slots, pair_heads, pair_lens;
-  try {
-    scratch.resize(static_cast<size_t>(threads * (d + len)));
-    if (kConvert) {
-      kv.resize(static_cast<size_t>(2 * hkv * len * d));
-      for (int64_t h = 0; h < hkv; ++h) {
-        pair_slots.push_back(slot);
-        pair_heads.push_back(h);
-        pair_lens.push_back(len);
-      }
-    }
-  } catch (const std::exception&) {
+  Scratch<float> kv, scratch;
+  Scratch<int64_t> pairs;  // slot, head, length of each (slot, head) pair converted
+  if (!scratch.allocate(threads * (d + len)) ||
+      (kConvert && (!kv.allocate(2 * hkv * len * d) || !pairs.allocate(3 * hkv))))
     return invalid_value("attention_prefill: cannot allocate CPU scratch for ", len, " positions");
+  int64_t* pair_slots = pairs.data();
+  int64_t* pair_heads = pair_slots + hkv;
+  int64_t* pair_lens = pair_heads + hkv;
+  if (kConvert) {
+    for (int64_t h = 0; h < hkv; ++h) {
+      pair_slots[h] = slot;
+      pair_heads[h] = h;
+      pair_lens[h] = len;
+    }
   }
   float* kf = kv.data();
   float* vf = kConvert ? kf + hkv * len * d : nullptr;
   if (kConvert)
-    convert_heads<T>(c, pair_slots.data(), pair_heads.data(), pair_lens.data(), hkv, len, kf, vf);
+    convert_heads<T>(c, pair_slots, pair_heads, pair_lens, hkv, len, kf, vf);
   const AttendRow<T> attend = select_attend_row<T>(d);
   // Items are (token, kv head) pairs, all `group` query heads of one. Tokens are taken in
   // folded order (0, T-1, 1, T-2, ...) so that every chunk mixes short and long causal
@@ -149,19 +149,14 @@ Status decode_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, 
       kConvert ? std::max<int64_t>(1, std::min(batch, kDecodeScratchBytes / (2 * hkv * max_len * d * 4)))
                : batch;
   const int threads = get_num_threads();
-  std::vector<float> kv, scratch;
-  std::vector<int64_t> pair_slots, pair_heads, pair_lens;
-  try {
-    scratch.resize(static_cast<size_t>(threads * (d + max_len)));
-    if (kConvert) {
-      kv.resize(static_cast<size_t>(2 * round * hkv * max_len * d));
-      pair_slots.resize(static_cast<size_t>(round * hkv));
-      pair_heads.resize(static_cast<size_t>(round * hkv));
-      pair_lens.resize(static_cast<size_t>(round * hkv));
-    }
-  } catch (const std::exception&) {
+  Scratch<float> kv, scratch;
+  Scratch<int64_t> pairs;  // slot, head, length of each (slot, head) pair converted
+  if (!scratch.allocate(threads * (d + max_len)) ||
+      (kConvert && (!kv.allocate(2 * round * hkv * max_len * d) || !pairs.allocate(3 * round * hkv))))
     return invalid_value("attention_decode: cannot allocate CPU scratch for ", max_len, " positions");
-  }
+  int64_t* pair_slots = pairs.data();
+  int64_t* pair_heads = pair_slots + round * hkv;
+  int64_t* pair_lens = pair_heads + round * hkv;
   const AttendRow<T> attend = select_attend_row<T>(d);
   for (int64_t b0 = 0; b0 < batch; b0 += round) {
     const int64_t nb = std::min(batch, b0 + round) - b0;
@@ -173,8 +168,7 @@ Status decode_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, 
         pair_heads[p] = p % hkv;
         pair_lens[p] = positions[b0 + p / hkv] + 1;
       }
-      convert_heads<T>(c, pair_slots.data(), pair_heads.data(), pair_lens.data(), nb * hkv, max_len,
-                       kf, vf);
+      convert_heads<T>(c, pair_slots, pair_heads, pair_lens, nb * hkv, max_len, kf, vf);
     }
     // Items are query rows (sequence, query head): one sequence still has q_heads of them
     // to share out.

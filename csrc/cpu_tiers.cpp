@@ -13,7 +13,8 @@ bool detect_x86_v3() {
   if (env != nullptr && std::strcmp(env, "generic") == 0) return false;
   // libgcc / compiler-rt also check that the OS saves the AVX registers (XCR0).
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif

@@ -1,8 +1,8 @@
 // CPU instruction-set tiers for the hot CPU kernels.
 //
 // The default build targets baseline x86-64 (SSE2) or aarch64, so it runs anywhere. The
-// compute-bound kernels (int4_gemm, attention) are additionally compiled for x86-64-v3
-// (AVX2 + FMA, every x86 CPU since 2013-2015) and picked at run time. Both tiers come
+// CPU kernels are additionally compiled for x86-64-v3 (AVX2, FMA, F16C: every x86 CPU
+// since 2013-2015) and picked at run time. Both tiers come
 // from one source, written with 8-lane vectors and explicit fused multiply-adds, and the
 // build never contracts a * b + c on its own (-ffp-contract=off), so the two tiers round
 // identically: results are bit-for-bit the same on every CPU (the generic tier pays for
@@ -28,7 +28,7 @@
 
 namespace fastinternlm {
 
-// The AVX2 + FMA tier runs: the CPU and OS support it and FASTINTERNLM_CPU_ISA is not
+// The AVX2/FMA/F16C tier runs: the CPU and OS support it and FASTINTERNLM_CPU_ISA is not
 // "generic" (read once; for testing that both tiers agree). cpu_isa() (common.h) names it.
 bool cpu_use_x86_v3();
 

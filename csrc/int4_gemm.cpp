@@ -159,12 +159,9 @@ Status dequantize_int4_cpu(T* out, const Int4Weight& w) {
   const auto* s = static_cast<const uint16_t*>(w.scales);
   const auto* m = static_cast<const uint16_t*>(w.offsets);
   const int slots = get_num_threads();
-  std::vector<float> rows;
-  try {
-    rows.resize(static_cast<size_t>(slots * w.k));
-  } catch (const std::exception&) {
+  Scratch<float> rows;
+  if (!rows.allocate(slots * w.k))
     return invalid_value("dequantize_int4: cannot allocate ", slots * w.k * 4, " bytes of CPU scratch");
-  }
   parallel_for_slots(w.n, 2 * w.k, slots, [&](int64_t r0, int64_t r1, int slot) {
     float* row = rows.data() + slot * w.k;
     for (int64_t r = r0; r < r1; ++r) {
@@ -197,14 +194,10 @@ Status int4_gemm_cpu(T* out, const T* x, int64_t m, const Int4Weight& w) {
   const int slots = get_num_threads();
   const int64_t per_slot = kPanelCols * (2 * groups + (buffered ? k : 0));
   constexpr bool kConvert = !std::is_same<T, float>::value;
-  std::vector<float> xf, scratch;
-  try {
-    if (kConvert) xf.resize(static_cast<size_t>(m * k));
-    scratch.resize(static_cast<size_t>(slots * per_slot));
-  } catch (const std::exception&) {
+  Scratch<float> xf, scratch;
+  if ((kConvert && !xf.allocate(m * k)) || !scratch.allocate(slots * per_slot))
     return invalid_value("int4_gemm: cannot allocate ", ((kConvert ? m * k : 0) + slots * per_slot) * 4,
                          " bytes of CPU scratch");
-  }
   const float* xs = reinterpret_cast<const float*>(x);
   if (kConvert) {
     const auto convert = FIL_TIER_SELECT(convert_rows<T>);

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
+#include <memory>
 #include <type_traits>
 
 #include "fastinternlm/common.h"
@@ -68,5 +70,25 @@ void parallel_for(int64_t n, int64_t work_per_item, F&& f) {
   parallel_for_slots(n, work_per_item, get_num_threads(),
                      [&f](int64_t begin, int64_t end, int) { f(begin, end); });
 }
+
+// Scratch memory of the CPU paths: left uninitialised (the kernels write every element
+// they later read; zero-filling a K/V copy would double its memory traffic), and
+// reporting failure instead of throwing, since the core returns Status.
+template <typename T>
+class Scratch {
+ public:
+  bool allocate(int64_t n) {
+    try {
+      p_.reset(new T[static_cast<size_t>(n > 0 ? n : 1)]);
+    } catch (const std::exception&) {
+      p_.reset();
+    }
+    return p_ != nullptr;
+  }
+  T* data() const { return p_.get(); }
+
+ private:
+  std::unique_ptr<T[]> p_;
+};
 
 }  // namespace fastinternlm

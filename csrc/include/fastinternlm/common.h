@@ -56,8 +56,8 @@ struct Context {
 Status set_num_threads(int64_t n);
 int get_num_threads();
 
-// The instruction-set tier the CPU kernels run: "x86-64-v3" (AVX2 + FMA, chosen at run
-// time where the CPU has it) or "generic". Both give bit-identical results;
+// The instruction-set tier the CPU kernels run: "x86-64-v3" (AVX2, FMA, F16C; chosen at
+// run time where the CPU has them) or "generic". Both give bit-identical results;
 // FASTINTERNLM_CPU_ISA=generic forces the latter.
 const char* cpu_isa();
 
