@@ -2,11 +2,14 @@
 //
 // The default build targets baseline x86-64 (SSE2) or aarch64, so it runs anywhere. The
 // CPU kernels are additionally compiled for x86-64-v3 (AVX2, FMA, F16C: every x86 CPU
-// since 2013-2015) and picked at run time. Both tiers come
-// from one source, written with 8-lane vectors and explicit fused multiply-adds, and the
-// build never contracts a * b + c on its own (-ffp-contract=off), so the two tiers round
-// identically: results are bit-for-bit the same on every CPU (the generic tier pays for
-// that with a library fmaf on x86 CPUs without FMA, which only CPUs from before 2013 run).
+// since 2013-2015) and picked at run time. Both tiers come from one source, written with
+// 8-lane vectors whose lanes perform the documented scalar operations, and the build never
+// contracts a * b + c on its own (-ffp-contract=off), so the tiers round identically. The
+// one exception is int4_gemm's accumulation, a fused multiply-add where the instruction
+// set has one (x86-64-v3, aarch64) and a product and a sum on baseline x86-64, which has
+// none (emulating it in software cost a factor of ten). Within a tier results never
+// depend on the thread count. (libm's expf/sinf/cosf, which attention, silu_and_mul and
+// rotary call, may themselves differ between CPUs.)
 //
 // A kernel source FILE ("x_cpu.inc", plain functions and templates, no #include) is
 // compiled once per tier with

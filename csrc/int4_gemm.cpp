@@ -173,13 +173,14 @@ Status dequantize_int4_cpu(T* out, const Int4Weight& w) {
 }
 
 // The CPU GEMM. Lane layout and order of the float32 arithmetic, fixed so that every
-// output has the same bits whatever the thread count, the number of rows of x, or the
-// CPU's instruction set (cpu_tiers.h):
+// output has the same bits whatever the thread count or the number of rows of x (and the
+// CPU tier, see cpu_tiers.h):
 //   - Lane l of an 8-lane accumulator takes the input channels c with c % 8 = l, i.e.
 //     nibble l of every packed word.
 //   - Each weight is w = fma(q, s, m), which equals q * s + m rounded once (q * s is
 //     exact), the dequantize_int4 value.
-//   - Each lane accumulates acc = fma(w, x, acc) over the words in order, from +0.
+//   - Each lane accumulates acc = fma(w, x, acc) over the words in order, from +0 (a
+//     rounded product, then a rounded sum, in the generic tier on x86, which has no FMA).
 //   - out = dtype(((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))).
 // Few rows of x stream the nibbles and dequantize in registers; many rows dequantize a
 // panel of W rows once into float32 and reuse it for every row of x. Work is split over
