@@ -27,13 +27,18 @@ template <typename T>
 Status rms_norm_cpu(T* out, T* residual, const T* x, const T* weight, int64_t rows, int64_t hidden,
                     float eps) {
   const int slots = get_num_threads();
+  constexpr bool kConvert = !std::is_same<T, float>::value;
   Scratch<float> wf, buf;
-  if (!wf.allocate(hidden) || !buf.allocate(slots * 2 * hidden))
+  if (kConvert && (!wf.allocate(hidden) || !buf.allocate(slots * 2 * hidden)))
     return invalid_value("rms_norm: cannot allocate CPU scratch for hidden = ", hidden);
-  FIL_TIER_SELECT(weight_to_floats<T>)(weight, hidden, wf.data());
+  const float* w = reinterpret_cast<const float*>(weight);
+  if (kConvert) {
+    FIL_TIER_SELECT(weight_to_floats<T>)(weight, hidden, wf.data());
+    w = wf.data();
+  }
   const auto kernel = FIL_TIER_SELECT(rms_norm_rows<T>);
   parallel_for_slots(rows, 16 * hidden, slots, [&](int64_t r0, int64_t r1, int slot) {
-    kernel(out, residual, x, wf.data(), r0, r1, hidden, eps, buf.data() + slot * 2 * hidden);
+    kernel(out, residual, x, w, r0, r1, hidden, eps, kConvert ? buf.data() + slot * 2 * hidden : nullptr);
   });
   return Status::Ok();
 }
