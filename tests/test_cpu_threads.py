@@ -44,52 +44,78 @@ def random_weight(n, k, group_size):
     return Int4Weight.from_tensors(qweight, scales, offsets, group_size)
 
 
-def run_ops(dtype, int4_error_bounds=None):
-    """Every CPU op that splits its work, on fresh random inputs; returns their outputs.
-    int4_error_bounds, a dict, receives for each int4_gemm output the bound any float32
-    accumulation order meets: gamma_{k+1} * |x| @ |W|^T (see test_int4_gemm.py)."""
-    out = {}
+def make_cases(dtype, int4_error_bounds=None):
+    """Every CPU op that splits its work, on fresh random inputs: name -> a function that
+    computes the output (on copies of whatever the op changes in place, so it can be
+    called repeatedly and from several threads). int4_error_bounds, a dict, receives for
+    each int4_gemm output the bound any float32 accumulation order meets:
+    gamma_{k+1} * |x| @ |W|^T (see test_int4_gemm.py)."""
+    cases = {}
     for m, (n, k, g) in [(1, (301, 1024, 32)), (3, (301, 576, 32)), (37, (203, 640, 128))]:
         w = random_weight(n, k, g)
         x = rand(m, k, dtype=dtype)
-        out[f"int4_gemm m={m}"] = ops.int4_gemm(x, w)
+        cases[f"int4_gemm m={m}"] = lambda x=x, w=w: ops.int4_gemm(x, w)
         if int4_error_bounds is not None:
             u32 = UNIT_ROUNDOFF[torch.float32]
             gamma = (k + 1) * u32 / (1 - (k + 1) * u32)
             w64 = ops.dequantize_int4(w, torch.float32).double()
             int4_error_bounds[f"int4_gemm m={m}"] = gamma * (x.double().abs() @ w64.abs().T)
-    out["dequantize_int4"] = ops.dequantize_int4(random_weight(300, 256, 64), dtype)
-    qw = ops.quantize_int4(rand(300, 256, dtype=dtype, scale=0.05), 64)
-    out["quantize_int4"] = torch.cat([qw.qweight.view(torch.int16).flatten(), qw.scales.view(torch.int16).flatten(),
-                                      qw.offsets.view(torch.int16).flatten()])
+    w = random_weight(300, 256, 64)
+    cases["dequantize_int4"] = lambda w=w: ops.dequantize_int4(w, dtype)
+    dense = rand(300, 256, dtype=dtype, scale=0.05)
+
+    def quantize(dense=dense):
+        qw = ops.quantize_int4(dense, 64)
+        return torch.cat([qw.qweight.view(torch.int16).flatten(), qw.scales.view(torch.int16).flatten(),
+                          qw.offsets.view(torch.int16).flatten()])
+
+    cases["quantize_int4"] = quantize
     for head_dim in [64, 128]:
         tokens, start, q_heads, kv_heads = 70, 13, 9, 3
-        k_cache = rand(2, kv_heads, 96, head_dim, dtype=dtype)
-        v_cache = rand(2, kv_heads, 96, head_dim, dtype=dtype)
+        kc = rand(2, kv_heads, 96, head_dim, dtype=dtype)
+        vc = rand(2, kv_heads, 96, head_dim, dtype=dtype)
         q = rand(tokens, q_heads, head_dim, dtype=dtype)
         k = rand(tokens, kv_heads, head_dim, dtype=dtype)
         v = rand(tokens, kv_heads, head_dim, dtype=dtype)
-        out[f"attention_prefill d={head_dim}"] = ops.attention_prefill(q, k, v, k_cache, v_cache, 1, start)
-        k_cache = rand(3, kv_heads, 700, head_dim, dtype=dtype)
-        v_cache = rand(3, kv_heads, 700, head_dim, dtype=dtype)
+        cases[f"attention_prefill d={head_dim}"] = (
+            lambda q=q, k=k, v=v, kc=kc, vc=vc: ops.attention_prefill(q, k, v, kc.clone(), vc.clone(), 1, start))
+        kc = rand(3, kv_heads, 700, head_dim, dtype=dtype)
+        vc = rand(3, kv_heads, 700, head_dim, dtype=dtype)
         q = rand(2, q_heads, head_dim, dtype=dtype)
         k = rand(2, kv_heads, head_dim, dtype=dtype)
         v = rand(2, kv_heads, head_dim, dtype=dtype)
         slots = torch.tensor([2, 0], dtype=torch.int32)
         positions = torch.tensor([650, 97], dtype=torch.int32)
-        out[f"attention_decode d={head_dim}"] = ops.attention_decode(q, k, v, k_cache, v_cache, slots, positions)
+        cases[f"attention_decode d={head_dim}"] = (
+            lambda q=q, k=k, v=v, kc=kc, vc=vc, s=slots, p=positions:
+                ops.attention_decode(q, k, v, kc.clone(), vc.clone(), s, p))
     x = rand(300, 576, dtype=dtype, scale=3.0)
     w = rand(576, dtype=dtype)
-    out["rms_norm"] = ops.rms_norm(x, w, 1e-5)
     residual = rand(300, 576, dtype=dtype)
-    out["add_rms_norm"] = ops.add_rms_norm(x, residual, w, 1e-5)
-    out["add_rms_norm residual"] = residual
-    out["silu_and_mul"] = ops.silu_and_mul(rand(300, 2 * 1536, dtype=dtype))
+    cases["rms_norm"] = lambda: ops.rms_norm(x, w, 1e-5)
+
+    def add_rms_norm():
+        r = residual.clone()
+        return torch.cat([ops.add_rms_norm(x, r, w, 1e-5).flatten(), r.flatten()])
+
+    cases["add_rms_norm"] = add_rms_norm
+    gate_up = rand(300, 2 * 1536, dtype=dtype)
+    cases["silu_and_mul"] = lambda: ops.silu_and_mul(gate_up)
     q = rand(300, 9, 64, dtype=dtype)
     k = rand(300, 3, 64, dtype=dtype)
-    ops.rotary_embedding(q, k, torch.randint(0, 30000, (300,)), 100000.0)
-    out["rotary_embedding"] = torch.cat([q.flatten(), k.flatten()])
-    return out
+    positions = torch.randint(0, 30000, (300,))
+
+    def rotary():
+        q2, k2 = q.clone(), k.clone()
+        ops.rotary_embedding(q2, k2, positions, 100000.0)
+        return torch.cat([q2.flatten(), k2.flatten()])
+
+    cases["rotary_embedding"] = rotary
+    return cases
+
+
+def run_ops(dtype, int4_error_bounds=None):
+    return {name: fn() for name, fn in make_cases(dtype, int4_error_bounds).items()}
 
 
 def test_num_threads_setting(device, cpu_only):
@@ -163,3 +189,35 @@ def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtyp
             continue
         assert torch.equal(bits(theirs), bits(expected)), (
             f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the generic one")
+
+
+def test_concurrent_callers(device, cpu_only):
+    # Ops release the GIL, so several Python threads can be inside the pool's entry point
+    # at once (one gets the pool, the others run inline), while another thread changes
+    # the thread count (an old pool lives until its last job ends).
+    import threading
+
+    cpu.set_num_threads(2)
+    cases = make_cases(torch.float16)
+    expected = {name: fn() for name, fn in cases.items()}
+    results, errors = [None] * 3, []
+
+    def worker(i):
+        try:
+            results[i] = {name: fn() for name, fn in cases.items()}
+        except Exception as e:  # reported below, with the thread's index
+            errors.append((i, e))
+
+    def churn():
+        for n in [1, 3, 2, 4, 2]:
+            cpu.set_num_threads(n)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)] + [threading.Thread(target=churn)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, got in enumerate(results):
+        for name, value in expected.items():
+            assert torch.equal(bits(got[name]), bits(value)), f"{name} differs in concurrent caller {i}"
