@@ -1,66 +1,47 @@
 // Attention over the KV cache: argument checks, dispatch, and the CPU reference.
 //
 // The CPU path is the oracle the CUDA kernels are tested against and what runs small
-// models without a GPU, so it is plain and exact-ish: per KV head, the needed cache rows
-// are converted to float32 once and shared by the group's query heads; scores go into a
-// buffer, the softmax subtracts the exact maximum (no running maximum is needed when all
-// scores are at hand), and the weighted sum runs over contiguous head_dim vectors that
-// the compiler can vectorise.
+// models without a GPU, so its arithmetic is plain and fixed. Per query row:
+//   qs[i]  = float(q[i]) * scale
+//   s_j    = dot(qs, k_j): eight partial sums, lane e adding qs[i] * k_j[i] for
+//            i = e, e + 8, ... in order (each product rounded, then each sum), combined as
+//            ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+//   m      = the exact maximum of the s_j (all scores are at hand, so no running maximum)
+//   p_j    = exp(s_j - m);  sum = p_0 + p_1 + ... in order
+//   acc[i] = p_0 * v_0[i] + p_1 * v_1[i] + ... in order (products rounded, then sums)
+//   out[i] = dtype(acc[i] * (1 / sum))
+// The cache rows are converted to float32 once per call (read in place when they are
+// float32 already) and shared by the group's query heads; rows of queries are spread over
+// threads, each row computed whole by one thread, so results do not depend on the thread
+// count or on the CPU tier (the vectors hold the lanes above).
 #include "fastinternlm/attention.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <exception>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
+#include "cpu_tiers.h"
 #include "half.h"
 #include "kernels_cuda.h"
+#include "parallel.h"
+
+#define FIL_TIER_KERNELS "attention_cpu.inc"
+#include "cpu_tiers.inc"
+#undef FIL_TIER_KERNELS
 
 namespace fastinternlm {
 namespace {
 
 constexpr int64_t kMaxGroup = 8;
-
-// Eight independent partial sums: a single running sum would serialise on the add
-// latency and cannot be vectorised without reassociation, which the compiler will not do
-// for floats on its own. head_dim is a multiple of 8.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t i = 0; i < n; i += 8)
-    for (int e = 0; e < 8; ++e) s[e] += a[i + e] * b[i + e];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-template <typename T>
-void to_float_rows(float* dst, const T* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
-}
-
-// One query row q[d] attends over keys/values kf, vf [len, d] (float32): out = softmax(scale *
-// q.k) . v, rounded once to T.
-template <typename T>
-void attend_row(T* out, const T* q, const float* kf, const float* vf, int64_t len, int64_t d,
-                float scale, std::vector<float>& qf, std::vector<float>& scores,
-                std::vector<float>& acc) {
-  for (int64_t i = 0; i < d; ++i) qf[i] = to_float(q[i]) * scale;
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < len; ++j) {
-    scores[j] = dot(qf.data(), kf + j * d, d);
-    m = std::max(m, scores[j]);
-  }
-  std::fill(acc.begin(), acc.begin() + d, 0.0f);
-  float sum = 0.0f;
-  for (int64_t j = 0; j < len; ++j) {
-    const float p = std::exp(scores[j] - m);
-    sum += p;
-    const float* vj = vf + j * d;
-    for (int64_t i = 0; i < d; ++i) acc[i] += p * vj[i];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < d; ++i) out[i] = from_float<T>(acc[i] * inv);
-}
+// Float32 copies of the cache rows a decode call reads, at most this many bytes at once
+// (a larger batch goes in several rounds).
+constexpr int64_t kDecodeScratchBytes = int64_t{64} << 20;
 
 template <typename T>
 T* cache_row(void* base, const KVCache& c, int64_t slot, int64_t head, int64_t pos) {
@@ -68,8 +49,36 @@ T* cache_row(void* base, const KVCache& c, int64_t slot, int64_t head, int64_t p
 }
 
 template <typename T>
-void prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, int64_t tokens,
-                 int64_t q_heads, int64_t slot, int64_t start, float scale) {
+using AttendRow = void (*)(T*, const T*, const float*, const float*, int64_t, float, float*);
+
+template <typename T>
+AttendRow<T> select_attend_row(int64_t head_dim) {
+  return head_dim == 64 ? FIL_TIER_SELECT(attend_row<T, 64>) : FIL_TIER_SELECT(attend_row<T, 128>);
+}
+
+// For T other than float32: converts rows [0, lens[p]) of cache head (slots[p], heads[p])
+// of both caches into kf, vf + p * stride * head_dim, for the pairs p in [0, pairs),
+// in pieces of 64 positions spread over threads (a prompt has only a few KV heads).
+template <typename T>
+void convert_heads(const KVCache& c, const int64_t* slots, const int64_t* heads, const int64_t* lens,
+                   int64_t pairs, int64_t stride, float* kf, float* vf) {
+  constexpr int64_t kPiece = 64;
+  const int64_t d = c.head_dim, pieces = (stride + kPiece - 1) / kPiece;
+  const auto convert = FIL_TIER_SELECT(convert_rows<T>);
+  parallel_for(pairs * pieces, 2 * kPiece * d, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i / pieces, r0 = i % pieces * kPiece, r1 = std::min(lens[p], r0 + kPiece);
+      if (r1 <= r0) continue;
+      const int64_t off = (p * stride + r0) * d;
+      convert(cache_row<T>(c.k, c, slots[p], heads[p], r0), (r1 - r0) * d, kf + off);
+      convert(cache_row<T>(c.v, c, slots[p], heads[p], r0), (r1 - r0) * d, vf + off);
+    }
+  });
+}
+
+template <typename T>
+Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, int64_t tokens,
+                   int64_t q_heads, int64_t slot, int64_t start, float scale) {
   const int64_t d = c.head_dim, hkv = c.kv_heads, group = q_heads / hkv;
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t h = 0; h < hkv; ++h) {
@@ -79,40 +88,105 @@ void prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, i
                 cache_row<T>(c.v, c, slot, h, start + t));
     }
   const int64_t len = start + tokens;
-  std::vector<float> kf(len * d), vf(len * d), qf(d), scores(len), acc(d);
-  for (int64_t h = 0; h < hkv; ++h) {
-    to_float_rows(kf.data(), cache_row<T>(c.k, c, slot, h, 0), len * d);
-    to_float_rows(vf.data(), cache_row<T>(c.v, c, slot, h, 0), len * d);
-    for (int64_t t = 0; t < tokens; ++t)
+  constexpr bool kConvert = !std::is_same<T, float>::value;
+  const int threads = get_num_threads();
+  Scratch<float> kv, scratch;
+  Scratch<int64_t> pairs;  // slot, head, length of each (slot, head) pair converted
+  if (!scratch.allocate(threads * (d + len)) ||
+      (kConvert && (!kv.allocate(2 * hkv * len * d) || !pairs.allocate(3 * hkv))))
+    return invalid_value("attention_prefill: cannot allocate CPU scratch for ", len, " positions");
+  int64_t* pair_slots = pairs.data();
+  int64_t* pair_heads = pair_slots + hkv;
+  int64_t* pair_lens = pair_heads + hkv;
+  if (kConvert) {
+    for (int64_t h = 0; h < hkv; ++h) {
+      pair_slots[h] = slot;
+      pair_heads[h] = h;
+      pair_lens[h] = len;
+    }
+  }
+  float* kf = kv.data();
+  float* vf = kConvert ? kf + hkv * len * d : nullptr;
+  if (kConvert)
+    convert_heads<T>(c, pair_slots, pair_heads, pair_lens, hkv, len, kf, vf);
+  const AttendRow<T> attend = select_attend_row<T>(d);
+  // Items are (token, kv head) pairs, all `group` query heads of one. Tokens are taken in
+  // folded order (0, T-1, 1, T-2, ...) so that every chunk mixes short and long causal
+  // rows and the threads finish together.
+  parallel_for_slots(tokens * hkv, group * (start + tokens / 2 + 1) * d * 4, threads,
+                     [&](int64_t i0, int64_t i1, int slot_index) {
+    float* scr = scratch.data() + slot_index * (d + len);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t u = i / hkv, h = i % hkv;
+      const int64_t t = (u % 2 == 0) ? u / 2 : tokens - 1 - u / 2;
+      const float* kh = kConvert ? kf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slot, h, 0));
+      const float* vh = kConvert ? vf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slot, h, 0));
       for (int64_t g = 0; g < group; ++g) {
         const int64_t row = t * q_heads + h * group + g;
-        attend_row(out + row * d, q + row * d, kf.data(), vf.data(), start + t + 1, d, scale, qf,
-                   scores, acc);
+        attend(out + row * d, q + row * d, kh, vh, start + t + 1, scale, scr);
       }
-  }
+    }
+  });
+  return Status::Ok();
 }
 
 template <typename T>
-void decode_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, int64_t batch,
-                int64_t q_heads, const int32_t* slots, const int32_t* positions, float scale) {
+Status decode_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, int64_t batch,
+                  int64_t q_heads, const int32_t* slots, const int32_t* positions, float scale) {
   const int64_t d = c.head_dim, hkv = c.kv_heads, group = q_heads / hkv;
-  std::vector<float> kf, vf, qf(d), scores, acc(d);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t slot = slots[b], pos = positions[b], len = pos + 1;
-    kf.resize(len * d);
-    vf.resize(len * d);
-    scores.resize(len);
+  for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < hkv; ++h) {
-      std::copy(k + (b * hkv + h) * d, k + (b * hkv + h + 1) * d, cache_row<T>(c.k, c, slot, h, pos));
-      std::copy(v + (b * hkv + h) * d, v + (b * hkv + h + 1) * d, cache_row<T>(c.v, c, slot, h, pos));
-      to_float_rows(kf.data(), cache_row<T>(c.k, c, slot, h, 0), len * d);
-      to_float_rows(vf.data(), cache_row<T>(c.v, c, slot, h, 0), len * d);
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t row = b * q_heads + h * group + g;
-        attend_row(out + row * d, q + row * d, kf.data(), vf.data(), len, d, scale, qf, scores, acc);
-      }
+      std::copy(k + (b * hkv + h) * d, k + (b * hkv + h + 1) * d,
+                cache_row<T>(c.k, c, slots[b], h, positions[b]));
+      std::copy(v + (b * hkv + h) * d, v + (b * hkv + h + 1) * d,
+                cache_row<T>(c.v, c, slots[b], h, positions[b]));
     }
+  constexpr bool kConvert = !std::is_same<T, float>::value;
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, positions[b] + 1);
+  // Sequences per round: their float32 K/V copies fit the scratch budget.
+  const int64_t round =
+      kConvert ? std::max<int64_t>(1, std::min(batch, kDecodeScratchBytes / (2 * hkv * max_len * d * 4)))
+               : batch;
+  const int threads = get_num_threads();
+  Scratch<float> kv, scratch;
+  Scratch<int64_t> pairs;  // slot, head, length of each (slot, head) pair converted
+  if (!scratch.allocate(threads * (d + max_len)) ||
+      (kConvert && (!kv.allocate(2 * round * hkv * max_len * d) || !pairs.allocate(3 * round * hkv))))
+    return invalid_value("attention_decode: cannot allocate CPU scratch for ", max_len, " positions");
+  int64_t* pair_slots = pairs.data();
+  int64_t* pair_heads = pair_slots + round * hkv;
+  int64_t* pair_lens = pair_heads + round * hkv;
+  const AttendRow<T> attend = select_attend_row<T>(d);
+  for (int64_t b0 = 0; b0 < batch; b0 += round) {
+    const int64_t nb = std::min(batch, b0 + round) - b0;
+    float* kf = kv.data();
+    float* vf = kConvert ? kf + nb * hkv * max_len * d : nullptr;
+    if (kConvert) {
+      for (int64_t p = 0; p < nb * hkv; ++p) {
+        pair_slots[p] = slots[b0 + p / hkv];
+        pair_heads[p] = p % hkv;
+        pair_lens[p] = positions[b0 + p / hkv] + 1;
+      }
+      convert_heads<T>(c, pair_slots, pair_heads, pair_lens, nb * hkv, max_len, kf, vf);
+    }
+    // Items are query rows (sequence, query head): one sequence still has q_heads of them
+    // to share out.
+    parallel_for_slots(nb * q_heads, max_len * d * 4, threads, [&](int64_t r0, int64_t r1, int slot_index) {
+      float* scr = scratch.data() + slot_index * (d + max_len);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = b0 + r / q_heads, hq = r % q_heads, h = hq / group;
+        const int64_t pair = (b - b0) * hkv + h, len = positions[b] + 1;
+        const float* kh = kConvert ? kf + pair * max_len * d
+                                   : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slots[b], h, 0));
+        const float* vh = kConvert ? vf + pair * max_len * d
+                                   : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slots[b], h, 0));
+        const int64_t row = b * q_heads + hq;
+        attend(out + row * d, q + row * d, kh, vh, len, scale, scr);
+      }
+    });
   }
+  return Status::Ok();
 }
 
 // What prefill and decode share: the context, dtype, cache geometry, head counts, scale
@@ -174,9 +248,8 @@ Status attention_prefill(const Context& ctx, DType dtype, void* out, const void*
                                             start, scale));
   return dispatch_activation(dtype, [&](auto tag) {
     using T = decltype(tag);
-    prefill_cpu(static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k),
-                static_cast<const T*>(v), cache, tokens, q_heads, slot, start, scale);
-    return Status::Ok();
+    return prefill_cpu(static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k),
+                       static_cast<const T*>(v), cache, tokens, q_heads, slot, start, scale);
   });
 }
 
@@ -227,9 +300,8 @@ Status attention_decode(const Context& ctx, DType dtype, void* out, const void* 
                                            positions, scale, workspace, workspace_bytes));
   return dispatch_activation(dtype, [&](auto tag) {
     using T = decltype(tag);
-    decode_cpu(static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k),
-               static_cast<const T*>(v), cache, batch, q_heads, slots, positions, scale);
-    return Status::Ok();
+    return decode_cpu(static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k),
+                      static_cast<const T*>(v), cache, batch, q_heads, slots, positions, scale);
   });
 }
 

@@ -1,6 +1,6 @@
 // float16 / bfloat16 storage types for the CPU reference path, with round-to-nearest-even
 // conversions written out bit by bit so the CPU oracle does not depend on compiler
-// extensions (_Float16) that not every toolchain enables.
+// extensions (_Float16) that not every toolchain enables, nor on the CPU's instruction set.
 #pragma once
 
 #include <cmath>
@@ -30,41 +30,56 @@ inline uint32_t float_to_bits(float f) {
   return bits;
 }
 
+// Both conversions are branch-free: every case (normal, subnormal, infinity/NaN, overflow)
+// is computed and the right one selected, so a loop over an array compiles to SIMD code
+// (the CPU paths convert every activation this way; a branchy version ran at ~0.5 GB/s).
+// Results are bit-identical to the case-by-case definitions in the comments.
+
+// float16 -> float32, exact for every input. Normal numbers only re-bias the exponent.
+// Subnormals (exponent 0): mantissa * 2^-24 is formed as (2^-14 + mantissa * 2^-24) - 2^-14,
+// both steps exact in float32; zero falls out as +0 (the sign is or-ed in last, giving -0).
+// Infinity/NaN (exponent 31) keep their mantissa bits (NaN payloads are preserved).
 inline float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  const uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0) {
-    // Zero or subnormal: mantissa * 2^-24, exact in float32.
-    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
-    return sign ? -magnitude : magnitude;
-  }
-  if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
-  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent and mantissa
+  const uint32_t exponent = em & 0x0f800000u;
+  const uint32_t normal = em + 0x38000000u;                        // bias 15 -> 127
+  const uint32_t special = em | 0x7f800000u;                       // infinity / NaN
+  const uint32_t subnormal =
+      float_to_bits(bits_to_float(em + 0x38800000u) - 6.103515625e-05f);  // minus 2^-14
+  const uint32_t magnitude =
+      exponent == 0 ? subnormal : (exponent == 0x0f800000u ? special : normal);
+  return bits_to_float(sign | magnitude);
 }
 
+// float32 -> float16, round to nearest even.
+//   NaN -> sign | 0x7e00 (a quiet NaN); |f| >= 65520 -> infinity;
+//   |f| < 2^-14 -> subnormal: adding 0.5f puts the value's bits at the float16 subnormal
+//     grid (ulp(0.5) = 2^-24), so the float32 addition itself rounds to nearest even
+//     (default floating-point environment), and the low bits are the float16 mantissa
+//     (1024 when it rounds up to the smallest normal, which is its correct encoding);
+//   otherwise: round to nearest even on the 13 dropped mantissa bits, a carry moving into
+//     the exponent, and re-bias.
 inline uint16_t float_to_half_bits(float f) {
   const uint32_t x = float_to_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return sign | 0x7e00u;   // NaN stays NaN
-  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to infinity
-  if (ax < 0x38800000u) {
-    // Below 2^-14: a float16 subnormal. Scaling by 2^24 is exact; nearbyint rounds to
-    // nearest even in the default floating-point environment.
-    return sign | static_cast<uint16_t>(std::nearbyint(bits_to_float(ax) * 16777216.0f));
-  }
-  // Round to nearest even on the 13 dropped mantissa bits; a carry moves into the exponent.
-  const uint32_t rounded = ax + 0xfffu + ((ax >> 13) & 1u);
-  return sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
+  const uint32_t normal = (ax + 0xfffu + ((ax >> 13) & 1u) - 0x38000000u) >> 13;
+  const uint32_t subnormal = float_to_bits(bits_to_float(ax) + 0.5f) - 0x3f000000u;
+  uint32_t magnitude = ax < 0x38800000u ? subnormal : normal;
+  magnitude = ax >= 0x477ff000u ? 0x7c00u : magnitude;
+  magnitude = ax > 0x7f800000u ? 0x7e00u : magnitude;
+  return static_cast<uint16_t>(sign | magnitude);
 }
 
 inline float bf16_bits_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
+// float32 -> bfloat16, round to nearest even; NaN stays NaN (its quiet bit set).
 inline uint16_t float_to_bf16_bits(float f) {
   const uint32_t x = float_to_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t nan = (x >> 16) | 0x40u;
+  return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 inline float to_float(float v) { return v; }

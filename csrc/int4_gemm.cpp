@@ -4,13 +4,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
+#include "cpu_tiers.h"
 #include "half.h"
 #include "kernels_cuda.h"
+#include "parallel.h"
+
+#define FIL_TIER_KERNELS "int4_gemm_cpu.inc"
+#include "cpu_tiers.inc"
+#undef FIL_TIER_KERNELS
 
 namespace fastinternlm {
 namespace {
@@ -55,22 +63,28 @@ uint16_t half_round_up(double v) {
 
 // ---- CPU reference ------------------------------------------------------------------------
 
+// The first (lowest row, then group) value outside the float16 range, if any.
+struct QuantizeError {
+  int64_t row = -1, group = -1;
+  float value = 0.0f;
+};
+
+// Rows [r0, r1); returns at the first bad value, which is that range's lowest.
 template <typename T>
-Status quantize_int4_cpu(const T* w, int64_t n, int64_t k, int64_t group_size, int32_t* qweight,
-                         uint16_t* scales, uint16_t* offsets) {
+void quantize_rows(const T* w, int64_t r0, int64_t r1, int64_t k, int64_t group_size,
+                   int32_t* qweight, uint16_t* scales, uint16_t* offsets, QuantizeError* error) {
   const int64_t groups = k / group_size;
-  for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const T* src = w + r * k + g * group_size;
       float lo = to_float(src[0]), hi = lo;
       for (int64_t i = 0; i < group_size; ++i) {
         const float v = to_float(src[i]);
         // !(|v| <= max) also catches NaN.
-        if (!(std::fabs(v) <= kHalfMax))
-          return invalid_value("w must be finite and within the float16 range (|w| <= 65504) for "
-                               "int4 scales and offsets, got ", v, " in row ", r, ", group ", g,
-                               " (input channels ", g * group_size, "..", (g + 1) * group_size - 1,
-                               ")");
+        if (!(std::fabs(v) <= kHalfMax)) {
+          *error = QuantizeError{r, g, v};
+          return;
+        }
         lo = std::fmin(lo, v);
         hi = std::fmax(hi, v);
       }
@@ -93,6 +107,36 @@ Status quantize_int4_cpu(const T* w, int64_t n, int64_t k, int64_t group_size, i
       }
     }
   }
+}
+
+template <typename T>
+Status quantize_int4_cpu(const T* w, int64_t n, int64_t k, int64_t group_size, int32_t* qweight,
+                         uint16_t* scales, uint16_t* offsets) {
+  const int slots = get_num_threads();
+  std::vector<QuantizeError> errors;
+  try {
+    errors.resize(static_cast<size_t>(slots));
+  } catch (const std::exception&) {
+    return invalid_value("quantize_int4: cannot allocate CPU scratch");
+  }
+  // Rows are independent; each slot keeps the first error of the rows it ran, and the
+  // lowest row among them is the one reported, as a sequential pass would.
+  parallel_for_slots(n, 8 * k, slots, [&](int64_t r0, int64_t r1, int slot) {
+    QuantizeError& e = errors[static_cast<size_t>(slot)];
+    QuantizeError local;
+    quantize_rows(w, r0, r1, k, group_size, qweight, scales, offsets, &local);
+    if (local.row >= 0 && (e.row < 0 || local.row < e.row)) e = local;
+  });
+  const QuantizeError* first = nullptr;
+  for (const QuantizeError& e : errors)
+    if (e.row >= 0 && (first == nullptr || e.row < first->row)) first = &e;
+  if (first != nullptr) {
+    const int64_t g = first->group;
+    return invalid_value("w must be finite and within the float16 range (|w| <= 65504) for "
+                         "int4 scales and offsets, got ", first->value, " in row ", first->row,
+                         ", group ", g, " (input channels ", g * group_size, "..",
+                         (g + 1) * group_size - 1, ")");
+  }
   return Status::Ok();
 }
 
@@ -114,59 +158,66 @@ Status dequantize_int4_cpu(T* out, const Int4Weight& w) {
   const int64_t groups = w.k / w.group_size;
   const auto* s = static_cast<const uint16_t*>(w.scales);
   const auto* m = static_cast<const uint16_t*>(w.offsets);
-  std::vector<float> row;
-  try {
-    row.resize(static_cast<size_t>(w.k));
-  } catch (const std::exception&) {
-    return invalid_value("dequantize_int4: cannot allocate ", w.k * 4, " bytes of CPU scratch");
-  }
-  for (int64_t r = 0; r < w.n; ++r) {
-    dequantize_row(w.qweight + r * (w.k / 8), s + r * groups, m + r * groups, w.k, w.group_size,
-                   row.data());
-    for (int64_t i = 0; i < w.k; ++i) out[r * w.k + i] = from_float<T>(row[i]);
-  }
+  const int slots = get_num_threads();
+  Scratch<float> rows;
+  if (!rows.allocate(slots * w.k))
+    return invalid_value("dequantize_int4: cannot allocate ", slots * w.k * 4, " bytes of CPU scratch");
+  parallel_for_slots(w.n, 2 * w.k, slots, [&](int64_t r0, int64_t r1, int slot) {
+    float* row = rows.data() + slot * w.k;
+    for (int64_t r = r0; r < r1; ++r) {
+      dequantize_row(w.qweight + r * (w.k / 8), s + r * groups, m + r * groups, w.k, w.group_size, row);
+      for (int64_t i = 0; i < w.k; ++i) out[r * w.k + i] = from_float<T>(row[i]);
+    }
+  });
   return Status::Ok();
 }
 
-// Rows of W dequantized together, so each row of x is read once per block of them.
-constexpr int64_t kCpuRowBlock = 8;
-// Independent partial sums per row: lets the compiler vectorise the float32 dot product
-// without reassociating a single sum (which it may not do without fast-math).
-constexpr int64_t kCpuLanes = 8;
+// The CPU GEMM. Lane layout and order of the float32 arithmetic, fixed so that every
+// output has the same bits whatever the thread count or the number of rows of x (and the
+// CPU tier, see cpu_tiers.h):
+//   - Lane l of an 8-lane accumulator takes the input channels c with c % 8 = l, i.e.
+//     nibble l of every packed word.
+//   - Each weight is w = fma(q, s, m), which equals q * s + m rounded once (q * s is
+//     exact), the dequantize_int4 value.
+//   - Each lane accumulates acc = fma(w, x, acc) over the words in order, from +0 (a
+//     rounded product, then a rounded sum, in the generic tier on x86, which has no FMA).
+//   - out = dtype(((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))).
+// Few rows of x stream the nibbles and dequantize in registers; many rows dequantize a
+// panel of W rows once into float32 and reuse it for every row of x. Work is split over
+// output channels.
+constexpr int64_t kPanelCols = 16;    // rows of W (output channels) per work item
+constexpr int64_t kBufferedRows = 4;  // rows of x from which dequantizing once pays off
 
 template <typename T>
 Status int4_gemm_cpu(T* out, const T* x, int64_t m, const Int4Weight& w) {
   const int64_t n = w.n, k = w.k, groups = k / w.group_size;
+  const bool buffered = m >= kBufferedRows;
+  const int slots = get_num_threads();
+  const int64_t per_slot = kPanelCols * (2 * groups + (buffered ? k : 0));
+  constexpr bool kConvert = !std::is_same<T, float>::value;
+  Scratch<float> xf, scratch;
+  if ((kConvert && !xf.allocate(m * k)) || !scratch.allocate(slots * per_slot))
+    return invalid_value("int4_gemm: cannot allocate ", ((kConvert ? m * k : 0) + slots * per_slot) * 4,
+                         " bytes of CPU scratch");
+  const float* xs = reinterpret_cast<const float*>(x);
+  if (kConvert) {
+    const auto convert = FIL_TIER_SELECT(convert_rows<T>);
+    parallel_for(m, 2 * k, [&](int64_t r0, int64_t r1) {
+      convert(x + r0 * k, (r1 - r0) * k, xf.data() + r0 * k);
+    });
+    xs = xf.data();
+  }
+  const auto columns = FIL_TIER_SELECT(gemm_columns<T>);
   const auto* s = static_cast<const uint16_t*>(w.scales);
   const auto* o = static_cast<const uint16_t*>(w.offsets);
-  std::vector<float> xf, wf;
-  try {
-    xf.resize(static_cast<size_t>(m * k));
-    wf.resize(static_cast<size_t>(kCpuRowBlock * k));
-  } catch (const std::exception&) {
-    return invalid_value("int4_gemm: cannot allocate ", (m + kCpuRowBlock) * k * 4,
-                         " bytes of CPU scratch");
-  }
-  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_float(x[i]);
-  for (int64_t r0 = 0; r0 < n; r0 += kCpuRowBlock) {
-    const int64_t rows = std::min(kCpuRowBlock, n - r0);
-    for (int64_t r = 0; r < rows; ++r)
-      dequantize_row(w.qweight + (r0 + r) * (k / 8), s + (r0 + r) * groups, o + (r0 + r) * groups,
-                     k, w.group_size, wf.data() + r * k);
-    for (int64_t i = 0; i < m; ++i) {
-      const float* xr = xf.data() + i * k;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* wr = wf.data() + r * k;
-        float acc[kCpuLanes] = {};
-        // k is a multiple of 32, so of kCpuLanes.
-        for (int64_t c = 0; c < k; c += kCpuLanes)
-          for (int64_t l = 0; l < kCpuLanes; ++l) acc[l] += xr[c + l] * wr[c + l];
-        float sum = 0.0f;
-        for (int64_t l = 0; l < kCpuLanes; ++l) sum += acc[l];
-        out[i * n + r0 + r] = from_float<T>(sum);
-      }
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+  parallel_for_slots(panels, kPanelCols * m * k, slots, [&](int64_t p0, int64_t p1, int slot) {
+    float* scr = scratch.data() + slot * per_slot;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelCols, n1 = std::min(n, n0 + kPanelCols);
+      columns(out, xs, m, w.qweight, s, o, n, k, w.group_size, n0, n1, buffered, scr);
     }
-  }
+  });
   return Status::Ok();
 }
 

@@ -2,39 +2,45 @@
 #include "fastinternlm/rms_norm.h"
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "check.h"
+#include "cpu_tiers.h"
 #include "half.h"
 #include "kernels_cuda.h"
+#include "parallel.h"
+
+#define FIL_TIER_KERNELS "rms_norm_cpu.inc"
+#include "cpu_tiers.inc"
+#undef FIL_TIER_KERNELS
 
 namespace fastinternlm {
 namespace {
 
+// Per element, as HF's float32 code: v = x (or residual = dtype(residual + x), v = that);
+// the row's sum of v^2 in double (eight partial sums, see rms_norm_cpu.inc; each square is
+// exact, and the double sum is far below float32's rounding of the mean);
+// inv_rms = 1 / sqrt(float(sum / hidden) + eps) in float32;
+// out = dtype(dtype(v * inv_rms) * weight). Rows are spread over threads.
 template <typename T>
-void rms_norm_cpu(T* out, T* residual, const T* x, const T* weight, int64_t rows, int64_t hidden,
-                  float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * hidden;
-    T* rr = residual ? residual + r * hidden : nullptr;
-    T* out_r = out + r * hidden;
-    // Pass 1 finishes the residual update and the sum of squares before pass 2 writes
-    // `out`, which may alias x.
-    double sum = 0.0;
-    for (int64_t i = 0; i < hidden; ++i) {
-      float v = to_float(xr[i]);
-      if (rr) {
-        v = round_to<T>(to_float(rr[i]) + v);
-        rr[i] = from_float<T>(v);
-      }
-      sum += static_cast<double>(v) * v;
-    }
-    const float inv_rms = 1.0f / std::sqrt(static_cast<float>(sum / hidden) + eps);
-    const T* src = rr ? rr : xr;
-    for (int64_t i = 0; i < hidden; ++i) {
-      const float normed = round_to<T>(to_float(src[i]) * inv_rms);
-      out_r[i] = from_float<T>(normed * to_float(weight[i]));
-    }
+Status rms_norm_cpu(T* out, T* residual, const T* x, const T* weight, int64_t rows, int64_t hidden,
+                    float eps) {
+  const int slots = get_num_threads();
+  constexpr bool kConvert = !std::is_same<T, float>::value;
+  Scratch<float> wf, buf;
+  if (kConvert && (!wf.allocate(hidden) || !buf.allocate(slots * 2 * hidden)))
+    return invalid_value("rms_norm: cannot allocate CPU scratch for hidden = ", hidden);
+  const float* w = reinterpret_cast<const float*>(weight);
+  if (kConvert) {
+    FIL_TIER_SELECT(weight_to_floats<T>)(weight, hidden, wf.data());
+    w = wf.data();
   }
+  const auto kernel = FIL_TIER_SELECT(rms_norm_rows<T>);
+  parallel_for_slots(rows, 16 * hidden, slots, [&](int64_t r0, int64_t r1, int slot) {
+    kernel(out, residual, x, w, r0, r1, hidden, eps, kConvert ? buf.data() + slot * 2 * hidden : nullptr);
+  });
+  return Status::Ok();
 }
 
 Status check_rms_norm(const Context& ctx, DType dtype, const void* out, const void* residual,
@@ -61,9 +67,8 @@ Status run(const Context& ctx, DType dtype, void* out, void* residual, const voi
                     cuda::rms_norm(ctx, dtype, out, residual, x, weight, rows, hidden, eps));
   return dispatch_activation(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_cpu(static_cast<T*>(out), static_cast<T*>(residual), static_cast<const T*>(x),
-                 static_cast<const T*>(weight), rows, hidden, eps);
-    return Status::Ok();
+    return rms_norm_cpu(static_cast<T*>(out), static_cast<T*>(residual), static_cast<const T*>(x),
+                        static_cast<const T*>(weight), rows, hidden, eps);
   });
 }
 

@@ -2,55 +2,63 @@
 #include "fastinternlm/rotary.h"
 
 #include <cmath>
-#include <vector>
+#include <cstring>
+#include <type_traits>
 
 #include "check.h"
+#include "cpu_tiers.h"
 #include "half.h"
 #include "kernels_cuda.h"
+#include "parallel.h"
 
 namespace fastinternlm {
 namespace {
 
-// HF rotates in the activation dtype: cos/sin are rounded to T, each product is rounded,
-// then the sum. Doing the same keeps our output bit-identical to HF's wherever float32
-// cos/sin agree, which is what lets the end-to-end tests compare greedy tokens.
-template <typename T>
-void rotate_heads(T* x, int64_t heads, int64_t head_dim, const float* cos_t, const float* sin_t) {
-  const int64_t half = head_dim / 2;
-  for (int64_t h = 0; h < heads; ++h) {
-    T* row = x + h * head_dim;
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = to_float(row[i]), x2 = to_float(row[i + half]);
-      const float c = cos_t[i], s = sin_t[i];
-      row[i] = from_float<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s));
-      row[i + half] = from_float<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
-    }
+// HF's float32 steps: inv_freq = 1 / base^(2i/D), angle = pos * inv_freq. The power is
+// evaluated in double and rounded once (the correctly rounded float32 power that torch's
+// CPU pow also gives, nearly always): one ulp of inv_freq moves the angle by 1e-3 rad at
+// 32K positions, so "close" is not enough here.
+void inverse_frequencies(float base, int64_t head_dim, float* inv_freq) {
+  for (int64_t i = 0; i < head_dim / 2; ++i) {
+    const float power = static_cast<float>(
+        std::pow(static_cast<double>(base), static_cast<double>(2 * i) / static_cast<double>(head_dim)));
+    inv_freq[i] = 1.0f / power;
   }
 }
 
+}  // namespace
+}  // namespace fastinternlm
+
+#define FIL_TIER_KERNELS "rotary_cpu.inc"
+#include "cpu_tiers.inc"
+#undef FIL_TIER_KERNELS
+
+namespace fastinternlm {
+namespace {
+
+// Per token: angle_i = float(position) * inv_freq_i; cos/sin in float32 (libm), rounded to
+// T as HF casts them to the activation dtype. Per pair (x1, x2) = (x[i], x[i + D/2]) of
+// every head: x1' = dtype(dtype(x1 c) - dtype(x2 s)), x2' = dtype(dtype(x2 c) + dtype(x1 s)):
+// HF rotates in the activation dtype, each product rounded, then the sum, which keeps our
+// output bit-identical to HF's wherever float32 cos/sin agree (what lets the end-to-end
+// tests compare greedy tokens). Tokens are spread over threads.
 template <typename T, typename P>
-void rotary_cpu(T* q, T* k, const P* positions, const float* bases, float base, int64_t tokens,
-                int64_t q_heads, int64_t kv_heads, int64_t head_dim) {
-  const int64_t half = head_dim / 2;
-  std::vector<float> cos_t(half), sin_t(half);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float b = bases ? bases[t] : base;
-    const float pos = static_cast<float>(positions[t]);
-    for (int64_t i = 0; i < half; ++i) {
-      // HF's float32 steps: inv_freq = 1 / base^(2i/D), angle = pos * inv_freq. The power
-      // is evaluated in double and rounded once (the correctly rounded float32 power that
-      // torch's CPU pow also gives, nearly always): one ulp of inv_freq moves the angle
-      // by 1e-3 rad at 32K positions, so "close" is not enough here.
-      const float power = static_cast<float>(
-          std::pow(static_cast<double>(b), static_cast<double>(2 * i) / static_cast<double>(head_dim)));
-      const float inv_freq = 1.0f / power;
-      const float angle = pos * inv_freq;
-      cos_t[i] = round_to<T>(std::cos(angle));
-      sin_t[i] = round_to<T>(std::sin(angle));
-    }
-    rotate_heads(q + t * q_heads * head_dim, q_heads, head_dim, cos_t.data(), sin_t.data());
-    rotate_heads(k + t * kv_heads * head_dim, kv_heads, head_dim, cos_t.data(), sin_t.data());
-  }
+Status rotary_cpu(T* q, T* k, const P* positions, const float* bases, float base, int64_t tokens,
+                  int64_t q_heads, int64_t kv_heads, int64_t head_dim) {
+  const int slots = get_num_threads();
+  Scratch<float> inv_freq, scratch;
+  const int64_t per_slot = 5 * head_dim;  // per-token frequencies, cos/sin, rotation buffers
+  if (!inv_freq.allocate(head_dim / 2) || !scratch.allocate(slots * per_slot))
+    return invalid_value("rotary_embedding: cannot allocate CPU scratch");
+  if (bases == nullptr) inverse_frequencies(base, head_dim, inv_freq.data());
+  const auto kernel = FIL_TIER_SELECT(rotary_tokens<T, P>);
+  parallel_for_slots(tokens, (q_heads + kv_heads) * head_dim * 8 + head_dim * 20, slots,
+                     [&](int64_t t0, int64_t t1, int slot) {
+    float* scr = scratch.data() + slot * per_slot;
+    kernel(q, k, positions, bases, inv_freq.data(), t0, t1, q_heads, kv_heads, head_dim, scr,
+           scr + head_dim);
+  });
+  return Status::Ok();
 }
 
 Status check_base_value(const char* name, float b) {
@@ -87,12 +95,10 @@ Status rotary_embedding(const Context& ctx, DType dtype, void* q, void* k, const
   return dispatch_activation(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (positions_dtype == DType::kInt32)
-      rotary_cpu(static_cast<T*>(q), static_cast<T*>(k), static_cast<const int32_t*>(positions), bases,
-                 base, tokens, q_heads, kv_heads, head_dim);
-    else
-      rotary_cpu(static_cast<T*>(q), static_cast<T*>(k), static_cast<const int64_t*>(positions), bases,
-                 base, tokens, q_heads, kv_heads, head_dim);
-    return Status::Ok();
+      return rotary_cpu(static_cast<T*>(q), static_cast<T*>(k), static_cast<const int32_t*>(positions),
+                        bases, base, tokens, q_heads, kv_heads, head_dim);
+    return rotary_cpu(static_cast<T*>(q), static_cast<T*>(k), static_cast<const int64_t*>(positions),
+                      bases, base, tokens, q_heads, kv_heads, head_dim);
   });
 }
 

@@ -9,6 +9,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_architectures", &cuda_architectures);
   m.def("version", &version);
+  m.def("set_num_threads", [](int64_t n) { throw_if_error(set_num_threads(n)); }, py::arg("n"));
+  m.def("get_num_threads", &get_num_threads);
+  m.def("cpu_isa", &cpu_isa);
   register_rms_norm(m);
   register_rotary(m);
   register_silu_and_mul(m);

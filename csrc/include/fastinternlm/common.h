@@ -49,6 +49,18 @@ struct Context {
   void* stream = nullptr;
 };
 
+// Threads the CPU paths use, the calling thread included. n = 0 restores the default:
+// FASTINTERNLM_NUM_THREADS if set (1..1024), else the CPUs this process may run on.
+// Results do not depend on it: every output element is computed by one thread with the
+// same arithmetic in the same order. Takes effect for ops started afterwards.
+Status set_num_threads(int64_t n);
+int get_num_threads();
+
+// The instruction-set tier the CPU kernels run: "x86-64-v3" (AVX2, FMA, F16C; chosen at
+// run time where the CPU has them) or "generic". Both give bit-identical results;
+// FASTINTERNLM_CPU_ISA=generic forces the latter.
+const char* cpu_isa();
+
 // What this build contains.
 bool cuda_compiled();
 // Architectures the CUDA kernels were compiled for, e.g. "80;90a" ("" without CUDA).

@@ -1,4 +1,4 @@
-"""python -m fastinternlm.bench kernels [--device cuda|cpu] [--dtype float16|bfloat16] [--ops ...]
+"""python -m fastinternlm.bench kernels [--device cuda|cpu] [--dtype float16|bfloat16|float32] [--ops ...]
    python -m fastinternlm.bench accuracy [--tokens N] (see accuracy.py)
 
 Times every kernel family on InternLM2.5-7B shapes (smaller ones on the CPU) next to the
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
                         help="kernels: per-op timings; accuracy: SmolLM2 perplexity and speed vs HF "
                              "(python -m fastinternlm.bench accuracy --help)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="activation dtype (float32: CPU only, where small models run in it)")
     parser.add_argument("--ops", nargs="*", default=FAMILIES, choices=FAMILIES)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case and side")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
+    if device.type == "cuda" and dtype == torch.float32:
+        parser.error("--dtype float32 is CPU-only (the CUDA kernels are float16/bfloat16)")
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"fastinternlm kernel benchmark on {name}, {args.dtype}, torch {torch.__version__}")

@@ -38,13 +38,16 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     if device.type == "cuda":
         if dtype == torch.float32:
             return []  # the CUDA kernels are float16/bfloat16
-        q_heads, kv_heads, head_dim = 32, 8, 128  # InternLM2.5-7B
-        decode_shapes = [(1, 2048), (1, 8192), (1, 32768), (16, 2048)]
-        prefill_tokens = [2048, 8192]
-    else:
-        q_heads, kv_heads, head_dim = 8, 2, 128
-        decode_shapes = [(1, 512), (1, 2048), (4, 512)]
-        prefill_tokens = [128, 512]
+        # InternLM2.5-7B
+        return _cases(device, dtype, 32, 8, 128, [(1, 2048), (1, 8192), (1, 32768), (16, 2048)],
+                      [2048, 8192])
+    # A small grouped layout, then SmolLM2-135M's (9 query heads over 3 KV heads, D = 64),
+    # the model the CPU path runs end to end.
+    return (_cases(device, dtype, 8, 2, 128, [(1, 512), (1, 2048), (4, 512)], [128, 512])
+            + _cases(device, dtype, 9, 3, 64, [(1, 512)], [256]))
+
+
+def _cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, prefill_tokens) -> List[Case]:
     elt = torch.empty(0, dtype=dtype).element_size()
     out = []
 

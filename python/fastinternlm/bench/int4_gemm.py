@@ -4,7 +4,8 @@
 weights, where this torch build has it for the device and dtype.
 
 CUDA: the InternLM2.5-7B linear layers at M = 1 (decode), 16 and 2048 (prefill), group
-128. Decode reads every weight once, so the weights are rotated among copies that
+128. CPU: two small square-ish layers at group 128, and SmolLM2-135M's MLP layers at group
+32 (its Q4_1 GGUF), the model the CPU path runs end to end. Decode reads every weight once, so the weights are rotated among copies that
 together exceed L2 (50 MB on H100); otherwise a repeated call would be served from L2.
 
     python -m fastinternlm.bench.int4_gemm [cuda|cpu] [float16|bfloat16|float32]
@@ -22,20 +23,22 @@ from .. import ops
 from ..ops.int4_gemm import Int4Weight
 from ._harness import Case, format_table, run_cases
 
-GROUP_SIZE = 128
-# InternLM2.5-7B: (name, n = out_features, k = in_features)
-CUDA_SHAPES = [("wqkv", 6144, 4096), ("wo", 4096, 4096), ("w1/w3", 14336, 4096), ("w2", 4096, 14336)]
+# (name, n = out_features, k = in_features, group_size)
+# InternLM2.5-7B
+CUDA_SHAPES = [("wqkv", 6144, 4096, 128), ("wo", 4096, 4096, 128), ("w1/w3", 14336, 4096, 128),
+               ("w2", 4096, 14336, 128)]
 CUDA_ROWS = [1, 16, 2048]
-CPU_SHAPES = [("small", 1024, 1024), ("ffn-ish", 2816, 1024)]
+CPU_SHAPES = [("small", 1024, 1024, 128), ("ffn-ish", 2816, 1024, 128),
+              ("smollm2 up", 1536, 576, 32), ("smollm2 down", 576, 1536, 32)]
 CPU_ROWS = [1, 16, 128]
 ROTATE_BYTES = 128 << 20  # > 2x the H100's L2
 
 
-def _random_weight(n: int, k: int, device: torch.device) -> Int4Weight:
+def _random_weight(n: int, k: int, group_size: int, device: torch.device) -> Int4Weight:
     qweight = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32, device=device)
-    scales = (torch.rand(n, k // GROUP_SIZE, device=device) * 0.01 + 0.001).half()
+    scales = (torch.rand(n, k // group_size, device=device) * 0.01 + 0.001).half()
     offsets = (-8 * scales.float() * (1 + 0.1 * torch.randn_like(scales.float()))).half()
-    return Int4Weight.from_tensors(qweight, scales, offsets, GROUP_SIZE)
+    return Int4Weight.from_tensors(qweight, scales, offsets, group_size)
 
 
 def _unpack(qweight: torch.Tensor) -> torch.Tensor:
@@ -54,10 +57,10 @@ def _tinygemm(x: torch.Tensor, qw: Int4Weight) -> Optional[Callable[[], torch.Te
         if x.is_cuda:
             # uint8 [n, k/2], even k in the high nibble; 8 inner k-tiles as torchao uses.
             packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-            fn = lambda: torch._weight_int4pack_mm(x, packed, GROUP_SIZE, scale_zero)  # noqa: E731
+            fn = lambda: torch._weight_int4pack_mm(x, packed, qw.group_size, scale_zero)  # noqa: E731
         else:
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            fn = lambda: torch._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scale_zero)  # noqa: E731
+            fn = lambda: torch._weight_int4pack_mm_for_cpu(x, packed, qw.group_size, scale_zero)  # noqa: E731
         fn()
         return fn
     except (AttributeError, RuntimeError, TypeError, NotImplementedError):
@@ -82,17 +85,17 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     shapes, rows_list = (CUDA_SHAPES, CUDA_ROWS) if device.type == "cuda" else (CPU_SHAPES, CPU_ROWS)
     rotate = ROTATE_BYTES if device.type == "cuda" else 0
     out: List[Case] = []
-    for name, n, k in shapes:
-        first = _random_weight(n, k, device)
+    for name, n, k, group_size in shapes:
+        first = _random_weight(n, k, group_size, device)
         copies = max(1, -(-rotate // first.nbytes))
-        weights = [first] + [_random_weight(n, k, device) for _ in range(copies - 1)]
+        weights = [first] + [_random_weight(n, k, group_size, device) for _ in range(copies - 1)]
         dense_bytes = n * k * torch.tensor([], dtype=dtype).element_size()
         dense = [ops.dequantize_int4(w, dtype) for w in weights[:max(1, -(-rotate // dense_bytes))]]
         for rows in rows_list:
             x = torch.randn(rows, k, dtype=dtype, device=device)
             es = x.element_size()
             nbytes = first.nbytes + (rows * k + rows * n) * es
-            shape = f"{name} M={rows} N={n} K={k} g={GROUP_SIZE}"
+            shape = f"{name} M={rows} N={n} K={k} g={group_size}"
             ours = _rotating([lambda w=w, x=x: ops.int4_gemm(x, w) for w in weights])
             out.append(Case("int4_gemm", shape, ours,
                             _rotating([lambda d=d, x=x: torch.matmul(x, d.t()) for d in dense]),
@@ -111,4 +114,5 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
 if __name__ == "__main__":
     dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else (torch.float16 if dev.type == "cuda" else torch.float32)
-    print(format_table(run_cases(cases(dev, dt), dev), title=f"int4_gemm on {dev} ({dt})"))
+    print(f"int4_gemm on {dev} ({dt})")
+    print(format_table(run_cases(cases(dev, dt), dev)))
