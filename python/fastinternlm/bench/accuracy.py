@@ -4,7 +4,7 @@ GGUF, on the CPU in float32, in one run:
 
 - perplexity over a fixed token budget of an English text every Python installation
   carries (the stdlib's pydoc_data/topics.py), in non-overlapping windows;
-- the same model re-quantized by our round-to-nearest int4 (g128 and g32) from its
+- the same model re-quantized by our round-to-nearest int4 (g128, g64, g32) from its
   dequantized weights: perplexity relative to the shipped weights;
 - greedy continuations of a handful of prompts: how many tokens agree with HF's;
 - decode tokens/s (batch 1) next to HF transformers on the same machine.
@@ -58,15 +58,22 @@ def perplexity(score_window, chunks: List[List[int]]) -> float:
     return math.exp(total / count)
 
 
-def requantize(llm, group_size: int) -> None:
-    """Replace every int4 linear by our round-to-nearest int4 of its dequantized weight."""
+def requantize(llm, group_size: int) -> Dict[int, int]:
+    """Replace every int4 linear by our round-to-nearest int4 of its dequantized weight, in
+    groups of group_size input channels, or of the largest of 64 and 32 that divides a
+    linear's input width when group_size does not (SmolLM2's 576-wide inputs take no group
+    of 128). Returns {group size used: number of linears}."""
     from .. import ops
+    used: Dict[int, int] = {}
     for layer in llm.model.layers:
         for name in ("wqkv", "wo", "w13", "w2"):
             w = getattr(layer, name)
             if isinstance(w, ops.Int4Weight):
+                g = next(g for g in (group_size, 64, 32) if g <= group_size and w.k % g == 0)
                 dense = ops.dequantize_int4(w, torch.float32)
-                setattr(layer, name, ops.quantize_int4(dense, group_size))
+                setattr(layer, name, ops.quantize_int4(dense, g))
+                used[g] = used.get(g, 0) + 1
+    return used
 
 
 def hf_model(path: str):
@@ -122,8 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ppl_hf = perplexity(lambda c: hf(torch.tensor([c])).logits[0], chunks)
     ppl_ours = perplexity(llm.logits, chunks)
     results.update(ppl_hf=ppl_hf, ppl_ours=ppl_ours, ppl_rel=ppl_ours / ppl_hf - 1)
-    print(f"perplexity: HF transformers {ppl_hf:.4f}, fastinternlm int4 (Q4_1 as shipped) {ppl_ours:.4f} "
-          f"({100 * (ppl_ours / ppl_hf - 1):+.3f}%)")
+    print(f"perplexity: HF transformers {ppl_hf:.6f}, fastinternlm int4 (Q4_1 as shipped) {ppl_ours:.6f} "
+          f"({100 * (ppl_ours / ppl_hf - 1):+.4f}%)")
 
     agree = []
     for prompt in PROMPTS:
@@ -150,11 +157,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"decode, batch 1, CPU float32: fastinternlm {ours_rate:.1f} tok/s, HF transformers {hf_rate:.1f} tok/s "
           f"(ratio {ours_rate / hf_rate:.2f})")
 
-    for g in (128, 32):
-        requantize(llm, g)
+    for g in (128, 64, 32):
+        used = requantize(llm, g)
         ppl = perplexity(llm.logits, chunks)
         results[f"ppl_rtn_g{g}"] = ppl
-        print(f"re-quantized by our RTN g{g}: perplexity {ppl:.4f} ({100 * (ppl / ppl_ours - 1):+.2f}% vs shipped Q4_1)")
+        results[f"rtn_g{g}_groups_used"] = used
+        layout = ", ".join(f"{n} linears at g{k}" for k, n in sorted(used.items(), reverse=True))
+        print(f"re-quantized by our RTN g{g} ({layout}): perplexity {ppl:.4f} "
+              f"({100 * (ppl / ppl_ours - 1):+.2f}% vs shipped Q4_1)")
         llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256,
                                 progress=False)
     if args.json:
