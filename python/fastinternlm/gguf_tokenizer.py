@@ -41,7 +41,7 @@ import heapq
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from .tokenizer import AddedToken
+from .tokenizer import AddedToken, check_token_ids
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -347,13 +347,7 @@ class GGUFTokenizer:
 
     # ---- decode ------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[int]) -> List[int]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
-            out.append(i)
-        return out
+        return check_token_ids(ids, self.vocab_size)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (a list, tuple or 1-D tensor of ints)."""

@@ -41,6 +41,17 @@ INTERNLM2_SPECIAL_TOKENS = {
 _INTERNLM2_VOCAB = 92544
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> List[int]:
+    """ids as Python ints, each in [0, vocab_size), else a ValueError naming the first bad one."""
+    out = []
+    for i in ids:
+        i = int(i)
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {vocab_size})")
+        out.append(i)
+    return out
+
+
 class AddedToken:
     __slots__ = ("id", "content", "special")
 
@@ -153,13 +164,7 @@ class Tokenizer:
 
     # ---- decode ------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[int]) -> List[int]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
-            out.append(i)
-        return out
+        return check_token_ids(ids, self.vocab_size)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (a list, tuple or 1-D tensor of ints)."""
