@@ -95,20 +95,19 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
   if (!scratch.allocate(threads * (d + len)) ||
       (kConvert && (!kv.allocate(2 * hkv * len * d) || !pairs.allocate(3 * hkv))))
     return invalid_value("attention_prefill: cannot allocate CPU scratch for ", len, " positions");
-  int64_t* pair_slots = pairs.data();
-  int64_t* pair_heads = pair_slots + hkv;
-  int64_t* pair_lens = pair_heads + hkv;
+  float* kf = kv.data();
+  float* vf = kConvert ? kf + hkv * len * d : nullptr;
   if (kConvert) {
+    int64_t* pair_slots = pairs.data();
+    int64_t* pair_heads = pair_slots + hkv;
+    int64_t* pair_lens = pair_heads + hkv;
     for (int64_t h = 0; h < hkv; ++h) {
       pair_slots[h] = slot;
       pair_heads[h] = h;
       pair_lens[h] = len;
     }
-  }
-  float* kf = kv.data();
-  float* vf = kConvert ? kf + hkv * len * d : nullptr;
-  if (kConvert)
     convert_heads<T>(c, pair_slots, pair_heads, pair_lens, hkv, len, kf, vf);
+  }
   const AttendRow<T> attend = select_attend_row<T>(d);
   // Items are (token, kv head) pairs, all `group` query heads of one. Tokens are taken in
   // folded order (0, T-1, 1, T-2, ...) so that every chunk mixes short and long causal
@@ -154,15 +153,15 @@ Status decode_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, 
   if (!scratch.allocate(threads * (d + max_len)) ||
       (kConvert && (!kv.allocate(2 * round * hkv * max_len * d) || !pairs.allocate(3 * round * hkv))))
     return invalid_value("attention_decode: cannot allocate CPU scratch for ", max_len, " positions");
-  int64_t* pair_slots = pairs.data();
-  int64_t* pair_heads = pair_slots + round * hkv;
-  int64_t* pair_lens = pair_heads + round * hkv;
   const AttendRow<T> attend = select_attend_row<T>(d);
   for (int64_t b0 = 0; b0 < batch; b0 += round) {
     const int64_t nb = std::min(batch, b0 + round) - b0;
     float* kf = kv.data();
     float* vf = kConvert ? kf + nb * hkv * max_len * d : nullptr;
     if (kConvert) {
+      int64_t* pair_slots = pairs.data();
+      int64_t* pair_heads = pair_slots + round * hkv;
+      int64_t* pair_lens = pair_heads + round * hkv;
       for (int64_t p = 0; p < nb * hkv; ++p) {
         pair_slots[p] = slots[b0 + p / hkv];
         pair_heads[p] = p % hkv;

@@ -12,9 +12,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
-#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -74,7 +74,7 @@ class ThreadPool {
     for (int slot = 1; slot < threads; ++slot) {
       try {
         workers_.emplace_back([this, slot] { worker_loop(slot); });
-      } catch (const std::system_error&) {
+      } catch (const std::exception&) {  // std::system_error: no more threads to be had
         break;  // fewer threads than asked: the jobs still run, on those that exist
       }
     }
