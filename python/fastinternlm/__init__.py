@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import _C, ops
+from . import _C, cpu, ops
+from .cpu import get_num_threads, set_num_threads
 from .llm import LLM, Generation, load
 
 __version__ = _C.version()
@@ -18,7 +19,10 @@ def build_info() -> dict:
         "cuda_runtime": "static" if _C.cuda_compiled() else None,
         "links_libtorch": False,
         "int4_format_version": ops.INT4_FORMAT_VERSION,
+        "cpu_isa": cpu.cpu_isa(),
+        "cpu_threads": cpu.get_num_threads(),
     }
 
 
-__all__ = ["LLM", "Generation", "__version__", "build_info", "load", "ops"]
+__all__ = ["LLM", "Generation", "__version__", "build_info", "get_num_threads", "load", "ops",
+           "set_num_threads"]
