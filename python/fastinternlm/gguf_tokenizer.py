@@ -41,7 +41,7 @@ import heapq
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from .tokenizer import AddedToken, check_token_ids
+from .tokenizer import AddedToken, check_token_ids, split_added_tokens
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -330,17 +330,8 @@ class GGUFTokenizer:
         if add_eos and self.eos_id is None:
             raise ValueError("this tokenizer has no EOS token")
         ids: List[int] = [self.bos_id] if add_bos else []
-        if allow_special and self._split is not None:
-            start = 0
-            for m in self._split.finditer(text):
-                if m.start() > start:
-                    ids.extend(self._encode_text(text[start:m.start()]))
-                ids.append(self._by_content[m.group()])
-                start = m.end()
-            if start < len(text):
-                ids.extend(self._encode_text(text[start:]))
-        else:
-            ids.extend(self._encode_text(text))
+        ids += split_added_tokens(text, self._split if allow_special else None, self._by_content,
+                                  self._encode_text)
         if add_eos:
             ids.append(self.eos_id)
         return ids

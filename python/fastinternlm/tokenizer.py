@@ -41,6 +41,23 @@ INTERNLM2_SPECIAL_TOKENS = {
 _INTERNLM2_VOCAB = 92544
 
 
+def split_added_tokens(text: str, split, by_content: Dict[str, int], encode_text) -> List[int]:
+    """Ids of `text` where the added-token strings matched by the regex `split` become their
+    ids and only the text between them goes through `encode_text` (split None: all of it)."""
+    if split is None:
+        return encode_text(text) if text else []
+    ids: List[int] = []
+    start = 0
+    for m in split.finditer(text):
+        if m.start() > start:
+            ids.extend(encode_text(text[start:m.start()]))
+        ids.append(by_content[m.group()])
+        start = m.end()
+    if start < len(text):
+        ids.extend(encode_text(text[start:]))
+    return ids
+
+
 def check_token_ids(ids: Sequence[int], vocab_size: int) -> List[int]:
     """ids as Python ints, each in [0, vocab_size), else a ValueError naming the first bad one."""
     out = []
@@ -147,17 +164,7 @@ class Tokenizer:
         add_bos = self.add_bos_token if add_bos is None else add_bos
         add_eos = self.add_eos_token if add_eos is None else add_eos
         ids: List[int] = [self.bos_id] if add_bos else []
-        if allow_special and self._split is not None:
-            start = 0
-            for m in self._split.finditer(text):
-                if m.start() > start:
-                    ids.extend(self.sp.encode(text[start:m.start()]))
-                ids.append(self._by_content[m.group()])
-                start = m.end()
-            if start < len(text):
-                ids.extend(self.sp.encode(text[start:]))
-        elif text:
-            ids.extend(self.sp.encode(text))
+        ids += split_added_tokens(text, self._split if allow_special else None, self._by_content, self.sp.encode)
         if add_eos:
             ids.append(self.eos_id)
         return ids
