@@ -259,7 +259,7 @@ class LLM:
             s.rate = (len(s.ids) - 1) / decode_time if steps and decode_time > 0 else 0.0
 
     def _request(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                 stop, stop_ids=None):
+                 stop):
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         prompts, single = self._prompts(prompt)
         self._check_request(prompts, max_new_tokens)
@@ -267,13 +267,13 @@ class LLM:
             stops = []
         elif isinstance(stop, str):
             stops = [stop]
-        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop):
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
             stops = list(stop)
         else:
-            raise TypeError(f"stop must be a non-empty str or a list of them, got {stop!r}")
+            raise TypeError(f"stop must be a str or a list of str, got {stop!r}")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
-        run = self._run(prompts, max_new_tokens, params, stops, stop_ids or self.stop_ids)
+        run = self._run(prompts, max_new_tokens, params, stops, self.stop_ids)
         return run, prompts, single
 
     @staticmethod
@@ -337,7 +337,7 @@ class LLM:
     def logits(self, token_ids) -> torch.Tensor:
         """float32 [T, vocab]: the logits at every position of one forward over token_ids
         (HF's model(input_ids).logits). Uses slot 0 of the cache."""
-        prompts, single = self._prompts(token_ids if not isinstance(token_ids, str) else token_ids)
+        prompts, single = self._prompts(token_ids)
         if not single:
             raise ValueError("logits takes one sequence")
         self._check_request(prompts, 0)

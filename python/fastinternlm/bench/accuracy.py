@@ -58,21 +58,25 @@ def perplexity(score_window, chunks: List[List[int]]) -> float:
     return math.exp(total / count)
 
 
-def requantize(llm, group_size: int) -> Dict[int, int]:
-    """Replace every int4 linear by our round-to-nearest int4 of its dequantized weight, in
-    groups of group_size input channels, or of the largest of 64 and 32 that divides a
+def int4_linears(llm) -> Dict[tuple, object]:
+    """{(layer index, name): Int4Weight} of the model as loaded."""
+    from .. import ops
+    return {(i, name): getattr(layer, name) for i, layer in enumerate(llm.model.layers)
+            for name in ("wqkv", "wo", "w13", "w2") if isinstance(getattr(layer, name), ops.Int4Weight)}
+
+
+def requantize(llm, shipped: Dict[tuple, object], group_size: int) -> Dict[int, int]:
+    """Set every int4 linear to our round-to-nearest int4 of its shipped weight, dequantized,
+    in groups of group_size input channels, or of the largest of 64 and 32 that divides a
     linear's input width when group_size does not (SmolLM2's 576-wide inputs take no group
     of 128). Returns {group size used: number of linears}."""
     from .. import ops
     used: Dict[int, int] = {}
-    for layer in llm.model.layers:
-        for name in ("wqkv", "wo", "w13", "w2"):
-            w = getattr(layer, name)
-            if isinstance(w, ops.Int4Weight):
-                g = next(g for g in (group_size, 64, 32) if g <= group_size and w.k % g == 0)
-                dense = ops.dequantize_int4(w, torch.float32)
-                setattr(layer, name, ops.quantize_int4(dense, g))
-                used[g] = used.get(g, 0) + 1
+    for (i, name), w in shipped.items():
+        g = next(g for g in (group_size, 64, 32) if g <= group_size and w.k % g == 0)
+        dense = ops.dequantize_int4(w, torch.float32)
+        setattr(llm.model.layers[i], name, ops.quantize_int4(dense, g))
+        used[g] = used.get(g, 0) + 1
     return used
 
 
@@ -157,16 +161,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"decode, batch 1, CPU float32: fastinternlm {ours_rate:.1f} tok/s, HF transformers {hf_rate:.1f} tok/s "
           f"(ratio {ours_rate / hf_rate:.2f})")
 
+    shipped = int4_linears(llm)
     for g in (128, 64, 32):
-        used = requantize(llm, g)
+        used = requantize(llm, shipped, g)
         ppl = perplexity(llm.logits, chunks)
         results[f"ppl_rtn_g{g}"] = ppl
         results[f"rtn_g{g}_groups_used"] = used
         layout = ", ".join(f"{n} linears at g{k}" for k, n in sorted(used.items(), reverse=True))
         print(f"re-quantized by our RTN g{g} ({layout}): perplexity {ppl:.4f} "
               f"({100 * (ppl / ppl_ours - 1):+.2f}% vs shipped Q4_1)")
-        llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256,
-                                progress=False)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
