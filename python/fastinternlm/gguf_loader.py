@@ -399,7 +399,7 @@ def stop_ids(tokenizer) -> set:
 
 
 def load_gguf(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
-              ntk_mode: str = "hf", progress: bool = True):
+              ntk_mode: str = "hf", progress: bool = True, cuda_graph: bool = True):
     """An LLM from a GGUF file; the arguments are fastinternlm.load's (dtype None: float32
     on the CPU, float16 on CUDA)."""
     from .checkpoint import _check_target
@@ -426,7 +426,8 @@ def load_gguf(path, device=None, dtype=None, max_seq_len: Optional[int] = None, 
     if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 2:
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     model = Transformer(config, embeddings, layers, norm, output, max_batch=max_batch, max_seq_len=max_seq_len)
-    return LLM(model, tokenizer, ntk_mode=ntk_mode, stop_ids=stop_ids(tokenizer), chat_template=template)
+    return LLM(model, tokenizer, ntk_mode=ntk_mode, stop_ids=stop_ids(tokenizer), chat_template=template,
+               cuda_graph=cuda_graph)
 
 
 __all__ = [

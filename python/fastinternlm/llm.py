@@ -99,7 +99,7 @@ class _Sequence:
 
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, ntk_mode: str = "hf",
-                 stop_ids: Optional[Sequence[int]] = None, chat_template=None):
+                 stop_ids: Optional[Sequence[int]] = None, chat_template=None, cuda_graph: bool = True):
         # GGUF hook: a model's own chat template (chat_template.ChatTemplate) replaces
         # InternLM2's prompt format for chat() and message prompts.
         self.chat_template = chat_template
@@ -118,6 +118,23 @@ class LLM:
         self.stop_ids = set(stop_ids)
         # A model vocabulary padded past the tokenizer's: those ids have no text, never sample them.
         self._vocab_limit = min(self.config.vocab_size, tokenizer.vocab_size)
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        # Decode steps replay a captured CUDA graph (one per batch size, captured on first
+        # use); on the CPU, or with cuda_graph=False, they run eagerly.
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self._graphs = {}
+        self._graph_pool = None
+
+    def _decode_graph(self, batch: int):
+        graph = self._graphs.get(batch)
+        if graph is None:
+            from .cuda_graph import DecodeGraph
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            bases_for = self._bases_for if self.ntk_mode == "hf" else None
+            graph = self._graphs[batch] = DecodeGraph(self.model, batch, bases_for, self._graph_pool)
+        return graph
 
     def _sample(self, logits, params, generator, seen):
         if self._vocab_limit < logits.shape[-1]:
@@ -238,13 +255,17 @@ class LLM:
         positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         if self.ntk_mode == "fixed":
             bases = torch.tensor(prompt_bases, dtype=torch.float32, device=self.device)
+        graph = self._decode_graph(batch) if self.cuda_graph else None
         t_decode, steps = time.perf_counter(), 0
         while not all(s.finish_reason for s in seqs):
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
-            if self.ntk_mode == "hf":
-                bases = self._bases_for(positions)
-            logits = self.model.decode(tokens, slots, positions, bases)
+            if graph is not None:
+                logits = graph.run(tokens, slots, positions, None if self.ntk_mode == "hf" else bases)
+            else:
+                if self.ntk_mode == "hf":
+                    bases = self._bases_for(positions)
+                logits = self.model.decode(tokens, slots, positions, bases)
             tokens = self._sample(logits, params, generator, seen)
             positions += 1
             host = tokens.tolist()
@@ -351,7 +372,7 @@ class LLM:
 
 def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
          ntk_mode: str = "hf", progress: bool = True, quant: Optional[str] = None, group_size: int = 128,
-         quant_head: bool = False) -> LLM:
+         quant_head: bool = False, cuda_graph: bool = True) -> LLM:
     """Load an InternLM2/2.5 (or Llama-family) checkpoint directory, or a llama-architecture
     GGUF file (`path` ending in .gguf; see gguf_loader.py, where dtype None means float32
     on the CPU and float16 on CUDA).
@@ -366,7 +387,11 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
     `fastinternlm quantize` checkpoint loads as int4 by itself); "int4" quantizes every
     decoder-layer linear round-to-nearest, asymmetric, group_size (32, 64 or 128) input
     channels per group, tensor by tensor while loading. The output head stays in the
-    activation dtype unless quant_head=True; embeddings and norms always do."""
+    activation dtype unless quant_head=True; embeddings and norms always do.
+
+    cuda_graph: on CUDA, replay each decode step as a captured CUDA graph (one per batch
+    size, captured on first use); False runs every kernel eagerly from Python (the same
+    tokens, much more host time per token)."""
     check_quant_args(quant, group_size, quant_head)
     if ntk_mode not in NTK_MODES:
         raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
@@ -384,7 +409,7 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
         if quant is not None:
             raise ValueError("quant applies to checkpoint directories; a GGUF file's Q4_0/Q4_1 tensors "
                              "load as int4 by themselves")
-        return load_gguf(path, device, dtype, max_seq_len, max_batch, ntk_mode, progress)
+        return load_gguf(path, device, dtype, max_seq_len, max_batch, ntk_mode, progress, cuda_graph)
     tokenizer = load_tokenizer(path)
     config, weights = load_checkpoint(path, device, dtype, progress, quant=quant, group_size=group_size,
                                       quant_head=quant_head)
@@ -401,4 +426,4 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
         lw.w1 = lw.w3 = None
     model = Transformer(config, weights.tok_embeddings, layers, weights.norm, weights.output,
                         max_batch=max_batch, max_seq_len=max_seq_len)
-    return LLM(model, tokenizer, ntk_mode=ntk_mode)
+    return LLM(model, tokenizer, ntk_mode=ntk_mode, cuda_graph=cuda_graph)
