@@ -45,53 +45,97 @@ class Result:
         return ""
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.2,
-            repeats: int = 5) -> float:
-    """Median seconds per call."""
-    fn()  # warm-up: first-call costs (allocation, lazy init) stay out of the numbers
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    # Calibrate the number of calls per repetition to about min_time / repeats.
-    calls, elapsed = 1, 0.0
+def _calibrate(fn: Callable[[], object], sync: Callable[[], None], min_time: float, repeats: int) -> int:
+    """Calls per repetition so that one repetition takes about min_time / repeats."""
+    calls = 1
     while True:
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         sync()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time / repeats or calls >= 1 << 16:
-            break
+        if time.perf_counter() - start >= min_time / repeats or calls >= 1 << 16:
+            return calls
         calls *= 2
+
+
+def _graph_of(fn: Callable[[], object], calls: int, device: torch.device) -> Optional["torch.cuda.CUDAGraph"]:
+    """`calls` back-to-back calls of fn captured as one CUDA graph, or None where fn cannot
+    be captured (it syncs with the host, or allocates in a way capture refuses)."""
+    try:
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        return graph
+    except Exception:  # noqa: BLE001 - any capture failure means: time it eagerly
+        torch.cuda.synchronize(device)
+        return None
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.2,
+            repeats: int = 5, graph: bool = False) -> float:
+    """Median seconds per call. graph=True (CUDA): the calls of one repetition are captured
+    as a CUDA graph and replayed, so the figure is GPU time without Python's per-call host
+    cost (how the decode step runs); falls back to eager calls where capture fails."""
+    fn()  # warm-up: first-call costs (allocation, lazy init) stay out of the numbers
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    calls = _calibrate(fn, sync, min_time, repeats)
+    run = None
+    if graph and device.type == "cuda":
+        # Eager calibration overestimates small calls (host-bound); a graph runs them faster,
+        # so cap the count to keep the capture small.
+        captured = _graph_of(fn, min(calls, 256), device)
+        if captured is not None:
+            calls = min(calls, 256)
+            run = captured.replay
+    if run is None:
+        def run():
+            for _ in range(calls):
+                fn()
+    run()
     samples = []
     for _ in range(repeats):
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            for _ in range(calls):
-                fn()
+            run()
             end.record()
             end.synchronize()
             samples.append(begin.elapsed_time(end) / 1e3 / calls)
         else:
             start = time.perf_counter()
-            for _ in range(calls):
-                fn()
+            run()
             samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
 
 
-def run_cases(cases: List[Case], device: torch.device, min_time: float = 0.2) -> List[Result]:
-    return [Result(c, time_fn(c.ours, device, min_time), time_fn(c.baseline, device, min_time)) for c in cases]
+def run_cases(cases: List[Case], device: torch.device, min_time: float = 0.2, graph: bool = False) -> List[Result]:
+    return [Result(c, time_fn(c.ours, device, min_time, graph=graph), time_fn(c.baseline, device, min_time, graph=graph))
+            for c in cases]
 
 
-def format_table(results: List[Result], copy_bandwidth: Optional[float] = None) -> str:
-    """One row per case; `% copy` is our GB/s over the measured copy bandwidth."""
-    header = (f"{'op':<18} {'shape':<40} {'ours':>10} {'rate':>16} {'% copy':>7} {'baseline':>10} "
+def format_table(results: List[Result], copy_bandwidth: Optional[float] = None,
+                 matmul_rate: Optional[float] = None) -> str:
+    """One row per case; `% peak` is our rate over the card's measured ceiling for that kind
+    of case: GB/s over the copy bandwidth (memory-bound cases), TFLOP/s over the dense
+    matmul rate (compute-bound ones, marked `F`)."""
+    header = (f"{'op':<18} {'shape':<40} {'ours':>10} {'rate':>16} {'% peak':>7} {'baseline':>10} "
               f"{'speedup':>8}  baseline op")
     lines = [header, "-" * len(header)]
     for r in results:
         share = ""
-        if copy_bandwidth and r.case.bytes:
+        compute_bound = r.case.flops and r.case.flops >= 4 * r.case.bytes
+        if compute_bound and matmul_rate:
+            share = f"{100 * r.case.flops / r.ours_s / matmul_rate:5.0f}%F"
+        elif copy_bandwidth and r.case.bytes and not compute_bound:
             share = f"{100 * r.case.bytes / r.ours_s / copy_bandwidth:6.0f}%"
         lines.append(
             f"{r.case.op:<18} {r.case.shape:<40} {r.ours_s * 1e6:8.1f}us {r.rate(r.ours_s):>16} {share:>7} "
