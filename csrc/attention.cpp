@@ -15,6 +15,7 @@
 // threads, each row computed whole by one thread, so results do not depend on the thread
 // count or on the CPU tier (the vectors hold the lanes above).
 #include "fastinternlm/attention.h"
+#include "fastinternlm/rotary.h"
 
 #include <algorithm>
 #include <cmath>
@@ -264,11 +265,13 @@ int64_t attention_decode_workspace_bytes(const Context& ctx, int64_t batch, int6
   return 0;
 }
 
-Status attention_decode(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
-                        const void* v, const KVCache& cache, int64_t batch, int64_t q_heads,
-                        const int32_t* slots, const int32_t* positions, float scale,
-                        void* workspace, int64_t workspace_bytes) {
-  FIL_RETURN_IF_ERROR(check_common(ctx, dtype, out, q, k, v, cache, batch, "batch", q_heads, scale));
+namespace {
+
+// What both decode entry points check beyond check_common: the index arrays, the workspace
+// on CUDA, and on the CPU (host memory) the slot and position values themselves.
+Status check_decode(const Context& ctx, const KVCache& cache, int64_t batch, int64_t q_heads,
+                    const int32_t* slots, const int32_t* positions, const void* workspace,
+                    int64_t workspace_bytes) {
   FIL_RETURN_IF_ERROR(check_not_null("slots", slots));
   FIL_RETURN_IF_ERROR(check_not_null("positions", positions));
   if (ctx.device == Device::kCUDA) {
@@ -279,21 +282,30 @@ Status attention_decode(const Context& ctx, DType dtype, void* out, const void* 
       FIL_RETURN_IF_ERROR(check_not_null("workspace", workspace));
       FIL_RETURN_IF_ERROR(check_aligned("workspace", workspace, 16));
     }
-  } else {
-    // Host memory: the values themselves can be checked before anything is written.
-    for (int64_t b = 0; b < batch; ++b) {
-      if (slots[b] < 0 || slots[b] >= cache.num_slots)
-        return invalid_value("slots must be in [0, ", cache.num_slots, "), got ", slots[b],
-                             " at index ", b);
-      if (positions[b] < 0 || positions[b] >= cache.max_seq)
-        return invalid_value("positions must be in [0, ", cache.max_seq, "), got ", positions[b],
-                             " at index ", b);
-    }
-    std::vector<int32_t> sorted(slots, slots + batch);
-    std::sort(sorted.begin(), sorted.end());
-    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-    if (dup != sorted.end()) return invalid_value("slots must be distinct, got slot ", *dup, " twice");
+    return Status::Ok();
   }
+  for (int64_t b = 0; b < batch; ++b) {
+    if (slots[b] < 0 || slots[b] >= cache.num_slots)
+      return invalid_value("slots must be in [0, ", cache.num_slots, "), got ", slots[b], " at index ", b);
+    if (positions[b] < 0 || positions[b] >= cache.max_seq)
+      return invalid_value("positions must be in [0, ", cache.max_seq, "), got ", positions[b],
+                           " at index ", b);
+  }
+  std::vector<int32_t> sorted(slots, slots + batch);
+  std::sort(sorted.begin(), sorted.end());
+  const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+  if (dup != sorted.end()) return invalid_value("slots must be distinct, got slot ", *dup, " twice");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status attention_decode(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
+                        const void* v, const KVCache& cache, int64_t batch, int64_t q_heads,
+                        const int32_t* slots, const int32_t* positions, float scale,
+                        void* workspace, int64_t workspace_bytes) {
+  FIL_RETURN_IF_ERROR(check_common(ctx, dtype, out, q, k, v, cache, batch, "batch", q_heads, scale));
+  FIL_RETURN_IF_ERROR(check_decode(ctx, cache, batch, q_heads, slots, positions, workspace, workspace_bytes));
   FIL_DISPATCH_CUDA(ctx, "attention_decode",
                     cuda::attention_decode(ctx, dtype, out, q, k, v, cache, batch, q_heads, slots,
                                            positions, scale, workspace, workspace_bytes));
@@ -301,6 +313,43 @@ Status attention_decode(const Context& ctx, DType dtype, void* out, const void* 
     using T = decltype(tag);
     return decode_cpu(static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k),
                       static_cast<const T*>(v), cache, batch, q_heads, slots, positions, scale);
+  });
+}
+
+Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const void* qkv,
+                            const KVCache& cache, int64_t batch, int64_t q_heads,
+                            const int32_t* slots, const int32_t* positions, const float* bases,
+                            float scale, void* workspace, int64_t workspace_bytes) {
+  FIL_RETURN_IF_ERROR(check_not_null("qkv", qkv));
+  FIL_RETURN_IF_ERROR(check_not_null("bases", bases));
+  // q, k and v are rows of qkv: check_common's pointer checks apply to qkv itself (its
+  // k and v rows sit whole multiples of head_dim elements further, so stay aligned).
+  FIL_RETURN_IF_ERROR(check_common(ctx, dtype, out, qkv, qkv, qkv, cache, batch, "batch", q_heads, scale));
+  FIL_RETURN_IF_ERROR(check_decode(ctx, cache, batch, q_heads, slots, positions, workspace, workspace_bytes));
+  FIL_DISPATCH_CUDA(ctx, "attention_decode_qkv",
+                    cuda::attention_decode_qkv(ctx, dtype, out, qkv, cache, batch, q_heads, slots,
+                                               positions, bases, scale, workspace, workspace_bytes));
+  // CPU: literally the unfused sequence (split, rotary_embedding, attention_decode), so the
+  // fused CUDA kernel has the unfused ops as its oracle.
+  return dispatch_activation(dtype, [&](auto tag) -> Status {
+    using T = decltype(tag);
+    const int64_t D = cache.head_dim, kv = cache.kv_heads, group = q_heads / kv;
+    Scratch<T> q, k, v;
+    if (!q.allocate(batch * q_heads * D) || !k.allocate(batch * kv * D) || !v.allocate(batch * kv * D))
+      return invalid_value("attention_decode_qkv: cannot allocate CPU scratch");
+    const T* src = static_cast<const T*>(qkv);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < kv; ++h) {
+        const T* rows = src + (b * kv + h) * (group + 2) * D;
+        std::memcpy(q.data() + (b * q_heads + h * group) * D, rows, group * D * sizeof(T));
+        std::memcpy(k.data() + (b * kv + h) * D, rows + group * D, D * sizeof(T));
+        std::memcpy(v.data() + (b * kv + h) * D, rows + (group + 1) * D, D * sizeof(T));
+      }
+    }
+    FIL_RETURN_IF_ERROR(rotary_embedding(ctx, dtype, q.data(), k.data(), positions, DType::kInt32, bases,
+                                         0.0f, batch, q_heads, kv, D));
+    return decode_cpu(static_cast<T*>(out), q.data(), k.data(), v.data(), cache, batch, q_heads, slots,
+                      positions, scale);
   });
 }
 

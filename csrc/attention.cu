@@ -311,6 +311,51 @@ __device__ __forceinline__ bool decode_valid(int slot, int pos, int num_slots, i
   return slot >= 0 && slot < num_slots && pos >= 0 && pos < max_seq;
 }
 
+// RoPE of one head row held as 8 dims per lane (lane l of a row group has dims 8l..8l+7):
+// dim i pairs with i + D/2, which sits in lane l ^ (L/2) of the same row group, so one
+// shuffle of the raw 16 bytes brings the partner's values. The arithmetic and its roundings
+// are rotary.cu's (HF's order: each product rounded to T, then the sum), so the fused
+// decode stores exactly the k that rotary_embedding + attention_decode would.
+template <typename T, int D>
+__device__ __forceinline__ uint4 rope_lane(const uint4& own, int lane, const float* cos_t, const float* sin_t) {
+  constexpr int L = D / 8;
+  uint4 other;
+  other.x = __shfl_xor_sync(0xffffffffu, own.x, L / 2);
+  other.y = __shfl_xor_sync(0xffffffffu, own.y, L / 2);
+  other.z = __shfl_xor_sync(0xffffffffu, own.z, L / 2);
+  other.w = __shfl_xor_sync(0xffffffffu, own.w, L / 2);
+  float a[8], o[8], r[8];
+  unpack<T, 8>(a, own);
+  unpack<T, 8>(o, other);
+  const bool first = lane < L / 2;  // holds x1 (dims < D/2); the partner holds x2
+  const int i0 = (first ? lane : lane - L / 2) * 8;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float c = cos_t[i0 + j], sn = sin_t[i0 + j];
+    r[j] = first ? round_to<T>(a[j] * c) - round_to<T>(o[j] * sn)   // x1' = x1 c - x2 s
+                 : round_to<T>(a[j] * c) + round_to<T>(o[j] * sn);  // x2' = x2 c + x1 s
+  }
+  uint4 out;
+  auto* h = reinterpret_cast<typename Half2Of<T>::type*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = from_float2<T>(r[2 * i], r[2 * i + 1]);
+  return out;
+}
+
+// Where a sequence's new q, k and v rows live: separate [batch, heads, D] tensors, or the
+// grouped output of InternLM2's fused wqkv ([batch, kv_heads, G + 2, D]: per KV head its G
+// query rows, then k, then v). Strides in elements; the G query rows of a group are
+// always consecutive rows of D.
+template <typename T>
+struct DecodeRows {
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t q_batch, q_group;    // q row of (b, kv head, i) = q + b*q_batch + kvh*q_group + i*D
+  int64_t kv_batch, kv_group;  // k/v row of (b, kv head) = k + b*kv_batch + kvh*kv_group
+  const float* bases;          // nullptr: q and k are already rotated; else RoPE them here
+};
+
 // Block (split, kv head, sequence). Threads form row groups of L = D/8 lanes; a row group
 // takes one token at a time, each lane 8 of its dims (a 16-byte load), so a warp reads
 // 32/L whole rows of 2*D bytes: fully coalesced. U tokens per row group are loaded before
@@ -321,8 +366,7 @@ __device__ __forceinline__ bool decode_valid(int slot, int pos, int num_slots, i
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads, G <= 4 ? 4 : 2)
 decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __restrict__ ws_acc,
-                    const T* __restrict__ q, const T* __restrict__ k_new, const T* __restrict__ v_new,
-                    T* k_cache, T* v_cache, int num_slots, int kv_heads, int max_seq,
+                    const DecodeRows<T> in, T* k_cache, T* v_cache, int num_slots, int kv_heads, int max_seq,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
                     float scale_log2, int splits) {
   constexpr int L = D / 8;
@@ -353,19 +397,43 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   const int64_t head = (int64_t{slot} * kv_heads + kvh) * max_seq;
   const T* kc = k_cache + head * D + lane * 8;
   const T* vc = v_cache + head * D + lane * 8;
-  const T* kn = k_new + (int64_t{b} * kv_heads + kvh) * D + lane * 8;
-  const T* vn = v_new + (int64_t{b} * kv_heads + kvh) * D + lane * 8;
-  // The block whose chunk holds the new token stores it; it reads that token from k_new /
-  // v_new below, so no other block and no ordering is involved.
+  const T* qg = in.q + int64_t{b} * in.q_batch + int64_t{kvh} * in.q_group + lane * 8;
+  const T* vn = in.v + int64_t{b} * in.kv_batch + int64_t{kvh} * in.kv_group + lane * 8;
+  uint4 kn = *reinterpret_cast<const uint4*>(in.k + int64_t{b} * in.kv_batch + int64_t{kvh} * in.kv_group + lane * 8);
+  uint4 qr[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) qr[g] = *reinterpret_cast<const uint4*>(qg + g * D);
+  if (in.bases != nullptr) {
+    // Fused RoPE: every block of the sequence rotates its q and the new k itself (D/2
+    // angles, a few hundred cycles) rather than waiting on another launch; the whole block
+    // takes this branch, so the barrier is safe.
+    __shared__ float cos_t[D / 2], sin_t[D / 2];
+    const double base = in.bases[b];
+    for (int i = tid; i < D / 2; i += kDecodeThreads) {
+      // rotary.cu's steps: the power in double rounded once, the angle in float32, precise
+      // sincosf (angles reach 1e6 rad at long contexts).
+      const float inv_freq = 1.0f / static_cast<float>(pow(base, static_cast<double>(2 * i) / D));
+      float sn, c;
+      sincosf(static_cast<float>(pos) * inv_freq, &sn, &c);
+      cos_t[i] = round_to<T>(c);
+      sin_t[i] = round_to<T>(sn);
+    }
+    __syncthreads();
+    kn = rope_lane<T, D>(kn, lane, cos_t, sin_t);
+#pragma unroll
+    for (int g = 0; g < G; ++g) qr[g] = rope_lane<T, D>(qr[g], lane, cos_t, sin_t);
+  }
+  // The block whose chunk holds the new token stores it; it uses that token from kn / vn
+  // below, so no other block and no ordering is involved.
   if (pos < end && rg == 0) {
-    *reinterpret_cast<uint4*>(k_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(kn);
+    *reinterpret_cast<uint4*>(k_cache + (head + pos) * D + lane * 8) = kn;
     *reinterpret_cast<uint4*>(v_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(vn);
   }
 
   float qf[G][8], acc[G][8], m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    load_vec<T, 8>(qf[g], q + (out_row0 + g) * D + lane * 8);
+    unpack<T, 8>(qf[g], qr[g]);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       qf[g][e] *= scale_log2;
@@ -384,9 +452,12 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
       // Zeros for tokens past the end: their probability is 0, and 0 * stale data could
       // be NaN.
       kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-      if (t < end) {
-        kr[u] = *reinterpret_cast<const uint4*>(t == pos ? kn : kc + int64_t{t} * D);
-        vr[u] = *reinterpret_cast<const uint4*>(t == pos ? vn : vc + int64_t{t} * D);
+      if (t == pos) {
+        kr[u] = kn;
+        vr[u] = *reinterpret_cast<const uint4*>(vn);
+      } else if (t < end) {
+        kr[u] = *reinterpret_cast<const uint4*>(kc + int64_t{t} * D);
+        vr[u] = *reinterpret_cast<const uint4*>(vc + int64_t{t} * D);
       }
     }
     float s[G][U];
@@ -570,11 +641,12 @@ int64_t attention_decode_workspace_bytes(int64_t batch, int64_t q_heads, const K
   return batch * q_heads * splits * (cache.head_dim + 2) * static_cast<int64_t>(sizeof(float));
 }
 
-Status attention_decode(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
-                        const void* v, const KVCache& cache, int64_t batch, int64_t q_heads,
-                        const int32_t* slots, const int32_t* positions, float scale,
-                        void* workspace, int64_t workspace_bytes) {
-  FIL_RETURN_IF_ERROR(set_device(ctx));
+namespace {
+
+template <typename T>
+Status launch_decode(const Context& ctx, T* out, const DecodeRows<T>& rows, const KVCache& cache,
+                     int64_t batch, int64_t q_heads, const int32_t* slots, const int32_t* positions,
+                     float scale, void* workspace, int64_t workspace_bytes) {
   const int splits = decode_splits(batch, cache.kv_heads, cache.max_seq);
   if (workspace_bytes < attention_decode_workspace_bytes(batch, q_heads, cache))
     return invalid_value("workspace is too small for attention_decode");
@@ -583,26 +655,55 @@ Status attention_decode(const Context& ctx, DType dtype, void* out, const void* 
   const cudaStream_t stream = stream_of(ctx);
   const int num_slots = static_cast<int>(cache.num_slots < INT32_MAX ? cache.num_slots : INT32_MAX);
   const int kv_heads = static_cast<int>(cache.kv_heads), max_seq = static_cast<int>(cache.max_seq);
+  return dispatch_head_dim(cache.head_dim, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    return dispatch_group(q_heads / cache.kv_heads, [&](auto grp) {
+      constexpr int G = decltype(grp)::value;
+      const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
+      decode_split_kernel<T, D, G><<<grid, kDecodeThreads, 0, stream>>>(
+          out, ws_ml, ws_acc, rows, static_cast<T*>(cache.k), static_cast<T*>(cache.v), num_slots,
+          kv_heads, max_seq, slots, positions, scale * kLog2e, splits);
+      FIL_RETURN_IF_ERROR(launch_status("attention_decode (split)"));
+      if (splits == 1) return Status::Ok();
+      const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
+      decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
+          out, ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots, positions, splits);
+      return launch_status("attention_decode (merge)");
+    });
+  });
+}
+
+}  // namespace
+
+Status attention_decode(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
+                        const void* v, const KVCache& cache, int64_t batch, int64_t q_heads,
+                        const int32_t* slots, const int32_t* positions, float scale,
+                        void* workspace, int64_t workspace_bytes) {
+  FIL_RETURN_IF_ERROR(set_device(ctx));
+  const int64_t D = cache.head_dim, group = q_heads / cache.kv_heads;
   return dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return dispatch_head_dim(cache.head_dim, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      return dispatch_group(q_heads / cache.kv_heads, [&](auto grp) {
-        constexpr int G = decltype(grp)::value;
-        const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
-        decode_split_kernel<T, D, G><<<grid, kDecodeThreads, 0, stream>>>(
-            static_cast<T*>(out), ws_ml, ws_acc, static_cast<const T*>(q), static_cast<const T*>(k),
-            static_cast<const T*>(v), static_cast<T*>(cache.k), static_cast<T*>(cache.v), num_slots,
-            kv_heads, max_seq, slots, positions, scale * kLog2e, splits);
-        FIL_RETURN_IF_ERROR(launch_status("attention_decode (split)"));
-        if (splits == 1) return Status::Ok();
-        const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
-        decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
-            static_cast<T*>(out), ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots,
-            positions, splits);
-        return launch_status("attention_decode (merge)");
-      });
-    });
+    const DecodeRows<T> rows{static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                             q_heads * D, group * D, cache.kv_heads * D, D, nullptr};
+    return launch_decode(ctx, static_cast<T*>(out), rows, cache, batch, q_heads, slots, positions, scale,
+                         workspace, workspace_bytes);
+  });
+}
+
+Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const void* qkv,
+                            const KVCache& cache, int64_t batch, int64_t q_heads,
+                            const int32_t* slots, const int32_t* positions, const float* bases,
+                            float scale, void* workspace, int64_t workspace_bytes) {
+  FIL_RETURN_IF_ERROR(set_device(ctx));
+  const int64_t D = cache.head_dim, group = q_heads / cache.kv_heads;
+  const int64_t row = (group + 2) * D;  // one KV group of the fused projection
+  return dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = static_cast<const T*>(qkv);
+    const DecodeRows<T> rows{base, base + group * D, base + (group + 1) * D,
+                             cache.kv_heads * row, row, cache.kv_heads * row, row, bases};
+    return launch_decode(ctx, static_cast<T*>(out), rows, cache, batch, q_heads, slots, positions, scale,
+                         workspace, workspace_bytes);
   });
 }
 

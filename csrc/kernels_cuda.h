@@ -29,6 +29,11 @@ Status attention_decode(const Context& ctx, DType dtype, void* out, const void* 
                         const int32_t* slots, const int32_t* positions, float scale,
                         void* workspace, int64_t workspace_bytes);
 
+Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const void* qkv,
+                            const KVCache& cache, int64_t batch, int64_t q_heads,
+                            const int32_t* slots, const int32_t* positions, const float* bases,
+                            float scale, void* workspace, int64_t workspace_bytes);
+
 Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, int64_t k,
                      int64_t group_size, int32_t* qweight, void* scales, void* offsets);
 

@@ -53,6 +53,19 @@ void register_attention(py::module_& m) {
             as_ptr(workspace), workspace_bytes));
       },
       release_gil());
+  m.def(
+      "attention_decode_qkv",
+      [](int device, int index, uintptr_t stream, int dtype, uintptr_t out, uintptr_t qkv,
+         uintptr_t k_cache, uintptr_t v_cache, int64_t num_slots, int64_t kv_heads, int64_t max_seq,
+         int64_t head_dim, int64_t batch, int64_t q_heads, uintptr_t slots, uintptr_t positions,
+         uintptr_t bases, float scale, uintptr_t workspace, int64_t workspace_bytes) {
+        throw_if_error(fastinternlm::attention_decode_qkv(
+            make_context(device, index, stream), as_dtype(dtype), as_ptr(out), as_ptr(qkv),
+            make_cache(k_cache, v_cache, num_slots, kv_heads, max_seq, head_dim), batch, q_heads,
+            as_ptr<const int32_t>(slots), as_ptr<const int32_t>(positions), as_ptr<const float>(bases),
+            scale, as_ptr(workspace), workspace_bytes));
+      },
+      release_gil());
 }
 
 }  // namespace bindings

@@ -7,6 +7,8 @@ file.
         q, k, v = split(x @ wqkv.T)          (one GEMM: InternLM2's grouped wqkv layout)
         q, k = rope(q, k, positions, base)   (angles in the kernel; one base per token)
         h = h + attention(q, k, v, cache) @ wo.T
+                                             (decode: split, rope and attention are one kernel
+                                             reading the fused projection)
         x = rmsnorm(h)
         h = h + silu(x @ w1.T) * (x @ w3.T) @ w2.T   (w1 and w3 stacked: one GEMM)
     logits = rmsnorm(h) @ output.T           (float32)
@@ -68,12 +70,11 @@ class Transformer:
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                 base: Union[float, torch.Tensor],
-                 attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-                 ) -> torch.Tensor:
-        """Hidden states after the final norm for `tokens` [T]; attend(layer, q, k, v)
-        writes k, v into the cache and returns the attention output [T, H, D]."""
+    def _forward(self, tokens: torch.Tensor,
+                 attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Hidden states after the final norm for `tokens` [T]; attend(layer, qkv) takes the
+        fused projection [T, kv_heads, G + 2, D], applies RoPE, writes k, v into the cache
+        and returns the attention output [T, H, D]."""
         c = self.config
         n = tokens.shape[0]
         # F.embedding returns a fresh tensor, so it can serve as the residual stream that
@@ -84,11 +85,7 @@ class Transformer:
             if i > 0:
                 x = ops.add_rms_norm(out, residual, layer.attention_norm, c.rms_norm_eps)
             qkv = linear(x, layer.wqkv).view(n, c.num_kv_heads, c.group_size + 2, c.head_dim)
-            q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim)
-            k = qkv[:, :, c.group_size].contiguous()
-            v = qkv[:, :, c.group_size + 1].contiguous()
-            ops.rotary_embedding(q, k, positions, base)
-            attn = attend(i, q, k, v)
+            attn = attend(i, qkv)
             out = linear(attn.view(n, c.q_size), layer.wo)
             x = ops.add_rms_norm(out, residual, layer.ffn_norm, c.rms_norm_eps)
             out = linear(ops.silu_and_mul(linear(x, layer.w13)), layer.w2)
@@ -101,21 +98,32 @@ class Transformer:
     def prefill(self, tokens: torch.Tensor, slot: int, start: int, base: float) -> torch.Tensor:
         """Run tokens [T] (positions start .. start+T-1) of the sequence in `slot`, filling
         its cache; returns the final hidden states [T, hidden]."""
+        c = self.config
         positions = torch.arange(start, start + tokens.shape[0], dtype=torch.int32, device=self.device)
 
-        def attend(i, q, k, v):
+        def attend(i, qkv):
+            n = qkv.shape[0]
+            q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim)
+            k = qkv[:, :, c.group_size].contiguous()
+            v = qkv[:, :, c.group_size + 1].contiguous()
+            ops.rotary_embedding(q, k, positions, base)
             return ops.attention_prefill(q, k, v, self.k_cache[i], self.v_cache[i], slot, start)
 
-        return self._forward(tokens, positions, base, attend)
+        return self._forward(tokens, attend)
 
     def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                bases: torch.Tensor) -> torch.Tensor:
         """One token per sequence: tokens [B] at positions [B] (int32) in slots [B] (int32),
         rotary bases [B] (float32), all on the device; returns float32 logits [B, vocab].
-        The caller validates slots and positions once; nothing here syncs with the host."""
+        The caller validates slots and positions once; nothing here syncs with the host.
+        Attention takes q, k, v straight from the fused projection and applies RoPE itself
+        (attention_decode_qkv): no split copies, no rotary launch."""
+        c = self.config
+        workspace = torch.empty(ops.attention_decode_workspace_bytes(tokens.shape[0], c.num_heads, self.k_cache[0]),
+                                dtype=torch.uint8, device=self.device)
 
-        def attend(i, q, k, v):
-            return ops.attention_decode(q, k, v, self.k_cache[i], self.v_cache[i], slots, positions,
-                                        check_indices=False)
+        def attend(i, qkv):
+            return ops.attention_decode_qkv(qkv, self.k_cache[i], self.v_cache[i], slots, positions, bases,
+                                            workspace=workspace, check_indices=False)
 
-        return self.logits(self._forward(tokens, positions, bases, attend))
+        return self.logits(self._forward(tokens, attend))

@@ -57,4 +57,18 @@ Status attention_decode(const Context& ctx, DType dtype, void* out, const void* 
                         const int32_t* slots, const int32_t* positions, float scale,
                         void* workspace, int64_t workspace_bytes);
 
+// attention_decode with its inputs taken straight from InternLM2's fused wqkv projection and
+// RoPE applied on the way: qkv [batch, kv_heads, G + 2, head_dim] (G = q_heads / kv_heads;
+// per KV head its G query rows, then k, then v: the grouped layout of the wqkv GEMM's
+// output), bases float32 [batch] in the memory of ctx's device (each sequence's rotary
+// base). q and the new k are rotated at each sequence's position exactly as
+// rotary_embedding does (same arithmetic and roundings), the rotated k is what lands in
+// the cache, and the rest is attention_decode. qkv is not modified. At batch 1 this saves
+// the three copies that split q, k and v, and the rotary launch: four kernels per layer.
+// Same workspace, index rules and out-of-range behaviour as attention_decode.
+Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const void* qkv,
+                            const KVCache& cache, int64_t batch, int64_t q_heads,
+                            const int32_t* slots, const int32_t* positions, const float* bases,
+                            float scale, void* workspace, int64_t workspace_bytes);
+
 }  // namespace fastinternlm

@@ -1,7 +1,7 @@
 """The kernel ops on torch tensors (CPU or one CUDA device; CUDA work on torch's current
 stream). One module per kernel family, named like its C++ files."""
 
-from .attention import attention_decode, attention_decode_workspace_bytes, attention_prefill
+from .attention import attention_decode, attention_decode_qkv, attention_decode_workspace_bytes, attention_prefill
 from .int4_gemm import INT4_FORMAT_VERSION, Int4Weight, dequantize_int4, int4_gemm, quantize_int4
 from .rms_norm import add_rms_norm, rms_norm
 from .rotary import ntk_base, rotary_embedding
@@ -12,6 +12,7 @@ __all__ = [
     "Int4Weight",
     "add_rms_norm",
     "attention_decode",
+    "attention_decode_qkv",
     "attention_decode_workspace_bytes",
     "attention_prefill",
     "dequantize_int4",

@@ -134,4 +134,49 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     return out
 
 
-__all__ = ["attention_decode", "attention_decode_workspace_bytes", "attention_prefill"]
+def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                         positions: torch.Tensor, bases: torch.Tensor, scale: Optional[float] = None, *,
+                         workspace: Optional[torch.Tensor] = None, check_indices: bool = True) -> torch.Tensor:
+    """attention_decode fed straight from InternLM2's fused projection, RoPE included:
+    qkv [B, kv_heads, G + 2, D] (per KV head its G query rows, then k, then v: the wqkv
+    GEMM's output viewed per group), bases float32 [B] (each sequence's rotary base).
+    Rotates q and the new k at `positions` exactly as rotary_embedding would, writes the
+    rotated k and v into the cache and returns [B, kv_heads * G, D]. qkv is not modified.
+    One kernel (two with the split merge) where the unfused path runs six."""
+    check_tensor("qkv", qkv, ndim=4)
+    check_activation("qkv", qkv)
+    check_tensor("k_cache", k_cache, dtypes=(qkv.dtype,), ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=(qkv.dtype,), shape=tuple(k_cache.shape))
+    num_slots, kv_heads, max_seq, head_dim = k_cache.shape
+    batch, _, rows, _ = qkv.shape
+    check_tensor("qkv", qkv, shape=(None, kv_heads, None, head_dim))
+    if rows < 3:
+        raise ValueError(f"qkv must have shape (B, kv_heads, G + 2, head_dim) with G >= 1, got {tuple(qkv.shape)}")
+    q_heads = kv_heads * (rows - 2)
+    check_tensor("slots", slots, dtypes=(torch.int32,), shape=(batch,))
+    check_tensor("positions", positions, dtypes=(torch.int32,), shape=(batch,))
+    check_tensor("bases", bases, dtypes=(torch.float32,), shape=(batch,))
+    device = same_device(qkv=qkv, k_cache=k_cache, v_cache=v_cache, slots=slots, positions=positions,
+                         bases=bases)
+    scale = _scale(scale, head_dim)
+    if device.type == "cuda":
+        check_index_range("slots", slots, 0, num_slots, check_indices)
+        check_index_range("positions", positions, 0, max_seq, check_indices)
+        _check_distinct(slots, check_indices)
+    ctx = context(device)
+    out = torch.empty(batch, q_heads, head_dim, dtype=qkv.dtype, device=device)
+    if batch == 0:
+        return out
+    if workspace is None:
+        nbytes = _C.attention_decode_workspace_bytes(ctx[0], ctx[1], batch, q_heads, *k_cache.shape)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    else:
+        check_tensor("workspace", workspace, dtypes=(torch.uint8,), ndim=1)
+        same_device(qkv=qkv, workspace=workspace)
+    _C.attention_decode_qkv(*ctx, dtype_code(qkv.dtype), out.data_ptr(), qkv.data_ptr(),
+                            *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
+                            bases.data_ptr(), scale, workspace.data_ptr(), workspace.numel())
+    return out
+
+
+__all__ = ["attention_decode", "attention_decode_qkv", "attention_decode_workspace_bytes", "attention_prefill"]
