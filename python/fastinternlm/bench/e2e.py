@@ -254,7 +254,6 @@ def hf_config(config: ModelConfig):
     else:
         raise last
     hfc._attn_implementation = "sdpa"
-    hfc.torch_dtype = torch.float16
     return hfc, rope
 
 
