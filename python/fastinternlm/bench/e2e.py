@@ -620,7 +620,7 @@ def run_hf(bench: Bench, w: Weights, contexts: List[int], steps: int, reps: int,
     bench.log(f"HF LlamaForCausalLM built (transformers {version}, rope {rope}, sdpa, static cache, eager)")
     if args.hf_compile:
         def compile_():
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            model.forward = torch.compile(model.forward, mode="reduce-overhead")
             bench.info["hf_compile"] = True
         bench.section("hf compile", compile_)
     if reference_logits is not None:
