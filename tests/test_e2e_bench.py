@@ -50,7 +50,24 @@ def test_cli_tiny_runs_and_baselines_agree(device, tmp_path, capsys):
     assert checks["hf_fp16_logits_rel_vs_ours"] <= _tol()
 
 
-def _decode_pair(device, precision):
+@torch.inference_mode()
+def test_grouped_attention_prefill_matches_sdpa(device):
+    """The grouped fold (query rows per KV head) is the same causal GQA over a prompt."""
+    config = e2e.make_config("tiny")
+    w = e2e.Weights(config, device, seed=int(torch.randint(0, 2**31, ())))
+    tokens = torch.randint(0, config.vocab_size, (2, 37), device=device)
+    pos = torch.arange(5, 42, device=device)
+    out = {}
+    for attention in ("sdpa", "grouped"):
+        ref = torch_ref.build_torch_model(config, w.tok_embeddings, w.layers, w.norm, w.output, int4=False,
+                                          max_batch=2, max_seq=64, attention=attention)
+        for t in ref.k_cache + ref.v_cache:
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(7)).to(t))
+        out[attention] = ref.logits(ref.forward(tokens, pos))
+    assert e2e._rel(out["grouped"], out["sdpa"]) <= _tol()
+
+
+def _decode_pair(device, precision, attention="sdpa"):
     """Ours (eager) and the torch reference on the same weights and the same random KV
     cache, one decode step at a position past max_position_embeddings (dynamic NTK on)."""
     config = e2e.make_config("tiny")
@@ -59,7 +76,8 @@ def _decode_pair(device, precision):
     max_seq = position + 8
     ours = w.model(precision, 1, max_seq)
     ref = torch_ref.build_torch_model(config, w.tok_embeddings, w.layers_for(precision), w.norm, w.output,
-                                      int4=precision == "int4", max_batch=1, max_seq=max_seq)
+                                      int4=precision == "int4", max_batch=1, max_seq=max_seq,
+                                      attention=attention)
     for mine, theirs in zip(ours.k_cache + ours.v_cache, ref.k_cache + ref.v_cache):
         mine.normal_()
         theirs.copy_(mine)  # the same layout: [slots, kv_heads, max_seq, head_dim]
@@ -71,9 +89,10 @@ def _decode_pair(device, precision):
     return config, ref, tokens, positions, ours_logits, ref_logits
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "grouped"])
 @torch.inference_mode()
-def test_torch_reference_decode_matches_ours_with_ntk(device):
-    config, ref, tokens, positions, ours_logits, ref_logits = _decode_pair(device, "fp16")
+def test_torch_reference_decode_matches_ours_with_ntk(device, attention):
+    config, ref, tokens, positions, ours_logits, ref_logits = _decode_pair(device, "fp16", attention)
     assert e2e._rel(ref_logits, ours_logits) <= _tol()
     # The comparison sees the rotary base: the same step with the unscaled base differs.
     ref.cos, ref.sin = torch_ref.rope_tables(dataclasses.replace(config, rope_scaling=None), ref.max_seq, device)

@@ -529,9 +529,10 @@ def run_torch(bench: Bench, w: Weights, precision: str, contexts: List[int], ste
     def build(max_batch, max_seq, layers=None):
         if layers is None:
             return torch_ref.build_torch_model(c, w.tok_embeddings, w.layers_for(precision), w.norm, w.output,
-                                               int4=int4, max_batch=max_batch, max_seq=max_seq)
+                                               int4=int4, max_batch=max_batch, max_seq=max_seq,
+                                               attention=args.torch_attention)
         return torch_ref.TorchModel(c, w.tok_embeddings, layers, w.norm, w.output, dtype=layers_dtype,
-                                    max_batch=max_batch, max_seq=max_seq)
+                                    max_batch=max_batch, max_seq=max_seq, attention=args.torch_attention)
 
     layers_dtype = torch.bfloat16 if int4 else torch.float16
     first = bench.section(f"torch {precision} build", lambda: build(1, args.prompt + 8))
@@ -733,6 +734,9 @@ def parse_args(argv):
     p.add_argument("--hf-steps", type=int, default=None, help="decode steps per HF loop (default --steps)")
     p.add_argument("--hf-reps", type=int, default=2, help="timed repetitions for HF (eager is slow)")
     p.add_argument("--precisions", nargs="+", choices=["fp16", "int4"], default=["fp16", "int4"])
+    p.add_argument("--torch-attention", choices=["sdpa", "grouped"], default="sdpa",
+                   help="torch baseline attention: SDPA with enable_gqa, or the G query heads of each KV "
+                        "head folded into query rows (no K/V repeat, whichever SDPA backend runs)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="torch.compile HF's forward (slow to compile)")

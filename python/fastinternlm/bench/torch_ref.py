@@ -9,6 +9,8 @@ the same weights in fastinternlm's fused layout, run with stock torch ops only.
 - attention by F.scaled_dot_product_attention over a static KV cache
   [batch, kv_heads, max_seq, head_dim] written with index_copy_, masked over the whole
   cache (as gpt-fast does), GQA through enable_gqa (repeat_interleave where unsupported);
+  attention="grouped" instead folds each KV head's G query heads into G query rows
+  (q [B, KV, G*T, D] against k, v [B, KV, S, D]): no K/V repeat whatever backend SDPA picks;
 - linears by F.linear (fp16), or torch._weight_int4pack_mm (tinygemm, bfloat16
   activations) for int4: our w = q * s + m is tinygemm's (q - 8) * s + z with z = m + 8 s.
 
@@ -27,6 +29,7 @@ from .. import ops
 from ..config import ModelConfig
 
 INNER_K_TILES = 8
+ATTENTION_MODES = ("sdpa", "grouped")
 
 
 def ntk_bases(config: ModelConfig, lengths: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,10 @@ class TorchModel:
     the caller, never copied (the int4 ones are converted once)."""
 
     def __init__(self, config: ModelConfig, tok_embeddings, layers: List[TorchLayer], norm, output,
-                 *, dtype: torch.dtype, max_batch: int, max_seq: int):
+                 *, dtype: torch.dtype, max_batch: int, max_seq: int, attention: str = "sdpa"):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        self.attention = attention
         self.config = config
         self.tok_embeddings, self.layers, self.norm, self.output = tok_embeddings, layers, norm, output
         self.dtype = dtype
@@ -198,7 +204,12 @@ class TorchModel:
             kc, vc = self.k_cache[i][:b], self.v_cache[i][:b]
             kc.index_copy_(2, input_pos, k)
             vc.index_copy_(2, input_pos, v)
-            if self.gqa:
+            if self.attention == "grouped":
+                # Query head h = kv * G + j: [B, H, T, D] -> [B, KV, G*T, D], rows (j, t).
+                yg = F.scaled_dot_product_attention(q.reshape(b, kvh, g * t, d), kc, vc,
+                                                    attn_mask=mask.repeat(1, 1, g, 1))
+                y = yg.view(b, c.num_heads, t, d)
+            elif self.gqa:
                 y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
             else:
                 y = F.scaled_dot_product_attention(q, kc.repeat_interleave(g, 1), vc.repeat_interleave(g, 1),
@@ -243,7 +254,7 @@ class TorchDecodeGraph:
 
 
 def build_torch_model(config: ModelConfig, tok_embeddings, layers, norm, output, *, int4: bool,
-                      max_batch: int, max_seq: int) -> TorchModel:
+                      max_batch: int, max_seq: int, attention: str = "sdpa") -> TorchModel:
     """layers: fastinternlm model.Layer objects (dense fp16, or Int4Weight linears when int4)."""
     out = []
     for lw in layers:
@@ -253,7 +264,8 @@ def build_torch_model(config: ModelConfig, tok_embeddings, layers, norm, output,
             lin = [lw.wqkv, lw.wo, lw.w13, lw.w2]
         out.append(TorchLayer(lw.attention_norm, lin[0], lin[1], lw.ffn_norm, lin[2], lin[3]))
     return TorchModel(config, tok_embeddings, out, norm, output,
-                      dtype=torch.bfloat16 if int4 else tok_embeddings.dtype, max_batch=max_batch, max_seq=max_seq)
+                      dtype=torch.bfloat16 if int4 else tok_embeddings.dtype, max_batch=max_batch, max_seq=max_seq,
+                      attention=attention)
 
 
 __all__ = ["TinyGemmWeight", "TorchDecodeGraph", "TorchModel", "build_torch_model", "check_tinygemm",
