@@ -149,3 +149,10 @@ def test_limits_count_weights_and_kv_cache():
     assert row["bytes_per_step"] == weights + kv
     assert math.isclose(row["limit"], 2 * 1e9 / (weights + kv))
     assert math.isclose(row["ours_pct_limit"], 100 * 10.0 / row["limit"])
+
+
+@torch.inference_mode()
+def test_pick_attention_times_both_modes(device):
+    mode, times = torch_ref.pick_attention(e2e.make_config("tiny"), device, torch.float16, 100, calls=2)
+    assert mode in torch_ref.ATTENTION_MODES and set(times) == set(torch_ref.ATTENTION_MODES)
+    assert all(math.isfinite(t) and t > 0 for t in times.values()) and times[mode] == min(times.values())

@@ -734,9 +734,11 @@ def parse_args(argv):
     p.add_argument("--hf-steps", type=int, default=None, help="decode steps per HF loop (default --steps)")
     p.add_argument("--hf-reps", type=int, default=2, help="timed repetitions for HF (eager is slow)")
     p.add_argument("--precisions", nargs="+", choices=["fp16", "int4"], default=["fp16", "int4"])
-    p.add_argument("--torch-attention", choices=["sdpa", "grouped"], default="sdpa",
+    p.add_argument("--torch-attention", choices=["auto", "sdpa", "grouped"], default="auto",
                    help="torch baseline attention: SDPA with enable_gqa, or the G query heads of each KV "
-                        "head folded into query rows (no K/V repeat, whichever SDPA backend runs)")
+                        "head folded into query rows (no K/V repeat, whichever SDPA backend runs); auto: "
+                        "the faster of the two for one decode step at the largest context (CUDA; sdpa on "
+                        "the CPU)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="torch.compile HF's forward (slow to compile)")
@@ -831,6 +833,18 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
         run_ours(bench, w, precision, args.contexts, args.steps, args.reps)
     run_ours_batches(bench, w, args.precisions, args.steps, args.reps)
     if not args.skip_torch:
+        if args.torch_attention == "auto":
+            args.torch_attention = "sdpa"
+            if device.type == "cuda":
+                def pick():
+                    from .torch_ref import pick_attention
+                    mode, times = pick_attention(config, device, torch.float16, max(args.contexts))
+                    args.torch_attention = mode
+                    bench.checks["torch_attention_us"] = {k: 1e6 * v for k, v in times.items()}
+                    bench.log("torch baseline attention at ctx %d: %s -> %s" % (
+                        max(args.contexts), ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in times.items()), mode))
+                bench.section("torch attention choice", pick)
+        bench.info["torch_attention"] = args.torch_attention
         for precision in args.precisions:
             run_torch(bench, w, precision, args.contexts, args.steps, args.reps, reference or None, check_tokens)
     if not args.skip_hf:

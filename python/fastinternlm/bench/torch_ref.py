@@ -20,6 +20,7 @@ graph (`TorchDecodeGraph`), the strongest baseline that needs no compiler."""
 from __future__ import annotations
 
 import math
+import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -129,6 +130,54 @@ def _sdpa_has_gqa() -> bool:
             return False
 
 
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, mode: str,
+           gqa: bool = True) -> torch.Tensor:
+    """Causal GQA: q [B, H, T, D] against caches [B, KV, S, D] under mask [1, 1, T, S]."""
+    b, h, t, d = q.shape
+    kvh = k_cache.shape[1]
+    g = h // kvh
+    if mode == "grouped":
+        # Query head h = kv * G + j: [B, H, T, D] -> [B, KV, G*T, D], rows (j, t).
+        y = F.scaled_dot_product_attention(q.reshape(b, kvh, g * t, d), k_cache, v_cache,
+                                           attn_mask=mask.repeat(1, 1, g, 1))
+        return y.view(b, h, t, d)
+    if gqa:
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k_cache.repeat_interleave(g, 1), v_cache.repeat_interleave(g, 1),
+                                          attn_mask=mask)
+
+
+def pick_attention(config: ModelConfig, device: torch.device, dtype: torch.dtype, context: int,
+                   calls: int = 20) -> Tuple[str, dict]:
+    """The faster of the ATTENTION_MODES for one batch-1 decode step's attention over a
+    cache of `context` tokens (one layer; CUDA events, perf_counter on the CPU): SDPA's backend choice for GQA with
+    a mask depends on the torch build, so the baseline takes whichever is stronger here."""
+    h, kvh, d, s = config.num_heads, config.num_kv_heads, config.head_dim, context + 8
+    q = torch.randn(1, h, 1, d, device=device, dtype=dtype)
+    kc = torch.randn(1, kvh, s, d, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    mask = (torch.arange(s, device=device) <= context)[None, None, None]
+    gqa = _sdpa_has_gqa()
+    times = {}
+    for mode in ATTENTION_MODES:
+        for _ in range(3):
+            attend(q, kc, vc, mask, mode, gqa)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(calls):
+                attend(q, kc, vc, mask, mode, gqa)
+            end.record()
+            end.synchronize()
+            times[mode] = begin.elapsed_time(end) / 1e3 / calls
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                attend(q, kc, vc, mask, mode, gqa)
+            times[mode] = (time.perf_counter() - t0) / calls
+    return min(times, key=times.get), times
+
+
 class TorchModel:
     """Decoder in plain torch. dtype: the activation dtype (float16; bfloat16 for int4,
     whose embedding and fp16 output head are cast at the edges). Weights are shared with
@@ -204,16 +253,7 @@ class TorchModel:
             kc, vc = self.k_cache[i][:b], self.v_cache[i][:b]
             kc.index_copy_(2, input_pos, k)
             vc.index_copy_(2, input_pos, v)
-            if self.attention == "grouped":
-                # Query head h = kv * G + j: [B, H, T, D] -> [B, KV, G*T, D], rows (j, t).
-                yg = F.scaled_dot_product_attention(q.reshape(b, kvh, g * t, d), kc, vc,
-                                                    attn_mask=mask.repeat(1, 1, g, 1))
-                y = yg.view(b, c.num_heads, t, d)
-            elif self.gqa:
-                y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
-            else:
-                y = F.scaled_dot_product_attention(q, kc.repeat_interleave(g, 1), vc.repeat_interleave(g, 1),
-                                                   attn_mask=mask)
+            y = attend(q, kc, vc, mask, self.attention, self.gqa)
             x = x + self._linear(y.transpose(1, 2).reshape(b, t, c.q_size), layer.wo)
             h = self._rms(x, layer.ffn_norm)
             gate, up = self._linear(h, layer.w13).chunk(2, dim=-1)
