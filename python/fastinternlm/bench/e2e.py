@@ -26,7 +26,6 @@ import argparse
 import functools
 import gc
 import json
-import math
 import statistics
 import sys
 import time

@@ -19,9 +19,8 @@ graph (`TorchDecodeGraph`), the strongest baseline that needs no compiler."""
 
 from __future__ import annotations
 
-import math
 import time
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
