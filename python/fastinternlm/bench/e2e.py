@@ -763,7 +763,12 @@ def main(argv=None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     bench = Bench(args, device)
     with torch.inference_mode():
-        rows = run(bench, args, device)
+        try:
+            rows = run(bench, args, device)
+        except Exception as e:  # noqa: BLE001 - still print what was measured
+            bench.errors.append({"section": "run", "error": f"{type(e).__name__}: {e}"})
+            bench.log(f"FAILED run: {type(e).__name__}: {str(e)[:300]}")
+            rows = list(bench.rows.values())
     print(format_table(rows))
     if args.json:
         out = {"info": bench.info, "args": vars(args), "checks": bench.checks, "errors": bench.errors,
