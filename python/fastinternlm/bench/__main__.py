@@ -1,6 +1,6 @@
 """python -m fastinternlm.bench kernels [--device cuda|cpu] [--dtype float16|bfloat16|float32] [--ops ...]
    python -m fastinternlm.bench accuracy [--tokens N] (see accuracy.py)
-   python -m fastinternlm.bench e2e [...] (see e2e.py)
+   python -m fastinternlm.bench e2e [--shapes 7b|tiny] [--contexts ...] (see e2e.py)
 
 Times every kernel family on InternLM2.5-7B shapes (smaller ones on the CPU) next to the
 torch way of doing the same thing, in the same run, and prints time, GB/s or TFLOP/s and
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["kernels", "accuracy", "e2e"],
                         help="kernels: per-op timings; accuracy: SmolLM2 perplexity and speed vs HF "
-                             "(python -m fastinternlm.bench accuracy --help); e2e: whole-model decode "
-                             "and prefill vs HF and plain torch (python -m fastinternlm.bench e2e --help)")
+                             "(python -m fastinternlm.bench accuracy --help); e2e: whole-model speed on "
+                             "7B shapes vs HF and plain torch (python -m fastinternlm.bench e2e --help)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                         help="activation dtype (float32: CPU only, where small models run in it)")

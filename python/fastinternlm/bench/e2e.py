@@ -1,0 +1,873 @@
+"""python -m fastinternlm.bench e2e: whole-model speed on InternLM2.5-7B shapes with random
+weights built on the device (no checkpoint, no download), fastinternlm next to two
+baselines on the same weight tensors, in one run:
+
+- ours: fastinternlm's Transformer, decode steps replayed from a captured CUDA graph
+  (cuda_graph.DecodeGraph), fp16 and int4 g128 (decoder linears quantized on the device by
+  ops.quantize_int4; the output head stays fp16);
+- HF: transformers' LlamaForCausalLM with the same shapes (SDPA, StaticCache, eager
+  generate-style decode loop), its parameters set to our tensors (q/k/v split out of the
+  grouped wqkv, gate/up as row views of w13), fp16 only;
+- torch: a gpt-fast-style plain-torch decoder (torch_ref.py) on the same weights, its
+  decode step captured in a CUDA graph; int4 through tinygemm (torch._weight_int4pack_mm).
+
+Measured (CUDA events, warm-up first, median of repetitions): batch-1 decode tokens/s at
+several contexts (the KV cache holds random values, the sequence's position = context; one
+step = graph replay, greedy argmax, position + 1, the new token copied to the host), ours
+eager once, time to first token of a prompt (prefill + last row's logits + argmax +
+.item()), and decode throughput at larger batches. Each section is wrapped: a failure
+prints one line and the run goes on; --time-budget stops starting new sections.
+
+`--shapes tiny --device cpu` runs a 2-layer toy model eagerly on the CPU (what the test uses)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import statistics
+import sys
+import time
+import types
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .. import ops
+from ..config import INTERNLM2, ModelConfig, RopeScaling
+from ..llm import LLM, prefill_chunk
+from ..model import Layer, Transformer
+
+SHAPES = {
+    # InternLM2.5-7B; dynamic NTK factor 2.5 so positions past 32K take a scaled base.
+    "7b": dict(vocab_size=92544, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+               intermediate_size=14336, rope_theta=1e6, ntk_factor=2.5, max_position_embeddings=32768,
+               contexts=[128, 2048, 8192, 32768], batches=[4, 16], batch_context=2048, prompt=2048, steps=32),
+    # Small enough for the CPU; max_position_embeddings 128 so the last context exercises NTK.
+    "tiny": dict(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                 intermediate_size=512, rope_theta=1e6, ntk_factor=2.5, max_position_embeddings=128,
+                 contexts=[16, 160], batches=[2, 4], batch_context=32, prompt=48, steps=4),
+}
+GROUP_SIZE = 128
+IMPLS = ("ours", "hf", "torch")
+
+
+def make_config(shape: str) -> ModelConfig:
+    s = SHAPES[shape]
+    return ModelConfig(architecture=INTERNLM2, vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                       num_layers=s["num_layers"], num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
+                       head_dim=s["head_dim"], intermediate_size=s["intermediate_size"], rms_norm_eps=1e-5,
+                       rope_theta=s["rope_theta"], rope_scaling=RopeScaling("dynamic", s["ntk_factor"]),
+                       max_position_embeddings=s["max_position_embeddings"], tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_ids=(2,), torch_dtype=torch.float16)
+
+
+class Weights:
+    """Random fp16 weights on the device (speed does not depend on the values, but zeros
+    could take shortcuts, so: randn * 0.02, norms 1 + 0.1 randn)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float16, seed: int = 0):
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        c = config
+
+        def lin(*shape):
+            return torch.randn(*shape, generator=gen, device=device, dtype=dtype).mul_(0.02)
+
+        def norm():
+            return torch.randn(c.hidden_size, generator=gen, device=device, dtype=dtype).mul_(0.1).add_(1)
+
+        self.config = config
+        self.tok_embeddings = lin(c.vocab_size, c.hidden_size)
+        self.layers = [Layer(norm(), lin(c.qkv_rows, c.hidden_size), lin(c.hidden_size, c.q_size), norm(),
+                             lin(2 * c.intermediate_size, c.hidden_size), lin(c.hidden_size, c.intermediate_size))
+                       for _ in range(c.num_layers)]
+        self.norm = norm()
+        self.output = lin(c.vocab_size, c.hidden_size)
+        self.int4_layers: Optional[List[Layer]] = None
+
+    def quantize(self, group_size: int = GROUP_SIZE) -> None:
+        self.int4_layers = [Layer(l.attention_norm, ops.quantize_int4(l.wqkv, group_size),
+                                  ops.quantize_int4(l.wo, group_size), l.ffn_norm,
+                                  ops.quantize_int4(l.w13, group_size), ops.quantize_int4(l.w2, group_size))
+                            for l in self.layers]
+
+    def layers_for(self, precision: str) -> List[Layer]:
+        if precision == "int4":
+            if self.int4_layers is None:
+                self.quantize()
+            return self.int4_layers
+        return self.layers
+
+    def model(self, precision: str, max_batch: int, max_seq: int) -> Transformer:
+        """A Transformer on these tensors (shared, never copied) with its own KV cache."""
+        return Transformer(self.config, self.tok_embeddings, self.layers_for(precision), self.norm, self.output,
+                           max_batch=max_batch, max_seq_len=max_seq)
+
+    def weight_bytes(self, precision: str) -> int:
+        """Bytes one decode step reads from weights: decoder linears + output head."""
+        total = self.output.numel() * self.output.element_size()
+        for l in self.layers_for(precision):
+            for w in (l.wqkv, l.wo, l.w13, l.w2):
+                total += w.nbytes if isinstance(w, ops.Int4Weight) else w.numel() * w.element_size()
+        return total
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
+
+
+def _holder(config: ModelConfig):
+    return types.SimpleNamespace(config=config)
+
+
+def bases_function(config: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """positions -> float32 bases, LLM's own "hf" NTK code (L = position + 1)."""
+    return functools.partial(LLM._bases_for, _holder(config))
+
+
+def prompt_base(config: ModelConfig, length: int) -> float:
+    return LLM._base(_holder(config), length)
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1,
+            setup: Optional[Callable[[], Any]] = None) -> float:
+    """Median seconds of fn() over `reps` runs after `warmup` runs; setup() before each run,
+    outside the timed region. CUDA events on CUDA, perf_counter on the CPU."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(max(1, reps)):
+        if setup:
+            setup()
+        sync(device)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+# ---- ours --------------------------------------------------------------------------------
+
+def fill_cache(tensors) -> None:
+    for t in tensors:
+        t.normal_()
+
+
+def ours_decode_rate(model: Transformer, batch: int, context: int, steps: int, reps: int,
+                     graph=None) -> float:
+    """tokens/s of the real per-token loop: (graph replay | eager decode) -> argmax ->
+    positions += 1 -> the new tokens to the host."""
+    dev, c = model.device, model.config
+    slots = torch.arange(batch, dtype=torch.int32, device=dev)
+    positions = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    first = torch.randint(0, c.vocab_size, (batch,), device=dev)
+    bases_for = bases_function(c)
+
+    def setup():
+        positions.fill_(context)
+
+    def loop():
+        tokens = first
+        for _ in range(steps):
+            if graph is not None:
+                logits = graph.run(tokens, slots, positions)
+            else:
+                logits = model.decode(tokens, slots, positions, bases_for(positions))
+            tokens = logits.argmax(-1)
+            positions.add_(1)
+            tokens.cpu()
+
+    return batch * steps / measure(loop, dev, reps, setup=setup)
+
+
+def ours_ttft(model: Transformer, prompt: int, reps: int) -> float:
+    """Seconds: chunked prefill of `prompt` tokens (as LLM does) + last row's logits +
+    argmax + .item()."""
+    dev, c = model.device, model.config
+    tokens = torch.randint(0, c.vocab_size, (prompt,), device=dev)
+    base = prompt_base(c, prompt)
+
+    def run():
+        hidden = None
+        chunk = prefill_chunk(model.device)
+        for start in range(0, prompt, chunk):
+            hidden = model.prefill(tokens[start:start + chunk], 0, start, base)
+        model.logits(hidden[-1:]).argmax(-1).item()
+
+    return measure(run, dev, reps)
+
+
+def ours_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """float32 logits of every position of one prompt (slot 0)."""
+    base = prompt_base(model.config, tokens.shape[0])
+    chunk = prefill_chunk(model.device)
+    out = [model.logits(model.prefill(tokens[s:s + chunk], 0, s, base))
+           for s in range(0, tokens.shape[0], chunk)]
+    return torch.cat(out)
+
+
+# ---- HF transformers ---------------------------------------------------------------------
+
+def hf_config(config: ModelConfig):
+    """(LlamaConfig, rope description): dynamic NTK when the installed version takes it."""
+    from transformers import LlamaConfig
+    kw = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+              intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+              num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+              head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+              rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+              hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    factor = config.rope_scaling.factor if config.rope_scaling else None
+    attempts = []
+    if factor is not None:
+        attempts += [("dynamic", dict(rope_theta=config.rope_theta,
+                                      rope_scaling={"rope_type": "dynamic", "type": "dynamic", "factor": factor})),
+                     ("dynamic", dict(rope_parameters={"rope_type": "dynamic", "factor": factor,
+                                                       "rope_theta": config.rope_theta}))]
+    attempts.append(("plain", dict(rope_theta=config.rope_theta)))
+    last = None
+    for rope, extra in attempts:
+        try:
+            hfc = LlamaConfig(**kw, **extra)
+            break
+        except Exception as e:  # the installed version refuses this spelling
+            last = e
+    else:
+        raise last
+    hfc._attn_implementation = "sdpa"
+    return hfc, rope
+
+
+def build_hf(weights: Weights):
+    """LlamaForCausalLM whose parameters are our tensors (q/k/v split out of the grouped
+    wqkv: the only copies). Returns (model, LlamaConfig, rope description)."""
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    from ..checkpoint import split_wqkv
+    c = weights.config
+    dev = weights.tok_embeddings.device
+    hfc, rope = hf_config(c)
+    # Built on the meta device: no 15 GB of host-side random init that we would replace anyway.
+    with torch.device("meta"):
+        try:
+            model = LlamaForCausalLM(hfc)
+        except TypeError:
+            model = LlamaForCausalLM._from_config(hfc, attn_implementation="sdpa")
+
+    def param(t):
+        return torch.nn.Parameter(t, requires_grad=False)
+
+    m = model.model
+    m.embed_tokens.weight = param(weights.tok_embeddings)
+    m.norm.weight = param(weights.norm)
+    model.lm_head.weight = param(weights.output)
+    f = c.intermediate_size
+    for hl, lw in zip(m.layers, weights.layers):
+        q, k, v = split_wqkv(lw.wqkv, c)
+        a = hl.self_attn
+        a.q_proj.weight, a.k_proj.weight, a.v_proj.weight = param(q), param(k), param(v)
+        a.o_proj.weight = param(lw.wo)
+        hl.mlp.gate_proj.weight = param(lw.w13[:f])
+        hl.mlp.up_proj.weight = param(lw.w13[f:])
+        hl.mlp.down_proj.weight = param(lw.w2)
+        hl.input_layernorm.weight = param(lw.attention_norm)
+        hl.post_attention_layernorm.weight = param(lw.ffn_norm)
+    # Rotary modules hold computed buffers (inv_freq): rebuild them on the device.
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            new = type(mod)(config=hfc, device=dev)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+            rope_type = getattr(new, "rope_type", None)
+            if rope_type is not None and rope_type != "dynamic":
+                rope = f"plain ({rope_type})"
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"HF model tensors left on meta: {left[:3]}")
+    try:
+        model.config._attn_implementation = "sdpa"
+    except Exception:
+        pass
+    model.eval()
+    return model, hfc, rope, transformers.__version__
+
+
+def hf_static_cache(hfc, batch: int, max_len: int, device, dtype):
+    from transformers import StaticCache
+    attempts = [dict(config=hfc, max_batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype),
+                dict(config=hfc, batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype),
+                dict(config=hfc, max_cache_len=max_len)]
+    last = None
+    for kw in attempts:
+        try:
+            return StaticCache(**kw)
+        except TypeError as e:
+            last = e
+    raise last
+
+
+def hf_cache_tensors(cache) -> Optional[list]:
+    layers = getattr(cache, "layers", None)
+    if layers and all(getattr(l, "keys", None) is not None for l in layers):
+        return [l.keys for l in layers] + [l.values for l in layers]
+    if getattr(cache, "key_cache", None):
+        return list(cache.key_cache) + list(cache.value_cache)
+    return None
+
+
+def hf_forward(model, tokens, cache, cache_position, **kw):
+    b = tokens.shape[0]
+    return model(input_ids=tokens, past_key_values=cache, cache_position=cache_position,
+                 position_ids=cache_position[None].expand(b, -1), use_cache=True, **kw)
+
+
+def hf_prepared_cache(model, hfc, batch: int, context: int, max_len: int, device, chunk: int = 2048):
+    """A StaticCache whose first `context` positions hold random keys/values: written
+    directly when the version exposes its tensors (after one step that allocates them),
+    else by a real prefill of random tokens through the base model (no lm_head), in chunks."""
+    cache = hf_static_cache(hfc, batch, max_len, device, torch.float16)
+    tok = torch.randint(0, hfc.vocab_size, (batch, 1), device=device)
+    hf_forward(model, tok, cache, torch.zeros(1, dtype=torch.long, device=device))
+    tensors = hf_cache_tensors(cache)
+    if tensors:
+        fill_cache(tensors)
+        return cache, "written"
+    for s in range(0, context, chunk):
+        n = min(chunk, context - s)
+        ids = torch.randint(0, hfc.vocab_size, (batch, n), device=device)
+        hf_forward(model.model, ids, cache, torch.arange(s, s + n, device=device))
+    return cache, "prefilled"
+
+
+def hf_decode_rate(model, cache, batch: int, context: int, steps: int, reps: int, device) -> float:
+    cp = torch.full((1,), context, dtype=torch.long, device=device)
+    first = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+
+    def setup():
+        cp.fill_(context)
+
+    def loop():
+        tokens = first
+        for _ in range(steps):
+            out = hf_forward(model, tokens, cache, cp)
+            tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+            cp.add_(1)
+            tokens.cpu()
+
+    return batch * steps / measure(loop, device, reps, setup=setup)
+
+
+def hf_last_logits(model, tokens, cache):
+    """Forward of a prompt [1, T] keeping only the last row's logits when the version can."""
+    cp = torch.arange(tokens.shape[1], device=tokens.device)
+    for kw in ({"logits_to_keep": 1}, {"num_logits_to_keep": 1}, {}):
+        try:
+            return hf_forward(model, tokens, cache, cp, **kw).logits[:, -1]
+        except TypeError:
+            continue
+    raise RuntimeError("unreachable")
+
+
+def hf_ttft(model, hfc, prompt: int, reps: int, device) -> float:
+    cache = hf_static_cache(hfc, 1, prompt + 8, device, torch.float16)
+    tokens = torch.randint(0, hfc.vocab_size, (1, prompt), device=device)
+
+    def run():
+        hf_last_logits(model, tokens, cache).argmax(-1).item()
+
+    return measure(run, device, reps)
+
+
+# ---- the benchmark -----------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, device: torch.device):
+        self.args = args
+        self.device = device
+        self.start = time.perf_counter()
+        self.deadline = self.start + args.time_budget
+        self.rows: Dict[tuple, Dict[str, Any]] = {}
+        self.errors: List[Dict[str, str]] = []
+        self.skipped: List[str] = []
+        self.checks: Dict[str, Any] = {}
+        self.info: Dict[str, Any] = {}
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {msg}", flush=True)
+
+    def section(self, name: str, fn: Callable[[], Any], *, always: bool = False) -> Any:
+        """Run fn; a failure prints one line and returns None. Past the time budget the
+        section is skipped (unless `always`)."""
+        if not always and time.perf_counter() > self.deadline:
+            self.skipped.append(name)
+            self.log(f"skip {name} (time budget {self.args.time_budget:.0f}s spent)")
+            return None
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - every section must let the run go on
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            self.errors.append({"section": name, "error": f"{type(e).__name__}: {first}"})
+            self.log(f"FAILED {name}: {type(e).__name__}: {first}")
+            if self.device.type == "cuda":
+                try:
+                    torch.cuda.synchronize(self.device)
+                except Exception:
+                    pass
+                torch.cuda.empty_cache()
+            return None
+
+    def record(self, metric: str, precision: str, setting: str, impl: str, value: float, unit: str,
+               **extra) -> None:
+        key = (metric, precision, setting)
+        row = self.rows.setdefault(key, {"metric": metric, "precision": precision, "setting": setting,
+                                         "unit": unit, **{i: None for i in IMPLS}})
+        row[impl] = value
+        row.update(extra)
+        self.log(f"{impl:<5} {precision:<4} {metric} {setting}: {value:.4g} {unit}")
+
+    def free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |b|, in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def run_ours(bench: Bench, w: Weights, precision: str, contexts: List[int], steps: int, reps: int) -> None:
+    dev, c, args = bench.device, w.config, bench.args
+    max_seq = max(contexts + [args.prompt]) + steps + 8
+    model = bench.section(f"ours {precision} model", lambda: w.model(precision, 1, max_seq))
+    if model is None:
+        return
+    bench.section(f"ours {precision} cache fill", lambda: fill_cache(model.k_cache + model.v_cache))
+    graph = None
+    if dev.type == "cuda":
+        from ..cuda_graph import DecodeGraph
+        graph = bench.section(f"ours {precision} graph capture",
+                              lambda: DecodeGraph(model, 1, bases_function(c)))
+    for ctx in contexts:
+        bench.section(f"ours {precision} decode b1 ctx {ctx}", lambda: bench.record(
+            "decode tok/s", precision, f"b1 ctx {ctx}", "ours",
+            ours_decode_rate(model, 1, ctx, steps, reps, graph), "tok/s",
+            graph=graph is not None))
+    if precision == "fp16" and dev.type == "cuda":
+        ctx = args.eager_context
+        bench.section(f"ours fp16 eager decode ctx {ctx}", lambda: bench.record(
+            "decode tok/s (eager)", precision, f"b1 ctx {ctx}", "ours",
+            ours_decode_rate(model, 1, ctx, steps, reps, None), "tok/s"))
+    bench.section(f"ours {precision} TTFT {args.prompt}", lambda: bench.record(
+        "TTFT ms", precision, f"prompt {args.prompt}", "ours", 1e3 * ours_ttft(model, args.prompt, reps), "ms"))
+    del graph, model
+    bench.free()
+
+
+def run_ours_batches(bench: Bench, w: Weights, precisions: List[str], steps: int, reps: int) -> None:
+    args, dev = bench.args, bench.device
+    if not args.batches:
+        return
+    ctx = args.batch_context
+    max_seq = ctx + steps + 8
+    big = bench.section("ours batch model", lambda: w.model(precisions[0], max(args.batches), max_seq))
+    if big is None:
+        return
+    fill_cache(big.k_cache + big.v_cache)
+    for precision in precisions:
+        model = big if precision == precisions[0] else bench.section(
+            f"ours {precision} batch model", lambda: w.model(precision, 1, 2))
+        if model is None:
+            continue
+        if model is not big:  # share the KV cache: one 4 GB cache for both precisions
+            model.k_cache, model.v_cache = big.k_cache, big.v_cache
+            model.max_batch, model.max_seq_len = big.max_batch, big.max_seq_len
+        pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        for b in args.batches:
+            def one(b=b):
+                graph = None
+                if dev.type == "cuda":
+                    from ..cuda_graph import DecodeGraph
+                    graph = DecodeGraph(model, b, bases_function(w.config), pool)
+                bench.record("decode tok/s", precision, f"b{b} ctx {ctx}", "ours",
+                             ours_decode_rate(model, b, ctx, steps, reps, graph), "tok/s")
+            bench.section(f"ours {precision} decode b{b}", one)
+    del big, model
+    bench.free()
+
+
+def run_torch(bench: Bench, w: Weights, precision: str, contexts: List[int], steps: int, reps: int,
+              reference_logits: Optional[torch.Tensor], check_tokens: Optional[torch.Tensor]) -> None:
+    from . import torch_ref
+    dev, args, c = bench.device, bench.args, w.config
+    int4 = precision == "int4"
+    if int4 and not torch_ref.tinygemm_available(dev):
+        bench.log(f"torch int4: tinygemm is not available on {dev.type}; skipped")
+        return
+
+    def build(max_batch, max_seq, layers=None):
+        if layers is None:
+            return torch_ref.build_torch_model(c, w.tok_embeddings, w.layers_for(precision), w.norm, w.output,
+                                               int4=int4, max_batch=max_batch, max_seq=max_seq,
+                                               attention=args.torch_attention)
+        return torch_ref.TorchModel(c, w.tok_embeddings, layers, w.norm, w.output, dtype=layers_dtype,
+                                    max_batch=max_batch, max_seq=max_seq, attention=args.torch_attention)
+
+    layers_dtype = torch.bfloat16 if int4 else torch.float16
+    first = bench.section(f"torch {precision} build", lambda: build(1, args.prompt + 8))
+    if first is None:
+        return
+    layers = first.layers  # converted once (tinygemm), shared by every cache size below
+    if reference_logits is not None:
+        def check():
+            t = check_tokens
+            logits = first.logits(first.forward(t[None], torch.arange(t.shape[0], device=dev)))[0]
+            rel = _rel(logits, reference_logits[precision])
+            bench.checks[f"torch_{precision}_logits_rel_vs_ours"] = rel
+            bench.log(f"check: torch {precision} logits vs ours, max rel diff {rel:.3g}")
+        bench.section(f"torch {precision} logits check", check)
+
+    def decode_rate(model, b, ctx):
+        fill_cache(model.k_cache + model.v_cache)
+        tokens0 = torch.randint(0, c.vocab_size, (b,), device=dev)
+        pos = torch.full((1,), ctx, dtype=torch.int64, device=dev)
+        graph = torch_ref.TorchDecodeGraph(model, b) if dev.type == "cuda" else None
+
+        def setup():
+            pos.fill_(ctx)
+
+        def loop():
+            tokens = tokens0
+            for _ in range(steps):
+                logits = graph.run(tokens, pos) if graph is not None else model.decode(tokens, pos)
+                tokens = logits.argmax(-1)
+                pos.add_(1)
+                tokens.cpu()
+
+        return b * steps / measure(loop, dev, reps, setup=setup)
+
+    for ctx in contexts:
+        def one(ctx=ctx):
+            # The cache sized to the request (gpt-fast sizes it to prompt + new tokens): the
+            # masked SDPA reads the whole cache, so a 32K cache would slow short contexts.
+            model = build(1, ctx + steps + 8, layers)
+            try:
+                bench.record("decode tok/s", precision, f"b1 ctx {ctx}", "torch", decode_rate(model, 1, ctx),
+                             "tok/s", torch_graph=dev.type == "cuda")
+            finally:
+                del model
+                bench.free()
+        bench.section(f"torch {precision} decode b1 ctx {ctx}", one)
+
+    def ttft():
+        model = first
+        tokens = torch.randint(0, c.vocab_size, (1, args.prompt), device=dev)
+        pos = torch.arange(args.prompt, device=dev)
+
+        def run():
+            hidden = model.forward(tokens, pos)
+            model.logits(hidden[:, -1]).argmax(-1).item()
+
+        bench.record("TTFT ms", precision, f"prompt {args.prompt}", "torch", 1e3 * measure(run, dev, reps), "ms")
+    bench.section(f"torch {precision} TTFT", ttft)
+    del first
+    bench.free()
+
+    if args.batches:
+        def batches():
+            ctx = args.batch_context
+            model = build(max(args.batches), ctx + steps + 8, layers)
+            try:
+                for b in args.batches:
+                    bench.section(f"torch {precision} decode b{b}", lambda: bench.record(
+                        "decode tok/s", precision, f"b{b} ctx {ctx}", "torch", decode_rate(model, b, ctx), "tok/s"))
+            finally:
+                del model
+                bench.free()
+        bench.section(f"torch {precision} batches", batches)
+    del layers
+    bench.free()
+
+
+def run_hf(bench: Bench, w: Weights, contexts: List[int], steps: int, reps: int,
+           reference_logits: Optional[Dict[str, torch.Tensor]], check_tokens: Optional[torch.Tensor]) -> None:
+    dev, args = bench.device, bench.args
+    built = bench.section("hf build", lambda: build_hf(w))
+    if built is None:
+        return
+    model, hfc, rope, version = built
+    bench.info["hf_rope"] = rope
+    bench.log(f"HF LlamaForCausalLM built (transformers {version}, rope {rope}, sdpa, static cache, eager)")
+    if args.hf_compile:
+        def compile_():
+            model.forward = torch.compile(model.forward, mode="reduce-overhead")
+            bench.info["hf_compile"] = True
+        bench.section("hf compile", compile_)
+    if reference_logits is not None:
+        def check():
+            t = check_tokens[None]
+            logits = model(input_ids=t, use_cache=False).logits[0].float()
+            rel = _rel(logits, reference_logits["fp16"])
+            bench.checks["hf_fp16_logits_rel_vs_ours"] = rel
+            bench.log(f"check: HF fp16 logits vs ours, max rel diff {rel:.3g}")
+        bench.section("hf logits check", check)
+    hf_steps = args.hf_steps or steps
+    for ctx in contexts:
+        def one(ctx=ctx):
+            cache, how = hf_prepared_cache(model, hfc, 1, ctx, ctx + hf_steps + 8, dev)
+            try:
+                bench.record("decode tok/s", "fp16", f"b1 ctx {ctx}", "hf",
+                             hf_decode_rate(model, cache, 1, ctx, hf_steps, args.hf_reps, dev), "tok/s",
+                             hf_cache=how)
+            finally:
+                del cache
+                bench.free()
+        bench.section(f"hf decode b1 ctx {ctx}", one)
+    bench.section("hf TTFT", lambda: bench.record(
+        "TTFT ms", "fp16", f"prompt {args.prompt}", "hf", 1e3 * hf_ttft(model, hfc, args.prompt, args.hf_reps, dev),
+        "ms"))
+    for b in args.batches:
+        def one(b=b):
+            ctx = args.batch_context
+            cache, how = hf_prepared_cache(model, hfc, b, ctx, ctx + hf_steps + 8, dev)
+            try:
+                bench.record("decode tok/s", "fp16", f"b{b} ctx {ctx}", "hf",
+                             hf_decode_rate(model, cache, b, ctx, hf_steps, args.hf_reps, dev), "tok/s")
+            finally:
+                del cache
+                bench.free()
+        bench.section(f"hf decode b{b}", one)
+    del model, built
+    bench.free()
+
+
+# ---- report ------------------------------------------------------------------------------
+
+def _batch_of(setting: str) -> Optional[int]:
+    head = setting.split()[0]
+    return int(head[1:]) if head.startswith("b") and head[1:].isdigit() else None
+
+
+def _context_of(setting: str) -> Optional[int]:
+    parts = setting.split()
+    return int(parts[parts.index("ctx") + 1]) if "ctx" in parts else None
+
+
+def add_limits(bench: Bench, w: Weights, bandwidth: Optional[float]) -> None:
+    """Bandwidth limit of each decode row: weights read once + the KV cache at that
+    context, per step, over the measured copy bandwidth; ours as % of it."""
+    kv = kv_bytes_per_token(w.config)
+    for row in bench.rows.values():
+        b, ctx = _batch_of(row["setting"]), _context_of(row["setting"])
+        if not row["metric"].startswith("decode") or b is None or ctx is None:
+            continue
+        try:
+            wbytes = w.weight_bytes(row["precision"])
+        except Exception:
+            continue
+        step_bytes = wbytes + b * kv * ctx
+        row["bytes_per_step"] = step_bytes
+        if bandwidth:
+            row["limit"] = b * bandwidth / step_bytes
+            if row.get("ours"):
+                row["ours_pct_limit"] = 100 * row["ours"] / row["limit"]
+
+
+def speed_ratio(row: Dict[str, Any], other: str) -> Optional[float]:
+    """How many times faster ours is: ours/other for rates, other/ours for times."""
+    a, b = row.get("ours"), row.get(other)
+    if not a or not b:
+        return None
+    return b / a if row["unit"] == "ms" else a / b
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    def f(v, spec="{:.1f}"):
+        return "-" if v is None else spec.format(v)
+
+    header = (f"{'metric':<22} {'prec':<5} {'setting':<18} {'ours':>9} {'HF':>9} {'torch':>9} "
+              f"{'ours/HF':>8} {'ours/torch':>10} {'limit':>8} {'%limit':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['metric']:<22} {r['precision']:<5} {r['setting']:<18} {f(r['ours']):>9} {f(r['hf']):>9} "
+                     f"{f(r['torch']):>9} {f(speed_ratio(r, 'hf'), '{:.2f}x'):>8} "
+                     f"{f(speed_ratio(r, 'torch'), '{:.2f}x'):>10} {f(r.get('limit')):>8} "
+                     f"{f(r.get('ours_pct_limit'), '{:.0f}%'):>7}")
+    lines.append("ratios are speed-ups of ours (>1: ours faster; for TTFT: baseline ms / ours ms); limit: "
+                 "tok/s if every step only read weights + KV cache at the measured copy bandwidth")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fastinternlm.bench e2e", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="7b")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--contexts", type=int, nargs="+", default=None, help="batch-1 decode contexts")
+    p.add_argument("--batches", type=int, nargs="*", default=None, help="decode throughput batch sizes")
+    p.add_argument("--batch-context", type=int, default=None, help="context of the batched decode rows")
+    p.add_argument("--prompt", type=int, default=None, help="TTFT prompt length")
+    p.add_argument("--eager-context", type=int, default=None, help="context of ours' eager decode row")
+    p.add_argument("--steps", type=int, default=None, help="decode steps per timed loop")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median) after one warm-up")
+    p.add_argument("--hf-steps", type=int, default=None, help="decode steps per HF loop (default --steps)")
+    p.add_argument("--hf-reps", type=int, default=2, help="timed repetitions for HF (eager is slow)")
+    p.add_argument("--precisions", nargs="+", choices=["fp16", "int4"], default=["fp16", "int4"])
+    p.add_argument("--torch-attention", choices=["auto", "sdpa", "grouped"], default="auto",
+                   help="torch baseline attention: SDPA with enable_gqa, or the G query heads of each KV "
+                        "head folded into query rows (no K/V repeat, whichever SDPA backend runs); auto: "
+                        "the faster of the two for one decode step at the largest context (CUDA; sdpa on "
+                        "the CPU)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--hf-compile", action="store_true", help="torch.compile HF's forward (slow to compile)")
+    p.add_argument("--time-budget", type=float, default=200.0,
+                   help="seconds after which no new section starts (the summary is still printed)")
+    p.add_argument("--json", default=None, help="also write everything to this file")
+    args = p.parse_args(argv)
+    s = SHAPES[args.shapes]
+    for key in ("contexts", "batches", "batch_context", "prompt", "steps"):
+        if getattr(args, key) is None:
+            setattr(args, key, s[key])
+    if args.eager_context is None:
+        args.eager_context = 2048 if 2048 in args.contexts else args.contexts[0]
+    if any(c < 1 for c in args.contexts) or args.steps < 1 or args.prompt < 1:
+        p.error("contexts, steps and prompt must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    bench = Bench(args, device)
+    with torch.inference_mode():
+        try:
+            rows = run(bench, args, device)
+        except Exception as e:  # noqa: BLE001 - still print what was measured
+            bench.errors.append({"section": "run", "error": f"{type(e).__name__}: {e}"})
+            bench.log(f"FAILED run: {type(e).__name__}: {str(e)[:300]}")
+            rows = list(bench.rows.values())
+    print(format_table(rows))
+    if args.json:
+        out = {"info": bench.info, "args": vars(args), "checks": bench.checks, "errors": bench.errors,
+               "skipped": bench.skipped, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except Exception as e:  # noqa: BLE001
+        tf_version = f"unavailable ({type(e).__name__})"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    bench.info.update(device=name, torch=torch.__version__, transformers=tf_version, shapes=args.shapes)
+    print(f"fastinternlm e2e benchmark: {name}, torch {torch.__version__}, transformers {tf_version}, "
+          f"shapes {args.shapes}", flush=True)
+    torch.manual_seed(0)
+    config = make_config(args.shapes)
+    bandwidth = None
+    if device.type == "cuda":
+        from .__main__ import copy_bandwidth
+        bandwidth = bench.section("copy bandwidth", lambda: copy_bandwidth(device), always=True)
+        if bandwidth:
+            bench.log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    bench.info["copy_bandwidth"] = bandwidth
+
+    w = bench.section("random weights", lambda: Weights(config, device), always=True)
+    if w is None:
+        return []
+    bench.log(f"weights fp16: {w.weight_bytes('fp16') / 1e9:.2f} GB per step")
+    if "int4" in args.precisions:
+        def quantize():
+            w.quantize()
+            bench.log(f"weights int4 g{GROUP_SIZE}: {w.weight_bytes('int4') / 1e9:.2f} GB per step")
+        bench.section("int4 quantize", quantize, always=True)
+
+    # Logits of one short prompt from ours: the baselines are checked against them, so each
+    # is shown to compute the same function on the same weights.
+    check_tokens = torch.randint(0, config.vocab_size, (16,), device=device)
+    reference = {}
+    for precision in args.precisions:
+        def ref(precision=precision):
+            model = w.model(precision, 1, 32)
+            reference[precision] = ours_logits(model, check_tokens)
+        bench.section(f"ours {precision} reference logits", ref, always=True)
+
+    if "int4" in args.precisions and w.int4_layers is not None and not args.skip_torch:
+        def tinygemm_check():
+            from .torch_ref import check_tinygemm, tinygemm_available
+            if not tinygemm_available(device):
+                bench.checks["tinygemm_verified"] = None
+                bench.log("tinygemm not available here: torch int4 baseline skipped")
+                return
+            rel = check_tinygemm(w.int4_layers[0].w13)
+            ok = rel < 3e-2
+            bench.checks.update(tinygemm_rel_vs_ours=rel, tinygemm_verified=ok)
+            bench.log(f"check: tinygemm vs our int4_gemm on layer 0 w13: rel err {rel:.3g} "
+                      f"({'verified' if ok else 'MISMATCH: torch int4 rows are unverified'})")
+        bench.section("tinygemm check", tinygemm_check, always=True)
+
+    for precision in args.precisions:
+        run_ours(bench, w, precision, args.contexts, args.steps, args.reps)
+    run_ours_batches(bench, w, args.precisions, args.steps, args.reps)
+    if not args.skip_torch:
+        if args.torch_attention == "auto":
+            args.torch_attention = "sdpa"
+            if device.type == "cuda":
+                def pick():
+                    from .torch_ref import pick_attention
+                    mode, times = pick_attention(config, device, torch.float16, max(args.contexts))
+                    args.torch_attention = mode
+                    bench.checks["torch_attention_us"] = {k: 1e6 * v for k, v in times.items()}
+                    bench.log("torch baseline attention at ctx %d: %s -> %s" % (
+                        max(args.contexts), ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in times.items()), mode))
+                bench.section("torch attention choice", pick)
+        bench.info["torch_attention"] = args.torch_attention
+        for precision in args.precisions:
+            run_torch(bench, w, precision, args.contexts, args.steps, args.reps, reference or None, check_tokens)
+    if not args.skip_hf:
+        run_hf(bench, w, args.contexts, args.steps, args.reps, reference if "fp16" in reference else None,
+               check_tokens)
+    if bench.checks.get("tinygemm_verified") is False:
+        for row in bench.rows.values():
+            if row["precision"] == "int4" and row["torch"] is not None:
+                row["torch_unverified"] = True
+    add_limits(bench, w, bandwidth)
+    if device.type == "cuda":
+        bench.info["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        bench.log(f"peak GPU memory allocated: {bench.info['peak_memory_gb']:.1f} GB")
+    bench.log(f"done in {time.perf_counter() - bench.start:.0f}s; {len(bench.errors)} failed, "
+              f"{len(bench.skipped)} skipped sections")
+    return list(bench.rows.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
