@@ -147,7 +147,8 @@ prefill_write_kv_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const 
 // lane l, elements (l / 4, 2 (l % 4) .. +1) of matrix j (of its transpose with .trans).
 // One block per SM is asked for: Q (D/16 x 4), O (D/8 x 4) and S (32) fragments need ~200
 // registers at D = 128, and capping D = 64 at 128 registers (2 blocks per SM) made ptxas
-// spill; 8 warps with double-buffered cp.async loads still overlap memory and math.
+// spill (8-16 bytes, sm_80); 8 warps with double-buffered cp.async loads still overlap
+// memory and math.
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads, 1)
 prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,
@@ -172,8 +173,11 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   const int64_t head = (slot * kv_heads + kvh) * max_seq;
   const T* const kc = k_cache + head * D;
   const T* const vc = v_cache + head * D;
-  const int64_t kv_end = start + q0 + nq;  // one past the block's last query position
-  const int n_tiles = static_cast<int>((kv_end + kTileKeys - 1) / kTileKeys);
+  // Positions fit int: start + tokens <= max_seq < 2^31 (checked at the API), and 32-bit
+  // position math takes half the registers of 64-bit.
+  const int first_pos = static_cast<int>(start) + q0;
+  const int kv_end = first_pos + nq;  // one past the block's last query position
+  const int n_tiles = (kv_end + kTileKeys - 1) / kTileKeys;
 
   // Q: padded rows (i >= rows) are zero-filled and never stored.
   for (int idx = tid; idx < kTileRows * kChunks; idx += kPrefillThreads) {
@@ -186,31 +190,38 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   // Keys past kv_end (the last tile's tail, at most max_seq) are zero-filled: their scores
   // are masked, but V must be exact zeros, since 0 * (stale inf/NaN) would poison O.
   auto load_kv = [&](int tile_idx, int stage) {
-    const int64_t k0 = int64_t{tile_idx} * kTileKeys;
+    const int k0 = tile_idx * kTileKeys;  // < max_seq < 2^31
     T* const ks = sm + L::kK + stage * kTileKeys * P;
     T* const vs = sm + L::kV + stage * kTileKeys * P;
     for (int idx = tid; idx < kTileKeys * kChunks; idx += kPrefillThreads) {
       const int j = idx / kChunks, c = idx % kChunks;
       const bool valid = k0 + j < kv_end;
-      const int64_t off = (valid ? k0 + j : 0) * D + c * 8;
+      const int64_t off = int64_t{valid ? k0 + j : 0} * D + c * 8;
       cp_async_16(ks + j * P + c * 8, kc + off, valid);
       cp_async_16(vs + j * P + c * 8, vc + off, valid);
     }
   };
+  cp_async_commit();  // group: Q
   load_kv(0, 0);
-  cp_async_commit();  // group 0: Q and the first K/V tile
+  cp_async_commit();  // group: the first K/V tile, still in flight while Q goes to registers
 
   // The two rows this lane holds in every accumulator, and their query positions. Padded
   // rows take the last real row's position: finite statistics, never stored.
   const int r0 = warp * 16 + lane / 4, r1 = r0 + 8;
-  // int: positions are < max_seq < 2^31 (checked at the API), and 32-bit compares save the
-  // registers that keep the head_dim-64 kernel at 2 blocks per SM without spills.
-  const int first_pos = static_cast<int>(start) + q0;
   const int pos0 = first_pos + min(r0, rows - 1) / group;
   const int pos1 = first_pos + min(r1, rows - 1) / group;
   const int t2 = 2 * (lane % 4);
 
+  cp_async_wait<1>();
+  __syncthreads();
   uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    // Matrices: rows 0-7 / 8-15 of the warp's 16, at columns kk*16 + 0 / + 8.
+    const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+    const int col = kk * 16 + (lane >> 4) * 8;
+    ldsm_x4(qf[kk], sm + L::kQ + row * P + col);
+  }
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -229,16 +240,6 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
       cp_async_wait<0>();
     }
     __syncthreads();  // every thread's copies of this tile are visible
-
-    if (it == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        // Matrices: rows 0-7 / 8-15 of the warp's 16, at columns kk*16 + 0 / + 8.
-        const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int col = kk * 16 + (lane >> 4) * 8;
-        ldsm_x4(qf[kk], sm + L::kQ + row * P + col);
-      }
-    }
 
     const T* const ks = sm + L::kK + stage * kTileKeys * P;
     const T* const vs = sm + L::kV + stage * kTileKeys * P;
