@@ -173,8 +173,8 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   const int64_t head = (slot * kv_heads + kvh) * max_seq;
   const T* const kc = k_cache + head * D;
   const T* const vc = v_cache + head * D;
-  // Positions fit int: start + tokens <= max_seq < 2^31 (checked at the API), and 32-bit
-  // position math takes half the registers of 64-bit.
+  // Positions fit int, even a key tile past the end: start + tokens <= max_seq <= 2^31 - 1
+  // - kTileKeys (checked by the launcher), and 32-bit math takes half the registers.
   const int first_pos = static_cast<int>(start) + q0;
   const int kv_end = first_pos + nq;  // one past the block's last query position
   const int n_tiles = (kv_end + kTileKeys - 1) / kTileKeys;
@@ -190,7 +190,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   // Keys past kv_end (the last tile's tail, at most max_seq) are zero-filled: their scores
   // are masked, but V must be exact zeros, since 0 * (stale inf/NaN) would poison O.
   auto load_kv = [&](int tile_idx, int stage) {
-    const int k0 = tile_idx * kTileKeys;  // < max_seq < 2^31
+    const int k0 = tile_idx * kTileKeys;  // < max_seq <= 2^31 - 1 - kTileKeys
     T* const ks = sm + L::kK + stage * kTileKeys * P;
     T* const vs = sm + L::kV + stage * kTileKeys * P;
     for (int idx = tid; idx < kTileKeys * kChunks; idx += kPrefillThreads) {
@@ -366,9 +366,6 @@ Status launch_prefill(const Context& ctx, T* out, const T* q, const T* kc, const
   const int64_t group = q_heads / cache.kv_heads;
   const int tile_tokens = static_cast<int>(kTileRows / group);
   const int64_t blocks = (tokens + tile_tokens - 1) / tile_tokens * cache.kv_heads;
-  if (blocks > 0x7fffffff)
-    return invalid_value("attention_prefill: tokens * kv_heads too large for one launch, got ",
-                         tokens, " tokens and ", cache.kv_heads, " KV heads");
   auto kernel = prefill_attention_kernel<T, D>;
   constexpr int smem = PrefillLayout<D>::kBytes;
   // Over the 48 KiB default: the opt-in is per kernel (and device), and cheap to repeat.
@@ -386,6 +383,16 @@ Status launch_prefill(const Context& ctx, T* out, const T* q, const T* kc, const
 Status attention_prefill(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
                          const void* v, const KVCache& cache, int64_t tokens, int64_t q_heads,
                          int64_t slot, int64_t start, float scale) {
+  // Refused before anything is written. The kernel does position math in int, up to a key
+  // tile past the last position; its 1-D grid has ceil(tokens / tile tokens) * kv_heads
+  // blocks. (tokens, kv_heads, max_seq are validated by the caller; these are far above
+  // any model's sizes.)
+  if (cache.max_seq > 0x7fffffff - kTileKeys)
+    return invalid_value("attention_prefill: max_seq must be <= ", 0x7fffffff - kTileKeys,
+                         " on CUDA, got ", cache.max_seq);
+  if (tokens * cache.kv_heads > 0x7fffffff)  // a block has at least one token
+    return invalid_value("attention_prefill: tokens * kv_heads must be <= ", 0x7fffffff,
+                         " on CUDA, got ", tokens, " * ", cache.kv_heads);
   FIL_RETURN_IF_ERROR(set_device(ctx));
   const cudaStream_t stream = stream_of(ctx);
   return dispatch_half(dtype, [&](auto tag) -> Status {
