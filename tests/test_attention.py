@@ -5,6 +5,7 @@ import torch
 
 from conftest import UNIT_ROUNDOFF, assert_close, rand
 from fastinternlm import ops
+from fastinternlm.ops._checks import _C, context, dtype_code
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUPS = [1, 2, 3, 4, 6, 8]
@@ -58,6 +59,50 @@ def roundings(dtype, length, head_dim, smax):
     return 2 + float32_part * UNIT_ROUNDOFF[torch.float32] / UNIT_ROUNDOFF[dtype]
 
 
+# The CUDA prefill kernel rounds the probabilities to the activation dtype to feed them to
+# the tensor cores for P V (as flash-attention and SDPA do); the CPU keeps them float32.
+P_ROUNDING_SIGMAS = 7.0
+# Half the spacing of float16 subnormals: below 2^-14 rounding errs by up to this absolute
+# amount rather than by u relative. bfloat16 has float32's exponent range: none.
+SUBNORMAL_HALF_SPACING = {torch.float16: 2.0**-25, torch.bfloat16: 0.0, torch.float32: 0.0}
+
+
+def prob_rounding_spread(q, k_cache, v_cache, slot, start, scale):
+    """float64 sqrt(sum_j (p_j + eta / u)^2 v_j^2) for each output element of a prefill of q
+    at `start` in `slot` (row t attends to [0, start + t]); see `prefill_roundings`."""
+    dtype = q.dtype
+    n, q_heads, d = q.shape
+    group = q_heads // k_cache.shape[1]
+    length = start + n
+    kk = k_cache[slot, :, :length].to("cpu", torch.float64).repeat_interleave(group, 0)
+    vv = v_cache[slot, :, :length].to("cpu", torch.float64).repeat_interleave(group, 0)
+    s = torch.einsum("nhd,hld->nhl", q.to("cpu", torch.float64), kk) * scale
+    visible = (torch.arange(length)[None, :] <= start + torch.arange(n)[:, None])[:, None, :]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    w = (p + visible * (SUBNORMAL_HALF_SPACING[dtype] / UNIT_ROUNDOFF[dtype])) ** 2
+    return torch.einsum("nhl,hld->nhd", w, vv * vv).sqrt()
+
+
+def prefill_roundings(device, base, expected, spread, outputs=1):
+    """`base` roundings plus, on CUDA, the rounding of the probabilities in each of `outputs`
+    prefill results being compared, as a per-element tensor (assert_close scales it by
+    |expected| + mean|expected|).
+
+    The kernel rounds p~_j = exp(s_j - m), m the running maximum, to dtype: an error of at
+    most u p~_j + eta (eta: SUBNORMAL_HALF_SPACING). Divided by the normaliser (>= 1, the
+    maximum contributes exactly 1) and rescaled by the later factors exp(m - m_final) <= 1,
+    which numerator and normaliser share, weight j errs by delta_j with |delta_j| <= u p_j +
+    eta, p_j the exact softmax weight; the output then errs by sum_j delta_j v_j. Taking the
+    roundings as independent and zero-mean, Hoeffding's inequality bounds
+    P(|sum_j delta_j v_j| >= k u spread) by 2 exp(-k^2 / 2), spread = sqrt(sum_j (p_j +
+    eta / u)^2 v_j^2): k = 7 leaves a false alarm below 5e-11 per element. A worst-case
+    bound (all errors of one sign) would be ~sqrt(length) times looser, useless at 32K."""
+    if device.type != "cuda":
+        return base
+    e = expected.abs()
+    return base + outputs * P_ROUNDING_SIGMAS * spread / (e + e.mean())
+
+
 def expected_prefill_cache(cache, k, slot, start):
     e = cache.clone()
     e[slot, :, start:start + k.shape[0]] = k.transpose(0, 1)
@@ -76,14 +121,18 @@ def run_prefill_and_check(q, k, v, k_cache, v_cache, slot, start, scale=None):
     s = 1.0 / math.sqrt(head_dim) if scale is None else scale
     expected, smax = reference(q, ek, ev, [slot] * tokens, [start + t for t in range(tokens)], s)
     assert out.dtype == dtype and out.device == q.device and out.shape == q.shape
-    assert_close(out, expected, dtype, roundings(dtype, start + tokens, head_dim, smax))
+    spread = prob_rounding_spread(q, ek, ev, slot, start, s)
+    assert_close(out, expected, dtype,
+                 prefill_roundings(q.device, roundings(dtype, start + tokens, head_dim, smax), expected, spread))
     return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("tokens,start", [(37, 0), (70, 29)])
+# Odd token counts around the CUDA tile of 128 (token, head) rows and 64 keys: a single
+# token, a partial tile, several tiles, and starts that are not multiples of 64.
+@pytest.mark.parametrize("tokens,start", [(37, 0), (70, 29), (1, 0), (1, 100), (17, 5), (129, 0), (300, 131)])
 def test_attention_prefill(device, dtype, group, head_dim, tokens, start):
     skip_cuda_float32(device, dtype)
     kv_heads, num_slots, slot = 2, 3, 1
@@ -128,9 +177,15 @@ def test_attention_prefill_chunked_equals_one_shot(device, dtype, group):
     chunked = torch.cat(pieces)
     assert torch.equal(k_chunked, k_one) and torch.equal(v_chunked, v_one)
     # Both compute each query over the same positions in float32; they may differ by the
-    # order of float32 operations only, so well within one rounding of each other's output.
-    _, smax = reference(q, k_one, v_one, [1] * tokens, list(range(tokens)), 1 / math.sqrt(head_dim))
-    assert_close(chunked, one_shot.double(), dtype, roundings(dtype, tokens, head_dim, smax))
+    # order of float32 operations only, so well within one rounding of each other's output;
+    # on CUDA each also rounds its probabilities, relative to maxima that depend on the
+    # chunking, so both results' probability roundings count.
+    scale = 1 / math.sqrt(head_dim)
+    _, smax = reference(q, k_one, v_one, [1] * tokens, list(range(tokens)), scale)
+    spread = prob_rounding_spread(q, k_one, v_one, 1, 0, scale)
+    base = roundings(dtype, tokens, head_dim, smax)
+    assert_close(chunked, one_shot.double(), dtype,
+                 prefill_roundings(q.device, base, one_shot.double(), spread, outputs=2))
 
 
 def run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions, scale=None, **kwargs):
@@ -223,6 +278,59 @@ def test_attention_prefill_long_context(device, dtype):
     run_prefill_and_check(q, k, v, k_cache, v_cache, 0, start)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_prefill_long_prompt(device, dtype):
+    # A 1500-token chunk after 1300 earlier positions: 44 key tiles of 64 for the last rows,
+    # so the online softmax rescales its running sums many times, across both K/V buffers.
+    skip_cuda_float32(device, dtype)
+    kv_heads, group, head_dim, start, tokens = 1, 2, 128, 1300, 1500
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(1, kv_heads, start + tokens + 3, head_dim, dtype, device)
+    run_prefill_and_check(q, k, v, k_cache, v_cache, 0, start)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_prefill_large_scores(device, dtype):
+    # scale = 1 with |q| ~ 3 |k| gives scores of ~100 over 2K positions: exp of the raw
+    # scores overflows float32 (> 88), so this fails unless the maximum is subtracted.
+    skip_cuda_float32(device, dtype)
+    kv_heads, group, head_dim, start, tokens = 2, 2, 64, 2000, 70
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, device=device, scale=3.0)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(1, kv_heads, start + tokens, head_dim, dtype, device)
+    run_prefill_and_check(q, k, v, k_cache, v_cache, 0, start, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,group,head_dim", [(129, 3, 64), (300, 8, 128), (5, 1, 128)])
+def test_attention_prefill_writes_every_output(device, dtype, tokens, group, head_dim):
+    # The op allocates its output with torch.empty; here the C++ entry writes into a
+    # NaN-filled buffer instead, so a row the kernel skips (a tile edge, a padded row of a
+    # group that does not divide the tile) shows up as NaN.
+    skip_cuda_float32(device, dtype)
+    kv_heads, start, slot = 2, 45, 1
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache, v_cache = make_cache(2, kv_heads, start + tokens + 7, head_dim, dtype, device)
+    ek = expected_prefill_cache(k_cache, k, slot, start)
+    ev = expected_prefill_cache(v_cache, v, slot, start)
+    out = torch.full_like(q, float("nan"))
+    scale = 1 / math.sqrt(head_dim)
+    _C.attention_prefill(*context(device), dtype_code(dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(),
+                         v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.shape, tokens,
+                         q.shape[1], slot, start, scale)
+    assert torch.equal(k_cache, ek) and torch.equal(v_cache, ev)
+    assert not torch.isnan(out).any(), f"{int(torch.isnan(out).sum())} output elements never written"
+    expected, smax = reference(q, ek, ev, [slot] * tokens, [start + t for t in range(tokens)], scale)
+    spread = prob_rounding_spread(q, ek, ev, slot, start, scale)
+    assert_close(out, expected, dtype,
+                 prefill_roundings(device, roundings(dtype, start + tokens, head_dim, smax), expected, spread))
+
+
 def test_attention_decode_then_prefill_agree(device):
     # Decoding token by token after a prefill gives what prefilling the whole text gives.
     dtype, kv_heads, group, head_dim, tokens = torch.bfloat16, 2, 3, 128, 40
@@ -234,10 +342,13 @@ def test_attention_decode_then_prefill_agree(device):
     full = ops.attention_prefill(q, k, v, kc1, vc1, 0, 0)
     ops.attention_prefill(q[:30].contiguous(), k[:30].contiguous(), v[:30].contiguous(), kc2, vc2, 0, 0)
     slot = torch.zeros(1, dtype=torch.int32, device=device)
+    # Each output rounded once (2); on CUDA the prefill also rounds its probabilities.
+    spread = prob_rounding_spread(q, kc1, vc1, 0, 0, 1 / math.sqrt(head_dim))
     for t in range(30, tokens):
         pos = torch.full((1,), t, dtype=torch.int32, device=device)
         out = ops.attention_decode(q[t:t + 1], k[t:t + 1], v[t:t + 1], kc2, vc2, slot, pos)
-        assert_close(out, full[t:t + 1].double(), dtype, roundings=2)
+        expected = full[t:t + 1].double()
+        assert_close(out, expected, dtype, prefill_roundings(q.device, 2, expected, spread[t:t + 1]))
     assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
 
 

@@ -4,7 +4,11 @@
 // head_dim]; a sequence owns one slot. Query head h reads KV head h / (q_heads / kv_heads).
 // Scores, softmax and the weighted sum are float32 and max-subtracted (the CUDA kernels
 // keep a running maximum, online softmax), so long contexts neither overflow nor lose the
-// small terms; the output is rounded once to the activation dtype.
+// small terms; the output is rounded once to the activation dtype. One exception: CUDA
+// prefill runs P V on tensor cores, so it rounds each probability (relative to the running
+// maximum) once to the activation dtype first, as flash-attention and SDPA do; the
+// normaliser sums the unrounded float32 values. That adds a relative error of at most one
+// unit roundoff per weight, random across keys (tests/test_attention.py bounds its sum).
 //
 // Supported: head_dim 64 or 128; q_heads a multiple of kv_heads with a group size
 // q_heads / kv_heads from 1 to 8; float16/bfloat16 (float32 too on the CPU); a scale that
