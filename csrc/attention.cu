@@ -31,6 +31,15 @@ template <> struct Half2Of<__nv_bfloat16> { using type = __nv_bfloat162; };
 __device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
 __device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
 
+template <typename T>
+__device__ __forceinline__ typename Half2Of<T>::type from_float2(float a, float b);
+template <>
+__device__ __forceinline__ __half2 from_float2<__half>(float a, float b) { return __floats2half2_rn(a, b); }
+template <>
+__device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+
 template <int N> struct RawVec;
 template <> struct RawVec<8> { using type = uint4; };
 template <> struct RawVec<4> { using type = uint2; };
