@@ -27,10 +27,10 @@
 //  - Nibbles: cp.async 16 B into rows of 32 B (one W row, 64 channels). MMA B fragment
 //    (PTX ISA, m16n8k16 .f16/.bf16 B "col"): lane l holds column n = l / 4 and channels
 //    k = 2c, 2c+1 (b0, b1) and 2c+8, 2c+9 (b2, b3) of its k16 slice, c = l % 4. In format
-//    v1 channels 8j .. 8j+7 are nibbles 0..7 of word j, so a lane needs byte c of every
-//    word of its column: it loads the column's 16-byte chunk (4 words, two k16 slices)
-//    and shifts by 8c. The eight lanes reading one chunk column hit eight rows 32 B apart;
-//    swapping the two chunks of rows with (row / 4) odd spreads them over all 32 banks.
+//    v1 channels 8j .. 8j+7 are nibbles 0..7 of word j, so a lane needs byte c of both
+//    words of its column's k16 slice: it loads those 8 bytes and shifts by 8c. The eight
+//    columns a warp reads lie in rows 32 B apart; swapping the two 16-byte chunks of rows
+//    with (row / 4) odd puts the eight 8-byte reads in distinct banks.
 //  - Scales/offsets: per K-step and W row one (s, m) per 32-channel half (a 32-channel
 //    half always lies in one group: groups are 32, 64 or 128 and k is a multiple of the
 //    group). They are 2-byte values in two arrays, which cp.async (4, 8, 16 B) cannot
@@ -103,7 +103,8 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
+               : "r"(address)
+               : "memory");  // reads what cp.async wrote: keep it after the barrier
 }
 
 // d += a (16 x 16, row) * b (16 x 8, col), float32 accumulators.
@@ -151,10 +152,10 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, float s, float m
 // Two adjacent outputs of one row (columns col, col + 1), masked at the edges. pair_stores:
 // n is even and out 4-byte aligned, so (row * n + col) * 2 bytes is 4-byte aligned.
 template <typename T>
-__device__ __forceinline__ void store_pair(T* out, int64_t row, int64_t col, int m, int n,
+__device__ __forceinline__ void store_pair(T* out, int row, int col, int m, int n,
                                            bool pair_stores, float v0, float v1) {
   if (row >= m) return;
-  T* p = out + row * n + col;
+  T* p = out + int64_t(row) * n + col;
   if (pair_stores && col + 1 < n) {
     if constexpr (std::is_same<T, __half>::value)
       *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v0, v1);
@@ -181,26 +182,28 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   const int group = static_cast<int>(blockIdx.x) / per_group;
   const int local = static_cast<int>(blockIdx.x) % per_group;
   const int group_rows = min(kGroupTilesM, tiles_m - group * kGroupTilesM);
-  const int64_t m0 = int64_t(group * kGroupTilesM + local % group_rows) * kBlockM;
-  const int64_t n0 = int64_t(local / group_rows) * kBlockN;
-  const int64_t words_per_row = k / 8, groups = k / group_size;
+  // 32-bit tile origins and row lengths (m, n, k < 2^31), 64-bit products: fewer
+  // registers live across the main loop.
+  const int m0 = (group * kGroupTilesM + local % group_rows) * kBlockM;
+  const int n0 = (local / group_rows) * kBlockN;
+  const int words_per_row = k / 8, groups = k / group_size;
 
   // Loader roles, fixed for the whole K loop.
   // x: chunk a_chunk (8 channels) of rows a_row + 16 i, i = 0..7; 8 consecutive threads
   // read one row's 128 contiguous bytes.
   const int a_chunk = tid % 8, a_row = tid / 8;
-  const int a_rows_left = static_cast<int>(min(int64_t(m) - m0 - a_row, int64_t(kBlockM)));
-  const T* a_src = x + (m0 + a_row) * k + 8 * a_chunk;
+  const int a_rows_left = m - m0 - a_row;
+  const T* a_src = x + int64_t(m0 + a_row) * k + 8 * a_chunk;
   const uint32_t a_dst = a_row * kARowBytes + ((a_chunk ^ (a_row % 8)) * 16);
   // Nibbles: chunk b_half (32 channels) of W rows b_row and b_row + 64.
   const int b_half = tid % 2, b_row = tid / 2;
   const bool b_valid0 = n0 + b_row < n, b_valid1 = n0 + b_row + 64 < n;
-  const int32_t* b_src = qweight + (n0 + b_row) * words_per_row + 4 * b_half;
+  const int32_t* b_src = qweight + int64_t(n0 + b_row) * words_per_row + 4 * b_half;
   // (b_row + 64) / 4 has the parity of b_row / 4, so both rows share the swizzle.
   const uint32_t b_dst = b_row * kBRowBytes + ((b_half ^ ((b_row / 4) % 2)) * 16);
   // Scales/offsets of W row tid.
   const bool s_valid = n0 + tid < n;
-  const int64_t s_base = (n0 + tid) * groups;
+  const int64_t s_base = int64_t(n0 + tid) * groups;
 
   const uint32_t smem_base = smem_address(smem);
   auto a_stage = [&](int stage) { return smem_base + stage * kStageBytes; };
@@ -223,7 +226,7 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
     cp_async16(b_stage(stage) + b_dst, b_k_valid && b_valid0 ? static_cast<const void*>(src) : qweight,
                b_k_valid && b_valid0);
     cp_async16(b_stage(stage) + b_dst + 64 * kBRowBytes,
-               b_k_valid && b_valid1 ? static_cast<const void*>(src + 64 * words_per_row) : qweight,
+               b_k_valid && b_valid1 ? static_cast<const void*>(src + 64 * int64_t(words_per_row)) : qweight,
                b_k_valid && b_valid1);
   };
 
@@ -258,38 +261,31 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
     const uint8_t* b_tile = smem + stage * kStageBytes + kABytes;
     const float2* s_tile = s_stage(stage);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // 32-channel half: one (s, m) per W row
-      uint4 words[kNTiles];
-      float2 sm[kNTiles];
+    for (int ks = 0; ks < kBlockK / 16; ++ks) {
+      // k16 slice ks lies in 32-channel half h = ks / 2 (one (s, m) per W row) and is
+      // words 2 (ks % 2), 2 (ks % 2) + 1 of that half's 16-byte chunk: one 8-byte load
+      // per n8 tile (16-byte loads per half would hold 8 more registers across the MMAs).
+      const int h = ks / 2;
+      uint32_t b[kNTiles][2];
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
         const int col = warp * kWarpN + 8 * j + g8;
-        words[j] = *reinterpret_cast<const uint4*>(b_tile + col * kBRowBytes +
-                                                   ((h ^ ((col / 4) % 2)) * 16));
-        sm[j] = s_tile[h * kBlockN + col];
+        const uint2 words = *reinterpret_cast<const uint2*>(
+            b_tile + col * kBRowBytes + ((h ^ ((col / 4) % 2)) * 16) + (ks % 2) * 8);
+        const float2 sm = s_tile[h * kBlockN + col];
+        b[j][0] = dequant_pair<T>(words.x >> (8 * c4), sm.x, sm.y);  // k = 2c, 2c+1
+        b[j][1] = dequant_pair<T>(words.y >> (8 * c4), sm.x, sm.y);  // k = 2c+8, 2c+9
       }
 #pragma unroll
-      for (int kh = 0; kh < 2; ++kh) {  // k16 slice 2h + kh: words 2kh, 2kh + 1 of the chunk
-        const int ks = 2 * h + kh;
-        uint32_t b[kNTiles][2];
+      for (int i = 0; i < kMTiles; ++i) {
+        // ldmatrix.x4: lanes 0-15 address rows 0-15 at chunk 2ks, lanes 16-31 the same
+        // rows at chunk 2ks + 1 -> a0..a3 of the m16n8k16 A fragment. row % 8 == lane % 8.
+        const int row = 16 * i + (lane % 16);
+        const int chunk = 2 * ks + lane / 16;
+        uint32_t a[4];
+        ldmatrix_x4(a, a_stage(stage) + row * kARowBytes + ((chunk ^ (lane % 8)) * 16));
 #pragma unroll
-        for (int j = 0; j < kNTiles; ++j) {
-          const uint32_t w0 = kh == 0 ? words[j].x : words[j].z;
-          const uint32_t w1 = kh == 0 ? words[j].y : words[j].w;
-          b[j][0] = dequant_pair<T>(w0 >> (8 * c4), sm[j].x, sm[j].y);  // k = 2c, 2c+1
-          b[j][1] = dequant_pair<T>(w1 >> (8 * c4), sm[j].x, sm[j].y);  // k = 2c+8, 2c+9
-        }
-#pragma unroll
-        for (int i = 0; i < kMTiles; ++i) {
-          // ldmatrix.x4: lanes 0-15 address rows 0-15 at chunk 2ks, lanes 16-31 the same
-          // rows at chunk 2ks + 1 -> a0..a3 of the m16n8k16 A fragment. row % 8 == lane % 8.
-          const int row = 16 * i + (lane % 16);
-          const int chunk = 2 * ks + lane / 16;
-          uint32_t a[4];
-          ldmatrix_x4(a, a_stage(stage) + row * kARowBytes + ((chunk ^ (lane % 8)) * 16));
-#pragma unroll
-          for (int j = 0; j < kNTiles; ++j) mma<T>(acc[i][j], a, b[j][0], b[j][1]);
-        }
+        for (int j = 0; j < kNTiles; ++j) mma<T>(acc[i][j], a, b[j][0], b[j][1]);
       }
     }
   };
@@ -328,10 +324,10 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   // C fragment: c0, c1 at row g8, columns 2c, 2c+1 of the n8 tile; c2, c3 at row g8 + 8.
 #pragma unroll
   for (int i = 0; i < kMTiles; ++i) {
-    const int64_t row = m0 + 16 * i + g8;
+    const int row = m0 + 16 * i + g8;
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
-      const int64_t col = n0 + warp * kWarpN + 8 * j + 2 * c4;
+      const int col = n0 + warp * kWarpN + 8 * j + 2 * c4;
       store_pair(out, row, col, m, n, pair_stores, acc[i][j][0], acc[i][j][1]);
       store_pair(out, row + 8, col, m, n, pair_stores, acc[i][j][2], acc[i][j][3]);
     }
