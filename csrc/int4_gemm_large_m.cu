@@ -18,7 +18,7 @@
 //    64 rows would make the kernel issue-bound on the dequantization. Every weight of the
 //    block tile is dequantized exactly once (the warps split N, not M).
 //  - 128 threads x ~200 registers: two blocks (8 warps) per SM. 3-stage cp.async pipeline,
-//    22.5 KiB a stage (x 16 KiB, nibbles 4 KiB, scales/offsets 2 KiB): 67.5 KiB a block,
+//    24 KiB a stage (x 16 KiB, nibbles 4 KiB, scales/offsets 4 KiB): 72 KiB a block,
 //    so two blocks fit an A100 (164 KiB) as well as an H100 (228 KiB).
 //  - x tiles: cp.async 16 B (.cg: they are reused from shared memory, not from L1) into
 //    rows of 128 B whose eight 16-byte chunks are XOR-swizzled by (row % 8). ldmatrix.x4
@@ -71,9 +71,9 @@ constexpr int kARowBytes = kBlockK * 2;                 // 128: one row of x, 8 
 constexpr int kABytes = kBlockM * kARowBytes;           // 16 KiB
 constexpr int kBRowBytes = kBlockK / 2;                 // 32: one W row's nibbles, 2 chunks
 constexpr int kBBytes = kBlockN * kBRowBytes;           // 4 KiB
-constexpr int kSBytes = 2 * kBlockN * 8;                // 2 KiB: float2 (s, m) per half per row
+constexpr int kSBytes = 2 * kBlockN * 16;               // 4 KiB: Scale per half per row
 constexpr int kStageBytes = kABytes + kBBytes + kSBytes;
-constexpr int kSmemBytes = kStages * kStageBytes;       // 67.5 KiB
+constexpr int kSmemBytes = kStages * kStageBytes;       // 72 KiB
 
 static_assert(kThreads == kBlockN, "one thread loads the scales of one W row");
 static_assert(kBlockM * (kBlockK / 8) == 8 * kThreads, "eight 16-byte x chunks per thread");
@@ -125,19 +125,29 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
   }
 }
 
-// The low nibble of `bits` as a float without I2F (quarter rate on sm_80/sm_90):
-// 0x4B000000 | q is the float 2^23 + q, and subtracting 2^23 is exact.
-__device__ __forceinline__ float low_nibble(uint32_t bits) {
-  return __uint_as_float(0x4B000000u | (bits & 15u)) - 8388608.0f;
+// A group's scale and offset as float32 in shared memory, with s / 16 for the high nibble
+// (see dequant_pair). 16 bytes: one LDS.128.
+struct Scale {
+  float s, s16, m, unused;
+};
+
+// The bits of `bits` selected by `mask` (a nibble at bit 0 or bit 4, i.e. q or 16 q) as a
+// float without I2F (quarter rate on sm_80/sm_90): 0x4B000000 | v is the float 2^23 + v,
+// and subtracting 2^23 is exact. One LOP3 and one FADD.
+__device__ __forceinline__ float masked_float(uint32_t bits, uint32_t mask) {
+  return __uint_as_float(0x4B000000u | (bits & mask)) - 8388608.0f;
 }
 
 // The two channels in the low byte of `bits` (low nibble first), each dequantized as
 // fmaf(q, s, m) in float32 -- exactly dequantize_int4's value, since q * s is exact -- and
 // rounded once to T, packed as the MMA wants them (lower channel in the low 16 bits).
+// The high nibble is taken in place as 16 q and multiplied by s / 16: 16 q * (s / 16) is
+// q * s exactly (s / 16 >= 2^-28 is still a normal float32, so dividing a float16 s by 16 is
+// exact), so fmaf rounds the same value once, and the shift by 4 is saved.
 template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, float s, float m) {
-  const float lo = fmaf(low_nibble(bits), s, m);
-  const float hi = fmaf(low_nibble(bits >> 4), s, m);
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, const Scale& sc) {
+  const float lo = fmaf(masked_float(bits, 0x0Fu), sc.s, sc.m);
+  const float hi = fmaf(masked_float(bits, 0xF0u), sc.s16, sc.m);
   uint32_t packed;
   if constexpr (std::is_same<T, __half>::value) {
     const __half2 h = __floats2half2_rn(lo, hi);
@@ -187,6 +197,7 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   const int m0 = (group * kGroupTilesM + local % group_rows) * kBlockM;
   const int n0 = (local / group_rows) * kBlockN;
   const int words_per_row = k / 8, groups = k / group_size;
+  const int group_shift = __ffs(group_size) - 1;  // a power of two: a shift, not a division
 
   // Loader roles, fixed for the whole K loop.
   // x: chunk a_chunk (8 channels) of rows a_row + 16 i, i = 0..7; 8 consecutive threads
@@ -209,7 +220,7 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   auto a_stage = [&](int stage) { return smem_base + stage * kStageBytes; };
   auto b_stage = [&](int stage) { return smem_base + stage * kStageBytes + kABytes; };
   auto s_stage = [&](int stage) {
-    return reinterpret_cast<float2*>(smem + stage * kStageBytes + kABytes + kBBytes);
+    return reinterpret_cast<Scale*>(smem + stage * kStageBytes + kABytes + kBBytes);
   };
 
   auto load_tiles = [&](int stage, int step) {
@@ -238,14 +249,17 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
       const int kk = step * kBlockK + 32 * h;
       sm_next[h] = __float2half2_rn(0.0f);
       if (s_valid && kk < k) {
-        const int64_t g = s_base + kk / group_size;
+        const int64_t g = s_base + (kk >> group_shift);
         sm_next[h] = __halves2half2(scales[g], offsets[g]);
       }
     }
   };
   auto store_scales = [&](int stage) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) s_stage(stage)[h * kBlockN + tid] = __half22float2(sm_next[h]);
+    for (int h = 0; h < 2; ++h) {
+      const float2 v = __half22float2(sm_next[h]);
+      s_stage(stage)[h * kBlockN + tid] = Scale{v.x, v.x * 0.0625f, v.y, 0.0f};
+    }
   };
 
   float acc[kMTiles][kNTiles][4];
@@ -259,7 +273,7 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   const int c4 = lane % 4, g8 = lane / 4;
   auto compute = [&](int stage) {
     const uint8_t* b_tile = smem + stage * kStageBytes + kABytes;
-    const float2* s_tile = s_stage(stage);
+    const Scale* s_tile = s_stage(stage);
 #pragma unroll
     for (int ks = 0; ks < kBlockK / 16; ++ks) {
       // k16 slice ks lies in 32-channel half h = ks / 2 (one (s, m) per W row) and is
@@ -272,9 +286,9 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
         const int col = warp * kWarpN + 8 * j + g8;
         const uint2 words = *reinterpret_cast<const uint2*>(
             b_tile + col * kBRowBytes + ((h ^ ((col / 4) % 2)) * 16) + (ks % 2) * 8);
-        const float2 sm = s_tile[h * kBlockN + col];
-        b[j][0] = dequant_pair<T>(words.x >> (8 * c4), sm.x, sm.y);  // k = 2c, 2c+1
-        b[j][1] = dequant_pair<T>(words.y >> (8 * c4), sm.x, sm.y);  // k = 2c+8, 2c+9
+        const Scale sc = s_tile[h * kBlockN + col];
+        b[j][0] = dequant_pair<T>(words.x >> (8 * c4), sc);  // k = 2c, 2c+1
+        b[j][1] = dequant_pair<T>(words.y >> (8 * c4), sc);  // k = 2c+8, 2c+9
       }
 #pragma unroll
       for (int i = 0; i < kMTiles; ++i) {
