@@ -134,8 +134,13 @@ struct Scale {
 // The bits of `bits` selected by `mask` (a nibble at bit 0 or bit 4, i.e. q or 16 q) as a
 // float without I2F (quarter rate on sm_80/sm_90): 0x4B000000 | v is the float 2^23 + v,
 // and subtracting 2^23 is exact. One LOP3 and one FADD.
-__device__ __forceinline__ float masked_float(uint32_t bits, uint32_t mask) {
-  return __uint_as_float(0x4B000000u | (bits & mask)) - 8388608.0f;
+template <uint32_t kMask>
+__device__ __forceinline__ float masked_float(uint32_t bits) {
+  // (bits & mask) | 0x4B000000 as one LOP3: left to itself the compiler emits two, as a
+  // LOP3 takes one immediate; the magic then lives in a register.
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(bits), "n"(kMask), "r"(0x4B000000u));
+  return __uint_as_float(v) - 8388608.0f;
 }
 
 // The two channels in the low byte of `bits` (low nibble first), each dequantized as
@@ -146,8 +151,8 @@ __device__ __forceinline__ float masked_float(uint32_t bits, uint32_t mask) {
 // exact), so fmaf rounds the same value once, and the shift by 4 is saved.
 template <typename T>
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, const Scale& sc) {
-  const float lo = fmaf(masked_float(bits, 0x0Fu), sc.s, sc.m);
-  const float hi = fmaf(masked_float(bits, 0xF0u), sc.s16, sc.m);
+  const float lo = fmaf(masked_float<0x0Fu>(bits), sc.s, sc.m);
+  const float hi = fmaf(masked_float<0xF0u>(bits), sc.s16, sc.m);
   uint32_t packed;
   if constexpr (std::is_same<T, __half>::value) {
     const __half2 h = __floats2half2_rn(lo, hi);
@@ -177,6 +182,19 @@ __device__ __forceinline__ void store_pair(T* out, int row, int col, int m, int 
   if (col + 1 < n) p[1] = from_float<T>(v1);
 }
 
+// The block's output tile in the grouped raster (see the top of the file); the last group
+// may have fewer tile rows. blockIdx.x is read through a volatile asm so that the compiler
+// cannot reuse an earlier read: calling this again recomputes the origin.
+__device__ __forceinline__ void tile_origin(int tiles_m, int tiles_n, int& m0, int& n0) {
+  int block;
+  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(block));
+  const int per_group = kGroupTilesM * tiles_n;
+  const int group = block / per_group, local = block % per_group;
+  const int group_rows = min(kGroupTilesM, tiles_m - group * kGroupTilesM);
+  m0 = (group * kGroupTilesM + local % group_rows) * kBlockM;
+  n0 = (local / group_rows) * kBlockN;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
 int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
@@ -187,15 +205,10 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  // Grouped raster (see the top of the file). The last group may have fewer tile rows.
-  const int per_group = kGroupTilesM * tiles_n;
-  const int group = static_cast<int>(blockIdx.x) / per_group;
-  const int local = static_cast<int>(blockIdx.x) % per_group;
-  const int group_rows = min(kGroupTilesM, tiles_m - group * kGroupTilesM);
   // 32-bit tile origins and row lengths (m, n, k < 2^31), 64-bit products: fewer
   // registers live across the main loop.
-  const int m0 = (group * kGroupTilesM + local % group_rows) * kBlockM;
-  const int n0 = (local / group_rows) * kBlockN;
+  int m0, n0;
+  tile_origin(tiles_m, tiles_n, m0, n0);
   const int words_per_row = k / 8, groups = k / group_size;
   const int group_shift = __ffs(group_size) - 1;  // a power of two: a shift, not a division
 
@@ -335,6 +348,9 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   }
   cp_async_wait<0>();  // no copy may be outstanding when the block exits
 
+  // Computed afresh rather than kept in registers through the main loop, which at ~250
+  // registers would otherwise spill them on sm_80.
+  tile_origin(tiles_m, tiles_n, m0, n0);
   // C fragment: c0, c1 at row g8, columns 2c, 2c+1 of the n8 tile; c2, c3 at row g8 + 8.
 #pragma unroll
   for (int i = 0; i < kMTiles; ++i) {
