@@ -12,14 +12,17 @@
 //  - Block tile 128 (rows of x) x 128 (rows of W, i.e. output columns), K-step 64, four
 //    warps side by side along N, each owning a 128 x 32 warp tile (8 x 4 MMA tiles).
 //    Why 128 x 32 rather than the usual 64 x 64: each warp dequantizes the weights of its
-//    own columns in registers, and that costs ~4.5 ALU instructions per weight. A weight
-//    fragment feeds one MMA per m16 tile of the warp, so the 8 m16 tiles of a 128-row warp
-//    tile bring it to ~2.3 instructions per MMA, below what the tensor pipe needs per MMA;
-//    64 rows would make the kernel issue-bound on the dequantization. Every weight of the
-//    block tile is dequantized exactly once (the warps split N, not M).
-//  - 128 threads x ~200 registers: two blocks (8 warps) per SM. 3-stage cp.async pipeline,
-//    24 KiB a stage (x 16 KiB, nibbles 4 KiB, scales/offsets 4 KiB): 72 KiB a block,
-//    so two blocks fit an A100 (164 KiB) as well as an H100 (228 KiB).
+//    own columns in registers, ~4 ALU instructions per weight (LOP3, FADD, FFMA, half a
+//    shift and half a pack). A weight fragment feeds one MMA per m16 tile of the warp, so
+//    the 8 m16 tiles of a 128-row warp tile bring that to ~2 instructions per MMA (the
+//    whole main loop is ~605 SASS instructions per 128 HMMA); with 64 rows the warps would
+//    issue ~6.5 per MMA, more than an SM sub-partition can issue while its tensor pipe
+//    runs one HMMA (~4-8 cycles). Every weight of the block tile is dequantized exactly
+//    once (the warps split N, not M).
+//  - 128 threads x 254 registers (no spill; 128 of them accumulators): two blocks (8 warps)
+//    per SM. 3-stage cp.async pipeline, 24 KiB a stage (x 16 KiB, nibbles 4 KiB, scales
+//    and offsets 4 KiB): 72 KiB a block, so two blocks fit an A100 (164 KiB) as well as an
+//    H100 (228 KiB).
 //  - x tiles: cp.async 16 B (.cg: they are reused from shared memory, not from L1) into
 //    rows of 128 B whose eight 16-byte chunks are XOR-swizzled by (row % 8). ldmatrix.x4
 //    then reads eight rows of one chunk column per 8-lane phase: eight distinct chunk slots,
