@@ -266,13 +266,14 @@ def mixed_sign_weight(n, k, group_size, device) -> Int4Weight:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("groups", ["one", "three", "many"])
-@pytest.mark.parametrize("m, n", [(17, 136 + 5), (33, 300 + 3), (130, 136 + 5), (257, 300 + 3)])
+@pytest.mark.parametrize("m, n", [(17, 136 + 5), (33, 300 + 3), (130, 256 + 2), (257, 300 + 3)])
 def test_int4_gemm_large_m(device, dtype, group_size, groups, m, n):
     # The CUDA tensor-core path (m > 16): one tile row just past the GEMV limit, partial
-    # and multiple 128-row and 128-column tiles (n odd: the last column is a lone element
-    # of an output pair), k of one group, three groups (an odd count: for group 32 the last
-    # 64-channel step is half empty) and many (an odd count again, past several pipeline
-    # stages). The output starts as NaN, so an element the kernel fails to write shows.
+    # and multiple 128-row and 128-column tiles; n odd (element stores, the last column a
+    # lone element of an output pair) and even (paired stores, a partial last tile); k of
+    # one group, three groups (an odd count: for group 32 the last 64-channel step is half
+    # empty) and many (an odd count again, past several pipeline stages). The output starts
+    # as NaN, so an element the kernel fails to write shows.
     count = {"one": 1, "three": 3, "many": 2 * random.randint(8, 16) + 1}[groups]
     k = group_size * count
     qw = mixed_sign_weight(n, k, group_size, device)
