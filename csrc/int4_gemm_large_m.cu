@@ -243,7 +243,7 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
     const int k0 = step * kBlockK;
     const bool a_k_valid = k0 + 8 * a_chunk < k;
 #pragma unroll
-    for (int i = 0; i < kMTiles; ++i) {
+    for (int i = 0; i < kBlockM / 16; ++i) {  // 16 rows apart: 128 threads / 8 chunks
       const bool valid = a_k_valid && 16 * i < a_rows_left;
       cp_async16(a_stage(stage) + a_dst + 16 * i * kARowBytes,
                  valid ? static_cast<const void*>(a_src + int64_t(16 * i) * k + k0) : x, valid);
@@ -293,8 +293,8 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 #pragma unroll
     for (int ks = 0; ks < kBlockK / 16; ++ks) {
       // k16 slice ks lies in 32-channel half h = ks / 2 (one (s, m) per W row) and is
-      // words 2 (ks % 2), 2 (ks % 2) + 1 of that half's 16-byte chunk: one 8-byte load
-      // per n8 tile (16-byte loads per half would hold 8 more registers across the MMAs).
+      // words 2 (ks % 2), 2 (ks % 2) + 1 of that half's 16-byte chunk (ptxas merges the
+      // two slices' 8-byte loads into one 16-byte load per half).
       const int h = ks / 2;
       uint32_t b[kNTiles][2];
 #pragma unroll
@@ -320,7 +320,7 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
     }
   };
 
-  // Multistage pipeline: stage s holds step s % kStages. One commit group per step (empty
+  // Multistage pipeline: slot s % kStages holds step s. One commit group per step (empty
   // ones past the end keep the count uniform), so waiting until kStages - 2 groups are
   // pending means this thread's copies for the current step have landed; the barrier
   // makes everyone's visible and also frees the slot of the previous step for reuse.
