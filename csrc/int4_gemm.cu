@@ -7,13 +7,11 @@
 //    lanes on consecutive 16 bytes, so a warp's load is 512 contiguous bytes of one row.
 //    Every row of x is used in the same pass, so the weights cross DRAM exactly once for
 //    all M. x is staged in shared memory as float32, chunk by chunk along k.
-//  - M > 16 (prefill): a shared-memory tiled SIMT GEMM, 128 x 128 output tiles, each
-//    thread an 8 x 8 register block. Weights are dequantized once per tile into shared
-//    memory, so the dequantization cost is spread over 128 rows of x. (Tensor cores come
-//    in a later version.)
+//  - M > 16 (prefill): a tensor-core GEMM in int4_gemm_large_m.cu.
 // Both dequantize each weight as fmaf(q, s, m) in float32, which equals the CPU
 // reference's q * s + m bit for bit (q * s is exact), accumulate in float32 and round to
-// the output type once.
+// the output type once; the tensor-core path also rounds each weight to the activation
+// dtype once, as its operands must be (see int4_gemm in int4_gemm.h).
 #include <cstdint>
 
 #include "cuda_common.cuh"
@@ -291,139 +289,6 @@ Status launch_gemv(const Context& ctx, T* out, const T* x, int m, const Int4Weig
   return launch_status("int4_gemm");
 }
 
-// ---- tiled path, M > 16 -------------------------------------------------------------------
-
-constexpr int kTileM = 128, kTileN = 128;
-// 32 input channels per step: one group of the smallest size, so a tile row needs one
-// scale and offset; a row's 32 nibbles are 16 contiguous bytes.
-constexpr int kTileK = 32;
-constexpr int kTileThreads = 256;  // 16 x 16 threads, each 8 x 8 outputs
-
-// Two blocks per SM (at most 128 registers a thread): one block's FMAs then cover the
-// other's barriers and stores to shared memory. ptxas for sm_80 fits this without spilling;
-// for sm_90a it keeps 24 bytes of the staging registers (live across the FMA loop) on the
-// stack, i.e. a few L1-resident spill loads and stores per 2048 FMAs. The alternative,
-// 145 registers and one block per SM, would leave the SM idle at every barrier.
-template <typename T>
-__global__ void __launch_bounds__(kTileThreads, 2)
-int4_gemm_tiled_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
-                       const int32_t* __restrict__ qweight, const __half* __restrict__ scales,
-                       const __half* __restrict__ offsets, int n, int k, int group_size,
-                       int64_t tiles_n) {
-  // Transposed so that the compute loop reads 4 consecutive rows of x (and 4 consecutive
-  // rows of W) as one 16-byte load at each k.
-  __shared__ __align__(16) float as[kTileK][kTileM];  // as[k][row of x]
-  __shared__ __align__(16) float bs[kTileK][kTileN];  // bs[k][row of W], dequantized
-  const int tid = threadIdx.x;
-  // One flat grid (gridDim.y is capped at 65535); N varies fastest so the blocks running
-  // together share rows of x and sweep W, which stays in L2 across M tiles.
-  const int64_t m0 = (int64_t(blockIdx.x) / tiles_n) * kTileM;
-  const int64_t n0 = (int64_t(blockIdx.x) % tiles_n) * kTileN;
-  const int64_t words_per_row = k / 8, groups = k / group_size;
-
-  // Global -> register staging. x: 128 rows x 4 vectors of 8 elements, two per thread, four
-  // threads per row so a row's 64 bytes are read together. W: 128 rows x 4 words, two words
-  // (8 bytes) per thread. The transposing stores to shared memory then conflict 4-way
-  // (x) and 2-way (W); that is 24 stores per 2048 FMAs per thread, not worth a swizzle.
-  const int x_row = tid / 4, x_vec = tid % 4;
-  const int w_row = tid / 2, w_half = tid % 2;
-  // Offsets of this thread's rows, fixed for the whole k loop (registers are tight: the
-  // staging state lives across the FMA loop beside 64 accumulators).
-  const bool x_valid0 = m0 + x_row < m, x_valid1 = m0 + x_row + 64 < m;
-  const int64_t x_off = (m0 + x_row) * k + x_vec * 8;
-  const bool w_valid = n0 + w_row < n;
-  const int64_t w_off = (n0 + w_row) * words_per_row + w_half * 2;
-  const int64_t g_off = (n0 + w_row) * groups;
-  uint4 xr[2];
-  uint2 wr;
-  __half2 wsm;  // (scale, offset)
-
-  auto load = [&](int64_t k0) {
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    xr[0] = x_valid0 ? __ldg(reinterpret_cast<const uint4*>(x + x_off + k0)) : zero;
-    xr[1] = x_valid1 ? __ldg(reinterpret_cast<const uint4*>(x + x_off + 64 * int64_t(k) + k0)) : zero;
-    wr = make_uint2(0, 0);
-    wsm = __float2half2_rn(0.0f);
-    if (w_valid) {
-      wr = __ldg(reinterpret_cast<const uint2*>(qweight + w_off + k0 / 8));
-      const int64_t g = g_off + k0 / group_size;
-      wsm = __halves2half2(scales[g], offsets[g]);
-    }
-  };
-
-  auto store = [&]() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const T* e = reinterpret_cast<const T*>(&xr[i]);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) as[x_vec * 8 + j][x_row + 64 * i] = to_float(e[j]);
-    }
-    const float ws = __low2float(wsm), wo = __high2float(wsm);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      bs[w_half * 16 + j][w_row] = dequant(wr.x, j, ws, wo);
-      bs[w_half * 16 + 8 + j][w_row] = dequant(wr.y, j, ws, wo);
-    }
-  };
-
-  // Rows ty*4 + {0..3} and 64 + ty*4 + {0..3}, columns likewise from tx: the two halves
-  // 64 apart keep a warp's 16-byte reads of bs on distinct banks, and its reads of as are
-  // broadcasts (two distinct addresses per warp).
-  const int ty = tid / 16, tx = tid % 16;
-  float acc[8][8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-
-  load(0);
-  for (int64_t k0 = 0; k0 < k; k0 += kTileK) {
-    store();
-    __syncthreads();
-    // The next tile's global loads overlap this tile's FMAs (register double buffering).
-    if (k0 + kTileK < k) load(k0 + kTileK);
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&as[kk][ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&as[kk][64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&bs[kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&bs[kk][64 + tx * 4]);
-      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();  // the next store overwrites as and bs
-  }
-
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int64_t row = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
-    if (row >= m) continue;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int64_t col = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + j - 4);
-      if (col < n) out[row * n + col] = from_float<T>(acc[i][j]);
-    }
-  }
-}
-
-template <typename T>
-Status launch_tiled(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
-  const int64_t tiles_n = (w.n + kTileN - 1) / kTileN;
-  const int64_t tiles = tiles_n * ((m + kTileM - 1) / kTileM);
-  if (tiles > 0x7fffffff)
-    return invalid_value("int4_gemm: m * n is too large for one CUDA launch (", tiles,
-                         " tiles of 128 x 128, at most 2^31 - 1)");
-  int4_gemm_tiled_kernel<T><<<static_cast<unsigned>(tiles), kTileThreads, 0, stream_of(ctx)>>>(
-      out, x, m, w.qweight, static_cast<const __half*>(w.scales),
-      static_cast<const __half*>(w.offsets), static_cast<int>(w.n), static_cast<int>(w.k),
-      static_cast<int>(w.group_size), tiles_n);
-  return launch_status("int4_gemm");
-}
-
 }  // namespace
 
 Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, int64_t k,
@@ -501,7 +366,7 @@ Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int6
     if (mi <= 4) return launch_gemv<T, 4>(ctx, o, xi, mi, w);
     if (mi <= 8) return launch_gemv<T, 8>(ctx, o, xi, mi, w);
     if (mi <= 16) return launch_gemv<T, 16>(ctx, o, xi, mi, w);
-    return launch_tiled<T>(ctx, o, xi, mi, w);
+    return int4_gemm_large_m(ctx, dtype, out, x, m, w);  // int4_gemm_large_m.cu
   });
 }
 

@@ -42,5 +42,9 @@ Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Wei
 Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                  const Int4Weight& w);
 
+// The M > 16 (prefill) path of int4_gemm, on tensor cores (int4_gemm_large_m.cu); m > 16.
+Status int4_gemm_large_m(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
+                         const Int4Weight& w);
+
 }  // namespace cuda
 }  // namespace fastinternlm

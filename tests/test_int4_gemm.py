@@ -68,16 +68,16 @@ def random_sizes(group_size):
     return n, k
 
 
-def assert_gemm_close(out, x, w64, dtype):
+def assert_gemm_close(out, x, w64, dtype, acc_unit=U32):
     """Bound derived for float32 accumulation (Higham, any summation order): each product
-    x_i * w_i carries at most K + 1 roundings of u32 (one dequantizing w, one in the
+    x_i * w_i carries at most K + 1 roundings of acc_unit (one dequantizing w, one in the
     product or FMA, at most K - 1 in additions), so |acc - ref| <= gamma_{K+1} * sum|x||w|.
     Then one rounding to dtype (u_dtype |acc|), plus, for float16, half its smallest
-    subnormal where the result underflows."""
+    subnormal where the result underflows. acc_unit is u32 for IEEE float32 arithmetic."""
     x64 = x.cpu().double().reshape(-1, x.shape[-1])
     ref = x64 @ w64.T
     k = x64.shape[1]
-    gamma = (k + 1) * U32 / (1 - (k + 1) * U32)
+    gamma = (k + 1) * acc_unit / (1 - (k + 1) * acc_unit)
     acc_err = gamma * (x64.abs() @ w64.abs().T)
     if dtype == torch.float32:
         bound = acc_err
@@ -91,6 +91,38 @@ def assert_gemm_close(out, x, w64, dtype):
     assert bool((err <= bound).all()), (
         f"error {err.flatten()[worst]:.3e} exceeds bound {bound.flatten()[worst]:.3e} at flat index "
         f"{worst} (actual {a.flatten()[worst]:.6g}, expected {ref.flatten()[worst]:.6g})")
+
+
+def tensor_core_path(device, m) -> bool:
+    """CUDA computes m > 16 rows on tensor cores (int4_gemm in int4_gemm.h)."""
+    return device.type == "cuda" and m > 16
+
+
+def rounded_weight(qw, dtype) -> torch.Tensor:
+    """float64 copy of dequantize_int4(W, dtype): q * s + m (exact in float64) rounded to
+    float32, which is what fmaf(q, s, m) gives, then once to dtype."""
+    w = reconstruct(qw.qweight, qw.scales, qw.offsets, qw.group_size)
+    return w.to(torch.float32).to(dtype).double()
+
+
+def assert_gemm_matches(out, x, qw, device):
+    """Compare with the reference of the path that ran.
+
+    CPU (and CUDA m <= 16): the exact q * s + m weights, the float32 bound of
+    assert_gemm_close.
+    CUDA m > 16: the tensor cores take dtype operands, so the contract is dequantize_int4
+    (W, dtype) then a float32-accumulated matmul: the reference multiplies the weights
+    rounded exactly that way, so the only errors left are accumulation and the output
+    rounding. The products are exact (11 x 11 or 8 x 8 significant bits fit float32), but
+    the tensor cores' float32 adders are not IEEE round-to-nearest (measured to truncate
+    the aligned significands, Fasi et al., "Numerical behavior of NVIDIA tensor cores",
+    2021): each addition may err by a full ulp, 2 u32, hence acc_unit = 2 u32. The K + 1
+    rounding count of the bound is kept (one more than the K - 1 additions need)."""
+    m = x.numel() // x.shape[-1]
+    if tensor_core_path(device, m):
+        assert_gemm_close(out, x, rounded_weight(qw, x.dtype), x.dtype, acc_unit=2 * U32)
+    else:
+        assert_gemm_close(out, x, reconstruct(qw.qweight, qw.scales, qw.offsets, qw.group_size), x.dtype)
 
 
 def skip_float32_on_cuda(device, dtype):
@@ -196,7 +228,7 @@ def test_int4_gemm(device, dtype, group_size, m):
     x = rand(m, k, dtype=dtype, device=device)
     out = ops.int4_gemm(x, qw)
     assert out.shape == (m, n) and out.dtype == dtype and out.device == device
-    assert_gemm_close(out, x, reconstruct(qw.qweight, qw.scales, qw.offsets, group_size), dtype)
+    assert_gemm_matches(out, x, qw, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -208,8 +240,7 @@ def test_int4_gemm_long_k(device, dtype, m):
     k, n = 33 * group_size, 67
     qw = random_weight(n, k, group_size, device)
     x = rand(m, k, dtype=dtype, device=device)
-    assert_gemm_close(ops.int4_gemm(x, qw), x, reconstruct(qw.qweight, qw.scales, qw.offsets, group_size),
-                      dtype)
+    assert_gemm_matches(ops.int4_gemm(x, qw), x, qw, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -220,7 +251,38 @@ def test_int4_gemm_tiles(device, dtype):
     m, n, k = random.randint(129, 300), 2 * random.randint(129, 200) + 1, 96
     qw = random_weight(n, k, 32, device)
     x = rand(m, k, dtype=dtype, device=device)
-    assert_gemm_close(ops.int4_gemm(x, qw), x, reconstruct(qw.qweight, qw.scales, qw.offsets, 32), dtype)
+    assert_gemm_matches(ops.int4_gemm(x, qw), x, qw, device)
+
+
+def mixed_sign_weight(n, k, group_size, device) -> Int4Weight:
+    """random_weight with about half of the scales negated (the format allows any float16
+    scale), so q * s runs both ways from the offset."""
+    qw = random_weight(n, k, group_size, "cpu")
+    sign = torch.where(torch.rand(qw.scales.shape) < 0.5, -1.0, 1.0).half()
+    return Int4Weight.from_tensors(qw.qweight.to(device), (qw.scales * sign).to(device),
+                                   qw.offsets.to(device), group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("groups", ["one", "three", "many"])
+@pytest.mark.parametrize("m, n", [(17, 136 + 5), (33, 300 + 3), (130, 256 + 2), (257, 300 + 3)])
+def test_int4_gemm_large_m(device, dtype, group_size, groups, m, n):
+    # The CUDA tensor-core path (m > 16): one tile row just past the GEMV limit, partial
+    # and multiple 128-row and 128-column tiles; n odd (element stores, the last column a
+    # lone element of an output pair) and even (paired stores, a partial last tile); k of
+    # one group, three groups (an odd count: for group 32 the last 64-channel step is half
+    # empty) and many (an odd count again, past several pipeline stages). The output starts
+    # as NaN, so an element the kernel fails to write shows.
+    count = {"one": 1, "three": 3, "many": 2 * random.randint(8, 16) + 1}[groups]
+    k = group_size * count
+    qw = mixed_sign_weight(n, k, group_size, device)
+    x = rand(m, k, dtype=dtype, device=device)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    from fastinternlm.ops._checks import context, dtype_code
+    _C.int4_gemm(*context(device), dtype_code(dtype), out.data_ptr(), x.data_ptr(), m,
+                 qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+    assert_gemm_matches(out, x, qw, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -231,7 +293,7 @@ def test_int4_gemm_quantized_weight(device, dtype):
     w = rand(n, k, dtype=dtype, device=device, scale=0.05)
     qw = ops.quantize_int4(w, 64)
     x = rand(7, k, dtype=dtype, device=device)
-    assert_gemm_close(ops.int4_gemm(x, qw), x, reconstruct(qw.qweight, qw.scales, qw.offsets, 64), dtype)
+    assert_gemm_matches(ops.int4_gemm(x, qw), x, qw, device)
 
 
 def test_int4_gemm_leading_dims(device):
@@ -239,7 +301,7 @@ def test_int4_gemm_leading_dims(device):
     x = rand(2, 3, 96, dtype=torch.float16, device=device)
     out = ops.int4_gemm(x, qw)
     assert out.shape == (2, 3, 9)
-    assert_gemm_close(out, x, reconstruct(qw.qweight, qw.scales, qw.offsets, 32), torch.float16)
+    assert_gemm_matches(out, x, qw, device)
     empty = ops.int4_gemm(torch.empty(0, 96, dtype=torch.float16, device=device), qw)
     assert empty.shape == (0, 9)
 

@@ -56,7 +56,12 @@ Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Wei
 // out [m, n] = x [m, k] @ W^T for any m >= 1, x and out of `dtype` (float16/bfloat16;
 // float32 too on the CPU). Each weight is dequantized in float32 exactly as by
 // dequantize_int4 (before its rounding to dtype), products are accumulated in float32,
-// and the result is rounded to dtype once.
+// and the result is rounded to dtype once. The CPU and the CUDA path for m <= 16 use that
+// float32 weight as is. The CUDA path for m > 16 runs on tensor cores, whose operands are
+// float16/bfloat16: it rounds each weight once more, to dtype, i.e. it computes exactly
+// dequantize_int4(W, dtype) followed by a float32-accumulated matmul of x with it (the
+// tensor cores' float32 additions are not IEEE round-to-nearest; the summation order is
+// unspecified on every path).
 Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                  const Int4Weight& w);
 
