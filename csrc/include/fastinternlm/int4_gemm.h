@@ -54,9 +54,14 @@ Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, 
 Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Weight& w);
 
 // out [m, n] = x [m, k] @ W^T for any m >= 1, x and out of `dtype` (float16/bfloat16;
-// float32 too on the CPU). Each weight is dequantized in float32 exactly as by
-// dequantize_int4 (before its rounding to dtype), products are accumulated in float32,
-// and the result is rounded to dtype once.
+// float32 too on the CPU), rounded to dtype once from a float32 accumulation.
+// On the CPU, and on CUDA for m > 16, each weight is dequantized in float32 exactly as by
+// dequantize_int4 (before its rounding to dtype) and the products are accumulated in
+// float32. On CUDA for m <= 16 (decode) the group's scale and offset are factored out of
+// the dot product, s * sum(x q) + m * sum(x), with both sums exact products accumulated
+// in float32 on the tensor cores: mathematically the same function, with float32
+// accumulation error relative to sum |x| (q |s| + |m|) rather than sum |x| |q s + m|
+// (tests/test_int4_gemm.py derives the bound).
 Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                  const Int4Weight& w);
 
