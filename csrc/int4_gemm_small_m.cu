@@ -61,6 +61,7 @@ namespace fastinternlm {
 namespace cuda {
 namespace {
 
+constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 // n-blocks of 8 rows of W per block. Two reuse each x fragment (and each xsum mma) twice
@@ -92,13 +93,21 @@ struct MmaType<__nv_bfloat16> {
   static constexpr uint32_t kOnes = 0x3F803F80u;      // (1, 1)
 };
 
-// (q, q') from bits = (word >> 4j) & 0x000F000F: (magic + q) * 1 - magic, exact. HFMA2
+// (bits & 0x000F000F) | magic as one LOP3. Written in C++ the two constants become two
+// LOP3s (SASS LOP3 takes one immediate); here ptxas keeps the magic in a register.
+__device__ __forceinline__ uint32_t mask_or_magic(uint32_t bits, uint32_t magic) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(bits), "n"(0x000F000F), "r"(magic));
+  return r;
+}
+
+// (q, q') from nibbles j and j + 4 of word (shift = 4j): (magic + q) * 1 - magic, exact. HFMA2
 // rather than a subtraction because sm_80 has no bf16x2 add/sub instruction.
 template <typename T>
 __device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int shift);
 template <>
 __device__ __forceinline__ uint32_t nibble_pair<__half>(uint32_t word, int shift) {
-  const uint32_t biased = ((word >> shift) & 0x000F000Fu) | MmaType<__half>::kMagic;
+  const uint32_t biased = mask_or_magic(word >> shift, MmaType<__half>::kMagic);
   uint32_t r;
   asm("fma.rn.f16x2 %0, %1, %2, %3;"
       : "=r"(r)
@@ -107,7 +116,7 @@ __device__ __forceinline__ uint32_t nibble_pair<__half>(uint32_t word, int shift
 }
 template <>
 __device__ __forceinline__ uint32_t nibble_pair<__nv_bfloat16>(uint32_t word, int shift) {
-  const uint32_t biased = ((word >> shift) & 0x000F000Fu) | MmaType<__nv_bfloat16>::kMagic;
+  const uint32_t biased = mask_or_magic(word >> shift, MmaType<__nv_bfloat16>::kMagic);
   uint32_t r;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;"
       : "=r"(r)
@@ -159,12 +168,14 @@ __device__ __forceinline__ void load_quarter<1>(uint32_t (&dst)[1], const int32_
 }
 
 // Everything one pipeline step of a warp reads from DRAM: per group and n-block, the
-// lane's quarter-row of nibbles and the scales and offsets of its two accumulator columns.
+// lane's quarter-row of nibbles, and the scale and offset of that same row as one
+// (s, m) pair. The fold needs the pairs of the lane's C columns 2tig and 2tig + 1, which
+// it takes from lanes 4 * 2tig and 4 * (2tig + 1) with two shuffles: two 2-byte loads per
+// lane and group at fixed offsets from a pointer, instead of four with index arithmetic.
 template <int G>
 struct Step {
   uint32_t w[SmallMShape<G>::kGroupsPerStep][kNB][SmallMShape<G>::kLaneWords];
-  __half2 s[SmallMShape<G>::kGroupsPerStep][kNB];  // (s of column 2tig, s of 2tig + 1)
-  __half2 m[SmallMShape<G>::kGroupsPerStep][kNB];
+  __half2 sm[SmallMShape<G>::kGroupsPerStep][kNB];
 };
 
 template <typename T, int G>
@@ -178,53 +189,49 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
-  const int64_t n0 = int64_t(blockIdx.x) * kRowsPerBlock;
+  const int n0 = blockIdx.x * kRowsPerBlock;  // < n < 2^31
   const int groups = k / G;
   // This warp's contiguous range of groups (sizes differ by at most one).
   const int g_begin = static_cast<int>(int64_t(groups) * warp / kWarps);
   const int g_end = static_cast<int>(int64_t(groups) * (warp + 1) / kWarps);
 
-  // Rows this lane streams (B column gid of each n-block) and the rows whose scales it
-  // needs (its C columns 2tig, 2tig + 1). Rows past n are never read.
-  const int32_t* wrow[kNB];
-  bool wvalid[kNB], svalid0[kNB], svalid1[kNB];
-  int64_t srow[kNB];
+  // Rows of W past n and tokens past m are clamped to the last valid one instead of being
+  // masked: a B column (row of W) reaches only its own C column and an A row (token) only
+  // its own C row, and those outputs are never stored. So every read stays in bounds and
+  // the hot loop spends no instructions on predicates or zero fill (only the last block
+  // re-reads up to 7 rows).
+  const int32_t* wp[kNB];  // lane's quarter of group g_begin in its row of each n-block
+  const __half *sp[kNB], *mp[kNB];  // that row's scale and offset of group g_begin
 #pragma unroll
   for (int nb = 0; nb < kNB; ++nb) {
-    const int64_t r = n0 + nb * 8 + gid;
-    wvalid[nb] = r < n;
-    wrow[nb] = qweight + (wvalid[nb] ? r : 0) * (k / 8) + tig * LW;
-    const int64_t sr = n0 + nb * 8 + 2 * tig;
-    svalid0[nb] = sr < n;
-    svalid1[nb] = sr + 1 < n;
-    srow[nb] = sr * groups;
+    const int r = min(n0 + nb * 8 + gid, n - 1);
+    wp[nb] = qweight + int64_t(r) * (k / 8) + int64_t(g_begin) * (G / 8) + tig * LW;
+    sp[nb] = scales + int64_t(r) * groups + g_begin;
+    mp[nb] = offsets + int64_t(r) * groups + g_begin;
   }
-  // The two rows of x (tokens gid and gid + 8) this lane feeds to A; rows past m are zero.
-  const bool xvalid0 = gid < m, xvalid1 = gid + 8 < m;
-  const T* xrow0 = x + (xvalid0 ? gid : 0) * int64_t(k) + tig * (G / 4);
-  const T* xrow1 = x + (xvalid1 ? gid + 8 : 0) * int64_t(k) + tig * (G / 4);
+  // The lane's two tokens (A rows gid and gid + 8), at its quarter of group g_begin.
+  const T* xp0 = x + int64_t(min(gid, m - 1)) * k + int64_t(g_begin) * G + tig * (G / 4);
+  const T* xp1 = x + int64_t(min(gid + 8, m - 1)) * k + int64_t(g_begin) * G + tig * (G / 4);
 
-  auto load_step = [&](Step<G>& st, int gi0) {
+  // Issues the loads of the next U groups of this warp's range (the part of them inside
+  // it; the rest of st is left as it was and never used) and moves the pointers on.
+  int g_load = g_begin;
+  auto load_step = [&](Step<G>& st) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int gi = gi0 + u;
-      const bool gv = gi < g_end;
+      if (g_load + u < g_end) {
 #pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
-        if (gv && wvalid[nb]) {
-          load_quarter<LW>(st.w[u][nb], wrow[nb] + int64_t(gi) * (G / 8));
-        } else {
-#pragma unroll
-          for (int j = 0; j < LW; ++j) st.w[u][nb][j] = 0u;
+        for (int nb = 0; nb < kNB; ++nb) {
+          load_quarter<LW>(st.w[u][nb], wp[nb] + u * (G / 8));
+          st.sm[u][nb] = __halves2half2(__ldg(sp[nb] + u), __ldg(mp[nb] + u));
         }
-        const __half zero = __float2half_rn(0.0f);
-        const __half s0 = gv && svalid0[nb] ? __ldg(scales + srow[nb] + gi) : zero;
-        const __half m0 = gv && svalid0[nb] ? __ldg(offsets + srow[nb] + gi) : zero;
-        const __half s1 = gv && svalid1[nb] ? __ldg(scales + srow[nb] + groups + gi) : zero;
-        const __half m1 = gv && svalid1[nb] ? __ldg(offsets + srow[nb] + groups + gi) : zero;
-        st.s[u][nb] = __halves2half2(s0, s1);
-        st.m[u][nb] = __halves2half2(m0, m1);
       }
+    }
+    g_load += U;
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+      wp[nb] += U * (G / 8);
+      sp[nb] += U, mp[nb] += U;
     }
   };
 
@@ -234,16 +241,11 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc_out[nb][i] = 0.0f;
 
-  Step<G> cur;
-  load_step(cur, g_begin);
-  for (int gi0 = g_begin; gi0 < g_end; gi0 += U) {
-    // The next step's loads go out before this step's math (predicated off past g_end).
-    Step<G> next;
-    load_step(next, gi0 + U);
+  // The groups g0 .. g0 + U - 1 (those inside the range), whose data st holds.
+  auto compute_step = [&](const Step<G>& st, int g0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int gi = gi0 + u;
-      if (gi >= g_end) break;  // warp-uniform: mma.sync needs the whole warp
+      if (g0 + u >= g_end) break;  // warp-uniform: mma.sync needs the whole warp
       float acc[kNB][4], xsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb)
@@ -251,13 +253,10 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
         for (int i = 0; i < 4; ++i) acc[nb][i] = 0.0f;
 #pragma unroll
       for (int j = 0; j < LW; ++j) {
-        // 8 consecutive x values of each of the lane's two token rows; x is small and
-        // shared by every block, so it comes through L1/L2 (cached loads).
-        const int64_t kx = int64_t(gi) * G + 8 * j;
-        const uint4 xa = xvalid0 ? __ldg(reinterpret_cast<const uint4*>(xrow0 + kx))
-                                 : make_uint4(0u, 0u, 0u, 0u);
-        const uint4 xb = xvalid1 ? __ldg(reinterpret_cast<const uint4*>(xrow1 + kx))
-                                 : make_uint4(0u, 0u, 0u, 0u);
+        // 8 consecutive x values of each of the lane's two tokens; x is small and shared
+        // by every block, so it comes through L1/L2 (cached loads).
+        const uint4 xa = __ldg(reinterpret_cast<const uint4*>(xp0 + 8 * j));
+        const uint4 xb = __ldg(reinterpret_cast<const uint4*>(xp1 + 8 * j));
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           // h = 0: k-slot pairs (x0, x4), (x1, x5) with nibble pairs word >> 0, >> 4;
@@ -269,23 +268,38 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
           mma<T>(xsum, a, MmaType<T>::kOnes, MmaType<T>::kOnes);
 #pragma unroll
           for (int nb = 0; nb < kNB; ++nb) {
-            const uint32_t word = cur.w[u][nb][j];
+            const uint32_t word = st.w[u][nb][j];
             mma<T>(acc[nb], a, nibble_pair<T>(word, 8 * h), nibble_pair<T>(word, 8 * h + 4));
           }
         }
       }
+      xp0 += G, xp1 += G;
       // Fold the group: out += s * sum(x q) + m * sum(x), per accumulator column.
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
-        const float2 s = __half22float2(cur.s[u][nb]);
-        const float2 mo = __half22float2(cur.m[u][nb]);
-        acc_out[nb][0] = fmaf(s.x, acc[nb][0], fmaf(mo.x, xsum[0], acc_out[nb][0]));
-        acc_out[nb][1] = fmaf(s.y, acc[nb][1], fmaf(mo.y, xsum[1], acc_out[nb][1]));
-        acc_out[nb][2] = fmaf(s.x, acc[nb][2], fmaf(mo.x, xsum[2], acc_out[nb][2]));
-        acc_out[nb][3] = fmaf(s.y, acc[nb][3], fmaf(mo.y, xsum[3], acc_out[nb][3]));
+        const uint32_t pair = *reinterpret_cast<const uint32_t*>(&st.sm[u][nb]);
+        const uint32_t p0 = __shfl_sync(kFullMask, pair, 8 * tig);
+        const uint32_t p1 = __shfl_sync(kFullMask, pair, 8 * tig + 4);
+        const float2 c0 = __half22float2(*reinterpret_cast<const __half2*>(&p0));  // (s, m)
+        const float2 c1 = __half22float2(*reinterpret_cast<const __half2*>(&p1));
+        acc_out[nb][0] = fmaf(c0.x, acc[nb][0], fmaf(c0.y, xsum[0], acc_out[nb][0]));
+        acc_out[nb][1] = fmaf(c1.x, acc[nb][1], fmaf(c1.y, xsum[1], acc_out[nb][1]));
+        acc_out[nb][2] = fmaf(c0.x, acc[nb][2], fmaf(c0.y, xsum[2], acc_out[nb][2]));
+        acc_out[nb][3] = fmaf(c1.x, acc[nb][3], fmaf(c1.y, xsum[3], acc_out[nb][3]));
       }
     }
-    cur = next;
+  };
+
+  // Two register buffers, ping-pong: the next step's loads go out before this step's
+  // math, and no registers are copied between them.
+  Step<G> sa, sb;
+  load_step(sa);
+  for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
+    load_step(sb);
+    compute_step(sa, g0);
+    if (g0 + U >= g_end) break;
+    load_step(sa);
+    compute_step(sb, g0 + U);
   }
 
   // Sum the warps' partial results (warps with no groups contribute zeros) in a fixed
@@ -302,7 +316,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
     for (int w = 0; w < kWarps; ++w) sum += partial[w][reg][l];
     const int nb = reg / 4, i = reg % 4;
     const int token = l / 4 + (i >= 2 ? 8 : 0);
-    const int64_t row = n0 + nb * 8 + 2 * (l % 4) + (i & 1);
+    const int row = n0 + nb * 8 + 2 * (l % 4) + (i & 1);
     if (token < m && row < n) out[token * int64_t(n) + row] = from_float<T>(sum);
   }
 }
