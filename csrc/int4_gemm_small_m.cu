@@ -53,6 +53,7 @@
 // and scales of its next step before computing the current one (register double
 // buffering), so a warp has two steps of loads in flight while it computes.
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
@@ -93,36 +94,55 @@ struct MmaType<__nv_bfloat16> {
   static constexpr uint32_t kOnes = 0x3F803F80u;      // (1, 1)
 };
 
-// (bits & 0x000F000F) | magic as one LOP3. Written in C++ the two constants become two
-// LOP3s (SASS LOP3 takes one immediate); here ptxas keeps the magic in a register.
+// (bits & mask) | magic as one LOP3. Written in C++ the two constants become two LOP3s
+// (SASS LOP3 takes one immediate); here ptxas keeps the magic in a register.
+template <uint32_t kMask>
 __device__ __forceinline__ uint32_t mask_or_magic(uint32_t bits, uint32_t magic) {
   uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(bits), "n"(0x000F000F), "r"(magic));
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(bits), "n"(kMask), "r"(magic));
   return r;
 }
 
-// (q, q') from nibbles j and j + 4 of word (shift = 4j): (magic + q) * 1 - magic, exact. HFMA2
-// rather than a subtraction because sm_80 has no bf16x2 add/sub instruction.
+// a * b + c on a pair of halves; HFMA2 because sm_80 has no bf16x2 add/sub instruction.
 template <typename T>
-__device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int shift);
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c);
 template <>
-__device__ __forceinline__ uint32_t nibble_pair<__half>(uint32_t word, int shift) {
-  const uint32_t biased = mask_or_magic(word >> shift, MmaType<__half>::kMagic);
+__device__ __forceinline__ uint32_t fma2<__half>(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;"
-      : "=r"(r)
-      : "r"(biased), "r"(MmaType<__half>::kOnes), "r"(MmaType<__half>::kNegMagic));
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
 }
 template <>
-__device__ __forceinline__ uint32_t nibble_pair<__nv_bfloat16>(uint32_t word, int shift) {
-  const uint32_t biased = mask_or_magic(word >> shift, MmaType<__nv_bfloat16>::kMagic);
+__device__ __forceinline__ uint32_t fma2<__nv_bfloat16>(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;"
-      : "=r"(r)
-      : "r"(biased), "r"(MmaType<__nv_bfloat16>::kOnes),
-        "r"(MmaType<__nv_bfloat16>::kNegMagic));
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
+}
+
+// The B registers of mma h (0 or 1) of a word: b0 = (q of nibble 2h, q of nibble 2h + 4),
+// b1 = (nibble 2h + 1, nibble 2h + 5), each exact.
+template <typename T>
+__device__ __forceinline__ void nibble_pairs(uint32_t word, int h, uint32_t& b0, uint32_t& b1);
+template <>
+__device__ __forceinline__ void nibble_pairs<__half>(uint32_t word, int h, uint32_t& b0,
+                                                     uint32_t& b1) {
+  // f16 saves two shifts per word: the odd nibble is used in place, as 1024 + 16 q (ulp 1
+  // at 1024, so exact), and (1024 + 16 q) / 16 - 64 = q is exact in one HFMA2.
+  const uint32_t base = h ? word >> 8 : word;
+  b0 = fma2<__half>(mask_or_magic<0x000F000Fu>(base, MmaType<__half>::kMagic),
+                    MmaType<__half>::kOnes, MmaType<__half>::kNegMagic);
+  b1 = fma2<__half>(mask_or_magic<0x00F000F0u>(base, MmaType<__half>::kMagic),
+                    0x2C002C00u /* (1/16, 1/16) */, 0xD400D400u /* (-64, -64) */);
+}
+template <>
+__device__ __forceinline__ void nibble_pairs<__nv_bfloat16>(uint32_t word, int h, uint32_t& b0,
+                                                            uint32_t& b1) {
+  // bf16 has 7 mantissa bits, too few to take a nibble in bits 4..7 in place.
+  using M = MmaType<__nv_bfloat16>;
+  b0 = fma2<__nv_bfloat16>(mask_or_magic<0x000F000Fu>(word >> (8 * h), M::kMagic), M::kOnes,
+                           M::kNegMagic);
+  b1 = fma2<__nv_bfloat16>(mask_or_magic<0x000F000Fu>(word >> (8 * h + 4), M::kMagic), M::kOnes,
+                           M::kNegMagic);
 }
 
 // d += A * B on the tensor cores, fp32 accumulators.
@@ -241,8 +261,11 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc_out[nb][i] = 0.0f;
 
-  // The groups g0 .. g0 + U - 1 (those inside the range), whose data st holds.
-  auto compute_step = [&](const Step<G>& st, int g0) {
+  // The groups g0 .. g0 + U - 1 (those inside the range), whose data st holds. With
+  // m <= 8 every token gid + 8 is past m, so A's rows 8..15 just repeat rows 0..7 (any
+  // values would do, those outputs are not stored) and their loads and PRMTs are skipped.
+  auto compute_step = [&](const Step<G>& st, int g0, auto two_rows) {
+    constexpr bool kTwoRows = decltype(two_rows)::value;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (g0 + u >= g_end) break;  // warp-uniform: mma.sync needs the whole warp
@@ -256,7 +279,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
         // 8 consecutive x values of each of the lane's two tokens; x is small and shared
         // by every block, so it comes through L1/L2 (cached loads).
         const uint4 xa = __ldg(reinterpret_cast<const uint4*>(xp0 + 8 * j));
-        const uint4 xb = __ldg(reinterpret_cast<const uint4*>(xp1 + 8 * j));
+        const uint4 xb = kTwoRows ? __ldg(reinterpret_cast<const uint4*>(xp1 + 8 * j)) : xa;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           // h = 0: k-slot pairs (x0, x4), (x1, x5) with nibble pairs word >> 0, >> 4;
@@ -268,8 +291,9 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
           mma<T>(xsum, a, MmaType<T>::kOnes, MmaType<T>::kOnes);
 #pragma unroll
           for (int nb = 0; nb < kNB; ++nb) {
-            const uint32_t word = st.w[u][nb][j];
-            mma<T>(acc[nb], a, nibble_pair<T>(word, 8 * h), nibble_pair<T>(word, 8 * h + 4));
+            uint32_t b0, b1;
+            nibble_pairs<T>(st.w[u][nb][j], h, b0, b1);
+            mma<T>(acc[nb], a, b0, b1);
           }
         }
       }
@@ -292,15 +316,21 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 
   // Two register buffers, ping-pong: the next step's loads go out before this step's
   // math, and no registers are copied between them.
-  Step<G> sa, sb;
-  load_step(sa);
-  for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
-    load_step(sb);
-    compute_step(sa, g0);
-    if (g0 + U >= g_end) break;
+  auto run = [&](auto two_rows) {
+    Step<G> sa, sb;
     load_step(sa);
-    compute_step(sb, g0 + U);
-  }
+    for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
+      load_step(sb);
+      compute_step(sa, g0, two_rows);
+      if (g0 + U >= g_end) break;
+      load_step(sa);
+      compute_step(sb, g0 + U, two_rows);
+    }
+  };
+  if (m > 8)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
 
   // Sum the warps' partial results (warps with no groups contribute zeros) in a fixed
   // order, so the result does not depend on scheduling.
