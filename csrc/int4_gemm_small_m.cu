@@ -19,8 +19,10 @@
 // same function as the reference (dequantize, multiply, sum); it differs only in where
 // the fp32 roundings fall. The result is rounded to the output type once.
 //
-// Mapping onto m16n8k16 (row.col): A = x (16 rows = tokens; rows >= m are zero registers
-// and never loaded), B = W^T (n = 8 rows of W per mma), C fp32. Fragment layout (PTX ISA,
+// Mapping onto m16n8k16 (row.col): A = x (16 rows = tokens), B = W^T (n = 8 rows of W
+// per mma), C fp32. An A row only reaches its own C row and a B column its own C column,
+// so tokens past m and rows of W past n are loaded as copies of the last valid one (every
+// read in bounds, no masking in the hot loop) and their outputs are simply not stored. Fragment layout (PTX ISA,
 // "Matrix Fragments for mma.m16n8k16"), with lane = 4 * gid + tig:
 //   A  reg0: row gid,   k 2tig, 2tig+1     reg1: row gid+8, k 2tig, 2tig+1
 //      reg2: row gid,   k 2tig+8, 2tig+9   reg3: row gid+8, k 2tig+8, 2tig+9
@@ -42,18 +44,25 @@
 // Nibbles to f16/bf16 without conversions: (word >> 4j) & 0x000F000F puts nibbles j and
 // j + 4 in the low bits of each 16-bit half. OR-ing the exponent of 1024 (f16, 0x6400,
 // ulp 1 there) or 128 (bf16, 0x4300, ulp 1 there) makes the pair (1024 + q, 1024 + q')
-// exactly, and one HFMA2 (times 1, minus the magic) gives (q, q') exactly. So word >> 0
-// feeds k-pair (n0, n4), >> 4 (n1, n5), >> 8 (n2, n6), >> 12 (n3, n7): two mmas per word,
-// and the matching x pairs (x0, x4), (x1, x5), ... come from a 16-byte load of 8
-// consecutive x values with one PRMT each.
+// exactly (one LOP3), and one HFMA2 (times 1, minus the magic) gives (q, q') exactly. So
+// word >> 0 feeds k-pair (n0, n4), >> 4 (n1, n5), >> 8 (n2, n6), >> 12 (n3, n7): two mmas
+// per word, and the matching x pairs (x0, x4), (x1, x5), ... come from a 16-byte load of
+// 8 consecutive x values with one PRMT each. (f16 skips two of the shifts, see
+// nibble_pairs.)
 //
-// Bytes in flight: a block of kWarps warps owns kNB n-blocks of 8 rows and splits the
+// Issue slots are the budget to watch: at 3.35 TB/s an H100 SM must take ~14 bytes of
+// weights per clock, and the hot loop is ~200 SASS instructions per KB per warp (NB = 2;
+// ~170 for NB = 4), i.e. ~50 clocks per KB at an SM's 4 instructions per clock, ~20 bytes
+// per clock: enough, but without much room for stalls. Hence the single-LOP3 conversion, no predicates or zero fill in the loop, pointer bumps with
+// immediate offsets, and one (s, m) load per lane shared by shuffles.
+//
+// Bytes in flight: a block of kWarps warps owns NB n-blocks of 8 rows and splits the
 // groups of k across its warps (contiguous ranges, so each lane still streams contiguous
 // bytes); the partial sums meet in shared memory at the end. Each warp loads the weights
-// and scales of its next step before computing the current one (register double
-// buffering), so a warp has two steps of loads in flight while it computes.
+// and scales of its next step before computing the current one (two register buffers,
+// ping-pong), so a warp has two steps of loads in flight while it computes: 4 KB per
+// warp for group 128, 64 KB per SM at two blocks per SM (123-128 registers a thread).
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
@@ -65,18 +74,21 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-// n-blocks of 8 rows of W per block. Two reuse each x fragment (and each xsum mma) twice
-// and give a 4096-row layer 256 blocks, enough to put about two on each of 132 SMs; four
-// would leave an H100 with fewer blocks than SMs on that shape.
-constexpr int kNB = 2;
-constexpr int kRowsPerBlock = 8 * kNB;
+// n-blocks of 8 rows of W per block, NB. More reuse each x fragment, each xsum mma and
+// each PRMT over more weights (2: ~200 SASS instructions per KB of weights per warp, 4:
+// ~170), but give fewer blocks: with 2 a 4096-row layer has 256 blocks, about two per SM
+// on 132 SMs, where 4 would leave SMs idle. So 4 only for layers of >= kWideN rows
+// (InternLM2-7B's fused gate/up projection, 28672 rows, over half the weight bytes).
+constexpr int kWideN = 16384;
 
-template <int G>
+template <int G, int NB>
 struct SmallMShape {
   static constexpr int kLaneWords = G / 32;  // 32-bit words a lane streams per row and group
-  // Groups per pipeline step: group 128 streams 32 bytes per lane and row per step (two
-  // 128-bit loads); the smaller groups 16 bytes in narrower loads, more of them.
-  static constexpr int kGroupsPerStep = G == 32 ? 4 : 2;
+  // Groups per pipeline step, for about 16-32 bytes per lane and row per step in flight
+  // (x2 for the double buffer) within 128 registers: group 128 with NB = 2 streams two
+  // 128-bit loads per row and step, the smaller groups and NB = 4 proportionally fewer.
+  static constexpr int kGroupsPerStep = (G == 32 ? 4 : 2) / (NB / 2);
+  static constexpr int kRowsPerBlock = 8 * NB;
 };
 
 template <typename T>
@@ -192,24 +204,25 @@ __device__ __forceinline__ void load_quarter<1>(uint32_t (&dst)[1], const int32_
 // (s, m) pair. The fold needs the pairs of the lane's C columns 2tig and 2tig + 1, which
 // it takes from lanes 4 * 2tig and 4 * (2tig + 1) with two shuffles: two 2-byte loads per
 // lane and group at fixed offsets from a pointer, instead of four with index arithmetic.
-template <int G>
+template <int G, int NB>
 struct Step {
-  uint32_t w[SmallMShape<G>::kGroupsPerStep][kNB][SmallMShape<G>::kLaneWords];
-  __half2 sm[SmallMShape<G>::kGroupsPerStep][kNB];
+  uint32_t w[SmallMShape<G, NB>::kGroupsPerStep][NB][SmallMShape<G, NB>::kLaneWords];
+  __half2 sm[SmallMShape<G, NB>::kGroupsPerStep][NB];
 };
 
-template <typename T, int G>
+template <typename T, int G, int NB>
 __global__ void __launch_bounds__(kThreads, 2)
 int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
                          const int32_t* __restrict__ qweight, const __half* __restrict__ scales,
                          const __half* __restrict__ offsets, int n, int k) {
-  using S = SmallMShape<G>;
+  using S = SmallMShape<G, NB>;
+  constexpr int kNB = NB;
   constexpr int LW = S::kLaneWords, U = S::kGroupsPerStep;
   __shared__ float partial[kWarps][kNB * 4][32];  // [warp][accumulator][lane]: conflict-free
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gid = lane / 4, tig = lane % 4;
-  const int n0 = blockIdx.x * kRowsPerBlock;  // < n < 2^31
+  const int n0 = blockIdx.x * S::kRowsPerBlock;  // < n < 2^31
   const int groups = k / G;
   // This warp's contiguous range of groups (sizes differ by at most one).
   const int g_begin = static_cast<int>(int64_t(groups) * warp / kWarps);
@@ -236,7 +249,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   // Issues the loads of the next U groups of this warp's range (the part of them inside
   // it; the rest of st is left as it was and never used) and moves the pointers on.
   int g_load = g_begin;
-  auto load_step = [&](Step<G>& st) {
+  auto load_step = [&](Step<G, NB>& st) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (g_load + u < g_end) {
@@ -261,11 +274,10 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc_out[nb][i] = 0.0f;
 
-  // The groups g0 .. g0 + U - 1 (those inside the range), whose data st holds. With
-  // m <= 8 every token gid + 8 is past m, so A's rows 8..15 just repeat rows 0..7 (any
-  // values would do, those outputs are not stored) and their loads and PRMTs are skipped.
-  auto compute_step = [&](const Step<G>& st, int g0, auto two_rows) {
-    constexpr bool kTwoRows = decltype(two_rows)::value;
+  // The groups g0 .. g0 + U - 1 (those inside the range), whose data st holds. (For
+  // m <= 8 A's rows 8..15 could repeat rows 0..7 instead of being loaded, but the mma's
+  // register quads then cost a MOV for each PRMT saved: no gain in SASS.)
+  auto compute_step = [&](const Step<G, NB>& st, int g0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (g0 + u >= g_end) break;  // warp-uniform: mma.sync needs the whole warp
@@ -279,7 +291,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
         // 8 consecutive x values of each of the lane's two tokens; x is small and shared
         // by every block, so it comes through L1/L2 (cached loads).
         const uint4 xa = __ldg(reinterpret_cast<const uint4*>(xp0 + 8 * j));
-        const uint4 xb = kTwoRows ? __ldg(reinterpret_cast<const uint4*>(xp1 + 8 * j)) : xa;
+        const uint4 xb = __ldg(reinterpret_cast<const uint4*>(xp1 + 8 * j));
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           // h = 0: k-slot pairs (x0, x4), (x1, x5) with nibble pairs word >> 0, >> 4;
@@ -316,21 +328,15 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 
   // Two register buffers, ping-pong: the next step's loads go out before this step's
   // math, and no registers are copied between them.
-  auto run = [&](auto two_rows) {
-    Step<G> sa, sb;
+  Step<G, NB> sa, sb;
+  load_step(sa);
+  for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
+    load_step(sb);
+    compute_step(sa, g0);
+    if (g0 + U >= g_end) break;
     load_step(sa);
-    for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
-      load_step(sb);
-      compute_step(sa, g0, two_rows);
-      if (g0 + U >= g_end) break;
-      load_step(sa);
-      compute_step(sb, g0 + U, two_rows);
-    }
-  };
-  if (m > 8)
-    run(std::true_type{});
-  else
-    run(std::false_type{});
+    compute_step(sb, g0 + U);
+  }
 
   // Sum the warps' partial results (warps with no groups contribute zeros) in a fixed
   // order, so the result does not depend on scheduling.
@@ -351,13 +357,18 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   }
 }
 
-template <typename T, int G>
-Status launch(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
-  const unsigned blocks = ceil_div(w.n, kRowsPerBlock);  // n < 2^31: at most 2^27 blocks
-  int4_gemm_small_m_kernel<T, G><<<blocks, kThreads, 0, stream_of(ctx)>>>(
+template <typename T, int G, int NB>
+Status launch_nb(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
+  const unsigned blocks = ceil_div(w.n, SmallMShape<G, NB>::kRowsPerBlock);  // <= 2^28
+  int4_gemm_small_m_kernel<T, G, NB><<<blocks, kThreads, 0, stream_of(ctx)>>>(
       out, x, m, w.qweight, static_cast<const __half*>(w.scales),
       static_cast<const __half*>(w.offsets), static_cast<int>(w.n), static_cast<int>(w.k));
   return launch_status("int4_gemm");
+}
+
+template <typename T, int G>
+Status launch(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
+  return w.n >= kWideN ? launch_nb<T, G, 4>(ctx, out, x, m, w) : launch_nb<T, G, 2>(ctx, out, x, m, w);
 }
 
 }  // namespace

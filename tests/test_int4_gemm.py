@@ -263,9 +263,9 @@ def affine_weight(n, k, group_size, device) -> Int4Weight:
 @pytest.mark.parametrize("groups", ["one", "odd"])
 @pytest.mark.parametrize("m", list(range(1, 17)))
 def test_int4_gemm_small_m(device, dtype, group_size, groups, m):
-    # Every M of the CUDA decode kernel (tokens past m are zero rows of the mma's A), n
-    # ending 5 or 13 rows into its last block of 16 (inside the first or second n-block of
-    # 8), k one group (only the last of the 8 warps has work) or an odd number of groups
+    # Every M of the CUDA decode kernel (A has 16 token rows; those past m are never
+    # stored), n ending 5 or 13 rows into its last block of 16 rows (inside the first or
+    # second n-block of 8), k one group (only the last of the 8 warps has work) or an odd number of groups
     # (the warps' ranges differ in length and end inside a pipeline step).
     n = 16 * random.randint(0, 4) + random.choice([5, 13])
     k = group_size * (1 if groups == "one" else 2 * random.randint(4, 20) + 1)
@@ -280,6 +280,24 @@ def test_int4_gemm_small_m(device, dtype, group_size, groups, m):
                  qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
     assert torch.isnan(buf[m * n:].cpu()).all(), "int4_gemm wrote past the end of out"
     check_gemm(buf[:m * n].view(m, n), x, qw, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_int4_gemm_small_m_wide(device, dtype, group_size, m):
+    # From 16384 rows on, the CUDA decode kernel takes 4 n-blocks of 8 rows per block
+    # (32 rows) instead of 2: n ends 5, 13, 21 or 29 rows into its last block, k is 3 or
+    # 5 groups (fewer than the 8 warps of a block).
+    n = 16384 + 32 * random.randint(0, 3) + random.choice([5, 13, 21, 29])
+    k = group_size * random.choice([3, 5])
+    qw = affine_weight(n, k, group_size, device)
+    x = rand(m, k, dtype=dtype, device=device)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    from fastinternlm.ops._checks import context, dtype_code
+    _C.int4_gemm(*context(device), dtype_code(dtype), out.data_ptr(), x.data_ptr(), m,
+                 qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+    check_gemm(out, x, qw, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
