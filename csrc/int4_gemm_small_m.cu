@@ -52,16 +52,17 @@
 //
 // Issue slots are the budget to watch: at 3.35 TB/s an H100 SM must take ~14 bytes of
 // weights per clock, and the hot loop is ~200 SASS instructions per KB per warp (NB = 2;
-// ~170 for NB = 4), i.e. ~50 clocks per KB at an SM's 4 instructions per clock, ~20 bytes
+// ~175 for NB = 3), i.e. ~50 clocks per KB at an SM's 4 instructions per clock, ~20 bytes
 // per clock: enough, but without much room for stalls. Hence the single-LOP3 conversion, no predicates or zero fill in the loop, pointer bumps with
-// immediate offsets, and one (s, m) load per lane shared by shuffles.
+// immediate offsets, and one (s, m) load per lane and group shared by shuffles.
 //
 // Bytes in flight: a block of kWarps warps owns NB n-blocks of 8 rows and splits the
 // groups of k across its warps (contiguous ranges, so each lane still streams contiguous
 // bytes); the partial sums meet in shared memory at the end. Each warp loads the weights
 // and scales of its next step before computing the current one (two register buffers,
 // ping-pong), so a warp has two steps of loads in flight while it computes: 4 KB per
-// warp for group 128, 64 KB per SM at two blocks per SM (123-128 registers a thread).
+// warp for group 128 (NB = 2; 3 KB for NB = 3), 48-64 KB per SM at two blocks per SM
+// (at most 128 registers a thread, __launch_bounds__).
 #include <cstdint>
 
 #include "cuda_common.cuh"
@@ -75,19 +76,21 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 // n-blocks of 8 rows of W per block, NB. More reuse each x fragment, each xsum mma and
-// each PRMT over more weights (2: ~200 SASS instructions per KB of weights per warp, 4:
-// ~170), but give fewer blocks: with 2 a 4096-row layer has 256 blocks, about two per SM
-// on 132 SMs, where 4 would leave SMs idle. So 4 only for layers of >= kWideN rows
-// (InternLM2-7B's fused gate/up projection, 28672 rows, over half the weight bytes).
+// each PRMT over more weights (group 128, f16: NB = 2 ~195 SASS instructions per KB of
+// weights per warp, NB = 3 ~175), but give fewer blocks: with 2 a 4096-row layer has 256
+// blocks, about two per SM on 132 SMs. So 3 only for layers of >= kWideN rows
+// (InternLM2-7B's fused gate/up projection, 28672 rows, over half the weight bytes). Not
+// 4: its group-128 kernel needs more than the 128 registers that two blocks per SM allow
+// (ptxas spills), 3 fits in ~118.
 constexpr int kWideN = 16384;
 
 template <int G, int NB>
 struct SmallMShape {
   static constexpr int kLaneWords = G / 32;  // 32-bit words a lane streams per row and group
-  // Groups per pipeline step, for about 16-32 bytes per lane and row per step in flight
-  // (x2 for the double buffer) within 128 registers: group 128 with NB = 2 streams two
-  // 128-bit loads per row and step, the smaller groups and NB = 4 proportionally fewer.
-  static constexpr int kGroupsPerStep = (G == 32 ? 4 : 2) / (NB / 2);
+  // Groups per pipeline step, for 16-32 bytes per lane and row per step in flight (x2 for
+  // the double buffer) within 128 registers: group 128 with NB = 2 streams two 128-bit
+  // loads per row and step, NB = 3 one, the smaller groups as many narrower ones.
+  static constexpr int kGroupsPerStep = (G == 32 ? 4 : 2) / (NB > 2 ? 2 : 1);
   static constexpr int kRowsPerBlock = 8 * NB;
 };
 
@@ -200,14 +203,15 @@ __device__ __forceinline__ void load_quarter<1>(uint32_t (&dst)[1], const int32_
 }
 
 // Everything one pipeline step of a warp reads from DRAM: per group and n-block, the
-// lane's quarter-row of nibbles, and the scale and offset of that same row as one
-// (s, m) pair. The fold needs the pairs of the lane's C columns 2tig and 2tig + 1, which
-// it takes from lanes 4 * 2tig and 4 * (2tig + 1) with two shuffles: two 2-byte loads per
-// lane and group at fixed offsets from a pointer, instead of four with index arithmetic.
+// lane's quarter-row of nibbles; per group, the (s, m) pair of row `lane` of the block
+// (8 * NB <= 32 rows, so one pair per lane covers them all). The fold takes the pairs of
+// its C columns 2tig and 2tig + 1 of n-block nb from lanes 8 nb + 2tig and 8 nb + 2tig + 1
+// with two shuffles: two 2-byte loads per lane and group, at fixed offsets from two
+// pointers, instead of four per n-block with index arithmetic.
 template <int G, int NB>
 struct Step {
   uint32_t w[SmallMShape<G, NB>::kGroupsPerStep][NB][SmallMShape<G, NB>::kLaneWords];
-  __half2 sm[SmallMShape<G, NB>::kGroupsPerStep][NB];
+  __half2 sm[SmallMShape<G, NB>::kGroupsPerStep];
 };
 
 template <typename T, int G, int NB>
@@ -234,38 +238,33 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   // the hot loop spends no instructions on predicates or zero fill (only the last block
   // re-reads up to 7 rows).
   const int32_t* wp[kNB];  // lane's quarter of group g_begin in its row of each n-block
-  const __half *sp[kNB], *mp[kNB];  // that row's scale and offset of group g_begin
 #pragma unroll
   for (int nb = 0; nb < kNB; ++nb) {
     const int r = min(n0 + nb * 8 + gid, n - 1);
     wp[nb] = qweight + int64_t(r) * (k / 8) + int64_t(g_begin) * (G / 8) + tig * LW;
-    sp[nb] = scales + int64_t(r) * groups + g_begin;
-    mp[nb] = offsets + int64_t(r) * groups + g_begin;
   }
+  // Scale and offset of group g_begin of the block's row `lane` (rows repeat for NB = 2).
+  const int srow = min(n0 + lane % S::kRowsPerBlock, n - 1);
+  const __half* sp = scales + int64_t(srow) * groups + g_begin;
+  const __half* mp = offsets + int64_t(srow) * groups + g_begin;
   // The lane's two tokens (A rows gid and gid + 8), at its quarter of group g_begin.
   const T* xp0 = x + int64_t(min(gid, m - 1)) * k + int64_t(g_begin) * G + tig * (G / 4);
   const T* xp1 = x + int64_t(min(gid + 8, m - 1)) * k + int64_t(g_begin) * G + tig * (G / 4);
 
-  // Issues the loads of the next U groups of this warp's range (the part of them inside
-  // it; the rest of st is left as it was and never used) and moves the pointers on.
-  int g_load = g_begin;
-  auto load_step = [&](Step<G, NB>& st) {
+  // Issues the loads of the U groups from g_load (the part of them inside this warp's
+  // range; the rest of st is left as it was and never used) and moves the pointers on.
+  auto load_step = [&](Step<G, NB>& st, int g_load) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (g_load + u < g_end) {
 #pragma unroll
-        for (int nb = 0; nb < kNB; ++nb) {
-          load_quarter<LW>(st.w[u][nb], wp[nb] + u * (G / 8));
-          st.sm[u][nb] = __halves2half2(__ldg(sp[nb] + u), __ldg(mp[nb] + u));
-        }
+        for (int nb = 0; nb < kNB; ++nb) load_quarter<LW>(st.w[u][nb], wp[nb] + u * (G / 8));
+        st.sm[u] = __halves2half2(__ldg(sp + u), __ldg(mp + u));
       }
     }
-    g_load += U;
 #pragma unroll
-    for (int nb = 0; nb < kNB; ++nb) {
-      wp[nb] += U * (G / 8);
-      sp[nb] += U, mp[nb] += U;
-    }
+    for (int nb = 0; nb < kNB; ++nb) wp[nb] += U * (G / 8);
+    sp += U, mp += U;
   };
 
   float acc_out[kNB][4];
@@ -313,9 +312,9 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
       // Fold the group: out += s * sum(x q) + m * sum(x), per accumulator column.
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
-        const uint32_t pair = *reinterpret_cast<const uint32_t*>(&st.sm[u][nb]);
-        const uint32_t p0 = __shfl_sync(kFullMask, pair, 8 * tig);
-        const uint32_t p1 = __shfl_sync(kFullMask, pair, 8 * tig + 4);
+        const uint32_t pair = *reinterpret_cast<const uint32_t*>(&st.sm[u]);
+        const uint32_t p0 = __shfl_sync(kFullMask, pair, 8 * nb + 2 * tig);
+        const uint32_t p1 = __shfl_sync(kFullMask, pair, 8 * nb + 2 * tig + 1);
         const float2 c0 = __half22float2(*reinterpret_cast<const __half2*>(&p0));  // (s, m)
         const float2 c1 = __half22float2(*reinterpret_cast<const __half2*>(&p1));
         acc_out[nb][0] = fmaf(c0.x, acc[nb][0], fmaf(c0.y, xsum[0], acc_out[nb][0]));
@@ -329,12 +328,12 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   // Two register buffers, ping-pong: the next step's loads go out before this step's
   // math, and no registers are copied between them.
   Step<G, NB> sa, sb;
-  load_step(sa);
+  load_step(sa, g_begin);
   for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
-    load_step(sb);
+    load_step(sb, g0 + U);
     compute_step(sa, g0);
     if (g0 + U >= g_end) break;
-    load_step(sa);
+    load_step(sa, g0 + 2 * U);
     compute_step(sb, g0 + U);
   }
 
@@ -368,7 +367,7 @@ Status launch_nb(const Context& ctx, T* out, const T* x, int m, const Int4Weight
 
 template <typename T, int G>
 Status launch(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
-  return w.n >= kWideN ? launch_nb<T, G, 4>(ctx, out, x, m, w) : launch_nb<T, G, 2>(ctx, out, x, m, w);
+  return w.n >= kWideN ? launch_nb<T, G, 3>(ctx, out, x, m, w) : launch_nb<T, G, 2>(ctx, out, x, m, w);
 }
 
 }  // namespace

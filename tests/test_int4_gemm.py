@@ -286,10 +286,10 @@ def test_int4_gemm_small_m(device, dtype, group_size, groups, m):
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("m", [1, 7, 16])
 def test_int4_gemm_small_m_wide(device, dtype, group_size, m):
-    # From 16384 rows on, the CUDA decode kernel takes 4 n-blocks of 8 rows per block
-    # (32 rows) instead of 2: n ends 5, 13, 21 or 29 rows into its last block, k is 3 or
-    # 5 groups (fewer than the 8 warps of a block).
-    n = 16384 + 32 * random.randint(0, 3) + random.choice([5, 13, 21, 29])
+    # From 16384 rows on, the CUDA decode kernel takes 3 n-blocks of 8 rows per block
+    # (24 rows) instead of 2: n ends 5, 13 or 21 rows into its last block (inside each of
+    # its n-blocks), k is 3 or 5 groups (fewer than the 8 warps of a block).
+    n = 24 * random.randint(683, 690) + random.choice([5, 13, 21])
     k = group_size * random.choice([3, 5])
     qw = affine_weight(n, k, group_size, device)
     x = rand(m, k, dtype=dtype, device=device)
