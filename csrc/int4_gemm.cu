@@ -1,17 +1,14 @@
 // Int4 weight-only quantization, dequantization and GEMM on CUDA (packed format v1, see
 // include/fastinternlm/int4_gemm.h).
 //
-// int4_gemm has two paths:
-//  - M <= 16 (decode): a GEMV-like kernel that is bound by reading the weights. One warp
-//    owns a few output rows and streams their nibbles with 16-byte loads, consecutive
-//    lanes on consecutive 16 bytes, so a warp's load is 512 contiguous bytes of one row.
-//    Every row of x is used in the same pass, so the weights cross DRAM exactly once for
-//    all M. x is staged in shared memory as float32, chunk by chunk along k.
-//  - M > 16 (prefill): a tensor-core GEMM in int4_gemm_large_m.cu.
-// Both dequantize each weight as fmaf(q, s, m) in float32, which equals the CPU
-// reference's q * s + m bit for bit (q * s is exact), accumulate in float32 and round to
-// the output type once; the tensor-core path also rounds each weight to the activation
-// dtype once, as its operands must be (see int4_gemm in int4_gemm.h).
+// int4_gemm has two paths, each in its own file:
+//  - M <= 16 (decode): int4_gemm_small_m.cu, a tensor-core GEMV that streams the weights
+//    once for all M rows of x and factors each group's scale and offset out of the dot
+//    product.
+//  - M > 16 (prefill): int4_gemm_large_m.cu, a tensor-core GEMM that dequantizes each
+//    weight in float32 as fmaf(q, s, m) and rounds it to the activation dtype once, as its
+//    operands must be (see int4_gemm in int4_gemm.h).
+// This file keeps quantization, dequantization and the dispatch between the two.
 #include <cstdint>
 
 #include "cuda_common.cuh"
@@ -32,10 +29,6 @@ __device__ __forceinline__ float nibble(uint32_t word, int i) {
 
 __device__ __forceinline__ float dequant(uint32_t word, int i, float s, float m) {
   return fmaf(nibble(word, i), s, m);
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
 // Quantize and dequantize also take float32 weights on CUDA (checkpoints may be float32).
@@ -136,159 +129,6 @@ dequantize_int4_kernel(T* __restrict__ out, const int32_t* __restrict__ qweight,
   }
 }
 
-// ---- GEMV path, M <= 16 -------------------------------------------------------------------
-
-constexpr int kGemvWarps = 8;
-constexpr int kGemvThreads = 32 * kGemvWarps;
-constexpr int kLaneK = 32;               // input channels in one lane's 16-byte load
-constexpr int kWarpK = 32 * kLaneK;      // 1024: one warp-wide load of a row
-// A lane's 32 floats of x sit at a stride of 34 floats in shared memory, so lane l starts
-// at bank 2l (mod 32): the lanes' 8-byte reads (and the staging writes) of a half-warp hit
-// 32 distinct banks. Without the pad every lane would start at bank 0.
-constexpr int kLaneStride = kLaneK + 2;
-
-template <int MT>  // MT: rows of x the kernel is compiled for (1, 2, 4, 8, 16); m <= MT
-struct GemvShape {
-  // Rows of W per warp. Lanes own distinct channels, so x cannot be broadcast: each float
-  // a lane reads from shared memory feeds kRows FMAs. An SM reads 128 bytes (32 floats) of
-  // shared memory per clock and issues 128 FMAs, so with 8 or 16 rows of x (FMA-heavy)
-  // 4 rows of W keep shared memory from being the limit; with few rows of x the weights'
-  // DRAM traffic is the limit and 2 rows keep more, smaller blocks in flight.
-  static constexpr int kRows = MT <= 4 ? 2 : 4;
-  // 16-byte loads per lane per row per chunk: up to 4 in flight for few rows of x, to
-  // cover DRAM latency; the chunk of x in shared memory shrinks as MT grows.
-  static constexpr int kUnits = MT <= 2 ? 4 : MT == 4 ? 2 : 1;
-  static constexpr int kChunk = kUnits * kWarpK;                  // input channels per chunk
-  static constexpr int kRowFloats = kChunk / kLaneK * kLaneStride;  // one row of x, padded
-  static constexpr int kSmemBytes = MT * kRowFloats * 4;            // 17 KB .. 68 KB
-};
-
-template <typename T, int MT>
-__global__ void __launch_bounds__(kGemvThreads)
-int4_gemv_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
-                 const int32_t* __restrict__ qweight, const __half* __restrict__ scales,
-                 const __half* __restrict__ offsets, int n, int k, int group_size) {
-  using S = GemvShape<MT>;
-  constexpr int R = S::kRows, U = S::kUnits;
-  extern __shared__ __align__(16) float xs[];  // [MT][kRowFloats]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row0 = (int64_t(blockIdx.x) * kGemvWarps + warp) * R;
-  const int64_t words_per_row = k / 8, groups = k / group_size;
-
-  float acc[R][MT];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int i = 0; i < MT; ++i) acc[r][i] = 0.0f;
-
-  for (int64_t kc = 0; kc < k; kc += S::kChunk) {
-    // Weights first: these loads are independent of shared memory, so they are in flight
-    // while the block stages x. Rows past n and channels past k read nothing and count as
-    // zero (their x is zero too).
-    uint4 wq[R][U];
-    float sc[R][U], of[R][U];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t kk = kc + u * kWarpK + lane * kLaneK;
-        const int64_t row = row0 + r;
-        wq[r][u] = make_uint4(0, 0, 0, 0);
-        sc[r][u] = of[r][u] = 0.0f;
-        if (row < n && kk < k) {
-          // Streaming (evict-first) load: each weight is read once per call, and caching
-          // it would only push x, scales and offsets out of L1/L2.
-          wq[r][u] = __ldcs(reinterpret_cast<const uint4*>(qweight + row * words_per_row + kk / 8));
-          // A lane's 32 channels lie in one group (groups are 32, 64 or 128 aligned).
-          const int64_t g = row * groups + kk / group_size;
-          sc[r][u] = __half2float(scales[g]);
-          of[r][u] = __half2float(offsets[g]);
-        }
-      }
-    }
-
-    // Stage x[0..MT) [kc, kc + kChunk) as float32, zero past m and k: one 16-byte load
-    // (8 elements) per thread and step, consecutive threads on consecutive bytes.
-    constexpr int kVecs = S::kChunk / 8;
-    for (int idx = threadIdx.x; idx < MT * kVecs; idx += kGemvThreads) {
-      const int mi = idx / kVecs, c = (idx % kVecs) * 8;
-      float v[8];
-      if (mi < m && kc + c < k) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + mi * int64_t(k) + kc + c));
-        const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = to_float(e[j]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = 0.0f;
-      }
-      float2* dst = reinterpret_cast<float2*>(xs + mi * S::kRowFloats + (c / kLaneK) * kLaneStride +
-                                              c % kLaneK);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) dst[j] = make_float2(v[2 * j], v[2 * j + 1]);
-    }
-    __syncthreads();
-
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const float* xl = xs + (u * 32 + lane) * kLaneStride;
-#pragma unroll
-      for (int wd = 0; wd < 4; ++wd) {
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          float2 xv[MT];
-#pragma unroll
-          for (int i = 0; i < MT; ++i)
-            xv[i] = *reinterpret_cast<const float2*>(xl + i * S::kRowFloats + wd * 8 + 2 * p);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const uint32_t word = word_of(wq[r][u], wd);
-            const float w0 = dequant(word, 2 * p, sc[r][u], of[r][u]);
-            const float w1 = dequant(word, 2 * p + 1, sc[r][u], of[r][u]);
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-              acc[r][i] = fmaf(xv[i].x, w0, acc[r][i]);
-              acc[r][i] = fmaf(xv[i].y, w1, acc[r][i]);
-            }
-          }
-        }
-      }
-    }
-    __syncthreads();  // the next chunk overwrites xs
-  }
-
-  // Each lane holds a partial sum over its channels; the butterfly leaves the total in every
-  // lane, and the stores are spread over lanes.
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      float v = acc[r][i];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-      const int64_t row = row0 + r;
-      if (lane == (r * MT + i) % 32 && row < n && i < m) out[i * int64_t(n) + row] = from_float<T>(v);
-    }
-  }
-}
-
-template <typename T, int MT>
-Status launch_gemv(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
-  using S = GemvShape<MT>;
-  auto kernel = int4_gemv_kernel<T, MT>;
-  // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so every call).
-  if (S::kSmemBytes > 48 * 1024)
-    FIL_RETURN_IF_ERROR(cuda_status(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes),
-        "int4_gemm: cudaFuncSetAttribute"));
-  const unsigned blocks = ceil_div(w.n, int64_t(kGemvWarps) * S::kRows);
-  kernel<<<blocks, kGemvThreads, S::kSmemBytes, stream_of(ctx)>>>(
-      out, x, m, w.qweight, static_cast<const __half*>(w.scales),
-      static_cast<const __half*>(w.offsets), static_cast<int>(w.n), static_cast<int>(w.k),
-      static_cast<int>(w.group_size));
-  return launch_status("int4_gemm");
-}
-
 }  // namespace
 
 Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, int64_t k,
@@ -355,19 +195,8 @@ Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Wei
 
 Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                  const Int4Weight& w) {
-  FIL_RETURN_IF_ERROR(set_device(ctx));
-  const int mi = static_cast<int>(m);  // checked < 2^31 by the caller
-  return dispatch_half(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    auto* o = static_cast<T*>(out);
-    const auto* xi = static_cast<const T*>(x);
-    if (mi == 1) return launch_gemv<T, 1>(ctx, o, xi, mi, w);
-    if (mi == 2) return launch_gemv<T, 2>(ctx, o, xi, mi, w);
-    if (mi <= 4) return launch_gemv<T, 4>(ctx, o, xi, mi, w);
-    if (mi <= 8) return launch_gemv<T, 8>(ctx, o, xi, mi, w);
-    if (mi <= 16) return launch_gemv<T, 16>(ctx, o, xi, mi, w);
-    return int4_gemm_large_m(ctx, dtype, out, x, m, w);  // int4_gemm_large_m.cu
-  });
+  if (m <= 16) return int4_gemm_small_m(ctx, dtype, out, x, m, w);  // int4_gemm_small_m.cu
+  return int4_gemm_large_m(ctx, dtype, out, x, m, w);                // int4_gemm_large_m.cu
 }
 
 }  // namespace cuda

@@ -46,5 +46,9 @@ Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int6
 Status int4_gemm_large_m(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                          const Int4Weight& w);
 
+// The M <= 16 (decode) path of int4_gemm (int4_gemm_small_m.cu); m in [1, 16].
+Status int4_gemm_small_m(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
+                         const Int4Weight& w);
+
 }  // namespace cuda
 }  // namespace fastinternlm

@@ -68,17 +68,51 @@ def random_sizes(group_size):
     return n, k
 
 
-def assert_gemm_close(out, x, w64, dtype, acc_unit=U32):
+def small_m_roundings(k, group_size):
+    """Float32 roundings a product can meet in the CUDA M <= 16 kernel (int4_gemm_small_m.cu),
+    which computes per group s * sum(x q) + m * sum(x) on the tensor cores:
+    - sum(x q) and sum(x) each take group_size / 16 mma steps. A step adds 16 exact
+      products to the float32 accumulator by aligning every term to the largest one and
+      truncating (Fasi et al. 2021; the hardware may split the 16 into blocks, at most 4
+      assumed here): each of the 16 products and each block's accumulator loses < 1 ulp
+      of the largest term, each block's normalisation < 1 ulp more, so <= 24 ulp <= 48 u32
+      relative to the sum of the step's magnitudes (truncation: ulp <= 2 u32 |value|);
+    - the fold out = fma(s, acc, fma(m, xsum, out)) rounds the running sum twice per group,
+      at most 2 k / group_size times for the first group;
+    - the sum of the 8 warps' partial results, 7 additions (8 counted).
+    The error is relative to sum |x| (q |s| + |m|), not sum |x| |q s + m| (see
+    assert_gemm_close)."""
+    return 48 * (group_size // 16) + 2 * (k // group_size) + 8
+
+
+def gemm_bound_terms(qw, x, device):
+    """(w64, magnitude, roundings) for assert_gemm_close on the path int4_gemm takes."""
+    w64 = reconstruct(qw.qweight, qw.scales, qw.offsets, qw.group_size)
+    rows = x.numel() // x.shape[-1]
+    if device.type == "cuda" and rows <= 16:
+        s = qw.scales.cpu().double().repeat_interleave(qw.group_size, dim=1)
+        m = qw.offsets.cpu().double().repeat_interleave(qw.group_size, dim=1)
+        return w64, unpack(qw.qweight).double() * s.abs() + m.abs(), small_m_roundings(qw.k, qw.group_size)
+    return w64, w64.abs(), qw.k + 1
+
+
+def assert_gemm_close(out, x, w64, dtype, w_abs=None, roundings=None, acc_unit=U32):
     """Bound derived for float32 accumulation (Higham, any summation order): each product
     x_i * w_i carries at most K + 1 roundings of acc_unit (one dequantizing w, one in the
     product or FMA, at most K - 1 in additions), so |acc - ref| <= gamma_{K+1} * sum|x||w|.
     Then one rounding to dtype (u_dtype |acc|), plus, for float16, half its smallest
-    subnormal where the result underflows. acc_unit is u32 for IEEE float32 arithmetic."""
+    subnormal where the result underflows. acc_unit is u32 for IEEE float32 arithmetic (2 u32
+    for the tensor cores' truncating adders). A path that factors the group affine out of the
+    dot product (CUDA, M <= 16) rounds sum x q and sum x separately, so its error is
+    relative to sum |x| (q |s| + |m|) instead, with its own rounding count: pass them as
+    w_abs and roundings (gemm_bound_terms)."""
     x64 = x.cpu().double().reshape(-1, x.shape[-1])
     ref = x64 @ w64.T
     k = x64.shape[1]
-    gamma = (k + 1) * acc_unit / (1 - (k + 1) * acc_unit)
-    acc_err = gamma * (x64.abs() @ w64.abs().T)
+    w_abs = w64.abs() if w_abs is None else w_abs
+    roundings = k + 1 if roundings is None else roundings
+    gamma = roundings * acc_unit / (1 - roundings * acc_unit)
+    acc_err = gamma * (x64.abs() @ w_abs.T)
     if dtype == torch.float32:
         bound = acc_err
     else:
@@ -108,8 +142,8 @@ def rounded_weight(qw, dtype) -> torch.Tensor:
 def assert_gemm_matches(out, x, qw, device):
     """Compare with the reference of the path that ran.
 
-    CPU (and CUDA m <= 16): the exact q * s + m weights, the float32 bound of
-    assert_gemm_close.
+    CPU: the exact q * s + m weights, the float32 bound of assert_gemm_close.
+    CUDA m <= 16: the exact weights too, with the factored path's bound (gemm_bound_terms).
     CUDA m > 16: the tensor cores take dtype operands, so the contract is dequantize_int4
     (W, dtype) then a float32-accumulated matmul: the reference multiplies the weights
     rounded exactly that way, so the only errors left are accumulation and the output
@@ -122,7 +156,13 @@ def assert_gemm_matches(out, x, qw, device):
     if tensor_core_path(device, m):
         assert_gemm_close(out, x, rounded_weight(qw, x.dtype), x.dtype, acc_unit=2 * U32)
     else:
-        assert_gemm_close(out, x, reconstruct(qw.qweight, qw.scales, qw.offsets, qw.group_size), x.dtype)
+        w64, w_abs, roundings = gemm_bound_terms(qw, x, device)
+        assert_gemm_close(out, x, w64, x.dtype, w_abs, roundings)
+
+
+def check_gemm(out, x, qw, dtype, device):
+    assert dtype == x.dtype
+    assert_gemm_matches(out, x, qw, device)
 
 
 def skip_float32_on_cuda(device, dtype):
@@ -234,13 +274,64 @@ def test_int4_gemm(device, dtype, group_size, m):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 5, 16, 40])
 def test_int4_gemm_long_k(device, dtype, m):
-    # k = 4224 is longer than every chunk of x the CUDA decode kernel stages (1024..4096
-    # channels) and ends inside a chunk; n = 67 ends inside a block of rows.
+    # k = 4224 is 33 groups: the CUDA decode kernel's 8 warps get 4 or 5 groups each, so
+    # several pipeline steps and a partial last one; n = 67 ends inside a block of 16 rows.
     group_size = 128
     k, n = 33 * group_size, 67
     qw = random_weight(n, k, group_size, device)
     x = rand(m, k, dtype=dtype, device=device)
     assert_gemm_matches(ops.int4_gemm(x, qw), x, qw, device)
+
+
+def affine_weight(n, k, group_size, device) -> Int4Weight:
+    """Scales of both signs and offsets large next to them (|m| ~ 20 |s|), so that the
+    m * sum(x) part of the CUDA M <= 16 kernel's fold carries most of the result."""
+    qweight = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32)
+    scales = (torch.randn(n, k // group_size, dtype=torch.float64) * 0.03).half()
+    offsets = (torch.randn(n, k // group_size, dtype=torch.float64) * 0.5).half()
+    return Int4Weight.from_tensors(qweight.to(device), scales.to(device), offsets.to(device), group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("groups", ["one", "odd"])
+@pytest.mark.parametrize("m", list(range(1, 17)))
+def test_int4_gemm_small_m(device, dtype, group_size, groups, m):
+    # Every M of the CUDA decode kernel (A has 16 token rows; those past m are never
+    # stored), n ending 5 or 13 rows into its last block of 16 rows (inside the first or
+    # second n-block of 8), k one group (only the last of the 8 warps has work) or an odd number of groups
+    # (the warps' ranges differ in length and end inside a pipeline step).
+    n = 16 * random.randint(0, 4) + random.choice([5, 13])
+    k = group_size * (1 if groups == "one" else 2 * random.randint(4, 20) + 1)
+    qw = affine_weight(n, k, group_size, device)
+    x = rand(m, k, dtype=dtype, device=device)
+    # Called through the core with out inside a NaN-poisoned buffer: every output must be
+    # written, and nothing past it.
+    from fastinternlm.ops._checks import context, dtype_code
+    guard = 67
+    buf = torch.full((m * n + guard,), float("nan"), dtype=dtype, device=device)
+    _C.int4_gemm(*context(device), dtype_code(dtype), buf.data_ptr(), x.data_ptr(), m,
+                 qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+    assert torch.isnan(buf[m * n:].cpu()).all(), "int4_gemm wrote past the end of out"
+    check_gemm(buf[:m * n].view(m, n), x, qw, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_int4_gemm_small_m_wide(device, dtype, group_size, m):
+    # From 16384 rows on, the CUDA decode kernel takes 3 n-blocks of 8 rows per block
+    # (24 rows) instead of 2: n ends 5, 13 or 21 rows into its last block (inside each of
+    # its n-blocks), k is 3 or 5 groups (fewer than the 8 warps of a block).
+    n = 24 * random.randint(683, 690) + random.choice([5, 13, 21])
+    k = group_size * random.choice([3, 5])
+    qw = affine_weight(n, k, group_size, device)
+    x = rand(m, k, dtype=dtype, device=device)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    from fastinternlm.ops._checks import context, dtype_code
+    _C.int4_gemm(*context(device), dtype_code(dtype), out.data_ptr(), x.data_ptr(), m,
+                 qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+    check_gemm(out, x, qw, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -317,8 +408,7 @@ def test_int4_gemm_alignment(device):
         with pytest.raises(ValueError, match="x must be 16-byte aligned"):
             ops.int4_gemm(x, qw)
     else:
-        assert_gemm_close(ops.int4_gemm(x, qw), x, reconstruct(qw.qweight, qw.scales, qw.offsets, 32),
-                          torch.float16)
+        check_gemm(ops.int4_gemm(x, qw), x, qw, torch.float16, device)
 
 
 # ---- Int4Weight ---------------------------------------------------------------------------

@@ -54,14 +54,19 @@ Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, 
 Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Weight& w);
 
 // out [m, n] = x [m, k] @ W^T for any m >= 1, x and out of `dtype` (float16/bfloat16;
-// float32 too on the CPU). Each weight is dequantized in float32 exactly as by
-// dequantize_int4 (before its rounding to dtype), products are accumulated in float32,
-// and the result is rounded to dtype once. The CPU and the CUDA path for m <= 16 use that
-// float32 weight as is. The CUDA path for m > 16 runs on tensor cores, whose operands are
-// float16/bfloat16: it rounds each weight once more, to dtype, i.e. it computes exactly
-// dequantize_int4(W, dtype) followed by a float32-accumulated matmul of x with it (the
-// tensor cores' float32 additions are not IEEE round-to-nearest; the summation order is
-// unspecified on every path).
+// float32 too on the CPU), rounded to dtype once from a float32 accumulation. The paths
+// differ in where the weight's rounding happens:
+//  - CPU: each weight is dequantized in float32 exactly as by dequantize_int4 (before its
+//    rounding to dtype) and the products are accumulated in float32.
+//  - CUDA, m <= 16 (decode): the group's scale and offset are factored out of the dot
+//    product, s * sum(x q) + m * sum(x), with both sums exact products accumulated in
+//    float32 on the tensor cores: mathematically the same function, with float32
+//    accumulation error relative to sum |x| (q |s| + |m|) rather than sum |x| |q s + m|.
+//  - CUDA, m > 16 (prefill): tensor-core operands are float16/bfloat16, so each weight is
+//    rounded once more, to dtype: exactly dequantize_int4(W, dtype) followed by a
+//    float32-accumulated matmul of x with it.
+// The tensor cores' float32 additions are not IEEE round-to-nearest, and the summation
+// order is unspecified on every path; tests/test_int4_gemm.py derives the bounds.
 Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                  const Int4Weight& w);
 

@@ -1,0 +1,397 @@
+// int4_gemm for M <= 16 (decode) on CUDA: a tensor-core GEMV that streams the packed
+// weights (format v1, include/fastinternlm/int4_gemm.h) once for all M rows of x.
+//
+// Why tensor cores for a memory-bound GEMV: on the CUDA cores every nibble costs an
+// extract, a dequantizing FMA and M accumulating FMAs, which is more issue slots than an
+// SM has per byte of DRAM bandwidth. One mma.sync m16n8k16 does 16 x 8 x 16 multiply-adds
+// in one instruction, so the per-nibble work drops to converting it to f16/bf16 (about one
+// instruction per two nibbles) and the kernel is left bound by the weight stream.
+//
+// The arithmetic. Each output is sum_k x_k (q_k s_g + m_g) over the groups g of its row.
+// The group affine is factored out of the dot product:
+//     sum_{k in g} x_k (q_k s + m) = s * sum_{k in g} x_k q_k  +  m * sum_{k in g} x_k,
+// so the tensor cores see only the raw nibbles q (0..15), which f16 and bf16 hold exactly,
+// and x, which is exact in its own type. Their products are exact in the fp32
+// accumulators; only the fp32 sums round. After each group the kernel folds
+//     out += s * acc_group + m * xsum_group          (fp32, two FMAs)
+// where xsum_group comes from one extra mma per k16-step whose B is all ones (it is the
+// same for every row of W, so a warp computes it once for all its n-blocks). This is the
+// same function as the reference (dequantize, multiply, sum); it differs only in where
+// the fp32 roundings fall. The result is rounded to the output type once.
+//
+// Mapping onto m16n8k16 (row.col): A = x (16 rows = tokens), B = W^T (n = 8 rows of W
+// per mma), C fp32. An A row only reaches its own C row and a B column its own C column,
+// so tokens past m and rows of W past n are loaded as copies of the last valid one (every
+// read in bounds, no masking in the hot loop) and their outputs are simply not stored. Fragment layout (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16"), with lane = 4 * gid + tig:
+//   A  reg0: row gid,   k 2tig, 2tig+1     reg1: row gid+8, k 2tig, 2tig+1
+//      reg2: row gid,   k 2tig+8, 2tig+9   reg3: row gid+8, k 2tig+8, 2tig+9
+//   B  reg0: k 2tig, 2tig+1, n gid         reg1: k 2tig+8, 2tig+9, n gid
+//   C  c0, c1: row gid, n 2tig, 2tig+1     c2, c3: row gid+8, n 2tig, 2tig+1
+// (the lower k of a pair in the low 16 bits). A lane's k-slots are the same in A and B,
+// and the mma sums over all 16 of them, so any assignment of real input channels to the
+// slots gives the same dot product as long as A and B use the same one. The kernel
+// assigns them so that each lane streams contiguous bytes of ONE row of W: the 4 lanes of
+// a quad (same gid) read consecutive quarters of a group of that row (lane tig the
+// quarter tig), and feed their own nibbles into their own slots. x is then loaded for
+// exactly the channels the lane holds.
+//
+// One mma must not mix groups (its sum gets one scale), and a quad covers 4 quarters of
+// one group per mma, so a lane's quarter is group_size / 4 channels = group_size / 8
+// bytes: 16 B (one 128-bit load) for group 128, 8 B for 64, 4 B for 32. Hence the kernel
+// is templated on the group size; group 128 (the 7B checkpoints) is the case tuned for.
+//
+// Nibbles to f16/bf16 without conversions: (word >> 4j) & 0x000F000F puts nibbles j and
+// j + 4 in the low bits of each 16-bit half. OR-ing the exponent of 1024 (f16, 0x6400,
+// ulp 1 there) or 128 (bf16, 0x4300, ulp 1 there) makes the pair (1024 + q, 1024 + q')
+// exactly (one LOP3), and one HFMA2 (times 1, minus the magic) gives (q, q') exactly. So
+// word >> 0 feeds k-pair (n0, n4), >> 4 (n1, n5), >> 8 (n2, n6), >> 12 (n3, n7): two mmas
+// per word, and the matching x pairs (x0, x4), (x1, x5), ... come from a 16-byte load of
+// 8 consecutive x values with one PRMT each. (f16 skips two of the shifts, see
+// nibble_pairs.)
+//
+// Issue slots are the budget to watch: at 3.35 TB/s an H100 SM must take ~14 bytes of
+// weights per clock, and the hot loop is ~200 SASS instructions per KB per warp (NB = 2;
+// ~175 for NB = 3), i.e. ~50 clocks per KB at an SM's 4 instructions per clock, ~20 bytes
+// per clock: enough, but without much room for stalls. Hence the single-LOP3 conversion, no predicates or zero fill in the loop, pointer bumps with
+// immediate offsets, and one (s, m) load per lane and group shared by shuffles.
+//
+// Bytes in flight: a block of kWarps warps owns NB n-blocks of 8 rows and splits the
+// groups of k across its warps (contiguous ranges, so each lane still streams contiguous
+// bytes); the partial sums meet in shared memory at the end. Each warp loads the weights
+// and scales of its next step before computing the current one (two register buffers,
+// ping-pong), so a warp has two steps of loads in flight while it computes: 4 KB per
+// warp for group 128 (NB = 2; 3 KB for NB = 3), 48-64 KB per SM at two blocks per SM
+// (at most 128 registers a thread, __launch_bounds__).
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "kernels_cuda.h"
+
+namespace fastinternlm {
+namespace cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+// n-blocks of 8 rows of W per block, NB. More reuse each x fragment, each xsum mma and
+// each PRMT over more weights (group 128, f16: NB = 2 ~195 SASS instructions per KB of
+// weights per warp, NB = 3 ~175), but give fewer blocks: with 2 a 4096-row layer has 256
+// blocks, about two per SM on 132 SMs. So 3 only for layers of >= kWideN rows
+// (InternLM2-7B's fused gate/up projection, 28672 rows, over half the weight bytes). Not
+// 4: its group-128 kernel needs more than the 128 registers that two blocks per SM allow
+// (ptxas spills), 3 fits in ~118.
+constexpr int kWideN = 16384;
+
+template <int G, int NB>
+struct SmallMShape {
+  static constexpr int kLaneWords = G / 32;  // 32-bit words a lane streams per row and group
+  // Groups per pipeline step, for 16-32 bytes per lane and row per step in flight (x2 for
+  // the double buffer) within 128 registers: group 128 with NB = 2 streams two 128-bit
+  // loads per row and step, NB = 3 one, the smaller groups as many narrower ones.
+  static constexpr int kGroupsPerStep = (G == 32 ? 4 : 2) / (NB > 2 ? 2 : 1);
+  static constexpr int kRowsPerBlock = 8 * NB;
+};
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;     // (1024, 1024)
+  static constexpr uint32_t kNegMagic = 0xE400E400u;  // (-1024, -1024)
+  static constexpr uint32_t kOnes = 0x3C003C00u;      // (1, 1)
+};
+template <>
+struct MmaType<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;     // (128, 128)
+  static constexpr uint32_t kNegMagic = 0xC300C300u;  // (-128, -128)
+  static constexpr uint32_t kOnes = 0x3F803F80u;      // (1, 1)
+};
+
+// (bits & mask) | magic as one LOP3. Written in C++ the two constants become two LOP3s
+// (SASS LOP3 takes one immediate); here ptxas keeps the magic in a register.
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t mask_or_magic(uint32_t bits, uint32_t magic) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(bits), "n"(kMask), "r"(magic));
+  return r;
+}
+
+// a * b + c on a pair of halves; HFMA2 because sm_80 has no bf16x2 add/sub instruction.
+template <typename T>
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c);
+template <>
+__device__ __forceinline__ uint32_t fma2<__half>(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+template <>
+__device__ __forceinline__ uint32_t fma2<__nv_bfloat16>(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// The B registers of mma h (0 or 1) of a word: b0 = (q of nibble 2h, q of nibble 2h + 4),
+// b1 = (nibble 2h + 1, nibble 2h + 5), each exact.
+template <typename T>
+__device__ __forceinline__ void nibble_pairs(uint32_t word, int h, uint32_t& b0, uint32_t& b1);
+template <>
+__device__ __forceinline__ void nibble_pairs<__half>(uint32_t word, int h, uint32_t& b0,
+                                                     uint32_t& b1) {
+  // f16 saves two shifts per word: the odd nibble is used in place, as 1024 + 16 q (ulp 1
+  // at 1024, so exact), and (1024 + 16 q) / 16 - 64 = q is exact in one HFMA2.
+  const uint32_t base = h ? word >> 8 : word;
+  b0 = fma2<__half>(mask_or_magic<0x000F000Fu>(base, MmaType<__half>::kMagic),
+                    MmaType<__half>::kOnes, MmaType<__half>::kNegMagic);
+  b1 = fma2<__half>(mask_or_magic<0x00F000F0u>(base, MmaType<__half>::kMagic),
+                    0x2C002C00u /* (1/16, 1/16) */, 0xD400D400u /* (-64, -64) */);
+}
+template <>
+__device__ __forceinline__ void nibble_pairs<__nv_bfloat16>(uint32_t word, int h, uint32_t& b0,
+                                                            uint32_t& b1) {
+  // bf16 has 7 mantissa bits, too few to take a nibble in bits 4..7 in place.
+  using M = MmaType<__nv_bfloat16>;
+  b0 = fma2<__nv_bfloat16>(mask_or_magic<0x000F000Fu>(word >> (8 * h), M::kMagic), M::kOnes,
+                           M::kNegMagic);
+  b1 = fma2<__nv_bfloat16>(mask_or_magic<0x000F000Fu>(word >> (8 * h + 4), M::kMagic), M::kOnes,
+                           M::kNegMagic);
+}
+
+// d += A * B on the tensor cores, fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A lane's quarter of one group of one row. Streaming (evict-first) loads: every weight is
+// read exactly once per call, and caching it would only evict x and the scales.
+template <int W>
+__device__ __forceinline__ void load_quarter(uint32_t (&dst)[W], const int32_t* p);
+template <>
+__device__ __forceinline__ void load_quarter<4>(uint32_t (&dst)[4], const int32_t* p) {
+  const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+  dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+}
+template <>
+__device__ __forceinline__ void load_quarter<2>(uint32_t (&dst)[2], const int32_t* p) {
+  const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+  dst[0] = v.x, dst[1] = v.y;
+}
+template <>
+__device__ __forceinline__ void load_quarter<1>(uint32_t (&dst)[1], const int32_t* p) {
+  dst[0] = __ldcs(reinterpret_cast<const unsigned int*>(p));
+}
+
+// Everything one pipeline step of a warp reads from DRAM: per group and n-block, the
+// lane's quarter-row of nibbles; per group, the (s, m) pair of row `lane` of the block
+// (8 * NB <= 32 rows, so one pair per lane covers them all). The fold takes the pairs of
+// its C columns 2tig and 2tig + 1 of n-block nb from lanes 8 nb + 2tig and 8 nb + 2tig + 1
+// with two shuffles: two 2-byte loads per lane and group, at fixed offsets from two
+// pointers, instead of four per n-block with index arithmetic.
+template <int G, int NB>
+struct Step {
+  uint32_t w[SmallMShape<G, NB>::kGroupsPerStep][NB][SmallMShape<G, NB>::kLaneWords];
+  __half2 sm[SmallMShape<G, NB>::kGroupsPerStep];
+};
+
+template <typename T, int G, int NB>
+__global__ void __launch_bounds__(kThreads, 2)
+int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
+                         const int32_t* __restrict__ qweight, const __half* __restrict__ scales,
+                         const __half* __restrict__ offsets, int n, int k) {
+  using S = SmallMShape<G, NB>;
+  constexpr int kNB = NB;
+  constexpr int LW = S::kLaneWords, U = S::kGroupsPerStep;
+  __shared__ float partial[kWarps][kNB * 4][32];  // [warp][accumulator][lane]: conflict-free
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int n0 = blockIdx.x * S::kRowsPerBlock;  // < n < 2^31
+  const int groups = k / G;
+  // This warp's contiguous range of groups (sizes differ by at most one).
+  const int g_begin = static_cast<int>(int64_t(groups) * warp / kWarps);
+  const int g_end = static_cast<int>(int64_t(groups) * (warp + 1) / kWarps);
+
+  // Rows of W past n and tokens past m are clamped to the last valid one instead of being
+  // masked: a B column (row of W) reaches only its own C column and an A row (token) only
+  // its own C row, and those outputs are never stored. So every read stays in bounds and
+  // the hot loop spends no instructions on predicates or zero fill (only the last block
+  // re-reads up to 7 rows).
+  const int32_t* wp[kNB];  // lane's quarter of group g_begin in its row of each n-block
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb) {
+    const int r = min(n0 + nb * 8 + gid, n - 1);
+    wp[nb] = qweight + int64_t(r) * (k / 8) + int64_t(g_begin) * (G / 8) + tig * LW;
+  }
+  // Scale and offset of group g_begin of the block's row `lane` (rows repeat for NB = 2).
+  const int srow = min(n0 + lane % S::kRowsPerBlock, n - 1);
+  const __half* sp = scales + int64_t(srow) * groups + g_begin;
+  const __half* mp = offsets + int64_t(srow) * groups + g_begin;
+  // The lane's two tokens (A rows gid and gid + 8), at its quarter of group g_begin.
+  const T* xp0 = x + int64_t(min(gid, m - 1)) * k + int64_t(g_begin) * G + tig * (G / 4);
+  const T* xp1 = x + int64_t(min(gid + 8, m - 1)) * k + int64_t(g_begin) * G + tig * (G / 4);
+
+  // Issues the loads of the U groups from g_load (the part of them inside this warp's
+  // range; the rest of st is left as it was and never used) and moves the pointers on.
+  auto load_step = [&](Step<G, NB>& st, int g_load) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (g_load + u < g_end) {
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) load_quarter<LW>(st.w[u][nb], wp[nb] + u * (G / 8));
+        st.sm[u] = __halves2half2(__ldg(sp + u), __ldg(mp + u));
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) wp[nb] += U * (G / 8);
+    sp += U, mp += U;
+  };
+
+  float acc_out[kNB][4];
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc_out[nb][i] = 0.0f;
+
+  // The groups g0 .. g0 + U - 1 (those inside the range), whose data st holds. (For
+  // m <= 8 A's rows 8..15 could repeat rows 0..7 instead of being loaded, but the mma's
+  // register quads then cost a MOV for each PRMT saved: no gain in SASS.)
+  auto compute_step = [&](const Step<G, NB>& st, int g0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (g0 + u >= g_end) break;  // warp-uniform: mma.sync needs the whole warp
+      float acc[kNB][4], xsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nb][i] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < LW; ++j) {
+        // 8 consecutive x values of each of the lane's two tokens; x is small and shared
+        // by every block, so it comes through L1/L2 (cached loads).
+        const uint4 xa = __ldg(reinterpret_cast<const uint4*>(xp0 + 8 * j));
+        const uint4 xb = __ldg(reinterpret_cast<const uint4*>(xp1 + 8 * j));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // h = 0: k-slot pairs (x0, x4), (x1, x5) with nibble pairs word >> 0, >> 4;
+          // h = 1: (x2, x6), (x3, x7) with word >> 8, >> 12.
+          const uint32_t lo_a = h ? xa.y : xa.x, hi_a = h ? xa.w : xa.z;
+          const uint32_t lo_b = h ? xb.y : xb.x, hi_b = h ? xb.w : xb.z;
+          const uint32_t a[4] = {__byte_perm(lo_a, hi_a, 0x5410), __byte_perm(lo_b, hi_b, 0x5410),
+                                 __byte_perm(lo_a, hi_a, 0x7632), __byte_perm(lo_b, hi_b, 0x7632)};
+          mma<T>(xsum, a, MmaType<T>::kOnes, MmaType<T>::kOnes);
+#pragma unroll
+          for (int nb = 0; nb < kNB; ++nb) {
+            uint32_t b0, b1;
+            nibble_pairs<T>(st.w[u][nb][j], h, b0, b1);
+            mma<T>(acc[nb], a, b0, b1);
+          }
+        }
+      }
+      xp0 += G, xp1 += G;
+      // Fold the group: out += s * sum(x q) + m * sum(x), per accumulator column.
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        const uint32_t pair = *reinterpret_cast<const uint32_t*>(&st.sm[u]);
+        const uint32_t p0 = __shfl_sync(kFullMask, pair, 8 * nb + 2 * tig);
+        const uint32_t p1 = __shfl_sync(kFullMask, pair, 8 * nb + 2 * tig + 1);
+        const float2 c0 = __half22float2(*reinterpret_cast<const __half2*>(&p0));  // (s, m)
+        const float2 c1 = __half22float2(*reinterpret_cast<const __half2*>(&p1));
+        acc_out[nb][0] = fmaf(c0.x, acc[nb][0], fmaf(c0.y, xsum[0], acc_out[nb][0]));
+        acc_out[nb][1] = fmaf(c1.x, acc[nb][1], fmaf(c1.y, xsum[1], acc_out[nb][1]));
+        acc_out[nb][2] = fmaf(c0.x, acc[nb][2], fmaf(c0.y, xsum[2], acc_out[nb][2]));
+        acc_out[nb][3] = fmaf(c1.x, acc[nb][3], fmaf(c1.y, xsum[3], acc_out[nb][3]));
+      }
+    }
+  };
+
+  // Two register buffers, ping-pong: the next step's loads go out before this step's
+  // math, and no registers are copied between them.
+  Step<G, NB> sa, sb;
+  load_step(sa, g_begin);
+  for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
+    load_step(sb, g0 + U);
+    compute_step(sa, g0);
+    if (g0 + U >= g_end) break;
+    load_step(sa, g0 + 2 * U);
+    compute_step(sb, g0 + U);
+  }
+
+  // Sum the warps' partial results (warps with no groups contribute zeros) in a fixed
+  // order, so the result does not depend on scheduling.
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][nb * 4 + i][lane] = acc_out[nb][i];
+  __syncthreads();
+  for (int v = threadIdx.x; v < kNB * 4 * 32; v += kThreads) {
+    const int reg = v / 32, l = v % 32;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][reg][l];
+    const int nb = reg / 4, i = reg % 4;
+    const int token = l / 4 + (i >= 2 ? 8 : 0);
+    const int row = n0 + nb * 8 + 2 * (l % 4) + (i & 1);
+    if (token < m && row < n) out[token * int64_t(n) + row] = from_float<T>(sum);
+  }
+}
+
+template <typename T, int G, int NB>
+Status launch_nb(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
+  const unsigned blocks = ceil_div(w.n, SmallMShape<G, NB>::kRowsPerBlock);  // <= 2^28
+  int4_gemm_small_m_kernel<T, G, NB><<<blocks, kThreads, 0, stream_of(ctx)>>>(
+      out, x, m, w.qweight, static_cast<const __half*>(w.scales),
+      static_cast<const __half*>(w.offsets), static_cast<int>(w.n), static_cast<int>(w.k));
+  return launch_status("int4_gemm");
+}
+
+template <typename T, int G>
+Status launch(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
+  return w.n >= kWideN ? launch_nb<T, G, 3>(ctx, out, x, m, w) : launch_nb<T, G, 2>(ctx, out, x, m, w);
+}
+
+}  // namespace
+
+Status int4_gemm_small_m(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
+                         const Int4Weight& w) {
+  if (m < 1 || m > 16)
+    return invalid_value("int4_gemm_small_m: m must be in [1, 16], got ", m);
+  FIL_RETURN_IF_ERROR(set_device(ctx));
+  const int mi = static_cast<int>(m);
+  return dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* o = static_cast<T*>(out);
+    const auto* xi = static_cast<const T*>(x);
+    switch (w.group_size) {
+      case 32: return launch<T, 32>(ctx, o, xi, mi, w);
+      case 64: return launch<T, 64>(ctx, o, xi, mi, w);
+      case 128: return launch<T, 128>(ctx, o, xi, mi, w);
+      default:
+        return invalid_value("int4_gemm_small_m: group_size must be 32, 64 or 128, got ",
+                             w.group_size);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastinternlm
