@@ -253,6 +253,15 @@ Status attention_prefill(const Context& ctx, DType dtype, void* out, const void*
   });
 }
 
+Status set_decode_split_tuning(int64_t min_chunk, int64_t target_blocks) {
+#if FASTINTERNLM_WITH_CUDA
+  return cuda::set_decode_split_tuning(min_chunk, target_blocks);
+#else
+  (void)min_chunk, (void)target_blocks;
+  return not_compiled("set_decode_split_tuning");
+#endif
+}
+
 int64_t attention_decode_workspace_bytes(const Context& ctx, int64_t batch, int64_t q_heads,
                                          const KVCache& cache) {
 #if FASTINTERNLM_WITH_CUDA

@@ -8,6 +8,7 @@
 // splits depends on sizes only (batch, kv_heads, max_seq), never on positions, so the
 // workspace size is known on the host and the step can be captured in a CUDA graph; each
 // sequence divides its own length over the splits and splits past its end return at once.
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -72,21 +73,28 @@ constexpr int kMaxSplits = 256;
 constexpr int64_t kTargetBlocks = 1024;  // ~8 blocks per SM on a 132-SM H100, enough to keep
                                          // the memory system busy
 
+// The two split-sizing knobs, settable for benchmark sweeps (set_decode_split_tuning); the
+// defaults above otherwise. Read on the host at every launch and passed to the kernels.
+std::atomic<int> g_min_chunk{kMinChunk};
+std::atomic<int64_t> g_target_blocks{kTargetBlocks};
+
 int decode_splits(int64_t batch, int64_t kv_heads, int64_t max_seq) {
-  const int64_t by_len = (max_seq + kMinChunk - 1) / kMinChunk;
-  const int64_t by_grid = (kTargetBlocks + batch * kv_heads - 1) / (batch * kv_heads);
+  const int64_t min_chunk = g_min_chunk.load(std::memory_order_relaxed);
+  const int64_t by_len = (max_seq + min_chunk - 1) / min_chunk;
+  const int64_t target = g_target_blocks.load(std::memory_order_relaxed);
+  const int64_t by_grid = (target + batch * kv_heads - 1) / (batch * kv_heads);
   int64_t s = by_len < by_grid ? by_len : by_grid;
   if (s > kMaxSplits) s = kMaxSplits;
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
 // Tokens per split for a sequence of `len` tokens: all splits busy when the context is
-// long, a multiple of 16 (the block's token stride for head_dim 64), never below kMinChunk.
+// long, a multiple of 16 (the block's token stride for head_dim 64), never below min_chunk.
 // ceil(len / chunk) <= splits always holds.
-__device__ __forceinline__ int decode_chunk(int len, int splits) {
+__device__ __forceinline__ int decode_chunk(int len, int splits, int min_chunk) {
   int64_t per = (int64_t{len} + splits - 1) / splits;
   per = (per + 15) / 16 * 16;
-  return static_cast<int>(per < kMinChunk ? kMinChunk : per);
+  return static_cast<int>(per < min_chunk ? min_chunk : per);
 }
 
 __device__ __forceinline__ bool decode_valid(int slot, int pos, int num_slots, int max_seq) {
@@ -150,7 +158,7 @@ __global__ void __launch_bounds__(kDecodeThreads, G <= 4 ? 4 : 2)
 decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __restrict__ ws_acc,
                     const DecodeRows<T> in, T* k_cache, T* v_cache, int num_slots, int kv_heads, int max_seq,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
-                    float scale_log2, int splits) {
+                    float scale_log2, int splits, int min_chunk) {
   constexpr int L = D / 8;
   constexpr int R = kDecodeThreads / L;
   constexpr int U = G <= 4 ? 4 : 2;  // the q and acc registers grow with G; fewer tokens
@@ -171,7 +179,7 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
     return;  // with splits > 1 the merge kernel writes the NaNs
   }
   const int len = pos + 1;
-  const int chunk = decode_chunk(len, splits);
+  const int chunk = decode_chunk(len, splits, min_chunk);
   const int64_t begin = int64_t{split} * chunk;
   if (begin >= len) return;
   const int end = static_cast<int>(begin + chunk < len ? begin + chunk : len);
@@ -328,7 +336,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(D)
 decode_merge_kernel(T* __restrict__ out, const float2* __restrict__ ws_ml, const float* __restrict__ ws_acc,
                     int num_slots, int max_seq, int q_heads, const int32_t* __restrict__ slots,
-                    const int32_t* __restrict__ positions, int splits) {
+                    const int32_t* __restrict__ positions, int splits, int min_chunk) {
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int64_t row = int64_t{b} * q_heads + h;
   const int slot = slots[b], pos = positions[b];
@@ -337,7 +345,7 @@ decode_merge_kernel(T* __restrict__ out, const float2* __restrict__ ws_ml, const
     return;
   }
   const int len = pos + 1;
-  const int chunk = decode_chunk(len, splits);
+  const int chunk = decode_chunk(len, splits, min_chunk);
   const int n = (len + chunk - 1) / chunk;
   const float2* ml = ws_ml + row * splits;
   const float* acc = ws_acc + row * splits * D + d;
@@ -395,6 +403,7 @@ Status launch_decode(const Context& ctx, T* out, const DecodeRows<T>& rows, cons
                      int64_t batch, int64_t q_heads, const int32_t* slots, const int32_t* positions,
                      float scale, void* workspace, int64_t workspace_bytes) {
   const int splits = decode_splits(batch, cache.kv_heads, cache.max_seq);
+  const int min_chunk = g_min_chunk.load(std::memory_order_relaxed);
   if (workspace_bytes < attention_decode_workspace_bytes(batch, q_heads, cache))
     return invalid_value("workspace is too small for attention_decode");
   auto* ws_ml = static_cast<float2*>(workspace);
@@ -409,12 +418,13 @@ Status launch_decode(const Context& ctx, T* out, const DecodeRows<T>& rows, cons
       const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
       decode_split_kernel<T, D, G><<<grid, kDecodeThreads, 0, stream>>>(
           out, ws_ml, ws_acc, rows, static_cast<T*>(cache.k), static_cast<T*>(cache.v), num_slots,
-          kv_heads, max_seq, slots, positions, scale * kLog2e, splits);
+          kv_heads, max_seq, slots, positions, scale * kLog2e, splits, min_chunk);
       FIL_RETURN_IF_ERROR(launch_status("attention_decode (split)"));
       if (splits == 1) return Status::Ok();
       const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
       decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
-          out, ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots, positions, splits);
+          out, ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots, positions, splits,
+          min_chunk);
       return launch_status("attention_decode (merge)");
     });
   });
@@ -452,6 +462,16 @@ Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const vo
     return launch_decode(ctx, static_cast<T*>(out), rows, cache, batch, q_heads, slots, positions, scale,
                          workspace, workspace_bytes);
   });
+}
+
+Status set_decode_split_tuning(int64_t min_chunk, int64_t target_blocks) {
+  if (min_chunk < 16 || min_chunk > 65536 || min_chunk % 16 != 0)
+    return invalid_value("min_chunk must be a multiple of 16 in [16, 65536], got ", min_chunk);
+  if (target_blocks < 1 || target_blocks > (int64_t{1} << 20))
+    return invalid_value("target_blocks must be in [1, 2^20], got ", target_blocks);
+  g_min_chunk.store(static_cast<int>(min_chunk));
+  g_target_blocks.store(target_blocks);
+  return Status::Ok();
 }
 
 }  // namespace cuda

@@ -34,6 +34,9 @@ Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const vo
                             const int32_t* slots, const int32_t* positions, const float* bases,
                             float scale, void* workspace, int64_t workspace_bytes);
 
+// Benchmarking hook (attention.h): the decode split sizing.
+Status set_decode_split_tuning(int64_t min_chunk, int64_t target_blocks);
+
 Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, int64_t k,
                      int64_t group_size, int32_t* qweight, void* scales, void* offsets);
 

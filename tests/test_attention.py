@@ -554,3 +554,26 @@ def test_attention_decode_workspace_bytes(device):
         assert nbytes % per_split == 0 and 2 <= nbytes // per_split <= 256
     with pytest.raises(ValueError, match="k_cache must be 4-D"):
         ops.attention_decode_workspace_bytes(1, 32, k_cache[0])
+
+
+def test_decode_split_tuning_hook():
+    """The benchmarking hook refuses bad settings with a message; a good one changes the
+    CUDA workspace size (more, shorter splits need more partials) and is restored."""
+    from fastinternlm import _C, build_info
+    if not build_info()["cuda"]:
+        with pytest.raises(RuntimeError, match="set_decode_split_tuning"):
+            _C._set_decode_split_tuning(64, 1024)
+        return
+    with pytest.raises(ValueError, match=r"min_chunk must be a multiple of 16 in \[16, 65536\], got 40"):
+        _C._set_decode_split_tuning(40, 1024)
+    with pytest.raises(ValueError, match=r"target_blocks must be in \[1, 2\^20\], got 0"):
+        _C._set_decode_split_tuning(64, 0)
+    shape = (1, 8, 32768, 128)  # no memory needed: the size depends on the shape only
+    try:
+        _C._set_decode_split_tuning(512, 264)
+        few = _C.attention_decode_workspace_bytes(1, 0, 1, 32, *shape)
+        _C._set_decode_split_tuning(64, 1024)
+        many = _C.attention_decode_workspace_bytes(1, 0, 1, 32, *shape)
+    finally:
+        _C._set_decode_split_tuning(64, 1024)
+    assert 0 < few < many

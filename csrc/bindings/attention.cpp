@@ -53,6 +53,9 @@ void register_attention(py::module_& m) {
             as_ptr(workspace), workspace_bytes));
       },
       release_gil());
+  m.def("_set_decode_split_tuning", [](int64_t min_chunk, int64_t target_blocks) {
+    throw_if_error(fastinternlm::set_decode_split_tuning(min_chunk, target_blocks));
+  });
   m.def(
       "attention_decode_qkv",
       [](int device, int index, uintptr_t stream, int dtype, uintptr_t out, uintptr_t qkv,

@@ -390,11 +390,21 @@ def hf_last_logits(model, tokens, cache):
 
 
 def hf_ttft(model, hfc, prompt: int, reps: int, device) -> float:
-    cache = hf_static_cache(hfc, 1, prompt + 8, device, torch.float16)
+    """HF's prefill as generate() runs it by default: a fresh DynamicCache per prompt (a
+    StaticCache prefill of 2048 tokens failed inside cuDNN's SDPA on the H100, 2026-11-26),
+    keeping only the last row's logits where the version can."""
     tokens = torch.randint(0, hfc.vocab_size, (1, prompt), device=device)
 
+    def forward():
+        for kw in ({"logits_to_keep": 1}, {"num_logits_to_keep": 1}, {}):
+            try:
+                return model(input_ids=tokens, use_cache=True, **kw).logits[:, -1]
+            except TypeError:
+                continue
+        raise RuntimeError("unreachable")
+
     def run():
-        hf_last_logits(model, tokens, cache).argmax(-1).item()
+        forward().argmax(-1).item()
 
     return measure(run, device, reps)
 
@@ -619,6 +629,11 @@ def run_hf(bench: Bench, w: Weights, contexts: List[int], steps: int, reps: int,
         return
     model, hfc, rope, version = built
     bench.info["hf_rope"] = rope
+    if dev.type == "cuda":
+        # cuDNN's SDPA backend failed on HF's 2048-token prefill on the H100 (2026-11-26, torch
+        # 2.11) and left the CUDA context broken; flash / memory-efficient SDPA serve HF here.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        bench.info["hf_sdpa_cudnn"] = False
     bench.log(f"HF LlamaForCausalLM built (transformers {version}, rope {rope}, sdpa, static cache, eager)")
     if args.hf_compile:
         def compile_():
