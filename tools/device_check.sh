@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build for the local card, run the CUDA variants of the test suite
-# (correctness before speed), optionally a memcheck pass, the kernel benchmark and the
-# end-to-end benchmark, and print a short summary last. Logs and JSON land in $OUT
-# (default device-out/). Budget: about 5 minutes on an H100 with the default stages.
+# (correctness before speed), optionally a memcheck pass, the kernel benchmark, tuning
+# sweeps and the end-to-end benchmark, and print a short summary last. Logs and JSON land
+# in $OUT (default device-out/), at most 8 files (the device tool returns no more).
+# Budget: about 5 minutes on an H100 with the default stages.
 #
 #   bash tools/device_check.sh                                  # build tests kernels e2e
-#   STAGES="build tests memcheck kernels e2e" bash tools/device_check.sh
+#   STAGES="build tests memcheck kernels sweep e2e" bash tools/device_check.sh
 #   E2E_ARGS="--skip-hf" bash tools/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,31 +18,43 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+LOG="$OUT/run.log"  # GPU, build, ptxas and build_info in one file
+BUILD="$PWD/build/logs"; mkdir -p "$BUILD"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$LOG"
 cap=$(python3 -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")
 export FASTINTERNLM_CUDA=1 FASTINTERNLM_CUDA_ARCHS="$cap" MAX_JOBS=$(nproc)
 export FASTINTERNLM_BUILD_DIR="$PWD/build/device-$cap" FASTINTERNLM_NVCC_FLAGS="-Xptxas=-v"
 stamp "building for sm_$cap (the module, and the C++-only CUDA test beside it)"
 (cmake -S . -B build/device-cpp -G Ninja -DFASTINTERNLM_PYTHON=OFF -DFASTINTERNLM_BUILD_TESTS=ON \
-   -DFASTINTERNLM_CUDA=ON -DFASTINTERNLM_CUDA_ARCHS="$cap" > "$OUT/build-cpp.log" 2>&1 &&
- cmake --build build/device-cpp --target fastinternlm_cuda_test fastinternlm_core_test >> "$OUT/build-cpp.log" 2>&1) &
-if ! python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+   -DFASTINTERNLM_CUDA=ON -DFASTINTERNLM_CUDA_ARCHS="$cap" > "$BUILD/build-cpp.log" 2>&1 &&
+ cmake --build build/device-cpp --target fastinternlm_cuda_test fastinternlm_core_test >> "$BUILD/build-cpp.log" 2>&1) &
+if ! python3 setup.py -q build_ext --inplace > "$BUILD/build.log" 2>&1; then
+  tail -60 "$BUILD/build.log" | tee -a "$LOG"; echo "BUILD FAILED"; exit 1
 fi
 wait
 cpp_line="C++ (no Python): $(./build/device-cpp/fastinternlm_core_test 2>&1 | tail -1); $(./build/device-cpp/fastinternlm_cuda_test 2>&1 | tail -1)"
-echo "$cpp_line"
-grep -E "ptxas info|spill" "$OUT/build.log" | grep -E "spill stores|Used" | sort | uniq -c | sort -rn | head -60 > "$OUT/ptxas.txt"
-export PYTHONPATH="$PWD/python"
-python3 -c "import fastinternlm, json; print(json.dumps(fastinternlm.build_info()))" | tee "$OUT/build_info.json"
+echo "$cpp_line" | tee -a "$LOG"
+grep -E "ptxas info|spill" "$BUILD/build.log" | grep -E "spill stores|Used" | sort | uniq -c | sort -rn | head -80 > "$BUILD/ptxas.txt"
+cat "$BUILD/ptxas.txt" >> "$LOG"
+export PYTHONPATH="$PWD/python" COLUMNS=400
+python3 -c "import fastinternlm, json; print(json.dumps(fastinternlm.build_info()))" | tee -a "$LOG"
 
 test_line="tests: skipped"
 if want tests; then
-  stamp "tests (CUDA variants and the CUDA-graph tests)"
-  timeout ${TEST_TIMEOUT:-200} python3 -m pytest tests -q -rf -p no:cacheprovider -k "cuda or graph" \
-    > "$OUT/pytest.log" 2>&1
-  test_line="tests: rc=$? $(tail -1 "$OUT/pytest.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30
+  stamp "tests (CUDA variants and the CUDA-graph tests), one process per group so a broken CUDA context stays in its group"
+  : > "$OUT/pytest.log"
+  test_line="tests:"
+  for group in "kernels:tests/test_attention.py tests/test_attention_decode_qkv.py tests/test_int4_gemm.py tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py" \
+               "model:tests/test_cuda_graph.py tests/test_model.py tests/test_quantized_models.py tests/test_gguf.py tests/test_awq_gptq.py tests/test_accuracy_bench.py" \
+               "e2e:tests/test_e2e_bench.py"; do
+    name=${group%%:*}; files=${group#*:}
+    echo "== $name" >> "$OUT/pytest.log"
+    timeout ${TEST_TIMEOUT:-120} python3 -m pytest $files -q -rf -p no:cacheprovider -k "cuda or graph" \
+      >> "$OUT/pytest.log" 2>&1
+    rc=$?
+    test_line="$test_line | $name rc=$rc $(tail -1 "$OUT/pytest.log")"
+  done
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | cut -c1-400 | head -30
 fi
 
 san_line="memcheck: skipped"
@@ -50,10 +63,10 @@ if want memcheck && command -v compute-sanitizer >/dev/null; then
   timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 -m pytest tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py \
       tests/test_attention.py tests/test_int4_gemm.py -q -x -p no:cacheprovider \
-      -k "cuda and not long_context and not large_scores" > "$OUT/memcheck.log" 2>&1
+      ${SAN_K:--k "cuda and not long_context and not large_scores"} > "$BUILD/memcheck.log" 2>&1
   san_rc=$?
-  san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses reported; 124 = timed out)"
-  tail -3 "$OUT/memcheck.log"
+  san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$BUILD/memcheck.log") invalid accesses reported; 124 = timed out) $(tail -1 "$BUILD/memcheck.log")"
+  grep -E "Invalid|ERROR SUMMARY" "$BUILD/memcheck.log" | head -5 >> "$LOG"
 fi
 
 kern_line="kernels: skipped"
@@ -62,6 +75,17 @@ if want kernels; then
   timeout ${KERNELS_TIMEOUT:-150} python3 -m fastinternlm.bench kernels --min-time 0.1 --json "$OUT/bench.json" \
     > "$OUT/bench.txt" 2>&1
   kern_line="kernels: rc=$?"
+fi
+
+sweep_line="sweep: skipped"
+if want sweep; then
+  stamp "tuning sweeps (decode attention splits; int4 GEMV variants where built)"
+  timeout ${SWEEP_TIMEOUT:-60} python3 -m fastinternlm.bench.attention_sweep > "$OUT/sweep.txt" 2>&1
+  sweep_line="sweep: attention rc=$?"
+  if python3 -c "import fastinternlm.bench.int4_gemm_sweep" 2>/dev/null; then
+    timeout ${SWEEP_TIMEOUT:-60} python3 -m fastinternlm.bench.int4_gemm_sweep >> "$OUT/sweep.txt" 2>&1
+    sweep_line="$sweep_line int4 rc=$?"
+  fi
 fi
 
 e2e_line="e2e: skipped"
@@ -75,12 +99,14 @@ fi
 stamp "done"
 echo "==================== SUMMARY ===================="
 echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  date: $(date -u +%F)"
-head -2 "$OUT/gpu.txt" | tail -1
-echo "build: sm_$cap, $(grep -c 'spill stores' "$OUT/ptxas.txt" 2>/dev/null) ptxas lines; nonzero spills: $(grep 'spill stores' "$OUT/ptxas.txt" | grep -vc ' 0 bytes spill stores')"
+head -2 "$LOG" | tail -1
+echo "build: sm_$cap, $(grep -c 'spill stores' "$BUILD/ptxas.txt" 2>/dev/null) ptxas lines; nonzero spills: $(grep 'spill stores' "$BUILD/ptxas.txt" | grep -vc ' 0 bytes spill stores')"
 echo "$cpp_line"
 echo "$test_line"
 echo "$san_line"
 echo "$kern_line"
+echo "$sweep_line"
+[ -f "$OUT/sweep.txt" ] && grep -A12 -E "^best|best variant" "$OUT/sweep.txt" | head -30
 [ -f "$OUT/bench.txt" ] && grep -E "^(measured|timing)|^attention|^int4|^rms_norm|^add_rms|^rotary|^silu" "$OUT/bench.txt" | cut -c1-150
 echo "$e2e_line"
 [ -f "$OUT/e2e.txt" ] && tail -40 "$OUT/e2e.txt"
