@@ -70,8 +70,12 @@ constexpr int kDecodeThreads = 128;
 constexpr int kMinChunk = 64;        // tokens: below this a block's fixed costs (q load, merge
                                      // of its row groups, the partial's store) dominate
 constexpr int kMaxSplits = 256;
-constexpr int64_t kTargetBlocks = 1024;  // ~8 blocks per SM on a 132-SM H100, enough to keep
-                                         // the memory system busy
+// About two 4-warp blocks per SM of a 132-SM H100. Measured on one (bench.attention_sweep,
+// 2026-11-26, docs/device-runs/2026-11-26-h100-run2-d6f5001): against the earlier 1024, the 8K context runs
+// in 21 instead of 31 us and 32K in 68 instead of 83 us (fewer, longer splits: each
+// block's fixed cost, q and the merge, is paid less often), 2K and batch 16 unchanged or
+// faster. 528 was faster still at 32K (61 us) but slower at 2K (14 vs 11 us).
+constexpr int64_t kTargetBlocks = 264;
 
 // The two split-sizing knobs, settable for benchmark sweeps (set_decode_split_tuning); the
 // defaults above otherwise. Read on the host at every launch and passed to the kernels.

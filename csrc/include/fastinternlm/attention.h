@@ -78,7 +78,7 @@ Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const vo
 // Benchmarking hook, process-wide: how the CUDA decode kernels cut a context into splits.
 // A sequence's context is cut into chunks of at least `min_chunk` tokens (a multiple of
 // 16), and a call aims at about `target_blocks` thread blocks in all. Defaults: 64 and
-// 1024. It changes attention_decode_workspace_bytes, so set it before allocating a
+// 264. It changes attention_decode_workspace_bytes, so set it before allocating a
 // workspace or capturing a graph. kUnsupported without CUDA.
 Status set_decode_split_tuning(int64_t min_chunk, int64_t target_blocks);
 

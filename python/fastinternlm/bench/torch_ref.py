@@ -139,7 +139,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: 
         # Query head h = kv * G + j: [B, H, T, D] -> [B, KV, G*T, D], rows (j, t).
         y = F.scaled_dot_product_attention(q.reshape(b, kvh, g * t, d), k_cache, v_cache,
                                            attn_mask=mask.repeat(1, 1, g, 1))
-        return y.view(b, h, t, d)
+        # SDPA may return a non-contiguous layout on CUDA (it did on the H100): reshape copies
+        # only when it has to.
+        return y.reshape(b, h, t, d)
     if gqa:
         return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k_cache.repeat_interleave(g, 1), v_cache.repeat_interleave(g, 1),
