@@ -412,17 +412,18 @@ Status launch(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w
 
 // The benchmarking variants (group 128 only; kInt4SmallMVariants in int4_gemm.h counts
 // them with the default, variant 0). Each probes one hypothesis for why the default reads
-// the weights at only 35-56% of copy bandwidth on an H100 (sm_90a registers f16/bf16):
+// the weights at only 35-56% of copy bandwidth on an H100 (sm_90a registers f16/bf16;
+// the default has 122/118 for NB 2, 118/118 for NB 3):
 //   1  NB 2, 8 warps, 1 group/step, 3 stages, 2 blocks/SM: the default's bytes in flight
-//      as a finer ring, so loads are issued every group instead of every two (128/124)
+//      as a finer ring, so loads are issued every group instead of every two (120/120)
 //   2  NB 2, 4 warps, 2 groups/step, 2 stages, 4 blocks/SM: twice the k-range per warp
-//      (a steady state of 4 steps at k = 4096), half the split-K reduction (128/124)
+//      (a steady state of 4 steps at k = 4096), half the split-K reduction (122/118)
 //   3  NB 2, 4 warps, 2 groups/step, 3 stages, 3 blocks/SM (168 registers): most bytes in
-//      flight per warp, at 12 warps per SM (U 2 with 3 stages spills at 128 registers)
+//      flight per warp, at 12 warps per SM (U 2 with 3 stages spills at 128 registers) (148/148)
 //   4  NB 1, 8 warps, 2 groups/step, 2 stages, 3 blocks/SM (85 registers): 24 warps per
-//      SM and twice the blocks: occupancy and grid shape instead of per-warp depth
+//      SM and twice the blocks: occupancy and grid shape instead of per-warp depth (80/80)
 //   5  NB 4, 4 warps, 1 group/step, 2 stages, 3 blocks/SM (168 registers): fewest issue
-//      slots per byte (x fragments and xsum mmas shared by 32 rows) (147/145)
+//      slots per byte (x fragments and xsum mmas shared by 32 rows) (142/144)
 template <typename T>
 Status launch_variant(int variant, const Context& ctx, T* out, const T* x, int m,
                       const Int4Weight& w) {
