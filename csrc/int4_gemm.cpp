@@ -3,6 +3,7 @@
 #include "fastinternlm/int4_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -274,6 +275,22 @@ Status check_out_vs_weight(const void* out, int64_t out_bytes, const Int4Weight&
 }
 
 }  // namespace
+
+namespace {
+// Relaxed atomic: only a benchmark changes it, between calls; a call sees the old or the
+// new value, both valid.
+std::atomic<int> g_small_m_variant{0};
+}  // namespace
+
+Status set_int4_gemm_small_m_variant(int variant) {
+  if (variant < 0 || variant >= kInt4SmallMVariants)
+    return invalid_value("set_int4_gemm_small_m_variant: variant must be in [0, ",
+                         kInt4SmallMVariants, "), got ", variant);
+  g_small_m_variant.store(variant, std::memory_order_relaxed);
+  return Status();
+}
+
+int int4_gemm_small_m_variant() { return g_small_m_variant.load(std::memory_order_relaxed); }
 
 Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, int64_t k,
                      int64_t group_size, int32_t* qweight, void* scales, void* offsets) {

@@ -73,8 +73,6 @@ namespace cuda {
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
 // n-blocks of 8 rows of W per block, NB. More reuse each x fragment, each xsum mma and
 // each PRMT over more weights (group 128, f16: NB = 2 ~195 SASS instructions per KB of
 // weights per warp, NB = 3 ~175), but give fewer blocks: with 2 a 4096-row layer has 256
@@ -84,14 +82,32 @@ constexpr int kThreads = 32 * kWarps;
 // (ptxas spills), 3 fits in ~118.
 constexpr int kWideN = 16384;
 
+// Groups per pipeline step of the default configuration, for 16-32 bytes per lane and row
+// per step in flight (x2 for the double buffer) within 128 registers: group 128 with
+// NB = 2 streams two 128-bit loads per row and step, NB = 3 one, the smaller groups as
+// many narrower ones.
 template <int G, int NB>
+constexpr int default_groups_per_step() {
+  return (G == 32 ? 4 : 2) / (NB > 2 ? 2 : 1);
+}
+
+// One kernel configuration. The knobs trade bytes in flight, issue slots and grid shape
+// against each other, and which balance is fastest was not measurable without a GPU, so
+// a few are built (see kVariants below) and picked at run time for benchmarking.
+//   NB      n-blocks of 8 rows of W per block (reuse of x fragments and xsum mmas)
+//   WARPS   warps per block, each taking a contiguous range of the groups of k
+//   U       groups per pipeline step
+//   STAGES  register buffers of steps: STAGES - 1 steps of loads in flight while one computes
+//   MINB    __launch_bounds__ minimum blocks per SM (caps registers at 65536 / (32 WARPS MINB))
+template <int G, int NB_, int WARPS_, int U_, int STAGES_, int MINB_>
 struct SmallMShape {
+  static constexpr int kNB = NB_, kWarps = WARPS_, kStages = STAGES_, kMinBlocks = MINB_;
+  static constexpr int kThreads = 32 * WARPS_;
   static constexpr int kLaneWords = G / 32;  // 32-bit words a lane streams per row and group
-  // Groups per pipeline step, for 16-32 bytes per lane and row per step in flight (x2 for
-  // the double buffer) within 128 registers: group 128 with NB = 2 streams two 128-bit
-  // loads per row and step, NB = 3 one, the smaller groups as many narrower ones.
-  static constexpr int kGroupsPerStep = (G == 32 ? 4 : 2) / (NB > 2 ? 2 : 1);
-  static constexpr int kRowsPerBlock = 8 * NB;
+  static constexpr int kGroupsPerStep = U_;
+  static constexpr int kRowsPerBlock = 8 * NB_;
+  static_assert(NB_ >= 1 && NB_ <= 4, "a block's rows must fit one (s, m) pair per lane");
+  static_assert(STAGES_ >= 2, "at least double buffering");
 };
 
 template <typename T>
@@ -208,19 +224,18 @@ __device__ __forceinline__ void load_quarter<1>(uint32_t (&dst)[1], const int32_
 // its C columns 2tig and 2tig + 1 of n-block nb from lanes 8 nb + 2tig and 8 nb + 2tig + 1
 // with two shuffles: two 2-byte loads per lane and group, at fixed offsets from two
 // pointers, instead of four per n-block with index arithmetic.
-template <int G, int NB>
+template <typename S>
 struct Step {
-  uint32_t w[SmallMShape<G, NB>::kGroupsPerStep][NB][SmallMShape<G, NB>::kLaneWords];
-  __half2 sm[SmallMShape<G, NB>::kGroupsPerStep];
+  uint32_t w[S::kGroupsPerStep][S::kNB][S::kLaneWords];
+  __half2 sm[S::kGroupsPerStep];
 };
 
-template <typename T, int G, int NB>
-__global__ void __launch_bounds__(kThreads, 2)
+template <typename T, int G, typename S>
+__global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
 int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
                          const int32_t* __restrict__ qweight, const __half* __restrict__ scales,
                          const __half* __restrict__ offsets, int n, int k) {
-  using S = SmallMShape<G, NB>;
-  constexpr int kNB = NB;
+  constexpr int kNB = S::kNB, kWarps = S::kWarps, kThreads = S::kThreads;
   constexpr int LW = S::kLaneWords, U = S::kGroupsPerStep;
   __shared__ float partial[kWarps][kNB * 4][32];  // [warp][accumulator][lane]: conflict-free
 
@@ -253,7 +268,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 
   // Issues the loads of the U groups from g_load (the part of them inside this warp's
   // range; the rest of st is left as it was and never used) and moves the pointers on.
-  auto load_step = [&](Step<G, NB>& st, int g_load) {
+  auto load_step = [&](Step<S>& st, int g_load) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (g_load + u < g_end) {
@@ -276,7 +291,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   // The groups g0 .. g0 + U - 1 (those inside the range), whose data st holds. (For
   // m <= 8 A's rows 8..15 could repeat rows 0..7 instead of being loaded, but the mma's
   // register quads then cost a MOV for each PRMT saved: no gain in SASS.)
-  auto compute_step = [&](const Step<G, NB>& st, int g0) {
+  auto compute_step = [&](const Step<S>& st, int g0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (g0 + u >= g_end) break;  // warp-uniform: mma.sync needs the whole warp
@@ -325,16 +340,33 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
     }
   };
 
-  // Two register buffers, ping-pong: the next step's loads go out before this step's
-  // math, and no registers are copied between them.
-  Step<G, NB> sa, sb;
-  load_step(sa, g_begin);
-  for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
-    load_step(sb, g0 + U);
-    compute_step(sa, g0);
-    if (g0 + U >= g_end) break;
-    load_step(sa, g0 + 2 * U);
-    compute_step(sb, g0 + U);
+  // kStages register buffers used as a ring: the loads of the step kStages - 1 ahead go
+  // out before this step's math. The loops are unrolled over the ring, so every buffer
+  // index is a constant and no registers are copied between buffers. Two stages keep the
+  // original ping-pong loop, whose exit test ptxas schedules with fewer registers.
+  constexpr int kStages = S::kStages;
+  if constexpr (kStages == 2) {
+    Step<S> sa, sb;
+    load_step(sa, g_begin);
+    for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
+      load_step(sb, g0 + U);
+      compute_step(sa, g0);
+      if (g0 + U >= g_end) break;
+      load_step(sa, g0 + 2 * U);
+      compute_step(sb, g0 + U);
+    }
+  } else {
+    Step<S> st[kStages];
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) load_step(st[s], g_begin + s * U);
+    for (int g0 = g_begin; g0 < g_end; g0 += kStages * U) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        load_step(st[(s + kStages - 1) % kStages], g0 + (s + kStages - 1) * U);
+        compute_step(st[s], g0 + s * U);
+        if (g0 + (s + 1) * U >= g_end) break;  // then the outer loop ends too
+      }
+    }
   }
 
   // Sum the warps' partial results (warps with no groups contribute zeros) in a fixed
@@ -356,18 +388,53 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   }
 }
 
-template <typename T, int G, int NB>
-Status launch_nb(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
-  const unsigned blocks = ceil_div(w.n, SmallMShape<G, NB>::kRowsPerBlock);  // <= 2^28
-  int4_gemm_small_m_kernel<T, G, NB><<<blocks, kThreads, 0, stream_of(ctx)>>>(
+template <typename T, int G, typename S>
+Status launch_shape(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
+  const unsigned blocks = ceil_div(w.n, S::kRowsPerBlock);  // <= 2^28
+  int4_gemm_small_m_kernel<T, G, S><<<blocks, S::kThreads, 0, stream_of(ctx)>>>(
       out, x, m, w.qweight, static_cast<const __half*>(w.scales),
       static_cast<const __half*>(w.offsets), static_cast<int>(w.n), static_cast<int>(w.k));
   return launch_status("int4_gemm");
 }
 
+template <typename T, int G, int NB>
+Status launch_default_nb(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
+  return launch_shape<T, G, SmallMShape<G, NB, 8, default_groups_per_step<G, NB>(), 2, 2>>(
+      ctx, out, x, m, w);
+}
+
+// The default configuration: 8 warps, double buffering, two blocks per SM (128 registers).
 template <typename T, int G>
 Status launch(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
-  return w.n >= kWideN ? launch_nb<T, G, 3>(ctx, out, x, m, w) : launch_nb<T, G, 2>(ctx, out, x, m, w);
+  return w.n >= kWideN ? launch_default_nb<T, G, 3>(ctx, out, x, m, w)
+                       : launch_default_nb<T, G, 2>(ctx, out, x, m, w);
+}
+
+// The benchmarking variants (group 128 only; kInt4SmallMVariants in int4_gemm.h counts
+// them with the default, variant 0). Each probes one hypothesis for why the default reads
+// the weights at only 35-56% of copy bandwidth on an H100 (sm_90a registers f16/bf16;
+// the default has 122/118 for NB 2, 118/118 for NB 3):
+//   1  NB 2, 8 warps, 1 group/step, 3 stages, 2 blocks/SM: the default's bytes in flight
+//      as a finer ring, so loads are issued every group instead of every two (120/120)
+//   2  NB 2, 4 warps, 2 groups/step, 2 stages, 4 blocks/SM: twice the k-range per warp
+//      (a steady state of 4 steps at k = 4096), half the split-K reduction (122/118)
+//   3  NB 2, 4 warps, 2 groups/step, 3 stages, 3 blocks/SM (168 registers): most bytes in
+//      flight per warp, at 12 warps per SM (U 2 with 3 stages spills at 128 registers) (148/148)
+//   4  NB 1, 8 warps, 2 groups/step, 2 stages, 3 blocks/SM (85 registers): 24 warps per
+//      SM and twice the blocks: occupancy and grid shape instead of per-warp depth (80/80)
+//   5  NB 4, 4 warps, 1 group/step, 2 stages, 3 blocks/SM (168 registers): fewest issue
+//      slots per byte (x fragments and xsum mmas shared by 32 rows) (142/144)
+template <typename T>
+Status launch_variant(int variant, const Context& ctx, T* out, const T* x, int m,
+                      const Int4Weight& w) {
+  switch (variant) {
+    case 1: return launch_shape<T, 128, SmallMShape<128, 2, 8, 1, 3, 2>>(ctx, out, x, m, w);
+    case 2: return launch_shape<T, 128, SmallMShape<128, 2, 4, 2, 2, 4>>(ctx, out, x, m, w);
+    case 3: return launch_shape<T, 128, SmallMShape<128, 2, 4, 2, 3, 3>>(ctx, out, x, m, w);
+    case 4: return launch_shape<T, 128, SmallMShape<128, 1, 8, 2, 2, 3>>(ctx, out, x, m, w);
+    case 5: return launch_shape<T, 128, SmallMShape<128, 4, 4, 1, 2, 3>>(ctx, out, x, m, w);
+    default: return launch<T, 128>(ctx, out, x, m, w);
+  }
 }
 
 }  // namespace
@@ -376,6 +443,14 @@ Status int4_gemm_small_m(const Context& ctx, DType dtype, void* out, const void*
                          const Int4Weight& w) {
   if (m < 1 || m > 16)
     return invalid_value("int4_gemm_small_m: m must be in [1, 16], got ", m);
+  // Read once per call: the benchmarking hook may change it between calls.
+  const int variant = int4_gemm_small_m_variant();
+  if (variant < 0 || variant >= kInt4SmallMVariants)
+    return invalid_value("int4_gemm_small_m: variant must be in [0, ", kInt4SmallMVariants,
+                         "), got ", variant);
+  if (variant != 0 && w.group_size != 128)
+    return invalid_value("int4_gemm_small_m: variant ", variant,
+                         " is built for group_size 128 only, got ", w.group_size);
   FIL_RETURN_IF_ERROR(set_device(ctx));
   const int mi = static_cast<int>(m);
   return dispatch_half(dtype, [&](auto tag) {
@@ -385,7 +460,7 @@ Status int4_gemm_small_m(const Context& ctx, DType dtype, void* out, const void*
     switch (w.group_size) {
       case 32: return launch<T, 32>(ctx, o, xi, mi, w);
       case 64: return launch<T, 64>(ctx, o, xi, mi, w);
-      case 128: return launch<T, 128>(ctx, o, xi, mi, w);
+      case 128: return launch_variant<T>(variant, ctx, o, xi, mi, w);
       default:
         return invalid_value("int4_gemm_small_m: group_size must be 32, 64 or 128, got ",
                              w.group_size);

@@ -562,3 +562,61 @@ def test_int4_core_checks(device):
         _C.quantize_int4(*ctx, fp16, x.data_ptr(), 3, 64, 32, x.data_ptr(), p[1], p[2])
     with pytest.raises(TypeError, match="out must be float32, float16 or bfloat16, got int64"):
         _C.dequantize_int4(*ctx, dtype_code(torch.int64), out.data_ptr(), *p, 5, 64, 32)
+
+
+# ---- benchmarking variants of the CUDA M <= 16 kernel ---------------------------------------
+# int4_gemm_small_m.cu builds alternative configurations (variant 1 .. N-1, group 128 only)
+# next to the default (0), selected process-wide by _C._set_small_m_variant for
+# python -m fastinternlm.bench.int4_gemm_sweep. Each must compute the same function.
+
+SMALL_M_VARIANTS = [(v, g) for v in range(_C.int4_small_m_variants)
+                    for g in (GROUP_SIZES if v == 0 else [128])]
+
+
+def test_small_m_variant_hook(device):
+    assert _C._small_m_variant() == 0
+    for bad in (-1, _C.int4_small_m_variants):
+        with pytest.raises(ValueError, match=rf"variant must be in \[0, {_C.int4_small_m_variants}\), got {bad}"):
+            _C._set_small_m_variant(bad)
+        assert _C._small_m_variant() == 0, "a refused variant must leave the current one"
+    qw = affine_weight(21, 64 * 3, 64, device)
+    x = rand(2, 64 * 3, dtype=torch.float16, device=device)
+    try:
+        _C._set_small_m_variant(1)
+        assert _C._small_m_variant() == 1
+        if device.type == "cuda":
+            with pytest.raises(ValueError, match="variant 1 is built for group_size 128 only, got 64"):
+                ops.int4_gemm(x, qw)
+        else:
+            # The CPU path ignores the variant.
+            check_gemm(ops.int4_gemm(x, qw), x, qw, torch.float16, device)
+    finally:
+        _C._set_small_m_variant(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant, group_size", SMALL_M_VARIANTS)
+@pytest.mark.parametrize("groups", ["one", "odd", "long"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_int4_gemm_small_m_variants(device, dtype, variant, group_size, groups, m):
+    if device.type != "cuda":
+        pytest.skip("the variants are builds of the CUDA kernel; the CPU path ignores them")
+    # n ends 5, 13, 21 or 29 rows into a block of 32 rows, so inside every n-block of 8 of
+    # the widest variant (NB = 4) and past the end of the narrower ones' last block; k one
+    # group (most warps idle), an odd number (ranges of unequal length ending inside a
+    # pipeline step), or many (several trips round a 3-stage ring per warp).
+    n = 32 * random.randint(0, 4) + random.choice([5, 13, 21, 29])
+    k = group_size * {"one": 1, "odd": 2 * random.randint(4, 20) + 1, "long": 8 * 13 + 3}[groups]
+    qw = affine_weight(n, k, group_size, device)
+    x = rand(m, k, dtype=dtype, device=device)
+    from fastinternlm.ops._checks import context, dtype_code
+    guard = 67
+    buf = torch.full((m * n + guard,), float("nan"), dtype=dtype, device=device)
+    try:
+        _C._set_small_m_variant(variant)
+        _C.int4_gemm(*context(device), dtype_code(dtype), buf.data_ptr(), x.data_ptr(), m,
+                     qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+    finally:
+        _C._set_small_m_variant(0)
+    assert torch.isnan(buf[m * n:].cpu()).all(), "int4_gemm wrote past the end of out"
+    check_gemm(buf[:m * n].view(m, n), x, qw, dtype, device)

@@ -51,6 +51,12 @@ void register_int4_gemm(py::module_& m) {
                                                            group_size)));
       },
       release_gil());
+  // Benchmarking hook (python -m fastinternlm.bench.int4_gemm_sweep): selects the build of
+  // the CUDA m <= 16 kernel; 0 is the default. Not part of the supported API.
+  m.attr("int4_small_m_variants") = kInt4SmallMVariants;
+  m.def("_set_small_m_variant",
+        [](int variant) { throw_if_error(fastinternlm::set_int4_gemm_small_m_variant(variant)); });
+  m.def("_small_m_variant", []() { return fastinternlm::int4_gemm_small_m_variant(); });
 }
 
 }  // namespace bindings

@@ -70,4 +70,14 @@ Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Wei
 Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                  const Int4Weight& w);
 
+// Benchmarking hook, not for production use: which build of the CUDA m <= 16 kernel
+// int4_gemm runs (process-wide; 0, the default, is the tuned configuration;
+// 1 .. kInt4SmallMVariants - 1 are alternative configurations for group_size 128 only,
+// described in int4_gemm_small_m.cu). Each int4_gemm call reads it once. The CPU path and
+// the m > 16 path ignore it. An out-of-range value is refused (InvalidValue) and the
+// current one kept.
+constexpr int kInt4SmallMVariants = 6;
+Status set_int4_gemm_small_m_variant(int variant);
+int int4_gemm_small_m_variant();
+
 }  // namespace fastinternlm
