@@ -57,18 +57,6 @@ if want tests; then
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | cut -c1-400 | head -30
 fi
 
-san_line="memcheck: skipped"
-if want memcheck && command -v compute-sanitizer >/dev/null; then
-  stamp "compute-sanitizer memcheck on the CUDA tests of each kernel family"
-  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-    python3 -m pytest tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py \
-      tests/test_attention.py tests/test_int4_gemm.py -q -x -p no:cacheprovider \
-      ${SAN_K:--k "cuda and not long_context and not large_scores"} > "$BUILD/memcheck.log" 2>&1
-  san_rc=$?
-  san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$BUILD/memcheck.log") invalid accesses reported; 124 = timed out) $(tail -1 "$BUILD/memcheck.log")"
-  grep -E "Invalid|ERROR SUMMARY" "$BUILD/memcheck.log" | head -5 >> "$LOG"
-fi
-
 kern_line="kernels: skipped"
 if want kernels; then
   stamp "kernel benchmark"
@@ -78,13 +66,23 @@ if want kernels; then
 fi
 
 sweep_line="sweep: skipped"
+pick=""
 if want sweep; then
-  stamp "tuning sweeps (decode attention splits; int4 GEMV variants where built)"
-  timeout ${SWEEP_TIMEOUT:-60} python3 -m fastinternlm.bench.attention_sweep > "$OUT/sweep.txt" 2>&1
-  sweep_line="sweep: attention rc=$?"
-  if python3 -c "import fastinternlm.bench.int4_gemm_sweep" 2>/dev/null; then
+  stamp "tuning sweeps (${SWEEPS:=attention int4}): decode attention splits, int4 GEMV variants"
+  : > "$OUT/sweep.txt"
+  sweep_line="sweep:"
+  if [[ " $SWEEPS " == *" attention "* ]]; then
+    timeout ${SWEEP_TIMEOUT:-60} python3 -m fastinternlm.bench.attention_sweep >> "$OUT/sweep.txt" 2>&1
+    sweep_line="$sweep_line attention rc=$?"
+  fi
+  if [[ " $SWEEPS " == *" int4 "* ]]; then
     timeout ${SWEEP_TIMEOUT:-60} python3 -m fastinternlm.bench.int4_gemm_sweep >> "$OUT/sweep.txt" 2>&1
     sweep_line="$sweep_line int4 rc=$?"
+    # E2E_PICK=1: the end-to-end run uses the sweep's best int4 GEMV variant for a decode layer.
+    if [ -n "${E2E_PICK:-}" ]; then
+      pick=$(grep -oE "^OVERALL_BEST_M1 [0-9]+" "$OUT/sweep.txt" | awk '{print $2}')
+      [ -n "$pick" ] && E2E_ARGS="${E2E_ARGS:-} --small-m-variant $pick"
+    fi
   fi
 fi
 
@@ -94,6 +92,18 @@ if want e2e; then
   timeout ${E2E_TIMEOUT:-240} python3 -m fastinternlm.bench e2e --json "$OUT/e2e.json" ${E2E_ARGS:-} \
     > "$OUT/e2e.txt" 2>&1
   e2e_line="e2e: rc=$?"
+fi
+
+san_line="memcheck: skipped"
+if want memcheck && command -v compute-sanitizer >/dev/null; then
+  stamp "compute-sanitizer memcheck on the CUDA tests of each kernel family (last: a timeout cuts only this)"
+  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+    python3 -m pytest tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py \
+      tests/test_attention.py tests/test_int4_gemm.py -q -x -p no:cacheprovider \
+      ${SAN_K:--k "cuda and not long_context and not large_scores"} > "$BUILD/memcheck.log" 2>&1
+  san_rc=$?
+  san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$BUILD/memcheck.log") invalid accesses reported; 124 = timed out) $(tail -1 "$BUILD/memcheck.log")"
+  grep -E "Invalid|ERROR SUMMARY" "$BUILD/memcheck.log" | head -5 >> "$LOG"
 fi
 
 stamp "done"
@@ -106,7 +116,7 @@ echo "$test_line"
 echo "$san_line"
 echo "$kern_line"
 echo "$sweep_line"
-[ -f "$OUT/sweep.txt" ] && grep -A12 -E "^best|best variant" "$OUT/sweep.txt" | head -30
+[ -f "$OUT/sweep.txt" ] && grep -E "^  B=|^  [a-z0-9]+/M|^OVERALL|check: .*FAIL" "$OUT/sweep.txt" | cut -c1-200 | head -30
 [ -f "$OUT/bench.txt" ] && grep -E "^(measured|timing)|^attention|^int4|^rms_norm|^add_rms|^rotary|^silu" "$OUT/bench.txt" | cut -c1-150
-echo "$e2e_line"
+echo "$e2e_line ${pick:+(int4 GEMV variant $pick)}"
 [ -f "$OUT/e2e.txt" ] && tail -40 "$OUT/e2e.txt"

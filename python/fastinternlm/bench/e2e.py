@@ -761,6 +761,9 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, default=200.0,
                    help="seconds after which no new section starts (the summary is still printed)")
     p.add_argument("--json", default=None, help="also write everything to this file")
+    p.add_argument("--small-m-variant", type=int, default=None,
+                   help="CUDA: run our int4 GEMV (M <= 16) with this tuning variant, selected through the "
+                        "benchmarking hook fastinternlm._C._set_small_m_variant (see bench.int4_gemm_sweep)")
     args = p.parse_args(argv)
     s = SHAPES[args.shapes]
     for key in ("contexts", "batches", "batch_context", "prompt", "steps"):
@@ -807,6 +810,11 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     print(f"fastinternlm e2e benchmark: {name}, torch {torch.__version__}, transformers {tf_version}, "
           f"shapes {args.shapes}", flush=True)
     torch.manual_seed(0)
+    if args.small_m_variant is not None:
+        from .. import _C
+        _C._set_small_m_variant(args.small_m_variant)
+        bench.log(f"int4 GEMV (M <= 16) variant {args.small_m_variant} selected (benchmarking hook)")
+    bench.info["small_m_variant"] = 0 if args.small_m_variant is None else args.small_m_variant
     config = make_config(args.shapes)
     bandwidth = None
     if device.type == "cuda":
