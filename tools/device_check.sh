@@ -99,10 +99,10 @@ if want memcheck && command -v compute-sanitizer >/dev/null; then
   stamp "compute-sanitizer memcheck on the CUDA tests of each kernel family (last: a timeout cuts only this)"
   timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 -m pytest tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py \
-      tests/test_attention.py tests/test_int4_gemm.py -q -x -p no:cacheprovider \
-      ${SAN_K:--k "cuda and not long_context and not large_scores"} > "$BUILD/memcheck.log" 2>&1
+      tests/test_attention.py tests/test_attention_decode_qkv.py tests/test_int4_gemm.py -v -x -p no:cacheprovider \
+      -k "${SAN_K:-cuda and not long_context and not large_scores}" > "$BUILD/memcheck.log" 2>&1
   san_rc=$?
-  san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$BUILD/memcheck.log") invalid accesses reported; 124 = timed out) $(tail -1 "$BUILD/memcheck.log")"
+  san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$BUILD/memcheck.log") invalid accesses reported; 124 = timed out; $(grep -c PASSED "$BUILD/memcheck.log") tests passed under it) $(tail -1 "$BUILD/memcheck.log")"
   grep -E "Invalid|ERROR SUMMARY" "$BUILD/memcheck.log" | head -5 >> "$LOG"
 fi
 
