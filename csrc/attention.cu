@@ -163,6 +163,9 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
                     const DecodeRows<T> in, T* k_cache, T* v_cache, int num_slots, int kv_heads, int max_seq,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
                     float scale_log2, int splits, int min_chunk) {
+  // With one split there is no merge: the wo GEMV follows this kernel directly and may
+  // launch now (cuda_common.cuh, PDL); with a merge after it this has no effect.
+  pdl_trigger();
   constexpr int L = D / 8;
   constexpr int R = kDecodeThreads / L;
   constexpr int U = G <= 4 ? 4 : 2;  // the q and acc registers grow with G; fewer tokens
@@ -341,6 +344,7 @@ __global__ void __launch_bounds__(D)
 decode_merge_kernel(T* __restrict__ out, const float2* __restrict__ ws_ml, const float* __restrict__ ws_acc,
                     int num_slots, int max_seq, int q_heads, const int32_t* __restrict__ slots,
                     const int32_t* __restrict__ positions, int splits, int min_chunk) {
+  pdl_trigger();  // the wo GEMV may launch and start on its weights (cuda_common.cuh, PDL)
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int64_t row = int64_t{b} * q_heads + h;
   const int slot = slots[b], pos = positions[b];

@@ -1,6 +1,7 @@
 #include "fastinternlm/common.h"
 
 #include "check.h"
+#include "kernels_cuda.h"
 
 #ifndef FASTINTERNLM_VERSION
 #define FASTINTERNLM_VERSION "0.0.0"
@@ -32,6 +33,17 @@ int64_t dtype_size(DType dtype) {
   }
   return 0;
 }
+
+#if FASTINTERNLM_WITH_CUDA
+void set_programmatic_launch(bool enabled) { cuda::set_programmatic_launch(enabled); }
+bool programmatic_launch() { return cuda::programmatic_launch(); }
+#else
+namespace {
+bool g_programmatic_launch = true;
+}
+void set_programmatic_launch(bool enabled) { g_programmatic_launch = enabled; }
+bool programmatic_launch() { return g_programmatic_launch; }
+#endif
 
 bool cuda_compiled() { return FASTINTERNLM_WITH_CUDA != 0; }
 const char* cuda_architectures() { return FASTINTERNLM_CUDA_ARCHS; }

@@ -6,6 +6,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <utility>
+
 #include "check.h"
 #include "fastinternlm/common.h"
 
@@ -63,6 +67,73 @@ Status dispatch_half(DType dtype, F&& f) {
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+
+// ---- Programmatic dependent launch (Hopper, sm_90+) ----------------------------------------
+// A batch-1 decode step is a chain of short kernels, and each one otherwise starts only
+// after its predecessor has finished and drained: a launch gap plus a DRAM-latency ramp of
+// a few microseconds per kernel, against 3-20 us of work. With PDL the weight-streaming
+// GEMV is launched while the small kernel before it (RMSNorm, SiLU-and-mul, the attention
+// merge) is still running, issues its first weight loads (weights never depend on the
+// previous kernel) and only then waits for the predecessor's results (x).
+//   pdl_trigger(): in a predecessor, lets its dependents launch now. Triggering early is
+//     safe: a dependent's pdl_wait() still waits for this whole grid to complete and its
+//     writes to be visible; the trigger only moves the dependent's launch forward.
+//   pdl_wait(): in a dependent, before its first read of anything a predecessor writes
+//     (and before any write a predecessor might still read). A no-op when the kernel was
+//     launched without the PDL attribute.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Process-wide switch (benchmarking hook and escape hatch): on unless FASTINTERNLM_PDL=0.
+inline std::atomic<int>& pdl_setting() {
+  static std::atomic<int> on{[] {
+    const char* env = std::getenv("FASTINTERNLM_PDL");
+    return (env != nullptr && env[0] == '0') ? 0 : 1;
+  }()};
+  return on;
+}
+
+// PDL needs compute capability 9.0; the answer is cached per device (at most 64).
+inline bool pdl_supported(int device) {
+  static std::atomic<int> major[64] = {};
+  if (device < 0 || device >= 64) return false;
+  int m = major[device].load(std::memory_order_relaxed);
+  if (m == 0) {
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    major[device].store(m, std::memory_order_relaxed);
+  }
+  return m >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as a PDL dependent of the previous launch
+// on the stream where enabled and supported, an ordinary launch otherwise.
+template <typename... Params, typename... Args>
+Status launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                        const Context& ctx, const char* op, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream_of(ctx);
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  if (pdl_setting().load(std::memory_order_relaxed) && pdl_supported(ctx.device_index)) {
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  return cuda_status(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), op);
+}
 
 }  // namespace cuda
 }  // namespace fastinternlm

@@ -348,6 +348,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
   if constexpr (kStages == 2) {
     Step<S> sa, sb;
     load_step(sa, g_begin);
+    pdl_wait();  // x comes from the previous kernel; the weights in flight do not
     for (int g0 = g_begin; g0 < g_end; g0 += 2 * U) {
       load_step(sb, g0 + U);
       compute_step(sa, g0);
@@ -359,6 +360,7 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
     Step<S> st[kStages];
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) load_step(st[s], g_begin + s * U);
+    pdl_wait();  // x comes from the previous kernel; the weights in flight do not
     for (int g0 = g_begin; g0 < g_end; g0 += kStages * U) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
@@ -391,10 +393,11 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
 template <typename T, int G, typename S>
 Status launch_shape(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w) {
   const unsigned blocks = ceil_div(w.n, S::kRowsPerBlock);  // <= 2^28
-  int4_gemm_small_m_kernel<T, G, S><<<blocks, S::kThreads, 0, stream_of(ctx)>>>(
-      out, x, m, w.qweight, static_cast<const __half*>(w.scales),
-      static_cast<const __half*>(w.offsets), static_cast<int>(w.n), static_cast<int>(w.k));
-  return launch_status("int4_gemm");
+  // A PDL dependent (cuda_common.cuh): its first weight loads overlap the kernel before it.
+  return launch_dependent(int4_gemm_small_m_kernel<T, G, S>, dim3(blocks), dim3(S::kThreads), 0, ctx,
+                          "int4_gemm", out, x, m, w.qweight, static_cast<const __half*>(w.scales),
+                          static_cast<const __half*>(w.offsets), static_cast<int>(w.n),
+                          static_cast<int>(w.k));
 }
 
 template <typename T, int G, int NB>
@@ -438,6 +441,10 @@ Status launch_variant(int variant, const Context& ctx, T* out, const T* x, int m
 }
 
 }  // namespace
+
+// The PDL switch of common.h lives here, beside its main user.
+void set_programmatic_launch(bool enabled) { pdl_setting().store(enabled ? 1 : 0); }
+bool programmatic_launch() { return pdl_setting().load() != 0; }
 
 Status int4_gemm_small_m(const Context& ctx, DType dtype, void* out, const void* x, int64_t m,
                          const Int4Weight& w) {

@@ -34,6 +34,10 @@ Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const vo
                             const int32_t* slots, const int32_t* positions, const float* bases,
                             float scale, void* workspace, int64_t workspace_bytes);
 
+// common.h's PDL switch, whose state lives with the launch helper (cuda_common.cuh).
+void set_programmatic_launch(bool enabled);
+bool programmatic_launch();
+
 // Benchmarking hook (attention.h): the decode split sizing.
 Status set_decode_split_tuning(int64_t min_chunk, int64_t target_blocks);
 

@@ -35,6 +35,9 @@ rms_norm_kernel(T* out, T* __restrict__ residual, const T* x,
                 const T* __restrict__ weight, int64_t hidden, float eps) {
   struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
   __shared__ float scratch[kThreads / 32];
+  // The next kernel (an int4 GEMV at decode) may launch now and start streaming its
+  // weights; it waits for this grid before reading our output (cuda_common.cuh, PDL).
+  pdl_trigger();
   const int64_t row = blockIdx.x;
   const Pack* x_row = reinterpret_cast<const Pack*>(x + row * hidden);
   Pack* res_row = residual ? reinterpret_cast<Pack*>(residual + row * hidden) : nullptr;

@@ -16,6 +16,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t rows, int64_t ffn) {
   struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+  pdl_trigger();  // the w2 GEMV may launch and start on its weights (cuda_common.cuh, PDL)
   const int64_t packs_per_row = ffn / VEC;
   const int64_t total = rows * packs_per_row;
   for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < total;

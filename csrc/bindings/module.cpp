@@ -12,6 +12,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", [](int64_t n) { throw_if_error(set_num_threads(n)); }, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
   m.def("cpu_isa", &cpu_isa);
+  m.def("set_programmatic_launch", &set_programmatic_launch, py::arg("enabled"));
+  m.def("programmatic_launch", &programmatic_launch);
   register_rms_norm(m);
   register_rotary(m);
   register_silu_and_mul(m);

@@ -21,6 +21,7 @@ def build_info() -> dict:
         "int4_format_version": ops.INT4_FORMAT_VERSION,
         "cpu_isa": cpu.cpu_isa(),
         "cpu_threads": cpu.get_num_threads(),
+        "programmatic_launch": bool(_C.programmatic_launch()),
     }
 
 

@@ -61,6 +61,14 @@ int get_num_threads();
 // FASTINTERNLM_CPU_ISA=generic forces the latter.
 const char* cpu_isa();
 
+// Programmatic dependent launch on Hopper (sm_90+): the decode step's int4 GEMVs launch
+// while the kernel before them is still running and start streaming their weights. On by
+// default (FASTINTERNLM_PDL=0 turns it off at start-up); a process-wide switch for
+// benchmarks and as an escape hatch. Graphs captured earlier keep the setting they were
+// captured with. Without CUDA the setting is stored and has no effect.
+void set_programmatic_launch(bool enabled);
+bool programmatic_launch();
+
 // What this build contains.
 bool cuda_compiled();
 // Architectures the CUDA kernels were compiled for, e.g. "80;90a" ("" without CUDA).

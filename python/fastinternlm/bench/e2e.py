@@ -485,6 +485,21 @@ def run_ours(bench: Bench, w: Weights, precision: str, contexts: List[int], step
             "decode tok/s", precision, f"b1 ctx {ctx}", "ours",
             ours_decode_rate(model, 1, ctx, steps, reps, graph), "tok/s",
             graph=graph is not None))
+    if precision == "int4" and dev.type == "cuda" and graph is not None:
+        # What programmatic dependent launch buys: the same step captured with it off.
+        from .. import _C
+        ctx = args.eager_context
+
+        def without_pdl():
+            _C.set_programmatic_launch(False)
+            try:
+                off = DecodeGraph(model, 1, bases_function(c))
+            finally:
+                _C.set_programmatic_launch(True)
+            return ours_decode_rate(model, 1, ctx, steps, reps, off)
+
+        bench.section(f"ours int4 decode without PDL ctx {ctx}", lambda: bench.record(
+            "decode tok/s (no PDL)", precision, f"b1 ctx {ctx}", "ours", without_pdl(), "tok/s"))
     if precision == "fp16" and dev.type == "cuda":
         ctx = args.eager_context
         bench.section(f"ours fp16 eager decode ctx {ctx}", lambda: bench.record(
