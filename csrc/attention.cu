@@ -181,6 +181,7 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   const int64_t out_row0 = int64_t{b} * q_heads + kvh * G;
 
   if (!decode_valid(slot, pos, num_slots, max_seq)) {
+    pdl_wait();  // no write before the predecessor is done (out may reuse its memory)
     if (direct)
       for (int idx = tid; idx < G * D; idx += kDecodeThreads) out[out_row0 * D + idx] = from_float<T>(nan_f());
     return;  // with splits > 1 the merge kernel writes the NaNs
@@ -194,6 +195,19 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   const int64_t head = (int64_t{slot} * kv_heads + kvh) * max_seq;
   const T* kc = k_cache + head * D + lane * 8;
   const T* vc = v_cache + head * D + lane * 8;
+  // A PDL dependent of the wqkv GEMV (cuda_common.cuh): the cached keys and values were
+  // written by earlier steps, not by it, so the first two iterations' rows are fetched
+  // into L2 before the wait (prefetches hold no registers: loading them into registers
+  // here made the kernel spill); q and the new token's k and v are read after it.
+#pragma unroll
+  for (int i = 0; i < 2 * U; ++i) {
+    const int t = static_cast<int>(begin) + i * R + rg;
+    if (t < end && t != pos) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + int64_t{t} * D));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + int64_t{t} * D));
+    }
+  }
+  pdl_wait();
   const T* qg = in.q + int64_t{b} * in.q_batch + int64_t{kvh} * in.q_group + lane * 8;
   const T* vn = in.v + int64_t{b} * in.kv_batch + int64_t{kvh} * in.kv_group + lane * 8;
   uint4 kn = *reinterpret_cast<const uint4*>(in.k + int64_t{b} * in.kv_batch + int64_t{kvh} * in.kv_group + lane * 8);
@@ -424,10 +438,10 @@ Status launch_decode(const Context& ctx, T* out, const DecodeRows<T>& rows, cons
     return dispatch_group(q_heads / cache.kv_heads, [&](auto grp) {
       constexpr int G = decltype(grp)::value;
       const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
-      decode_split_kernel<T, D, G><<<grid, kDecodeThreads, 0, stream>>>(
+      FIL_RETURN_IF_ERROR(launch_dependent(
+          decode_split_kernel<T, D, G>, grid, dim3(kDecodeThreads), 0, ctx, "attention_decode (split)",
           out, ws_ml, ws_acc, rows, static_cast<T*>(cache.k), static_cast<T*>(cache.v), num_slots,
-          kv_heads, max_seq, slots, positions, scale * kLog2e, splits, min_chunk);
-      FIL_RETURN_IF_ERROR(launch_status("attention_decode (split)"));
+          kv_heads, max_seq, slots, positions, scale * kLog2e, splits, min_chunk));
       if (splits == 1) return Status::Ok();
       const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
       decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(

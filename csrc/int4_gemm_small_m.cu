@@ -236,6 +236,9 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
                          const int32_t* __restrict__ qweight, const __half* __restrict__ scales,
                          const __half* __restrict__ offsets, int n, int k) {
   constexpr int kNB = S::kNB, kWarps = S::kWarps, kThreads = S::kThreads;
+  // The attention kernel after the wqkv GEMV may launch now and start on the cached keys
+  // (it waits for this grid before reading our output; cuda_common.cuh, PDL).
+  pdl_trigger();
   constexpr int LW = S::kLaneWords, U = S::kGroupsPerStep;
   __shared__ float partial[kWarps][kNB * 4][32];  // [warp][accumulator][lane]: conflict-free
 

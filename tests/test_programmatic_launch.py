@@ -29,7 +29,8 @@ def test_switch(pdl_restore):
 
 
 def chains(device, dtype, m):
-    """(name, inputs, fn(inputs) -> (x fed to the GEMV, GEMV output)) for each predecessor."""
+    """(name, fn(inputs) -> (x fed to the GEMV, GEMV output[, what follows]), weight) for each
+    pair, and a maker of fresh inputs."""
     k, n = 4096 + 512, 1000 + 7  # 36 groups of 128; n ends inside a block of 16 rows
     qw = random_weight(n, k, 128, device)
     w_norm = rand(k, dtype=dtype, device=device)
@@ -51,6 +52,16 @@ def chains(device, dtype, m):
         x = out.view(m, kv * g * d)
         return x, ops.int4_gemm(x, qw_attn)
 
+    # The other direction: the attention kernel as the dependent of the wqkv GEMV.
+    qw_qkv = random_weight(kv * (g + 2) * d, k, 128, device)
+    bases = torch.full((m,), 1e6, dtype=torch.float32, device=device)
+
+    def qkv_chain(t):
+        qkv = ops.int4_gemm(t["a"], qw_qkv)
+        out = ops.attention_decode_qkv(qkv.view(m, kv, g + 2, d), t["kc"], t["vc"], t["slots"], t["pos"], bases,
+                                       check_indices=False)
+        return t["a"], qkv, out
+
     def inputs():
         return {"a": rand(m, k, dtype=dtype, device=device), "res": rand(m, k, dtype=dtype, device=device),
                 "gu": rand(m, 2 * k, dtype=dtype, device=device),
@@ -61,7 +72,7 @@ def chains(device, dtype, m):
                 "pos": torch.full((m,), ctx - 1, dtype=torch.int32, device=device)}
 
     return [("add_rms_norm", norm_chain, qw), ("silu_and_mul", silu_chain, qw),
-            ("attention_decode", attn_chain, qw_attn)], inputs
+            ("attention_decode", attn_chain, qw_attn), ("int4_gemm -> attention_decode_qkv", qkv_chain, qw_qkv)], inputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -75,13 +86,13 @@ def test_pdl_changes_no_bit(device, dtype, m, pdl_restore):
             t = inputs()
             snapshot = {key: v.clone() for key, v in t.items()}
             _C.set_programmatic_launch(False)
-            x_off, y_off = fn({key: v.clone() for key, v in snapshot.items()})
+            off = fn({key: v.clone() for key, v in snapshot.items()})
             _C.set_programmatic_launch(True)
-            x_on, y_on = fn({key: v.clone() for key, v in snapshot.items()})
+            on = fn({key: v.clone() for key, v in snapshot.items()})
             torch.cuda.synchronize()
-            assert torch.equal(x_on, x_off), f"{name}: the predecessor's output changed with PDL"
-            assert torch.equal(y_on, y_off), f"{name}: the GEMV's output changed with PDL"
-            check_gemm(y_on, x_on, qw, dtype, device)
+            for i, (a, b) in enumerate(zip(on, off)):
+                assert torch.equal(a, b), f"{name}: output {i} changed with PDL"
+            check_gemm(on[1], on[0], qw, dtype, device)
 
         # The same chain captured in a graph with PDL on, replayed on new inputs.
         static = inputs()
@@ -93,7 +104,7 @@ def test_pdl_changes_no_bit(device, dtype, m, pdl_restore):
         graph = torch.cuda.CUDAGraph()
         work = {key: v.clone() for key, v in static.items()}
         with torch.cuda.graph(graph):
-            gx, gy = fn(work)
+            captured = fn(work)
         for _ in range(3):
             fresh = inputs()
             for key in work:
@@ -101,7 +112,8 @@ def test_pdl_changes_no_bit(device, dtype, m, pdl_restore):
             fresh_copy = {key: v.clone() for key, v in fresh.items()}
             graph.replay()
             _C.set_programmatic_launch(False)
-            ex, ey = fn(fresh_copy)
+            eager = fn(fresh_copy)
             _C.set_programmatic_launch(True)
             torch.cuda.synchronize()
-            assert torch.equal(gx, ex) and torch.equal(gy, ey), f"{name}: graph replay with PDL differs from eager"
+            for i, (a, b) in enumerate(zip(captured, eager)):
+                assert torch.equal(a, b), f"{name}: output {i} of the graph replay with PDL differs from eager"
