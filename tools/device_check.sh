@@ -48,6 +48,7 @@ if want tests; then
                "model:tests/test_cuda_graph.py tests/test_model.py tests/test_quantized_models.py tests/test_gguf.py tests/test_awq_gptq.py tests/test_accuracy_bench.py" \
                "e2e:tests/test_e2e_bench.py"; do
     name=${group%%:*}; files=${group#*:}
+    [[ " ${TEST_GROUPS:-kernels model e2e} " == *" $name "* ]] || continue
     echo "== $name" >> "$OUT/pytest.log"
     timeout ${TEST_TIMEOUT:-120} python3 -m pytest $files -q -rf -p no:cacheprovider -k "cuda or graph" \
       >> "$OUT/pytest.log" 2>&1
