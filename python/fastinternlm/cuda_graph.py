@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import _C
 from .model import Transformer
 
 
@@ -61,10 +62,29 @@ class DecodeGraph:
             for _ in range(2):
                 step()
         torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = step()
+        self.programmatic_launch = bool(_C.programmatic_launch())
+        try:
+            self.graph, self.logits = self._capture(step, pool)
+        except RuntimeError:
+            if not self.programmatic_launch:
+                raise
+            # A driver that cannot capture programmatic (PDL) launches into a graph: capture
+            # this graph without them (the kernels are correct either way, only slower).
+            torch.cuda.synchronize(dev)
+            _C.set_programmatic_launch(False)
+            try:
+                self.graph, self.logits = self._capture(step, pool)
+            finally:
+                _C.set_programmatic_launch(True)
+            self.programmatic_launch = False
         torch.cuda.synchronize(dev)
+
+    @staticmethod
+    def _capture(step, pool):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = step()
+        return graph, logits
 
     def run(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
             bases: Optional[torch.Tensor] = None) -> torch.Tensor:
