@@ -480,6 +480,10 @@ def run_ours(bench: Bench, w: Weights, precision: str, contexts: List[int], step
         from ..cuda_graph import DecodeGraph
         graph = bench.section(f"ours {precision} graph capture",
                               lambda: DecodeGraph(model, 1, bases_function(c)))
+        if graph is not None:
+            bench.log(f"ours {precision} decode graph captured, programmatic launch "
+                      f"{'on' if graph.programmatic_launch else 'off'}")
+            bench.info[f"ours_{precision}_graph_pdl"] = graph.programmatic_launch
     for ctx in contexts:
         bench.section(f"ours {precision} decode b1 ctx {ctx}", lambda: bench.record(
             "decode tok/s", precision, f"b1 ctx {ctx}", "ours",
