@@ -56,6 +56,7 @@
 
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
+#include "mma.cuh"
 
 namespace fastinternlm {
 namespace cuda {
@@ -108,24 +109,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address)
                : "memory");  // reads what cp.async wrote: keep it after the barrier
-}
-
-// d += a (16 x 16, row) * b (16 x 8, col), float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same<T, __half>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 }
 
 // A group's scale and offset as float32 in shared memory, with s / 16 for the high nibble
@@ -315,7 +298,7 @@ int4_gemm_large_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
         uint32_t a[4];
         ldmatrix_x4(a, a_stage(stage) + row * kARowBytes + ((chunk ^ (lane % 8)) * 16));
 #pragma unroll
-        for (int j = 0; j < kNTiles; ++j) mma<T>(acc[i][j], a, b[j][0], b[j][1]);
+        for (int j = 0; j < kNTiles; ++j) mma_16816<T>(acc[i][j], a, b[j][0], b[j][1]);
       }
     }
   };

@@ -67,6 +67,7 @@
 
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
+#include "mma.cuh"
 
 namespace fastinternlm {
 namespace cuda {
@@ -174,29 +175,6 @@ __device__ __forceinline__ void nibble_pairs<__nv_bfloat16>(uint32_t word, int h
                            M::kNegMagic);
   b1 = fma2<__nv_bfloat16>(mask_or_magic<0x000F000Fu>(word >> (8 * h + 4), M::kMagic), M::kOnes,
                            M::kNegMagic);
-}
-
-// d += A * B on the tensor cores, fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1);
-template <>
-__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                            uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                   uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // A lane's quarter of one group of one row. Streaming (evict-first) loads: every weight is
@@ -317,12 +295,12 @@ int4_gemm_small_m_kernel(T* __restrict__ out, const T* __restrict__ x, int m,
           const uint32_t lo_b = h ? xb.y : xb.x, hi_b = h ? xb.w : xb.z;
           const uint32_t a[4] = {__byte_perm(lo_a, hi_a, 0x5410), __byte_perm(lo_b, hi_b, 0x5410),
                                  __byte_perm(lo_a, hi_a, 0x7632), __byte_perm(lo_b, hi_b, 0x7632)};
-          mma<T>(xsum, a, MmaType<T>::kOnes, MmaType<T>::kOnes);
+          mma_16816<T>(xsum, a, MmaType<T>::kOnes, MmaType<T>::kOnes);
 #pragma unroll
           for (int nb = 0; nb < kNB; ++nb) {
             uint32_t b0, b1;
             nibble_pairs<T>(st.w[u][nb][j], h, b0, b1);
-            mma<T>(acc[nb], a, b0, b1);
+            mma_16816<T>(acc[nb], a, b0, b1);
           }
         }
       }
