@@ -93,6 +93,23 @@ def _check_distinct(slots: torch.Tensor, enabled: bool) -> None:
         raise ValueError(f"slots must be distinct, got {slots.tolist()}")
 
 
+def _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads, k_cache,
+                                  workspace, check_indices, first_name, first):
+    """What both decode entry points do after their own shape checks: the optional host-side
+    index checks on CUDA, and the split-softmax scratch (allocated here when not given)."""
+    if device.type == "cuda":
+        check_index_range("slots", slots, 0, num_slots, check_indices)
+        check_index_range("positions", positions, 0, max_seq, check_indices)
+        _check_distinct(slots, check_indices)
+    if workspace is None:
+        ctx = context(device)
+        nbytes = _C.attention_decode_workspace_bytes(ctx[0], ctx[1], batch, q_heads, *k_cache.shape)
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    check_tensor("workspace", workspace, dtypes=(torch.uint8,), ndim=1)
+    same_device(**{first_name: first, "workspace": workspace})
+    return workspace
+
+
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                      scale: Optional[float] = None, *, workspace: Optional[torch.Tensor] = None,
@@ -114,20 +131,12 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     check_tensor("positions", positions, dtypes=(torch.int32,), shape=(batch,))
     device = same_device(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slots=slots, positions=positions)
     scale = _scale(scale, head_dim)
-    if device.type == "cuda":
-        check_index_range("slots", slots, 0, num_slots, check_indices)
-        check_index_range("positions", positions, 0, max_seq, check_indices)
-        _check_distinct(slots, check_indices)
-    ctx = context(device)
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    if workspace is None:
-        nbytes = _C.attention_decode_workspace_bytes(ctx[0], ctx[1], batch, q_heads, *k_cache.shape)
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    else:
-        check_tensor("workspace", workspace, dtypes=(torch.uint8,), ndim=1)
-        same_device(q=q, workspace=workspace)
+    workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
+                                              k_cache, workspace, check_indices, "q", q)
+    ctx = context(device)
     _C.attention_decode(*ctx, dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                         *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
                         scale, workspace.data_ptr(), workspace.numel())
@@ -159,20 +168,12 @@ def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     device = same_device(qkv=qkv, k_cache=k_cache, v_cache=v_cache, slots=slots, positions=positions,
                          bases=bases)
     scale = _scale(scale, head_dim)
-    if device.type == "cuda":
-        check_index_range("slots", slots, 0, num_slots, check_indices)
-        check_index_range("positions", positions, 0, max_seq, check_indices)
-        _check_distinct(slots, check_indices)
-    ctx = context(device)
     out = torch.empty(batch, q_heads, head_dim, dtype=qkv.dtype, device=device)
     if batch == 0:
         return out
-    if workspace is None:
-        nbytes = _C.attention_decode_workspace_bytes(ctx[0], ctx[1], batch, q_heads, *k_cache.shape)
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    else:
-        check_tensor("workspace", workspace, dtypes=(torch.uint8,), ndim=1)
-        same_device(qkv=qkv, workspace=workspace)
+    workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
+                                              k_cache, workspace, check_indices, "qkv", qkv)
+    ctx = context(device)
     _C.attention_decode_qkv(*ctx, dtype_code(qkv.dtype), out.data_ptr(), qkv.data_ptr(),
                             *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
                             bases.data_ptr(), scale, workspace.data_ptr(), workspace.numel())
