@@ -56,11 +56,6 @@ __device__ __forceinline__ void unpack(float (&f)[N], const typename RawVec<N>::
   }
 }
 
-template <typename T, int N>
-__device__ __forceinline__ void load_vec(float (&f)[N], const T* p) {
-  unpack<T, N>(f, *reinterpret_cast<const typename RawVec<N>::type*>(p));
-}
-
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
 
 // ---------------------------------------------------------------------------------------

@@ -57,32 +57,6 @@ struct PrefillLayout {
   static constexpr int kBytes = kHalves * 2;
 };
 
-// ---------------------------------------------------------------------------------------
-// PTX wrappers. cp.async with a source size of 0 fills the 16 bytes with zeros and reads
-// nothing: padded rows and keys past the end cost no global access and leave exact zeros.
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
 // 2^x by the MUFU unit alone. exp2f adds a compare, a select and two multiplies per call to
 // return denormal results exactly; here results below 2^-126 flush to 0, an absolute error
 // far below anything that survives the normalisation by l >= 1, and the 32 exponentials
@@ -179,7 +153,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
     const int i = idx / kChunks, c = idx % kChunks;  // consecutive lanes, consecutive chunks
     const bool valid = i < rows;
     const int ti = valid ? i / group : 0, gi = valid ? i % group : 0;
-    cp_async_16(sm + L::kQ + i * P + c * 8,
+    cp_async16(smem_address(sm + L::kQ + i * P + c * 8),
                 q + (int64_t{q0 + ti} * q_heads + kvh * group + gi) * D + c * 8, valid);
   }
   // Keys past kv_end (the last tile's tail, at most max_seq) are zero-filled: their scores
@@ -194,8 +168,8 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
       const int j = idx / kChunks, c = idx % kChunks;
       const bool valid = k0 + j < kv_end;
       const int64_t off = int64_t{valid ? k0 + j : 0} * D + c * 8;
-      cp_async_16(ks + j * P + c * 8, kc + off, valid);
-      cp_async_16(vs + j * P + c * 8, vc + off, valid);
+      cp_async16(smem_address(ks + j * P + c * 8), kc + off, valid);
+      cp_async16(smem_address(vs + j * P + c * 8), vc + off, valid);
     }
   };
   cp_async_commit();  // group: Q
@@ -217,7 +191,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
     // Matrices: rows 0-7 / 8-15 of the warp's 16, at columns kk*16 + 0 / + 8.
     const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
     const int col = kk * 16 + (lane >> 4) * 8;
-    ldsm_x4(qf[kk], sm + L::kQ + row * P + col);
+    ldmatrix_x4(qf[kk], smem_address(sm + L::kQ + row * P + col));
   }
   float o[D / 8][4];
 #pragma unroll
@@ -254,7 +228,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
         uint32_t b[4];
         const int key = n * 8 + (lane & 7) + (lane >> 4) * 8;
         const int col = kk * 16 + ((lane >> 3) & 1) * 8;
-        ldsm_x4(b, ks + key * P + col);
+        ldmatrix_x4(b, smem_address(ks + key * P + col));
         mma_16816<T>(s[n], qf[kk], b[0], b[1]);
         mma_16816<T>(s[n + 1], qf[kk], b[2], b[3]);
       }
@@ -326,7 +300,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
         uint32_t b[4];
         const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int col = n * 8 + (lane >> 4) * 8;
-        ldsm_x4_trans(b, vs + key * P + col);
+        ldmatrix_x4_trans(b, smem_address(vs + key * P + col));
         mma_16816<T>(o[n], a, b[0], b[1]);
         mma_16816<T>(o[n + 1], a, b[2], b[3]);
       }

@@ -83,34 +83,6 @@ static_assert(kThreads == kBlockN, "one thread loads the scales of one W row");
 static_assert(kBlockM * (kBlockK / 8) == 8 * kThreads, "eight 16-byte x chunks per thread");
 static_assert(kBlockN * 2 == 2 * kThreads, "two 16-byte nibble chunks per thread");
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronous. With valid false the source size is 0: nothing
-// is read and the 16 bytes are zero-filled (src must still be a global address).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address)
-               : "memory");  // reads what cp.async wrote: keep it after the barrier
-}
-
 // A group's scale and offset as float32 in shared memory, with s / 16 for the high nibble
 // (see dequant_pair). 16 bytes: one LDS.128.
 struct Scale {
