@@ -62,20 +62,20 @@ __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
 // Decode
 
 constexpr int kDecodeThreads = 128;
-constexpr int kMinChunk = 64;        // tokens: below this a block's fixed costs (q load, merge
-                                     // of its row groups, the partial's store) dominate
 constexpr int kMaxSplits = 256;
-// About two 4-warp blocks per SM of a 132-SM H100. Measured on one (bench.attention_sweep,
-// 2026-11-26, docs/device-runs/2026-11-26-h100-run2-d6f5001): against the earlier 1024, the 8K context runs
-// in 21 instead of 31 us and 32K in 68 instead of 83 us (fewer, longer splits: each
-// block's fixed cost, q and the merge, is paid less often), 2K and batch 16 unchanged or
-// faster. 528 was faster still at 32K (61 us) but slower at 2K (14 vs 11 us).
-constexpr int64_t kTargetBlocks = 264;
-
-// The two split-sizing knobs, settable for benchmark sweeps (set_decode_split_tuning); the
-// defaults above otherwise. Read on the host at every launch and passed to the kernels.
-std::atomic<int> g_min_chunk{kMinChunk};
-std::atomic<int64_t> g_target_blocks{kTargetBlocks};
+// The split sizing (defaults in attention.h):
+// - kDecodeMinChunk, 64 tokens: below it a block's fixed costs (q load, merge of its row
+//   groups, the partial's store) dominate.
+// - kDecodeTargetBlocks, 264: about two 4-warp blocks per SM of a 132-SM H100. Measured on
+//   one (bench.attention_sweep, 2026-11-26, docs/device-runs/2026-11-26-h100-run2-d6f5001):
+//   against the earlier 1024, 8K context runs in 21 instead of 31 us and 32K in 68 instead
+//   of 83 us (fewer, longer splits: each block's fixed cost, q and the merge, is paid less
+//   often), 2K and batch 16 unchanged or faster. 528 was faster still at 32K (61 us) but
+//   slower at 2K (14 vs 11 us).
+// Both can be changed for benchmark sweeps (set_decode_split_tuning); they are read on the
+// host at every launch and passed to the kernels.
+std::atomic<int> g_min_chunk{static_cast<int>(kDecodeMinChunk)};
+std::atomic<int64_t> g_target_blocks{kDecodeTargetBlocks};
 
 int decode_splits(int64_t batch, int64_t kv_heads, int64_t max_seq) {
   const int64_t min_chunk = g_min_chunk.load(std::memory_order_relaxed);

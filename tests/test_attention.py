@@ -575,5 +575,5 @@ def test_decode_split_tuning_hook():
         _C._set_decode_split_tuning(64, 1024)
         many = _C.attention_decode_workspace_bytes(1, 0, 1, 32, *shape)
     finally:
-        _C._set_decode_split_tuning(64, 264)  # the default
+        _C._set_decode_split_tuning(*_C.decode_split_defaults)
     assert 0 < few < many

@@ -53,6 +53,7 @@ void register_attention(py::module_& m) {
             as_ptr(workspace), workspace_bytes));
       },
       release_gil());
+  m.attr("decode_split_defaults") = py::make_tuple(kDecodeMinChunk, kDecodeTargetBlocks);
   m.def("_set_decode_split_tuning", [](int64_t min_chunk, int64_t target_blocks) {
     throw_if_error(fastinternlm::set_decode_split_tuning(min_chunk, target_blocks));
   });

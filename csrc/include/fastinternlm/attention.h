@@ -77,9 +77,11 @@ Status attention_decode_qkv(const Context& ctx, DType dtype, void* out, const vo
 
 // Benchmarking hook, process-wide: how the CUDA decode kernels cut a context into splits.
 // A sequence's context is cut into chunks of at least `min_chunk` tokens (a multiple of
-// 16), and a call aims at about `target_blocks` thread blocks in all. Defaults: 64 and
-// 264. It changes attention_decode_workspace_bytes, so set it before allocating a
-// workspace or capturing a graph. kUnsupported without CUDA.
+// 16), and a call aims at about `target_blocks` thread blocks in all; the defaults are
+// below (attention.cu says why). It changes attention_decode_workspace_bytes, so set it
+// before allocating a workspace or capturing a graph. kUnsupported without CUDA.
+constexpr int64_t kDecodeMinChunk = 64;
+constexpr int64_t kDecodeTargetBlocks = 264;
 Status set_decode_split_tuning(int64_t min_chunk, int64_t target_blocks);
 
 }  // namespace fastinternlm

@@ -62,7 +62,7 @@ def main() -> int:
             del kc, vc
             torch.cuda.empty_cache()
     finally:
-        _C._set_decode_split_tuning(64, 264)
+        _C._set_decode_split_tuning(*_C.decode_split_defaults)
     print("best per case:")
     for batch, ctx, _ in CASES:
         rows = [(t, mc, tb) for (b, c, mc, tb), (t, e) in table.items() if b == batch and c == ctx and e < 1e-2]
