@@ -378,33 +378,24 @@ def hf_decode_rate(model, cache, batch: int, context: int, steps: int, reps: int
     return batch * steps / measure(loop, device, reps, setup=setup)
 
 
-def hf_last_logits(model, tokens, cache):
-    """Forward of a prompt [1, T] keeping only the last row's logits when the version can."""
-    cp = torch.arange(tokens.shape[1], device=tokens.device)
+def hf_last_logits(model, tokens):
+    """Forward of a prompt [1, T] as generate() prefills it by default (a fresh DynamicCache),
+    keeping only the last row's logits when the version can."""
     for kw in ({"logits_to_keep": 1}, {"num_logits_to_keep": 1}, {}):
         try:
-            return hf_forward(model, tokens, cache, cp, **kw).logits[:, -1]
+            return model(input_ids=tokens, use_cache=True, **kw).logits[:, -1]
         except TypeError:
             continue
     raise RuntimeError("unreachable")
 
 
 def hf_ttft(model, hfc, prompt: int, reps: int, device) -> float:
-    """HF's prefill as generate() runs it by default: a fresh DynamicCache per prompt (a
-    StaticCache prefill of 2048 tokens failed inside cuDNN's SDPA on the H100, 2026-11-26),
-    keeping only the last row's logits where the version can."""
+    """HF's prefill through its default DynamicCache: a StaticCache prefill of 2048 tokens
+    failed inside cuDNN's SDPA on the H100 (2026-11-26)."""
     tokens = torch.randint(0, hfc.vocab_size, (1, prompt), device=device)
 
-    def forward():
-        for kw in ({"logits_to_keep": 1}, {"num_logits_to_keep": 1}, {}):
-            try:
-                return model(input_ids=tokens, use_cache=True, **kw).logits[:, -1]
-            except TypeError:
-                continue
-        raise RuntimeError("unreachable")
-
     def run():
-        forward().argmax(-1).item()
+        hf_last_logits(model, tokens).argmax(-1).item()
 
     return measure(run, device, reps)
 
