@@ -450,8 +450,10 @@ def hf_llama_reference(source, dtype: torch.dtype = torch.float32, config=None):
             p = f"model.layers.{i}."
             tensors.update({p + "attention_norm.weight": layer.attention_norm,
                             p + "attention.wqkv.weight": layer.wqkv, p + "attention.wo.weight": layer.wo,
-                            p + "ffn_norm.weight": layer.ffn_norm, p + "feed_forward.w1.weight": layer.w1,
-                            p + "feed_forward.w3.weight": layer.w3, p + "feed_forward.w2.weight": layer.w2})
+                            p + "ffn_norm.weight": layer.ffn_norm,
+                            p + "feed_forward.w1.weight": layer.w13[:config.intermediate_size],
+                            p + "feed_forward.w3.weight": layer.w13[config.intermediate_size:],
+                            p + "feed_forward.w2.weight": layer.w2})
         tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     elif isinstance(source, TinyCheckpoint):
         cfg, tensors = source.config, source.tensors

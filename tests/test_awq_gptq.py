@@ -23,10 +23,12 @@ import torch
 
 from conftest import UNIT_ROUNDOFF
 import fastinternlm
-from fastinternlm import checkpoint as ckpt_module
-from fastinternlm.checkpoint import CheckpointError, load_checkpoint
 from fastinternlm.config import ConfigError
-from fastinternlm.int4_import import awq_to_int4, concat_rows, gptq_to_int4
+from fastinternlm.weights import files as files_module
+from fastinternlm.weights.files import CheckpointError
+from fastinternlm.weights.hf import load_checkpoint
+from fastinternlm.weights.int4_import import awq_to_int4, gptq_to_int4
+from fastinternlm.weights.layout import concat_rows
 from fastinternlm.ops import Int4Weight, dequantize_int4
 from model_fixtures import (TinyCheckpoint, _write_weights, hf_llama_reference, reference_forward,
                             write_tiny_internlm2, write_tiny_llama)
@@ -448,10 +450,10 @@ def test_internlm2_awq_checkpoint(device, tmp_path, base_internlm2, fmt, group):
     _, weights = load_checkpoint(tmp_path / "awq", device, torch.float32, progress=False)
     for i, lw in enumerate(weights.layers):
         p = f"model.layers.{i}."
-        for field, suffix in (("wqkv", "attention.wqkv"), ("wo", "attention.wo"), ("w1", "feed_forward.w1"),
-                              ("w3", "feed_forward.w3"), ("w2", "feed_forward.w2")):
+        for field, suffixes in (("wqkv", ["attention.wqkv"]), ("wo", ["attention.wo"]),
+                                ("w13", ["feed_forward.w1", "feed_forward.w3"]), ("w2", ["feed_forward.w2"])):
             got = dequantize_int4(getattr(lw, field), torch.float32).cpu().double()
-            assert torch.equal(got, ours[p + suffix + ".weight"]), (i, field)
+            assert torch.equal(got, torch.cat([ours[p + suffix + ".weight"] for suffix in suffixes])), (i, field)
     dense = write_dense(tmp_path / "dense", base_internlm2, ours)
     ids = random_ids(base_internlm2, 24)
     assert_logits_like_hf(llm.logits(ids), dense, ids, activation_dtype(device))
@@ -490,7 +492,7 @@ def test_llama_awq_fuses_qkv_rows(device, tmp_path):
     _, wa = load_checkpoint(tmp_path / "a", device, dtype, progress=False)
     _, wb = load_checkpoint(tmp_path / "b", device, dtype, progress=False)
     for la, lb in zip(wa.layers, wb.layers):
-        for field in ("wqkv", "wo", "w1", "w3", "w2"):
+        for field in ("wqkv", "wo", "w13", "w2"):
             x, y = getattr(la, field), getattr(lb, field)
             assert isinstance(x, Int4Weight)
             assert torch.equal(x.qweight, y.qweight) and torch.equal(x.scales, y.scales)
@@ -538,7 +540,7 @@ def no_tensor_reads(monkeypatch):
     def refuse(handle, name):
         raise AssertionError(f"tensor data of {name} was read before validation finished")
 
-    monkeypatch.setattr(ckpt_module, "_read_tensor", refuse)
+    monkeypatch.setattr(files_module, "read_tensor", refuse)
 
 
 def _edit(path, mutate):
@@ -619,8 +621,8 @@ def test_gptq_act_order_refused_before_weights(tmp_path, base_internlm2, monkeyp
     perm = torch.randperm(FFN)
     _edit(tmp_path, lambda t: t.update({name: (torch.argsort(perm) // 128).to(torch.int32)}) if name in t else None)
     read = []
-    real = ckpt_module._read_tensor
-    monkeypatch.setattr(ckpt_module, "_read_tensor", lambda h, n: (read.append(n), real(h, n))[1])
+    real = files_module.read_tensor
+    monkeypatch.setattr(files_module, "read_tensor", lambda h, n: (read.append(n), real(h, n))[1])
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.feed_forward\.w2\.g_idx is not k // group_size "
                                               r"\(128\): an act-order .desc_act=true. GPTQ checkpoint"):
         load_checkpoint(tmp_path, progress=False)

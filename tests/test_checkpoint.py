@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import UNIT_ROUNDOFF, assert_close, rand
-from fastinternlm import checkpoint as ckpt_module
-from fastinternlm.checkpoint import (CheckpointError, LayerWeights, ModelWeights, fuse_qkv, load_checkpoint,
-                                     split_wqkv)
 from fastinternlm.config import ConfigError, ModelConfig
+from fastinternlm.model import Layer, ModelWeights
+from fastinternlm.weights import files as files_module
+from fastinternlm.weights.files import CheckpointError
+from fastinternlm.weights.hf import load_checkpoint
+from fastinternlm.weights.layout import fuse_qkv, split_wqkv
 from model_fixtures import (grouped_row, hf_llama_reference, read_checkpoint, reference_forward,
                             split_by_formula, tiny_internlm2, tiny_llama, write_tiny_internlm2,  # noqa: F401
                             write_tiny_llama)
@@ -20,7 +22,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 LAYER_NAMES = {
     "attention_norm": "attention_norm.weight", "wqkv": "attention.wqkv.weight", "wo": "attention.wo.weight",
-    "ffn_norm": "ffn_norm.weight", "w1": "feed_forward.w1.weight", "w3": "feed_forward.w3.weight",
+    "ffn_norm": "ffn_norm.weight", "w13": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
     "w2": "feed_forward.w2.weight",
 }
 
@@ -29,7 +31,8 @@ def assert_matches_internlm2(weights: ModelWeights, internlm2: dict, dtype, devi
     """Every canonical weight equals the stored InternLM2-layout tensor after one
     conversion to `dtype` (exact: the loader converts each value once, like .to())."""
     def same(actual, name):
-        expected = internlm2[name].to(dtype)
+        # A tuple of names: their rows stacked (w13 = gate rows, then up rows).
+        expected = (torch.cat([internlm2[n] for n in name]) if isinstance(name, tuple) else internlm2[name]).to(dtype)
         assert actual.dtype == dtype and actual.device.type == device.type, name
         assert actual.is_contiguous(), name
         assert torch.equal(actual.cpu(), expected), name
@@ -45,7 +48,9 @@ def assert_matches_internlm2(weights: ModelWeights, internlm2: dict, dtype, devi
     assert len(weights.layers) == len(layers)
     for i, layer in enumerate(weights.layers):
         for field, suffix in LAYER_NAMES.items():
-            same(getattr(layer, field), f"model.layers.{i}.{suffix}")
+            names = tuple(f"model.layers.{i}.{s}" for s in suffix) if isinstance(suffix, tuple) else \
+                f"model.layers.{i}.{suffix}"
+            same(getattr(layer, field), names)
 
 
 def _config(heads, kv_heads, head_dim):
@@ -130,13 +135,13 @@ def test_load_reads_shard_by_shard(device, tmp_path, monkeypatch):
     write_tiny_llama(tmp_path, shards=3)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     order = []
-    real = ckpt_module._read_tensor
+    real = files_module.read_tensor
 
     def recording(handle, name):
         order.append(name)
         return real(handle, name)
 
-    monkeypatch.setattr(ckpt_module, "_read_tensor", recording)
+    monkeypatch.setattr(files_module, "read_tensor", recording)
     load_checkpoint(tmp_path, device, torch.float16, progress=False)
     assert sorted(order) == sorted(index)
     files = [index[n] for n in order]
@@ -176,7 +181,7 @@ def no_tensor_reads(monkeypatch):
     def refuse(handle, name):
         raise AssertionError(f"tensor data of {name} was read before validation finished")
 
-    monkeypatch.setattr(ckpt_module, "_read_tensor", refuse)
+    monkeypatch.setattr(files_module, "read_tensor", refuse)
 
 
 def _rewrite(path, fmt, mutate):
@@ -337,8 +342,7 @@ def test_split_fuse_bad_input():
 
 def test_layer_weights_fields():
     # The model code relies on these names; a rename must be deliberate.
-    assert [f for f in LayerWeights.__dataclass_fields__] == [
-        "attention_norm", "wqkv", "wo", "ffn_norm", "w1", "w3", "w2"]
+    assert [f for f in Layer.__dataclass_fields__] == ["attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2"]
 
 
 # ---- the fixtures' references ----------------------------------------------------------------

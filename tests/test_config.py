@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from fastinternlm.config import (INTERNLM2, LLAMA, ConfigError, ModelConfig, RopeScaling, expected_tensors,
-                                 ignorable_tensor, load_config)
+from fastinternlm.config import INTERNLM2, LLAMA, ConfigError, ModelConfig, RopeScaling
+from fastinternlm.weights.arch import expected_tensors, ignorable_tensor
+from fastinternlm.weights.hf import load_config
 
 # internlm2_5-7b-chat as published (facts note).
 INTERNLM2_5_7B = {
@@ -209,7 +210,7 @@ def test_load_config_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(INTERNLM2_5_7B))
     assert load_config(tmp_path).eos_token_ids == (2,)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 92542]}))
-    assert ModelConfig.from_pretrained(tmp_path).eos_token_ids == (2, 92542)
+    assert load_config(tmp_path).eos_token_ids == (2, 92542)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json is not valid JSON"):
         load_config(tmp_path)

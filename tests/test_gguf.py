@@ -30,9 +30,11 @@ import torch
 
 import fastinternlm
 from conftest import UNIT_ROUNDOFF
-from fastinternlm import gguf_loader, ops
+from fastinternlm import ops
 from fastinternlm.chat_template import ChatTemplateError
-from fastinternlm.gguf_loader import GGUFError
+from fastinternlm.weights import gguf as gguf_loader
+from fastinternlm.weights.args import check_load_args
+from fastinternlm.weights.gguf import GGUFError
 from fastinternlm.gguf_tokenizer import GGUFTokenizer, GGUFTokenizerError
 from model_fixtures import _corpus, split_by_formula, train_tiny_tokenizer
 
@@ -458,7 +460,8 @@ def _dequantized(w, dtype):
 def test_weights_equal_gguf_dequantize(device, tiny, dtype):
     if device.type == "cuda" and dtype == torch.float32:
         pytest.skip("float32 runs on the CPU only")
-    config, _, _, embd, layers, norm, output = gguf_loader.load_gguf_model(tiny.path, device, dtype, progress=False)
+    config, _, _, weights = gguf_loader.read_gguf(tiny.path, check_load_args(device, dtype, progress=False))
+    embd, layers, norm, output = weights.tok_embeddings, weights.layers, weights.norm, weights.output
     hf = {k: torch.from_numpy(v) for k, v in tiny.hf.items()}
     types = tiny.types
 

@@ -12,19 +12,22 @@ import torch
 
 from conftest import UNIT_ROUNDOFF
 import fastinternlm
-from fastinternlm import checkpoint as ckpt_module
-from fastinternlm import llm as llm_module
-from fastinternlm.checkpoint import CheckpointError, load_checkpoint
 from fastinternlm.config import ConfigError
 from fastinternlm.ops import Int4Weight, quantize_int4
-from fastinternlm.quantize import quantize_checkpoint
+from fastinternlm.weights import files as files_module
+from fastinternlm.weights import hf as hf_module
+from fastinternlm.weights.files import CheckpointError
+from fastinternlm.weights.hf import load_checkpoint
+from fastinternlm.weights.layout import concat_rows
+from fastinternlm.weights.quantize import quantize_checkpoint
 from model_fixtures import (TinyCheckpoint, hf_llama_reference, read_checkpoint, reference_forward,
                             write_tiny_internlm2, write_tiny_llama)
 
 FFN = 256  # a multiple of 128, so w2's input splits into whole groups of every size
 GROUP_SIZES = [32, 64, 128]
-LAYER_NAMES = {"wqkv": "attention.wqkv", "wo": "attention.wo", "w1": "feed_forward.w1", "w3": "feed_forward.w3",
-               "w2": "feed_forward.w2"}
+# model.Layer's linears -> the checkpoint linears whose rows they stack.
+LAYER_NAMES = {"wqkv": ("attention.wqkv",), "wo": ("attention.wo",), "w13": ("feed_forward.w1", "feed_forward.w3"),
+               "w2": ("feed_forward.w2",)}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +78,11 @@ def dense_checkpoint(ck: TinyCheckpoint, weights) -> TinyCheckpoint:
     for i, layer in enumerate(weights.layers):
         t[f"model.layers.{i}.attention_norm.weight"] = layer.attention_norm
         t[f"model.layers.{i}.ffn_norm.weight"] = layer.ffn_norm
-        for field, name in LAYER_NAMES.items():
-            t[f"model.layers.{i}.{name}.weight"] = getattr(layer, field)
+        for field, names in LAYER_NAMES.items():
+            w = getattr(layer, field)
+            w = dequant64(w) if isinstance(w, Int4Weight) else w.cpu().double()
+            for name, rows in zip(names, w.chunk(len(names))):
+                t[f"model.layers.{i}.{name}.weight"] = rows
     t = {n: dequant64(v) if isinstance(v, Int4Weight) else v.cpu().double() for n, v in t.items()}
     return TinyCheckpoint(ck.path, ck.config, t, t, ck.tokenizer)
 
@@ -104,10 +110,11 @@ def test_quant_at_load_weights(device, ck, group_size):
     _, weights = load_checkpoint(ck.path, device, dtype, progress=False, quant="int4", group_size=group_size)
     src = ck.internlm2_tensors
     for i, layer in enumerate(weights.layers):
-        for field, name in LAYER_NAMES.items():
+        for field, names in LAYER_NAMES.items():
             w = getattr(layer, field)
             assert isinstance(w, Int4Weight) and w.device == device and w.group_size == group_size
-            expected = quantize_int4(src[f"model.layers.{i}.{name}.weight"].to(device), group_size)
+            expected = concat_rows(*(quantize_int4(src[f"model.layers.{i}.{name}.weight"].to(device), group_size)
+                                     for name in names))
             assert same_int4(w, expected), (i, field)
         for norm in ("attention_norm", "ffn_norm"):
             t = getattr(layer, norm)
@@ -119,7 +126,7 @@ def test_quant_at_load_weights(device, ck, group_size):
     llm = load(ck.path, device, quant="int4", group_size=group_size)
     for layer, lw in zip(llm.model.layers, weights.layers):
         assert isinstance(layer.w13, Int4Weight)
-        assert torch.equal(dequant64(layer.w13), torch.cat([dequant64(lw.w1), dequant64(lw.w3)]))
+        assert same_int4(layer.w13, lw.w13)
 
 
 def test_quant_at_load_llama_equals_internlm2(device, tmp_path):
@@ -212,7 +219,7 @@ def test_quant_at_load_is_streamed(ck, monkeypatch):
     """Each linear is quantized right after it is read, before the next tensor is read,
     so one dense tensor at most is alive on the device besides the quantized model."""
     events = []
-    real_read, real_quantize = ckpt_module._read_tensor, ckpt_module.quantize_int4
+    real_read, real_quantize = files_module.read_tensor, hf_module.quantize_int4
 
     def read(handle, name):
         events.append(("read", name))
@@ -222,8 +229,8 @@ def test_quant_at_load_is_streamed(ck, monkeypatch):
         events.append(("quantize", tuple(w.shape)))
         return real_quantize(w, group_size)
 
-    monkeypatch.setattr(ckpt_module, "_read_tensor", read)
-    monkeypatch.setattr(ckpt_module, "quantize_int4", quantize)
+    monkeypatch.setattr(files_module, "read_tensor", read)
+    monkeypatch.setattr(hf_module, "quantize_int4", quantize)
     load_checkpoint(ck.path, "cpu", torch.float32, progress=False, quant="int4", group_size=128)
     linears = [n for n in ck.tensors if n.startswith("model.layers.") and ".norm" not in n
                and not n.endswith("norm.weight")]
@@ -246,8 +253,8 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(ckpt_module, "_read_tensor", refuse)
-    monkeypatch.setattr(llm_module, "load_tokenizer", refuse)
+    monkeypatch.setattr(files_module, "read_tensor", refuse)
+    monkeypatch.setattr(hf_module, "load_tokenizer", refuse)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
@@ -267,7 +274,7 @@ def test_bad_quant_arguments(ck, no_work, kwargs, error, message):
 def test_group_size_must_divide_inputs(tmp_path, monkeypatch):
     """The tiny fixture's default ffn 236 is no multiple of 32: named before any tensor is read."""
     c = write_tiny_internlm2(tmp_path, ffn=236)
-    monkeypatch.setattr(ckpt_module, "_read_tensor", lambda h, n: pytest.fail(f"{n} was read"))
+    monkeypatch.setattr(files_module, "read_tensor", lambda h, n: pytest.fail(f"{n} was read"))
     with pytest.raises(ValueError, match=r"int4 quantization with group_size=32 needs each quantized linear's input "
                                          r"size to be a multiple of 32, but intermediate_size = 236 \(the input size "
                                          r"of model\.layers\.0\.feed_forward\.w2"):
@@ -414,7 +421,7 @@ def _copy_edit(src, dst, mutate=None, config_change=None):
 ])
 def test_bad_quantized_tensors_fail_before_reading(tmp_path, quantized, monkeypatch, mutate, message):
     path = _copy_edit(quantized, tmp_path / "bad", mutate)
-    monkeypatch.setattr(ckpt_module, "_read_tensor", lambda h, n: pytest.fail(f"{n} was read"))
+    monkeypatch.setattr(files_module, "read_tensor", lambda h, n: pytest.fail(f"{n} was read"))
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path, progress=False)
 

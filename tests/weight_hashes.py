@@ -76,10 +76,7 @@ def _quantized(d, method, group, llama=False, **kw):
 
 
 def _ours_int4(d, group, quant_head, llama=False):
-    try:
-        from fastinternlm.weights.quantize import quantize_checkpoint
-    except ImportError:  # the layout before the weights/ package (when the hashes were recorded)
-        from fastinternlm.quantize import quantize_checkpoint
+    from fastinternlm.weights.quantize import quantize_checkpoint
     src = (_llama if llama else _internlm2)(d / "src", **({"tie_word_embeddings": True} if llama else {}))
     quantize_checkpoint(src, d / "out", group_size=group, quant_head=quant_head, device="cpu", progress=False)
     return d / "out"

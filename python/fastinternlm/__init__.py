@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from . import _C, cpu, ops
 from .cpu import get_num_threads, set_num_threads
-from .llm import LLM, Generation, load
+from .llm import LLM, Generation
+from .weights import load
 
 __version__ = _C.version()
 

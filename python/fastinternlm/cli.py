@@ -34,7 +34,7 @@ def _sampling(args) -> dict:
 
 def _load(args):
     from . import load
-    from .gguf_loader import default_model_path  # no --model: the small GGUF model of the quick start
+    from .weights.gguf import default_model_path  # no --model: the small GGUF model of the quick start
     model = args.model if args.model is not None else default_model_path()
     return load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                 ntk_mode=args.ntk_mode, progress=not args.no_progress)
@@ -87,7 +87,7 @@ def _chat(args) -> int:
 
 
 def _quantize(args) -> int:
-    from .quantize import main_args
+    from .weights.quantize import main_args
     return main_args(args)
 
 

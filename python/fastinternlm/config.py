@@ -17,13 +17,12 @@ Decisions:
   llama3, longrope, ...) are refused: the rotary kernel takes integer positions and a
   per-token base, which dynamic NTK needs and linear position interpolation does not fit.
 - head_dim must be 64 or 128: the attention kernels are compiled for those two only.
-- quantization_config (or AutoGPTQ's quantize_config.json next to config.json) names a
-  4-bit checkpoint the loader imports into the int4 GEMM's format: our own
-  ("fastinternlm-int4", written by `fastinternlm quantize`), AWQ "gemm" (lmdeploy
-  auto_awq, AutoAWQ) or GPTQ (AutoGPTQ / GPTQModel, formats "gptq" and "gptq_v2"), 4 bits.
-  Everything else (other bit widths, AWQ gemv / marlin layouts, symmetric AWQ without
-  zero points, group sizes that are not a multiple of 32) is refused here, before any
-  tensor is read. See int4_import.py for the tensor layouts and what is exact.
+
+Only the model's shape and behaviour live here. A pre-quantized checkpoint's
+`quantization_config` is parsed by weights/quant_config.py (which fills
+`ModelConfig.quantization`), the tensor names of each architecture are in weights/arch.py,
+and reading a checkpoint directory's config files is weights/hf.py's `load_config`. This
+module needs neither the compiled extension nor any other module of the package.
 """
 
 from __future__ import annotations
@@ -31,12 +30,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import torch
-
-from .ops.int4_gemm import GROUP_SIZES, INT4_FORMAT_VERSION
 
 INTERNLM2 = "InternLM2ForCausalLM"
 LLAMA = "LlamaForCausalLM"
@@ -60,55 +56,6 @@ class RopeScaling:
     factor: float
 
 
-QUANT_METHODS = ("fastinternlm-int4", "awq", "gptq")
-# Our own int4 checkpoints, as `fastinternlm quantize` writes them.
-FASTINTERNLM_INT4 = "fastinternlm-int4"
-
-
-@dataclasses.dataclass(frozen=True)
-class Linear:
-    """One linear layer of the checkpoint: its tensors are `name + ".weight"` (dense) or
-    `name + "." + part` (quantized)."""
-    name: str       # module name in the checkpoint's naming, e.g. "model.layers.0.attention.wqkv"
-    n: int          # output features (rows of W)
-    k: int          # input features (columns of W)
-    k_source: str   # the config field k comes from, for messages
-    head: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizationConfig:
-    """A pre-quantized checkpoint's quantization_config, validated."""
-    method: str                        # one of QUANT_METHODS
-    group_size: Optional[int]          # input channels per group; None: one group per row (-1)
-    quant_head: bool = False           # the output head is quantized too
-    zero_offset: int = 0               # added to stored zero points (GPTQ's "gptq" format stores z - 1)
-    desc_act: bool = False             # GPTQ act-order: g_idx may permute the input channels
-    dense_modules: Tuple[str, ...] = ()  # AWQ modules_to_not_convert: module names containing one stay dense
-    quantized_modules: Optional[Tuple[str, ...]] = None  # GPTQ modules_in_block_to_quantize, flattened
-
-    def group(self, k: int) -> int:
-        """The group size of a linear with k input channels."""
-        return k if self.group_size is None else self.group_size
-
-    def quantizes(self, linear: Linear) -> bool:
-        if linear.head:
-            return self.quant_head
-        if any(m in linear.name for m in self.dense_modules):
-            return False
-        if self.quantized_modules is not None:
-            return any(linear.name.endswith("." + m) for m in self.quantized_modules)
-        return True
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """What one checkpoint tensor must look like."""
-    shape: Tuple[int, ...]
-    dtypes: Tuple[str, ...] = ()  # exact dtypes allowed ("int32", ...); () means any floating dtype
-    optional: bool = False
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str  # INTERNLM2 or LLAMA
@@ -127,7 +74,9 @@ class ModelConfig:
     bos_token_id: Optional[int]
     eos_token_ids: Tuple[int, ...]  # generation_config.json's when present, else config.json's
     torch_dtype: Optional[torch.dtype]  # the checkpoint's declared dtype, None if not declared
-    quantization: Optional[QuantizationConfig] = None  # a pre-quantized 4-bit checkpoint's format
+    # A pre-quantized 4-bit checkpoint's format (weights.quant_config.QuantizationConfig),
+    # set by weights.hf.load_config; None for dense checkpoints.
+    quantization: Optional[Any] = None
 
     @property
     def group_size(self) -> int:
@@ -143,6 +92,13 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def ntk_args(self) -> Tuple[float, Optional[float], int, int]:
+        """(theta, dynamic-NTK factor or None, max_position_embeddings, head_dim): the
+        rotary base's inputs, as ops.ntk_bases takes them."""
+        factor = self.rope_scaling.factor if self.rope_scaling is not None else None
+        return self.rope_theta, factor, self.max_position_embeddings, self.head_dim
+
+    @property
     def qkv_rows(self) -> int:
         """Rows of the fused wqkv: (H + 2 * KV) * D."""
         return self.q_size + 2 * self.kv_size
@@ -150,39 +106,22 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any],
                   generation_config: Optional[Mapping[str, Any]] = None) -> "ModelConfig":
+        """The model described by a config.json dict (and generation_config.json's). Its
+        quantization_config is not read here (see weights.quant_config)."""
         return _parse(config, generation_config)
 
-    @classmethod
-    def from_pretrained(cls, path: "os.PathLike[str] | str") -> "ModelConfig":
-        return load_config(path)
 
-
-def load_config(path: "os.PathLike[str] | str") -> ModelConfig:
-    """Reads `path/config.json` and, when present, `path/generation_config.json`."""
-    path = os.fspath(path)
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no config.json in {path}")
-    config = _read_json(config_file)
-    generation_file = os.path.join(path, "generation_config.json")
-    generation = _read_json(generation_file) if os.path.isfile(generation_file) else None
-    # AutoGPTQ (and GPTQModel) write their settings to quantize_config.json rather than
-    # into config.json; config.json's quantization_config wins when both exist.
-    gptq_file = os.path.join(path, "quantize_config.json")
-    if config.get("quantization_config") is None and os.path.isfile(gptq_file):
-        quantize_config = _read_json(gptq_file)
-        config = {**config, "quantization_config": {"quant_method": "gptq", **quantize_config}}
-    return _parse(config, generation)
-
-
-def _read_json(file: str) -> Dict[str, Any]:
+def read_json(file: str, error: Type[Exception] = None) -> Dict[str, Any]:
+    """The JSON object in `file`; anything else (unreadable bytes, invalid JSON, a list)
+    raises `error` (ConfigError by default) naming the file."""
+    error = error or ConfigError
     try:
         with open(file, encoding="utf-8") as f:
             value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{file} must hold a JSON object, got {type(value).__name__}")
+        raise error(f"{file} must hold a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -360,272 +299,9 @@ def _parse(config: Mapping[str, Any], generation: Optional[Mapping[str, Any]]) -
         bos_token_id=bos_token_id,
         eos_token_ids=eos_token_ids,
         torch_dtype=_dtype(config),
-        quantization=_quantization(config.get("quantization_config")),
     )
-    if parsed.quantization is not None:
-        _check_quantized_sizes(parsed)
     return parsed
 
 
-# ---- quantization_config ---------------------------------------------------------------
-
-def _q_value(q: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
-    value = q.get(key, _MISSING)
-    if value is _MISSING or value is None:
-        if default is _MISSING:
-            raise ConfigError(f"config.json: quantization_config.{key} is missing")
-        return default
-    return value
-
-
-def _q_bool(q: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = _q_value(q, key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"config.json: quantization_config.{key} must be true or false, got {value!r}")
-    return value
-
-
-def _q_bits(q: Mapping[str, Any], method: str) -> None:
-    bits = _q_value(q, "bits", 4)
-    if bits != 4 or isinstance(bits, bool):
-        raise ConfigError(f"config.json: quantization_config.bits must be 4 (the int4 GEMM's width) for "
-                          f"{method}, got {bits!r}")
-
-
-def _q_group(q: Mapping[str, Any], default: int) -> Optional[int]:
-    """-1 (one group per output row) -> None; otherwise a multiple of 32, the finest group
-    our format holds, so each source group is a whole number of our groups."""
-    g = _q_value(q, "group_size", default)
-    if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0):
-        raise ConfigError(f"config.json: quantization_config.group_size must be a positive integer or -1, got {g!r}")
-    if g == -1:
-        return None
-    if g % min(GROUP_SIZES):
-        raise ConfigError(f"config.json: quantization_config.group_size {g} is not supported: it must be a "
-                          f"multiple of {min(GROUP_SIZES)} (or -1) so that it splits into the int4 format's "
-                          f"groups of {', '.join(map(str, GROUP_SIZES))}")
-    return g
-
-
-def _q_names(q: Mapping[str, Any], key: str, nested: bool) -> Optional[Tuple[str, ...]]:
-    value = q.get(key)
-    if value is None:
-        return None
-    items = value
-    if nested and isinstance(value, list) and all(isinstance(v, list) for v in value):
-        items = [name for block in value for name in block]
-    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-        raise ConfigError(f"config.json: quantization_config.{key} must be a list of module names, got {value!r}")
-    return tuple(items)
-
-
-def _quantization(value: Any) -> Optional[QuantizationConfig]:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"config.json: quantization_config must be an object or null, got {value!r}")
-    method = value.get("quant_method")
-    if method == FASTINTERNLM_INT4:
-        version = _q_value(value, "format_version")
-        if version != INT4_FORMAT_VERSION or isinstance(version, bool):
-            raise ConfigError(f"config.json: quantization_config.format_version must be {INT4_FORMAT_VERSION} "
-                              f"(the packed layout this build reads), got {version!r}")
-        g = _q_value(value, "group_size")
-        if g not in GROUP_SIZES or isinstance(g, bool):
-            raise ConfigError(f"config.json: quantization_config.group_size must be one of {GROUP_SIZES}, got {g!r}")
-        return QuantizationConfig(method, g, quant_head=_q_bool(value, "quant_head", False))
-    if method == "awq":
-        _q_bits(value, method)
-        version = str(_q_value(value, "version", "gemm")).lower()
-        if version != "gemm":
-            raise ConfigError(f"config.json: quantization_config.version {version!r} is not supported; AWQ "
-                              f"checkpoints load in the 'gemm' layout only")
-        if not _q_bool(value, "zero_point", True):
-            raise ConfigError("config.json: quantization_config.zero_point=false (symmetric AWQ without qzeros) "
-                              "is not supported; AWQ checkpoints load with zero points only")
-        backend = value.get("backend")
-        if backend not in (None, "autoawq"):
-            raise ConfigError(f"config.json: quantization_config.backend {backend!r} is not supported (its packing "
-                              f"differs); AutoAWQ's ('autoawq') is")
-        return QuantizationConfig(method, _q_group(value, 128),
-                                  dense_modules=_q_names(value, "modules_to_not_convert", False) or ())
-    if method == "gptq":
-        _q_bits(value, method)
-        fmt = value.get("checkpoint_format", value.get("format", "gptq"))
-        if fmt not in ("gptq", "gptq_v2"):
-            raise ConfigError(f"config.json: quantization_config.checkpoint_format {fmt!r} is not supported; GPTQ "
-                              f"checkpoints load in the 'gptq' and 'gptq_v2' formats")
-        pack = value.get("pack_dtype", "int32")
-        if pack not in ("int32", "torch.int32"):
-            raise ConfigError(f"config.json: quantization_config.pack_dtype must be int32, got {pack!r}")
-        return QuantizationConfig(method, _q_group(value, 128), quant_head=_q_bool(value, "lm_head", False),
-                                  zero_offset=1 if fmt == "gptq" else 0, desc_act=_q_bool(value, "desc_act", False),
-                                  quantized_modules=_q_names(value, "modules_in_block_to_quantize", True))
-    raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not supported; supported: "
-                      f"{', '.join(QUANT_METHODS)} (4-bit)")
-
-
-def _check_quantized_sizes(config: ModelConfig) -> None:
-    q = config.quantization
-    for lin in linears(config):
-        if not q.quantizes(lin):
-            continue
-        g = q.group(lin.k)
-        if lin.k % g:
-            raise ConfigError(f"config.json: quantization_config.group_size {g} does not divide {lin.k_source} "
-                              f"({lin.k}), the input size of {lin.name}")
-        if lin.k % min(GROUP_SIZES):
-            raise ConfigError(f"config.json: {lin.k_source} ({lin.k}), the input size of {lin.name}, must be a "
-                              f"multiple of {min(GROUP_SIZES)} for the int4 format")
-        if q.method != FASTINTERNLM_INT4 and lin.n % 8:
-            raise ConfigError(f"config.json: {lin.name} has {lin.n} outputs, which {q.method} cannot pack "
-                              f"(a multiple of 8 is needed)")
-
-
-def check_quantizable(config: ModelConfig, group_size: int, quant_head: bool) -> None:
-    """Raises ValueError unless every linear that int4 quantization at load (or
-    `fastinternlm quantize`) would quantize has an input size divisible by group_size."""
-    bad: Dict[str, str] = {}
-    for lin in linears(config):
-        if (quant_head or not lin.head) and lin.k % group_size:
-            bad.setdefault(f"{lin.k_source} = {lin.k}", lin.name)
-    if bad:
-        listed = "; ".join(f"{size} (the input size of {name} and alike)" for size, name in bad.items())
-        raise ValueError(f"int4 quantization with group_size={group_size} needs each quantized linear's input "
-                         f"size to be a multiple of {group_size}, but {listed}; choose a group_size among "
-                         f"{GROUP_SIZES} that divides it")
-
-
-def linears(config: ModelConfig) -> List[Linear]:
-    """Every linear layer in the checkpoint's naming: the decoder layers' (in checkpoint
-    order), then the output head (listed even when tied to the embedding)."""
-    h, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
-    q, kv = config.q_size, config.kv_size
-    out = []
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        if config.architecture == INTERNLM2:
-            out += [Linear(p + "attention.wqkv", config.qkv_rows, h, "hidden_size"),
-                    Linear(p + "attention.wo", h, q, "num_attention_heads * head_dim"),
-                    Linear(p + "feed_forward.w1", f, h, "hidden_size"),
-                    Linear(p + "feed_forward.w3", f, h, "hidden_size"),
-                    Linear(p + "feed_forward.w2", h, f, "intermediate_size")]
-        else:
-            out += [Linear(p + "self_attn.q_proj", q, h, "hidden_size"),
-                    Linear(p + "self_attn.k_proj", kv, h, "hidden_size"),
-                    Linear(p + "self_attn.v_proj", kv, h, "hidden_size"),
-                    Linear(p + "self_attn.o_proj", h, q, "num_attention_heads * head_dim"),
-                    Linear(p + "mlp.gate_proj", f, h, "hidden_size"),
-                    Linear(p + "mlp.up_proj", f, h, "hidden_size"),
-                    Linear(p + "mlp.down_proj", h, f, "intermediate_size")]
-    out.append(Linear("output" if config.architecture == INTERNLM2 else "lm_head", v, h, "hidden_size", head=True))
-    return out
-
-
-def int4_parts(method: str, n: int, k: int, group: int) -> Dict[str, TensorSpec]:
-    """{part: spec} of one quantized linear W [n, k] with `group` input channels per group."""
-    if method == FASTINTERNLM_INT4:
-        return {"qweight": TensorSpec((n, k // 8), ("int32",)), "scales": TensorSpec((n, k // group), ("float16",)),
-                "offsets": TensorSpec((n, k // group), ("float16",)), "int4_format": TensorSpec((4,), ("int64",))}
-    if method == "awq":
-        return {"qweight": TensorSpec((k, n // 8), ("int32",)), "qzeros": TensorSpec((k // group, n // 8), ("int32",)),
-                "scales": TensorSpec((k // group, n), ("float16",))}
-    if method == "gptq":
-        return {"qweight": TensorSpec((k // 8, n), ("int32",)), "qzeros": TensorSpec((k // group, n // 8), ("int32",)),
-                "scales": TensorSpec((k // group, n), ("float16",)),
-                "g_idx": TensorSpec((k,), ("int32", "int64"), optional=True)}
-    raise ValueError(f"unknown quantization method {method!r}")
-
-
-def checkpoint_tensors(config: ModelConfig) -> Dict[str, TensorSpec]:
-    """{tensor name: spec} of every tensor a checkpoint of `config` holds in its own
-    naming: dense tensors (any floating dtype), and for a quantized checkpoint each
-    quantized linear's parts (exact dtypes) in place of its weight."""
-    specs = {name: TensorSpec(shape) for name, shape in _dense_tensors(config).items()}
-    q = config.quantization
-    if q is None:
-        return specs
-    for lin in linears(config):
-        if not q.quantizes(lin):
-            continue
-        specs.pop(lin.name + ".weight", None)
-        for part, spec in int4_parts(q.method, lin.n, lin.k, q.group(lin.k)).items():
-            specs[f"{lin.name}.{part}"] = spec
-    return specs
-
-
-def expected_tensors(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    """{checkpoint tensor name: shape} that a checkpoint of `config` must hold, in the
-    checkpoint's own naming (a quantized checkpoint's parts included; optional ones such
-    as GPTQ's g_idx left out). A tied output head is not listed (see `ignorable_tensor`)."""
-    return {name: spec.shape for name, spec in checkpoint_tensors(config).items() if not spec.optional}
-
-
-def _dense_tensors(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    h, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
-    q, kv = config.q_size, config.kv_size
-    out: Dict[str, Tuple[int, ...]] = {}
-    if config.architecture == INTERNLM2:
-        out["model.tok_embeddings.weight"] = (v, h)
-        for i in range(config.num_layers):
-            p = f"model.layers.{i}."
-            out[p + "attention_norm.weight"] = (h,)
-            out[p + "attention.wqkv.weight"] = (config.qkv_rows, h)
-            out[p + "attention.wo.weight"] = (h, q)
-            out[p + "ffn_norm.weight"] = (h,)
-            out[p + "feed_forward.w1.weight"] = (f, h)
-            out[p + "feed_forward.w3.weight"] = (f, h)
-            out[p + "feed_forward.w2.weight"] = (h, f)
-        out["model.norm.weight"] = (h,)
-        if not config.tie_word_embeddings:
-            out["output.weight"] = (v, h)
-    else:
-        out["model.embed_tokens.weight"] = (v, h)
-        for i in range(config.num_layers):
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = (h,)
-            out[p + "self_attn.q_proj.weight"] = (q, h)
-            out[p + "self_attn.k_proj.weight"] = (kv, h)
-            out[p + "self_attn.v_proj.weight"] = (kv, h)
-            out[p + "self_attn.o_proj.weight"] = (h, q)
-            out[p + "post_attention_layernorm.weight"] = (h,)
-            out[p + "mlp.gate_proj.weight"] = (f, h)
-            out[p + "mlp.up_proj.weight"] = (f, h)
-            out[p + "mlp.down_proj.weight"] = (h, f)
-        out["model.norm.weight"] = (h,)
-        if not config.tie_word_embeddings:
-            out["lm_head.weight"] = (v, h)
-    return out
-
-
-def ignorable_tensor(config: ModelConfig, name: str) -> bool:
-    """Tensors a checkpoint may carry that the runtime skips without reading: cached
-    rotary inverse frequencies (recomputed in the kernel), and the output head of a tied
-    model (some exporters save the copy; the embedding is used)."""
-    if name.endswith(".rotary_emb.inv_freq"):
-        return True
-    head = "output.weight" if config.architecture == INTERNLM2 else "lm_head.weight"
-    return config.tie_word_embeddings and name == head
-
-
-__all__ = [
-    "FASTINTERNLM_INT4",
-    "INTERNLM2",
-    "LLAMA",
-    "QUANT_METHODS",
-    "SUPPORTED_ARCHITECTURES",
-    "SUPPORTED_HEAD_DIMS",
-    "ConfigError",
-    "Linear",
-    "ModelConfig",
-    "QuantizationConfig",
-    "RopeScaling",
-    "TensorSpec",
-    "check_quantizable",
-    "checkpoint_tensors",
-    "expected_tensors",
-    "ignorable_tensor",
-    "int4_parts",
-    "linears",
-    "load_config",
-]
+__all__ = ["INTERNLM2", "LLAMA", "SUPPORTED_ARCHITECTURES", "SUPPORTED_HEAD_DIMS", "ConfigError", "ModelConfig",
+           "RopeScaling", "read_json"]

@@ -1,4 +1,5 @@
-"""The user-facing runtime: load a checkpoint, then generate, chat, stream, or score.
+"""The user-facing runtime: generate, chat, stream, or score with a loaded model
+(`fastinternlm.load`, in weights/, builds the LLM).
 
     llm = fastinternlm.load("path/to/internlm2_5-7b-chat")
     print(llm.generate("The capital of France is", max_new_tokens=20).text)
@@ -30,10 +31,9 @@ import torch
 
 from . import ops
 from .chat import IM_END, encode_chat
-from .checkpoint import check_quant_args, load_checkpoint, stack_rows
-from .model import Layer, Transformer
+from .model import Transformer
 from .sampling import SamplingParams, sample
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import TokenizerProtocol
 
 NTK_MODES = ("hf", "fixed")
 # Tokens per prefill forward: bounds activation memory for long prompts. On CUDA larger
@@ -106,7 +106,7 @@ class _Sequence:
 
 
 class LLM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, ntk_mode: str = "hf",
+    def __init__(self, model: Transformer, tokenizer: TokenizerProtocol, *, ntk_mode: str = "hf",
                  stop_ids: Optional[Sequence[int]] = None, chat_template=None, cuda_graph: bool = True):
         # GGUF hook: a model's own chat template (chat_template.ChatTemplate) replaces
         # InternLM2's prompt format for chat() and message prompts.
@@ -121,7 +121,7 @@ class LLM:
         self.dtype = model.dtype
         if stop_ids is None:
             stop_ids = set(self.config.eos_token_ids)
-            if IM_END in tokenizer._by_content:  # chat models end a turn with <|im_end|>
+            if any(t.content == IM_END for t in tokenizer.added_tokens.values()):  # chat models end a turn with it
                 stop_ids.add(tokenizer.token_to_id(IM_END))
         self.stop_ids = set(stop_ids)
         # A model vocabulary padded past the tokenizer's: those ids have no text, never sample them.
@@ -151,21 +151,13 @@ class LLM:
 
     # ---- rotary bases ------------------------------------------------------------------
     def _base(self, length: int) -> float:
-        c = self.config
-        if c.rope_scaling is None:
-            return c.rope_theta
-        return ops.ntk_base(c.rope_theta, c.rope_scaling.factor, c.max_position_embeddings, length, c.head_dim)
+        theta, factor, max_position_embeddings, head_dim = self.config.ntk_args
+        return ops.ntk_base(theta, factor, max_position_embeddings, length, head_dim)
 
     def _bases_for(self, positions: torch.Tensor) -> torch.Tensor:
         """float32 base per sequence for tokens at `positions` ("hf": L = position + 1),
         computed on the device in float64 with ops.ntk_base's formula (no host sync)."""
-        c = self.config
-        if c.rope_scaling is None:
-            return torch.full(positions.shape, c.rope_theta, dtype=torch.float32, device=positions.device)
-        length = positions.double() + 1
-        f, m, d = c.rope_scaling.factor, c.max_position_embeddings, c.head_dim
-        scaled = c.rope_theta * (f * length / m - (f - 1)).pow(d / (d - 2))
-        return torch.where(length > m, scaled, torch.full_like(scaled, c.rope_theta)).float()
+        return ops.ntk_bases(positions + 1, *self.config.ntk_args)
 
     # ---- inputs ------------------------------------------------------------------------
     def _encode_chat(self, query_or_messages, history=(), system=None) -> List[int]:
@@ -379,61 +371,3 @@ class LLM:
                for s in range(0, len(ids), chunk)]
         return torch.cat(out)
 
-
-def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
-         ntk_mode: str = "hf", progress: bool = True, quant: Optional[str] = None, group_size: int = 128,
-         quant_head: bool = False, cuda_graph: bool = True) -> LLM:
-    """Load an InternLM2/2.5 (or Llama-family) checkpoint directory, or a llama-architecture
-    GGUF file (`path` ending in .gguf; see gguf_loader.py, where dtype None means float32
-    on the CPU and float16 on CUDA).
-
-    device: None means CUDA when available, else the CPU. dtype: None means the
-    checkpoint's (float16/bfloat16; float32 runs on the CPU only). max_seq_len: the KV
-    cache length per sequence, default min(max_position_embeddings, 32768) on CUDA and
-    min(max_position_embeddings, 4096) on the CPU. max_batch: KV-cache slots, i.e. how
-    many prompts one generate call can take. ntk_mode: "hf" or "fixed" (module docs).
-
-    quant: None keeps the checkpoint's weights (a pre-quantized AWQ, GPTQ or
-    `fastinternlm quantize` checkpoint loads as int4 by itself); "int4" quantizes every
-    decoder-layer linear round-to-nearest, asymmetric, group_size (32, 64 or 128) input
-    channels per group, tensor by tensor while loading. The output head stays in the
-    activation dtype unless quant_head=True; embeddings and norms always do.
-
-    cuda_graph: on CUDA, replay each decode step as a captured CUDA graph (one per batch
-    size, captured on first use); False runs every kernel eagerly from Python (the same
-    tokens, much more host time per token)."""
-    check_quant_args(quant, group_size, quant_head)
-    if ntk_mode not in NTK_MODES:
-        raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
-    if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
-        dtype = getattr(torch, dtype)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and dtype == torch.float32:
-        raise TypeError("dtype float32 runs on the CPU only; use float16 or bfloat16 on CUDA")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    from .gguf_loader import is_gguf_file, load_gguf  # GGUF hook: a .gguf file, not a directory
-    if is_gguf_file(path):
-        if quant is not None:
-            raise ValueError("quant applies to checkpoint directories; a GGUF file's Q4_0/Q4_1 tensors "
-                             "load as int4 by themselves")
-        return load_gguf(path, device, dtype, max_seq_len, max_batch, ntk_mode, progress, cuda_graph)
-    tokenizer = load_tokenizer(path)
-    config, weights = load_checkpoint(path, device, dtype, progress, quant=quant, group_size=group_size,
-                                      quant_head=quant_head)
-    if device.type == "cuda" and weights.tok_embeddings.dtype == torch.float32:
-        raise TypeError("this checkpoint is float32; on CUDA pass dtype='float16' or 'bfloat16'")
-    if max_seq_len is None:
-        max_seq_len = min(config.max_position_embeddings, 32768 if device.type == "cuda" else 4096)
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    layers = []
-    for lw in weights.layers:
-        # Gate and up stacked so one GEMM feeds silu_and_mul; the separate copies are dropped.
-        layers.append(Layer(lw.attention_norm, lw.wqkv, lw.wo, lw.ffn_norm, stack_rows(lw.w1, lw.w3), lw.w2))
-        lw.w1 = lw.w3 = None
-    model = Transformer(config, weights.tok_embeddings, layers, weights.norm, weights.output,
-                        max_batch=max_batch, max_seq_len=max_seq_len)
-    return LLM(model, tokenizer, ntk_mode=ntk_mode, cuda_graph=cuda_graph)

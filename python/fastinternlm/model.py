@@ -22,7 +22,7 @@ the host, so a whole decode step can be captured as a CUDA graph and replayed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Union
+from typing import Callable, Iterator, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,42 @@ from . import ops
 from .config import ModelConfig
 
 
+Weight = Union[torch.Tensor, "ops.Int4Weight"]
+
+
 @dataclasses.dataclass
 class Layer:
+    """One decoder layer's weights: the one weight form every loader returns (linears
+    dense or ops.Int4Weight; row layouts in weights/layout.py)."""
     attention_norm: torch.Tensor
-    wqkv: torch.Tensor        # [(H + 2 KV) * D, hidden], grouped per KV head (see config.py)
-    wo: torch.Tensor          # [hidden, H * D]
+    wqkv: Weight              # [(H + 2 KV) * D, hidden], grouped per KV head
+    wo: Weight                # [hidden, H * D]
     ffn_norm: torch.Tensor
-    w13: torch.Tensor         # [2 * ffn, hidden]: gate (w1) rows, then up (w3) rows
-    w2: torch.Tensor          # [hidden, ffn]
+    w13: Weight               # [2 * ffn, hidden]: gate (w1) rows, then up (w3) rows
+    w2: Weight                # [hidden, ffn]
 
 
-Weight = Union[torch.Tensor, "ops.Int4Weight"]
+@dataclasses.dataclass
+class ModelWeights:
+    """Everything a Transformer is built from, as every loader returns it."""
+    tok_embeddings: torch.Tensor  # [vocab, hidden]
+    layers: List[Layer]
+    norm: torch.Tensor            # [hidden]
+    output: Weight                # [vocab, hidden]; `is tok_embeddings` when tied (and not quantized)
+
+    def named_tensors(self) -> Iterator[Tuple[str, Weight]]:
+        """Names as in Transformer ("layers.3.wqkv"); a tied output is listed once."""
+        yield "tok_embeddings", self.tok_embeddings
+        for i, layer in enumerate(self.layers):
+            for field in dataclasses.fields(Layer):
+                yield f"layers.{i}.{field.name}", getattr(layer, field.name)
+        yield "norm", self.norm
+        if self.output is not self.tok_embeddings:
+            yield "output", self.output
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes if isinstance(t, ops.Int4Weight) else t.numel() * t.element_size()
+                   for _, t in self.named_tensors())
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
@@ -66,9 +91,6 @@ class Transformer:
         shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
         self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
         self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
-
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
     def _forward(self, tokens: torch.Tensor,
                  attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:

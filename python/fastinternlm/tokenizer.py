@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence, runtime_checkable
 
 import sentencepiece as spm
 
@@ -39,6 +39,41 @@ INTERNLM2_SPECIAL_TOKENS = {
     "<|im_start|>": 92543,
 }
 _INTERNLM2_VOCAB = 92544
+
+
+@runtime_checkable
+class StreamDecoderProtocol(Protocol):
+    """Ids arriving one at a time -> text deltas that never split a UTF-8 character."""
+
+    def push(self, token_id: int) -> str: ...
+
+    def push_many(self, ids: Iterable[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+@runtime_checkable
+class TokenizerProtocol(Protocol):
+    """What the runtime (llm.py, chat.py, chat_template.py) uses of a tokenizer; Tokenizer
+    (SentencePiece) and gguf_tokenizer.GGUFTokenizer both provide it."""
+
+    vocab_size: int
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+    added_tokens: Dict[int, "AddedToken"]  # id -> added (control or user-defined) token
+
+    def token_to_id(self, token: str) -> int: ...
+
+    def is_added(self, token_id: int) -> bool: ...
+
+    def is_special(self, token_id: int) -> bool: ...
+
+    def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
+               allow_special: bool = True) -> List[int]: ...
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str: ...
+
+    def stream(self, *, skip_special_tokens: bool = False) -> StreamDecoderProtocol: ...
 
 
 def split_added_tokens(text: str, split, by_content: Dict[str, int], encode_text) -> List[int]:
@@ -285,4 +320,5 @@ def load_tokenizer(path: "os.PathLike[str] | str") -> Tokenizer:
     return Tokenizer(model_file, config)
 
 
-__all__ = ["INTERNLM2_SPECIAL_TOKENS", "AddedToken", "StreamDecoder", "Tokenizer", "load_tokenizer"]
+__all__ = ["INTERNLM2_SPECIAL_TOKENS", "AddedToken", "StreamDecoder", "StreamDecoderProtocol", "Tokenizer",
+           "TokenizerProtocol", "load_tokenizer"]

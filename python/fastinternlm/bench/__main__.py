@@ -16,26 +16,9 @@ import sys
 
 import torch
 
-from ._harness import format_table, run_cases, time_fn
+from ._harness import copy_bandwidth, format_table, matmul_rate, run_cases
 
 FAMILIES = ["rms_norm", "rotary", "silu_and_mul", "attention", "int4_gemm"]
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a large device-to-device copy (256 MiB, far over L2)."""
-    src = torch.randn(64 << 20, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device)
-    return 2 * src.numel() * src.element_size() / seconds
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large dense matmul (8192^3) through torch (cuBLAS): the ceiling for the
-    compute-bound kernels (prefill attention, the int4 GEMM at prefill sizes)."""
-    a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    seconds = time_fn(lambda: torch.matmul(a, b), device)
-    return 2 * 8192 ** 3 / seconds
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -141,3 +141,53 @@ def format_table(results: List[Result], copy_bandwidth: Optional[float] = None,
             f"{r.case.op:<18} {r.case.shape:<40} {r.ours_s * 1e6:8.1f}us {r.rate(r.ours_s):>16} {share:>7} "
             f"{r.baseline_s * 1e6:8.1f}us {r.speedup:7.2f}x  {r.case.baseline_name}")
     return "\n".join(lines)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1,
+            setup: Optional[Callable[[], Any]] = None) -> float:
+    """Median seconds of fn() over `reps` runs after `warmup` runs; setup() before each run,
+    outside the timed region. CUDA events on CUDA, perf_counter on the CPU."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(max(1, reps)):
+        if setup:
+            setup()
+        sync(device)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (256 MiB, far over L2)."""
+    src = torch.randn(64 << 20, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large dense matmul (8192^3) through torch (cuBLAS): the ceiling for the
+    compute-bound kernels (prefill attention, the int4 GEMM at prefill sizes)."""
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    seconds = time_fn(lambda: torch.matmul(a, b), device)
+    return 2 * 8192 ** 3 / seconds

@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     import fastinternlm
-    from ..gguf_loader import default_model_path
+    from ..weights.gguf import default_model_path
 
     path = args.model or default_model_path()
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C, ops
-from ._harness import time_fn
+from ._harness import copy_bandwidth, time_fn
 
 MIN_CHUNKS = [64, 128, 256, 512]
 TARGET_BLOCKS = [264, 528, 1056, 2112]
@@ -28,7 +28,6 @@ def main() -> int:
         print("attention_sweep: no CUDA device, nothing to do")
         return 0
     dev, dt = torch.device("cuda"), torch.float16
-    from .__main__ import copy_bandwidth
     bw = copy_bandwidth(dev)
     print(f"decode attention split sweep on {torch.cuda.get_device_name(dev)}, copy bandwidth {bw / 1e9:.0f} GB/s")
     table = {}

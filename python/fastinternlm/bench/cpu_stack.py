@@ -18,7 +18,7 @@ import time
 import torch
 
 from .. import cpu, ops
-from .int4_gemm import _random_weight
+from .int4_gemm import random_weight
 
 LAYERS, HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, FFN, GROUP = 30, 576, 9, 3, 64, 1536, 32
 
@@ -26,8 +26,8 @@ LAYERS, HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, FFN, GROUP = 30, 576, 9, 3, 64, 153
 def build(dtype: torch.dtype, max_seq: int):
     dev = torch.device("cpu")
     qkv = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
-    return [dict(qkv=_random_weight(qkv, HIDDEN, GROUP, dev), o=_random_weight(HIDDEN, Q_HEADS * HEAD_DIM, GROUP, dev),
-                 gate_up=_random_weight(2 * FFN, HIDDEN, GROUP, dev), down=_random_weight(HIDDEN, FFN, GROUP, dev),
+    return [dict(qkv=random_weight(qkv, HIDDEN, GROUP, dev), o=random_weight(HIDDEN, Q_HEADS * HEAD_DIM, GROUP, dev),
+                 gate_up=random_weight(2 * FFN, HIDDEN, GROUP, dev), down=random_weight(HIDDEN, FFN, GROUP, dev),
                  norm1=(torch.rand(HIDDEN) + 0.5).to(dtype), norm2=(torch.rand(HIDDEN) + 0.5).to(dtype),
                  k_cache=torch.randn(1, KV_HEADS, max_seq, HEAD_DIM, dtype=dtype),
                  v_cache=torch.randn(1, KV_HEADS, max_seq, HEAD_DIM, dtype=dtype))

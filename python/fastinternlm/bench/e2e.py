@@ -23,21 +23,22 @@ prints one line and the run goes on; --time-budget stops starting new sections.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
-import statistics
 import sys
 import time
-import types
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from .. import ops
 from ..config import INTERNLM2, ModelConfig, RopeScaling
-from ..llm import LLM, prefill_chunk
+from ..llm import prefill_chunk
 from ..model import Layer, Transformer
+from ..weights import build_model
+from ..weights.layout import split_wqkv
+from ..weights.synthetic import quantize_linears, random_weights
+from ._harness import copy_bandwidth, measure, sync
 
 SHAPES = {
     # InternLM2.5-7B; dynamic NTK factor 2.5 so positions past 32K take a scaled base.
@@ -64,34 +65,21 @@ def make_config(shape: str) -> ModelConfig:
 
 
 class Weights:
-    """Random fp16 weights on the device (speed does not depend on the values, but zeros
-    could take shortcuts, so: randn * 0.02, norms 1 + 0.1 randn)."""
+    """Random fp16 weights on the device (weights.synthetic) and their int4 g128 twin,
+    sharing embeddings, norms and head; models are built by weights.build_model, as load
+    builds them."""
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float16, seed: int = 0):
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        c = config
-
-        def lin(*shape):
-            return torch.randn(*shape, generator=gen, device=device, dtype=dtype).mul_(0.02)
-
-        def norm():
-            return torch.randn(c.hidden_size, generator=gen, device=device, dtype=dtype).mul_(0.1).add_(1)
-
         self.config = config
-        self.tok_embeddings = lin(c.vocab_size, c.hidden_size)
-        self.layers = [Layer(norm(), lin(c.qkv_rows, c.hidden_size), lin(c.hidden_size, c.q_size), norm(),
-                             lin(2 * c.intermediate_size, c.hidden_size), lin(c.hidden_size, c.intermediate_size))
-                       for _ in range(c.num_layers)]
-        self.norm = norm()
-        self.output = lin(c.vocab_size, c.hidden_size)
+        self.fp16 = random_weights(config, device, dtype, seed)
+        self.int4 = None
+        self.tok_embeddings, self.norm, self.output = self.fp16.tok_embeddings, self.fp16.norm, self.fp16.output
+        self.layers = self.fp16.layers
         self.int4_layers: Optional[List[Layer]] = None
 
     def quantize(self, group_size: int = GROUP_SIZE) -> None:
-        self.int4_layers = [Layer(l.attention_norm, ops.quantize_int4(l.wqkv, group_size),
-                                  ops.quantize_int4(l.wo, group_size), l.ffn_norm,
-                                  ops.quantize_int4(l.w13, group_size), ops.quantize_int4(l.w2, group_size))
-                            for l in self.layers]
+        self.int4 = quantize_linears(self.fp16, group_size)
+        self.int4_layers = self.int4.layers
 
     def layers_for(self, precision: str) -> List[Layer]:
         if precision == "int4":
@@ -102,8 +90,9 @@ class Weights:
 
     def model(self, precision: str, max_batch: int, max_seq: int) -> Transformer:
         """A Transformer on these tensors (shared, never copied) with its own KV cache."""
-        return Transformer(self.config, self.tok_embeddings, self.layers_for(precision), self.norm, self.output,
-                           max_batch=max_batch, max_seq_len=max_seq)
+        self.layers_for(precision)
+        return build_model(self.config, self.int4 if precision == "int4" else self.fp16, max_batch=max_batch,
+                           max_seq_len=max_seq)
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes one decode step reads from weights: decoder linears + output head."""
@@ -118,52 +107,15 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
 
 
-def _holder(config: ModelConfig):
-    return types.SimpleNamespace(config=config)
-
-
 def bases_function(config: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """positions -> float32 bases, LLM's own "hf" NTK code (L = position + 1)."""
-    return functools.partial(LLM._bases_for, _holder(config))
+    """positions -> float32 bases, as LLM's "hf" NTK mode computes them (L = position + 1)."""
+    args = config.ntk_args
+    return lambda positions: ops.ntk_bases(positions + 1, *args)
 
 
 def prompt_base(config: ModelConfig, length: int) -> float:
-    return LLM._base(_holder(config), length)
-
-
-# ---- timing ------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1,
-            setup: Optional[Callable[[], Any]] = None) -> float:
-    """Median seconds of fn() over `reps` runs after `warmup` runs; setup() before each run,
-    outside the timed region. CUDA events on CUDA, perf_counter on the CPU."""
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    sync(device)
-    samples = []
-    for _ in range(max(1, reps)):
-        if setup:
-            setup()
-        sync(device)
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    theta, factor, max_position_embeddings, head_dim = config.ntk_args
+    return ops.ntk_base(theta, factor, max_position_embeddings, length, head_dim)
 
 
 # ---- ours --------------------------------------------------------------------------------
@@ -264,7 +216,6 @@ def build_hf(weights: Weights):
     import transformers
     from transformers import LlamaForCausalLM
 
-    from ..checkpoint import split_wqkv
     c = weights.config
     dev = weights.tok_embeddings.device
     hfc, rope = hf_config(c)
@@ -828,7 +779,6 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     config = make_config(args.shapes)
     bandwidth = None
     if device.type == "cuda":
-        from .__main__ import copy_bandwidth
         bandwidth = bench.section("copy bandwidth", lambda: copy_bandwidth(device), always=True)
         if bandwidth:
             bench.log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")

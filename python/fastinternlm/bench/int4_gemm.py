@@ -34,14 +34,14 @@ CPU_ROWS = [1, 16, 128]
 ROTATE_BYTES = 128 << 20  # > 2x the H100's L2
 
 
-def _random_weight(n: int, k: int, group_size: int, device: torch.device) -> Int4Weight:
+def random_weight(n: int, k: int, group_size: int, device: torch.device) -> Int4Weight:
     qweight = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32, device=device)
     scales = (torch.rand(n, k // group_size, device=device) * 0.01 + 0.001).half()
     offsets = (-8 * scales.float() * (1 + 0.1 * torch.randn_like(scales.float()))).half()
     return Int4Weight.from_tensors(qweight, scales, offsets, group_size)
 
 
-def _unpack(qweight: torch.Tensor) -> torch.Tensor:
+def unpack(qweight: torch.Tensor) -> torch.Tensor:
     """int32 [n, k/8] -> int32 [n, k] nibbles (format v1: nibble i of word j is k = 8j + i)."""
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
     return ((qweight.unsqueeze(-1) >> shifts) & 15).reshape(qweight.shape[0], -1)
@@ -51,7 +51,7 @@ def _tinygemm(x: torch.Tensor, qw: Int4Weight) -> Optional[Callable[[], torch.Te
     """torch's int4 kernel on the same weights, or None where this torch lacks it for the
     device or dtype. tinygemm dequantizes (q - 8) * scale + zero, so zero = m + 8 s."""
     try:
-        q = _unpack(qw.qweight)
+        q = unpack(qw.qweight)
         zero = qw.offsets.float() + 8 * qw.scales.float()
         scale_zero = torch.stack([qw.scales.float().t(), zero.t()], dim=-1).to(x.dtype).contiguous()
         if x.is_cuda:
@@ -73,7 +73,7 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a - b).norm() <= 0.02 * b.norm()).item())
 
 
-def _rotating(fns: List[Callable[[], object]]) -> Callable[[], object]:
+def rotating(fns: List[Callable[[], object]]) -> Callable[[], object]:
     it = itertools.cycle(fns)
     return lambda: next(it)()
 
@@ -86,9 +86,9 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     rotate = ROTATE_BYTES if device.type == "cuda" else 0
     out: List[Case] = []
     for name, n, k, group_size in shapes:
-        first = _random_weight(n, k, group_size, device)
+        first = random_weight(n, k, group_size, device)
         copies = max(1, -(-rotate // first.nbytes))
-        weights = [first] + [_random_weight(n, k, group_size, device) for _ in range(copies - 1)]
+        weights = [first] + [random_weight(n, k, group_size, device) for _ in range(copies - 1)]
         dense_bytes = n * k * torch.tensor([], dtype=dtype).element_size()
         dense = [ops.dequantize_int4(w, dtype) for w in weights[:max(1, -(-rotate // dense_bytes))]]
         for rows in rows_list:
@@ -96,9 +96,9 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
             es = x.element_size()
             nbytes = first.nbytes + (rows * k + rows * n) * es
             shape = f"{name} M={rows} N={n} K={k} g={group_size}"
-            ours = _rotating([lambda w=w, x=x: ops.int4_gemm(x, w) for w in weights])
+            ours = rotating([lambda w=w, x=x: ops.int4_gemm(x, w) for w in weights])
             out.append(Case("int4_gemm", shape, ours,
-                            _rotating([lambda d=d, x=x: torch.matmul(x, d.t()) for d in dense]),
+                            rotating([lambda d=d, x=x: torch.matmul(x, d.t()) for d in dense]),
                             f"torch.matmul (dense {str(dtype).replace('torch.', '')})",
                             bytes=nbytes, flops=2 * rows * n * k))
             tiny = [_tinygemm(x, w) for w in weights]
@@ -106,7 +106,7 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
                 label = "torch._weight_int4pack_mm (tinygemm)"
                 if not _agrees(tiny[0](), ops.int4_gemm(x, weights[0])):
                     label += " [outputs differ: layout not understood]"
-                out.append(Case("int4_gemm", shape, ours, _rotating(tiny), label,
+                out.append(Case("int4_gemm", shape, ours, rotating(tiny), label,
                                 bytes=nbytes, flops=2 * rows * n * k))
     return out
 

@@ -24,9 +24,8 @@ import torch
 
 from .. import ops
 from ..ops._checks import _C
-from ._harness import time_fn
-from .__main__ import copy_bandwidth
-from .int4_gemm import ROTATE_BYTES, _random_weight, _rotating, _unpack
+from ._harness import copy_bandwidth, time_fn
+from .int4_gemm import ROTATE_BYTES, random_weight, rotating, unpack
 
 # (name, n = out_features, k = in_features); group 128. w13 is the fused gate/up
 # projection the model runs, w1 one half of it.
@@ -39,7 +38,7 @@ MIN_TIME = 0.02  # seconds of calibration per timing: 60 timings must fit in a f
 
 def _reference(x: torch.Tensor, qw) -> torch.Tensor:
     """float64 x @ W^T with W dequantized in float64 from the packed format (q s + m)."""
-    q = _unpack(qw.qweight).double()
+    q = unpack(qw.qweight).double()
     s = qw.scales.double().repeat_interleave(qw.group_size, dim=1)
     m = qw.offsets.double().repeat_interleave(qw.group_size, dim=1)
     return x.double() @ (q * s + m).t()
@@ -75,9 +74,9 @@ def sweep(device: torch.device, dtype: torch.dtype) -> int:
     setups: Dict[Tuple[str, int], Tuple[List, torch.Tensor, int]] = {}
     references: Dict[Tuple[str, int], torch.Tensor] = {}
     for name, n, k in SHAPES:
-        first = _random_weight(n, k, GROUP, device)
+        first = random_weight(n, k, GROUP, device)
         copies = max(1, -(-ROTATE_BYTES // first.nbytes))
-        weights = [first] + [_random_weight(n, k, GROUP, device) for _ in range(copies - 1)]
+        weights = [first] + [random_weight(n, k, GROUP, device) for _ in range(copies - 1)]
         for rows in ROWS:
             x = torch.randn(rows, k, dtype=dtype, device=device)
             setups[(name, rows)] = (weights, x, first.nbytes + (rows * k + rows * n) * x.element_size())
@@ -99,7 +98,7 @@ def sweep(device: torch.device, dtype: torch.dtype) -> int:
             if any("FAIL" in c for c in checks):
                 bad_variants.add(v)
             for (name, rows), (weights, x, _) in setups.items():
-                fn = _rotating([lambda w=w, x=x: ops.int4_gemm(x, w) for w in weights])
+                fn = rotating([lambda w=w, x=x: ops.int4_gemm(x, w) for w in weights])
                 times[(v, name, rows)] = time_fn(fn, device, MIN_TIME, graph=True)
     finally:
         _C._set_small_m_variant(0)

@@ -34,13 +34,8 @@ ATTENTION_MODES = ("sdpa", "grouped")
 
 def ntk_bases(config: ModelConfig, lengths: torch.Tensor) -> torch.Tensor:
     """float64 rotary base for sequences of `lengths` tokens (dynamic NTK past
-    max_position_embeddings), the formula of ops.ntk_base and LLM._bases_for."""
-    lengths = lengths.double()
-    if config.rope_scaling is None:
-        return torch.full_like(lengths, config.rope_theta)
-    f, m, d = config.rope_scaling.factor, config.max_position_embeddings, config.head_dim
-    scaled = config.rope_theta * (f * lengths / m - (f - 1)).pow(d / (d - 2))
-    return torch.where(lengths > m, scaled, torch.full_like(scaled, config.rope_theta))
+    max_position_embeddings): ops.ntk_bases, the model's own formula."""
+    return ops.ntk_bases(lengths, *config.ntk_args, dtype=torch.float64)
 
 
 def rope_tables(config: ModelConfig, max_seq: int, device) -> Tuple[torch.Tensor, torch.Tensor]:

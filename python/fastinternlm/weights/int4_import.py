@@ -1,5 +1,5 @@
-"""AWQ and GPTQ 4-bit weights -> Int4Weight (packed format v1), and row operations on
-Int4Weight that the loader needs (fusing Llama's q/k/v, stacking gate and up).
+"""AWQ and GPTQ 4-bit weights, and our own int4 checkpoints' parts -> Int4Weight (packed
+format v1). Placing rows (fusing Llama's q/k/v, stacking gate and up) is layout.py's.
 
 Both formats store, per group of G input channels k of one output channel n, 4-bit
 integers q, an integer zero point z and a float16 scale s, and mean
@@ -47,9 +47,10 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import FASTINTERNLM_INT4, QuantizationConfig
-from .ops._checks import check_tensor, same_device
-from .ops.int4_gemm import GROUP_SIZES, Int4Weight
+from ..ops._checks import check_tensor, same_device
+from ..ops.int4_gemm import GROUP_SIZES, Int4Weight
+from .arch import FASTINTERNLM_INT4
+from .quant_config import QuantizationConfig
 
 # AWQ's nibble order: nibble i of a word holds output column 8c + AWQ_ORDER[i] ...
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -172,19 +173,6 @@ def gptq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     return _finish(qweight.t().contiguous(), z.t(), scales.t(), g)
 
 
-def concat_rows(*weights: Int4Weight) -> Int4Weight:
-    """The Int4Weight whose rows are those of `weights` in order (output channels
-    stacked, as torch.cat(dim=0) does for dense weights); exact."""
-    if not weights or not all(isinstance(w, Int4Weight) for w in weights):
-        raise TypeError("concat_rows takes Int4Weight arguments")
-    first = weights[0]
-    for w in weights[1:]:
-        if (w.k, w.group_size, w.device) != (first.k, first.group_size, first.device):
-            raise ValueError(f"cannot stack {w} under {first}: k, group_size and device must agree")
-    return Int4Weight.from_tensors(torch.cat([w.qweight for w in weights]), torch.cat([w.scales for w in weights]),
-                                   torch.cat([w.offsets for w in weights]), first.group_size)
-
-
 def import_linear(q: QuantizationConfig, name: str, parts: Dict[str, torch.Tensor], n: int, k: int) -> Int4Weight:
     """One quantized linear of a checkpoint (its parts by name, on the target device) as
     an Int4Weight [n, k]; errors name the linear."""
@@ -206,4 +194,4 @@ def import_linear(q: QuantizationConfig, name: str, parts: Dict[str, torch.Tenso
     return w
 
 
-__all__ = ["AWQ_ORDER", "awq_to_int4", "concat_rows", "gptq_to_int4", "import_linear"]
+__all__ = ["AWQ_ORDER", "awq_to_int4", "gptq_to_int4", "import_linear"]

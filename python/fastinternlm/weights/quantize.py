@@ -34,17 +34,19 @@ from typing import Dict, List, Union
 
 import torch
 
-from .checkpoint import (LOAD_DTYPES, CheckpointError, _check_target, _checkpoint_files, _destination, _load_bin,
-                         _read_tensor, _scan, _validate, check_quant_args)
-from .config import FASTINTERNLM_INT4, check_quantizable, ignorable_tensor, linears, load_config
-from .ops.int4_gemm import INT4_FORMAT_VERSION, quantize_int4
+from ..ops.int4_gemm import INT4_FORMAT_VERSION, quantize_int4
+from . import files
+from .args import HF, LOAD_DTYPES, check_device, check_quant_args, detect_format
+from .arch import FASTINTERNLM_INT4, check_quantizable, destination, ignorable_tensor, linears
+from .files import WEIGHT_INDEX_FILES, CheckpointError
+from .hf import load_config, scan_checkpoint
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+ACCEPTS = "a Hugging Face checkpoint folder (config.json and safetensors or .bin weights)"
 
 
 def _is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name in _WEIGHT_FILES
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name in WEIGHT_INDEX_FILES
 
 
 class _ShardWriter:
@@ -95,19 +97,19 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
                         group_size: int = 128, quant_head: bool = False,
                         device: Union[None, str, torch.device] = None, progress: bool = True,
                         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-    """Quantize the checkpoint directory `src` into the new directory `dst` (which must
+    """Quantize the checkpoint directory `src` (a Hugging Face checkpoint folder; GGUF
+    files are refused with a message saying so) into the new directory `dst` (which must
     not exist or be empty); returns dst. device: where to quantize (None: CUDA when
     available, else the CPU); the result is the same on either. Everything is checked
     before any tensor is read or any file written."""
     check_quant_args("int4", group_size, quant_head)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device, _ = _check_target(device, None)
+    device = check_device(device)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     src, dst = os.fspath(src), os.fspath(dst)
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"checkpoint directory {src} does not exist")
+    if detect_format(src, what="quantize") != HF:
+        raise ValueError(f"{src} is a GGUF file; quantize takes {ACCEPTS} (a GGUF file's Q4_0/Q4_1 tensors load "
+                         f"as int4 by themselves: pass it to load or generate as it is)")
     if os.path.realpath(src) == os.path.realpath(dst):
         raise ValueError("the output directory must differ from the input directory")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
@@ -117,23 +119,16 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
         raise ValueError(f"checkpoint {src} is already quantized (quantization_config.quant_method "
                          f"{config.quantization.method!r})")
     check_quantizable(config, group_size, quant_head)
-    kind, files = _checkpoint_files(src)
-    infos = _scan(src, kind, files)
-    _validate(src, config, infos)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    kind, shards, infos = scan_checkpoint(src, config)
 
     quantized = {lin.name + ".weight": lin for lin in linears(config) if quant_head or not lin.head}
     head = next(lin for lin in linears(config) if lin.head)
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         raw_config = json.load(f)
 
-    from tqdm.auto import tqdm
-
     os.makedirs(dst, exist_ok=True)
     writer = _ShardWriter(dst, max_shard_bytes)
     names = [n for n in infos if not ignorable_tensor(config, n)]
-    total = sum(infos[n].nbytes for n in names)
 
     def quantize(name: str, t: torch.Tensor, prefix: str) -> None:
         dtype = t.dtype if t.dtype in LOAD_DTYPES else torch.float32
@@ -144,26 +139,18 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
         for key, value in qw.state_dict(prefix).items():
             writer.add(key, value.cpu())
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
-              desc=f"Quantizing {os.path.basename(os.path.normpath(src))} (int4, group_size {group_size})") as bar:
-        for file in files:
-            in_file = [n for n in names if infos[n].file == file]
-            if not in_file:
-                continue
-            full = os.path.join(src, file)
-            if kind == "safetensors":
-                from safetensors import safe_open
-
-                with safe_open(full, framework="pt", device="cpu") as handle:
-                    for name in in_file:
-                        _one(handle, name, quantized, quantize, writer, config, head, quant_head)
-                        bar.update(infos[name].nbytes)
-            else:
-                handle = _load_bin(full)
-                for name in in_file:
-                    _one(handle, name, quantized, quantize, writer, config, head, quant_head)
-                    bar.update(infos[name].nbytes)
-                del handle
+    desc = f"Quantizing {os.path.basename(os.path.normpath(src))} (int4, group_size {group_size})"
+    for name, t in files.iter_tensors(src, kind, shards, infos, names, desc=desc, progress=progress):
+        lin = quantized.get(name)
+        if lin is not None:
+            quantize(name, t, lin.name + ".")
+        else:
+            # Unchanged bytes; a clone, so tensors that shared storage in a pickle do not
+            # share it in the safetensors file (which refuses that).
+            writer.add(name, t.detach().clone())
+            if quant_head and config.tie_word_embeddings and destination(config, name) == (None, "tok_embeddings"):
+                quantize(name, t, head.name + ".")  # the tied head, quantized from the embedding
+        del t
     writer.close()
 
     raw_config["quantization_config"] = {"quant_method": FASTINTERNLM_INT4, "format_version": INT4_FORMAT_VERSION,
@@ -176,20 +163,6 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
         if os.path.isfile(full) and entry != "config.json" and not _is_weight_file(entry):
             shutil.copy2(full, os.path.join(dst, entry))
     return dst
-
-
-def _one(handle, name, quantized, quantize, writer, config, head, quant_head) -> None:
-    t = _read_tensor(handle, name)
-    lin = quantized.get(name)
-    if lin is not None:
-        quantize(name, t, lin.name + ".")
-    else:
-        # Unchanged bytes; a clone, so tensors that shared storage in a pickle do not
-        # share it in the safetensors file (which refuses that).
-        writer.add(name, t.detach().clone())
-        if quant_head and config.tie_word_embeddings and _destination(config, name) == (None, "tok_embeddings"):
-            quantize(name, t, head.name + ".")  # the tied head, quantized from the embedding
-    del t
 
 
 def main_args(args) -> int:
