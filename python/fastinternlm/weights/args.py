@@ -117,19 +117,23 @@ def _is_gguf(path: str) -> bool:
         return False
 
 
-def detect_format(path: Union[str, "os.PathLike[str]"], *, what: str = "load") -> str:
+HF_ACCEPTS = "a Hugging Face checkpoint folder (with config.json)"
+LOAD_ACCEPTS = "a checkpoint folder (with config.json) or a .gguf file"
+
+
+def detect_format(path: Union[str, "os.PathLike[str]"], *, what: str = "load", accepts: str = LOAD_ACCEPTS) -> str:
     """HF (a folder with config.json) or GGUF (a .gguf file, or any file that starts with
     GGUF's magic), or an error that says what is wrong with `path`, checked in this
-    order: the path exists; it is a folder with config.json or a GGUF file."""
+    order: the path exists; it is a folder with config.json or a GGUF file. `what` and
+    `accepts` name the caller and what it takes, for the messages."""
     try:
         path = os.fspath(path)
     except TypeError:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
     if not isinstance(path, str):
         raise TypeError(f"path must be a str, got {type(path).__name__}")
-    accepts = "a checkpoint folder (with config.json) or a .gguf file"
     if not os.path.exists(path):
-        if path.lower().endswith(".gguf"):
+        if path.lower().endswith(".gguf") and accepts == LOAD_ACCEPTS:
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         raise FileNotFoundError(f"{path} does not exist; {what} takes {accepts}")
     if os.path.isdir(path):

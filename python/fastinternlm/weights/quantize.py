@@ -36,13 +36,12 @@ import torch
 
 from ..ops.int4_gemm import INT4_FORMAT_VERSION, quantize_int4
 from . import files
-from .args import HF, LOAD_DTYPES, check_device, check_quant_args, detect_format
+from .args import HF, HF_ACCEPTS, LOAD_DTYPES, check_device, check_quant_args, detect_format
 from .arch import FASTINTERNLM_INT4, check_quantizable, destination, ignorable_tensor, linears
 from .files import WEIGHT_INDEX_FILES, CheckpointError
 from .hf import load_config, scan_checkpoint
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-ACCEPTS = "a Hugging Face checkpoint folder (config.json and safetensors or .bin weights)"
 
 
 def _is_weight_file(name: str) -> bool:
@@ -107,9 +106,9 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     src, dst = os.fspath(src), os.fspath(dst)
-    if detect_format(src, what="quantize") != HF:
-        raise ValueError(f"{src} is a GGUF file; quantize takes {ACCEPTS} (a GGUF file's Q4_0/Q4_1 tensors load "
-                         f"as int4 by themselves: pass it to load or generate as it is)")
+    if detect_format(src, what="quantize", accepts=HF_ACCEPTS) != HF:
+        raise ValueError(f"{src} is a GGUF file; quantize takes {HF_ACCEPTS} (a GGUF file's Q4_0/Q4_1 tensors "
+                         f"load as int4 by themselves: pass the file to load, generate or chat as it is)")
     if os.path.realpath(src) == os.path.realpath(dst):
         raise ValueError("the output directory must differ from the input directory")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
