@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import UNIT_ROUNDOFF, assert_close, rand
+from conftest import assert_close, rand
 from fastinternlm import ops
 from test_attention import make_cache, reference, roundings, skip_cuda_float32
 from test_rotary import reference as rope_reference

@@ -19,7 +19,6 @@ import importlib.util
 import math
 import os
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple

@@ -38,7 +38,7 @@ from ..model import Layer, Transformer
 from ..weights import build_model
 from ..weights.layout import split_wqkv
 from ..weights.synthetic import quantize_linears, random_weights
-from ._harness import copy_bandwidth, measure, sync
+from ._harness import copy_bandwidth, measure
 
 SHAPES = {
     # InternLM2.5-7B; dynamic NTK factor 2.5 so positions past 32K take a scaled base.

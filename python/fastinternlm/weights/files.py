@@ -24,7 +24,7 @@ import math
 import os
 import struct
 import sys
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
