@@ -1,5 +1,7 @@
 // int4_gemm for M > 16 (prefill) on tensor cores: mma.sync m16n8k16 with float32
 // accumulation, sm_80 and newer. Packed format v1 (include/fastinternlm/int4_gemm.h).
+// Design notes (tile shape, shared-memory swizzles, pipeline, raster order):
+// docs/kernels/int4_gemm.md.
 //
 // Numerics (the contract documented at int4_gemm in int4_gemm.h). The tensor cores take
 // float16/bfloat16 operands, so every weight is dequantized in float32 as fmaf(q, s, m) --
@@ -7,49 +9,11 @@
 // the activation dtype; x is used as is; the MMA multiplies exactly (11 x 11 or 8 x 8
 // significant bits fit float32) and sums in float32; the result is rounded to dtype once.
 // So this path computes dequantize_int4(W, dtype) followed by a float32-accumulated matmul.
-//
-// Work decomposition:
-//  - Block tile 128 (rows of x) x 128 (rows of W, i.e. output columns), K-step 64, four
-//    warps side by side along N, each owning a 128 x 32 warp tile (8 x 4 MMA tiles).
-//    Why 128 x 32 rather than the usual 64 x 64: each warp dequantizes the weights of its
-//    own columns in registers, ~4 ALU instructions per weight (LOP3, FADD, FFMA, half a
-//    shift and half a pack). A weight fragment feeds one MMA per m16 tile of the warp, so
-//    the 8 m16 tiles of a 128-row warp tile bring that to ~2 instructions per MMA (the
-//    whole main loop is ~605 SASS instructions per 128 HMMA); with 64 rows the warps would
-//    issue ~6.5 per MMA, more than an SM sub-partition can issue while its tensor pipe
-//    runs one HMMA (~4-8 cycles). Every weight of the block tile is dequantized exactly
-//    once (the warps split N, not M).
-//  - 128 threads x 254 registers (no spill; 128 of them accumulators): two blocks (8 warps)
-//    per SM. 3-stage cp.async pipeline, 24 KiB a stage (x 16 KiB, nibbles 4 KiB, scales
-//    and offsets 4 KiB): 72 KiB a block, so two blocks fit an A100 (164 KiB) as well as an
-//    H100 (228 KiB).
-//  - x tiles: cp.async 16 B (.cg: they are reused from shared memory, not from L1) into
-//    rows of 128 B whose eight 16-byte chunks are XOR-swizzled by (row % 8). ldmatrix.x4
-//    then reads eight rows of one chunk column per 8-lane phase: eight distinct chunk slots,
-//    all 32 banks, no conflict; the cp.async writes of a row are conflict-free as well.
-//  - Nibbles: cp.async 16 B into rows of 32 B (one W row, 64 channels). MMA B fragment
-//    (PTX ISA, m16n8k16 .f16/.bf16 B "col"): lane l holds column n = l / 4 and channels
-//    k = 2c, 2c+1 (b0, b1) and 2c+8, 2c+9 (b2, b3) of its k16 slice, c = l % 4. In format
-//    v1 channels 8j .. 8j+7 are nibbles 0..7 of word j, so a lane needs byte c of both
-//    words of its column's k16 slice: it loads those 8 bytes and shifts by 8c. The eight
-//    columns a warp reads lie in rows 32 B apart; swapping the two 16-byte chunks of rows
-//    with (row / 4) odd puts the eight 8-byte reads in distinct banks.
-//  - Scales/offsets: per K-step and W row one (s, m) per 32-channel half (a 32-channel
-//    half always lies in one group: groups are 32, 64 or 128 and k is a multiple of the
-//    group). They are 2-byte values in two arrays, which cp.async (4, 8, 16 B) cannot
-//    move, so each thread loads its row's four halves into registers when it issues the
-//    stage's cp.async and stores them as float32 to shared memory after the MMAs of the
-//    current step: the loads' latency hides behind a full K-step.
-//  - Bounds: rows of x past m, W rows past n and channels past k are zero-filled by
-//    cp.async (src-size 0) with s = m = 0, so they contribute exact zeros; k need not be
-//    a multiple of 64 (group 32, odd number of groups): the last step's upper half is zero.
-//    Stores are masked.
-//  - Raster: a flat 1-D grid (gridDim.y is capped at 65535). Tiles are visited in groups
-//    of 16 tile rows (2048 rows of x), M fastest inside a group: the ~2 x 132 blocks in
-//    flight then share a few W column strips and at most 16 x tiles, so W crosses DRAM
-//    once per 2048 rows of x and that slice of x (16 MiB at k = 4096) stays in L2. With N
-//    fastest, W (59 MB for a 28672 x 4096 layer, more than the 50 MB L2) would be re-read
-//    from DRAM for every 128 rows.
+// Rows of x past m, W rows past n and channels past k are zero-filled by cp.async
+// (src-size 0) with s = m = 0, so they contribute exact zeros; stores are masked.
+// Block tile 128 x 128 with 128 x 32 warp tiles: each warp dequantizes its own columns in
+// registers (~4 ALU instructions a weight), and 8 m16 tiles per weight fragment keep that
+// near 2 instructions per MMA, within what a sub-partition issues per HMMA.
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

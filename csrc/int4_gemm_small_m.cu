@@ -1,68 +1,19 @@
 // int4_gemm for M <= 16 (decode) on CUDA: a tensor-core GEMV that streams the packed
 // weights (format v1, include/fastinternlm/int4_gemm.h) once for all M rows of x.
+// Design notes (mapping onto m16n8k16, nibble conversion, issue-slot and bytes-in-flight
+// budgets): docs/kernels/int4_gemm.md.
 //
-// Why tensor cores for a memory-bound GEMV: on the CUDA cores every nibble costs an
-// extract, a dequantizing FMA and M accumulating FMAs, which is more issue slots than an
-// SM has per byte of DRAM bandwidth. One mma.sync m16n8k16 does 16 x 8 x 16 multiply-adds
-// in one instruction, so the per-nibble work drops to converting it to f16/bf16 (about one
-// instruction per two nibbles) and the kernel is left bound by the weight stream.
-//
-// The arithmetic. Each output is sum_k x_k (q_k s_g + m_g) over the groups g of its row.
-// The group affine is factored out of the dot product:
-//     sum_{k in g} x_k (q_k s + m) = s * sum_{k in g} x_k q_k  +  m * sum_{k in g} x_k,
-// so the tensor cores see only the raw nibbles q (0..15), which f16 and bf16 hold exactly,
-// and x, which is exact in its own type. Their products are exact in the fp32
-// accumulators; only the fp32 sums round. After each group the kernel folds
-//     out += s * acc_group + m * xsum_group          (fp32, two FMAs)
-// where xsum_group comes from one extra mma per k16-step whose B is all ones (it is the
-// same for every row of W, so a warp computes it once for all its n-blocks). This is the
-// same function as the reference (dequantize, multiply, sum); it differs only in where
-// the fp32 roundings fall. The result is rounded to the output type once.
-//
-// Mapping onto m16n8k16 (row.col): A = x (16 rows = tokens), B = W^T (n = 8 rows of W
-// per mma), C fp32. An A row only reaches its own C row and a B column its own C column,
-// so tokens past m and rows of W past n are loaded as copies of the last valid one (every
-// read in bounds, no masking in the hot loop) and their outputs are simply not stored. Fragment layout (PTX ISA,
-// "Matrix Fragments for mma.m16n8k16"), with lane = 4 * gid + tig:
-//   A  reg0: row gid,   k 2tig, 2tig+1     reg1: row gid+8, k 2tig, 2tig+1
-//      reg2: row gid,   k 2tig+8, 2tig+9   reg3: row gid+8, k 2tig+8, 2tig+9
-//   B  reg0: k 2tig, 2tig+1, n gid         reg1: k 2tig+8, 2tig+9, n gid
-//   C  c0, c1: row gid, n 2tig, 2tig+1     c2, c3: row gid+8, n 2tig, 2tig+1
-// (the lower k of a pair in the low 16 bits). A lane's k-slots are the same in A and B,
-// and the mma sums over all 16 of them, so any assignment of real input channels to the
-// slots gives the same dot product as long as A and B use the same one. The kernel
-// assigns them so that each lane streams contiguous bytes of ONE row of W: the 4 lanes of
-// a quad (same gid) read consecutive quarters of a group of that row (lane tig the
-// quarter tig), and feed their own nibbles into their own slots. x is then loaded for
-// exactly the channels the lane holds.
-//
-// One mma must not mix groups (its sum gets one scale), and a quad covers 4 quarters of
-// one group per mma, so a lane's quarter is group_size / 4 channels = group_size / 8
-// bytes: 16 B (one 128-bit load) for group 128, 8 B for 64, 4 B for 32. Hence the kernel
-// is templated on the group size; group 128 (the 7B checkpoints) is the case tuned for.
-//
-// Nibbles to f16/bf16 without conversions: (word >> 4j) & 0x000F000F puts nibbles j and
-// j + 4 in the low bits of each 16-bit half. OR-ing the exponent of 1024 (f16, 0x6400,
-// ulp 1 there) or 128 (bf16, 0x4300, ulp 1 there) makes the pair (1024 + q, 1024 + q')
-// exactly (one LOP3), and one HFMA2 (times 1, minus the magic) gives (q, q') exactly. So
-// word >> 0 feeds k-pair (n0, n4), >> 4 (n1, n5), >> 8 (n2, n6), >> 12 (n3, n7): two mmas
-// per word, and the matching x pairs (x0, x4), (x1, x5), ... come from a 16-byte load of
-// 8 consecutive x values with one PRMT each. (f16 skips two of the shifts, see
-// nibble_pairs.)
-//
-// Issue slots are the budget to watch: at 3.35 TB/s an H100 SM must take ~14 bytes of
-// weights per clock, and the hot loop is ~200 SASS instructions per KB per warp (NB = 2;
-// ~175 for NB = 3), i.e. ~50 clocks per KB at an SM's 4 instructions per clock, ~20 bytes
-// per clock: enough, but without much room for stalls. Hence the single-LOP3 conversion, no predicates or zero fill in the loop, pointer bumps with
-// immediate offsets, and one (s, m) load per lane and group shared by shuffles.
-//
-// Bytes in flight: a block of kWarps warps owns NB n-blocks of 8 rows and splits the
-// groups of k across its warps (contiguous ranges, so each lane still streams contiguous
-// bytes); the partial sums meet in shared memory at the end. Each warp loads the weights
-// and scales of its next step before computing the current one (two register buffers,
-// ping-pong), so a warp has two steps of loads in flight while it computes: 4 KB per
-// warp for group 128 (NB = 2; 3 KB for NB = 3), 48-64 KB per SM at two blocks per SM
-// (at most 128 registers a thread, __launch_bounds__).
+// Numerics: per group, sum_k x_k (q_k s + m) = s * sum x_k q_k + m * sum x_k. The tensor
+// cores see only the raw nibbles (exact in f16/bf16) and x (exact in its own type), so
+// their products are exact in the fp32 accumulators; after each group the kernel folds
+// out += s * acc + m * xsum in fp32 (xsum from one extra mma with an all-ones B). Same
+// function as the reference; only where the fp32 roundings fall differs; one rounding to
+// the output type at the end.
+// Why tensor cores for a memory-bound GEMV: on CUDA cores each nibble costs more issue
+// slots than an SM has per byte of DRAM bandwidth; one mma does 16 x 8 x 16 multiply-adds.
+// One mma must not mix groups (one scale per sum), hence a lane's quarter of a group per
+// mma and the kernel templated on the group size. Tokens past m and rows past n are loaded
+// as copies of the last valid one (no masking in the hot loop) and not stored.
 #include <cstdint>
 
 #include "cuda_common.cuh"
