@@ -215,20 +215,25 @@ def open_shard(path: str, kind: str, file: str):
             del handle
 
 
+def progress_bar(total: int, desc: str, progress: bool):
+    """The loading progress bar (bytes, on stderr) every reader shows; a context manager."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
+                desc=desc)
+
+
 def iter_tensors(path: str, kind: str, files: List[str], infos: Dict[str, TensorInfo], names: Iterable[str], *,
                  desc: str, progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, CPU tensor) for each of `names`, shard by shard in `files` order, with a
     tqdm progress bar on stderr (bytes of the named tensors). A tensor is a view of the
     file's data (safetensors) or of a memory-mapped pickle: copy it before keeping it."""
-    from tqdm.auto import tqdm
-
     names = list(names)
     by_file: Dict[str, List[str]] = {}
     for name in names:
         by_file.setdefault(infos[name].file, []).append(name)
     total = sum(infos[n].nbytes for n in names)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
-              desc=desc) as bar:
+    with progress_bar(total, desc, progress) as bar:
         for file in files:
             in_file = by_file.get(file)
             if not in_file:
@@ -242,4 +247,4 @@ def iter_tensors(path: str, kind: str, files: List[str], infos: Dict[str, Tensor
 
 
 __all__ = ["WEIGHT_INDEX_FILES", "CheckpointError", "TensorInfo", "checkpoint_files", "iter_tensors", "listing",
-           "load_bin", "open_shard", "read_safetensors_header", "read_tensor", "scan"]
+           "load_bin", "open_shard", "progress_bar", "read_safetensors_header", "read_tensor", "scan"]

@@ -53,7 +53,6 @@ import dataclasses
 import importlib.util
 import os
 import struct
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -66,6 +65,7 @@ from ..gguf_tokenizer import GGUFTokenizer
 from ..model import Layer, ModelWeights
 from .args import LoadArgs
 from .arch import LLAMA_GGUF, dense_tensors
+from .files import progress_bar
 from .layout import fuse_qkv
 
 F32, F16, Q4_0, Q4_1, Q8_0 = "F32", "F16", "Q4_0", "Q4_1", "Q8_0"
@@ -370,8 +370,6 @@ def _layer_names(i: int) -> Dict[str, str]:
 def read_gguf(path, args: LoadArgs):
     """(config, tokenizer, chat template or None, ModelWeights) of a GGUF file; `args`
     are load's, checked (dtype None: float32 on the CPU, float16 on CUDA)."""
-    from tqdm.auto import tqdm
-
     device = args.device
     dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = os.fspath(path)
@@ -384,8 +382,7 @@ def read_gguf(path, args: LoadArgs):
         else None
 
     total = sum(t.nbytes for t in tensors.values())
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-              disable=not args.progress, desc=f"Loading {os.path.basename(path)}") as bar:
+    with progress_bar(total, f"Loading {os.path.basename(path)}", args.progress) as bar:
         def take(name, rope_heads=None) -> _Weight:
             w = _Weight(tensors[name], rope_heads)
             bar.update(tensors[name].nbytes)

@@ -12,15 +12,14 @@ groups run along the input channels of one row, so any row permutation is exact.
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Tuple
 
 import torch
 
 from ..config import ModelConfig
+from ..model import Weight
 from ..ops.int4_gemm import Int4Weight
 from .files import CheckpointError
-
-Weight = Union[torch.Tensor, Int4Weight]
 
 
 def _qkv_dims(config: ModelConfig) -> Tuple[int, int, int]:
