@@ -347,8 +347,8 @@ Status launch(const Context& ctx, T* out, const T* x, int m, const Int4Weight& w
 
 // The benchmarking variants (group 128 only; kInt4SmallMVariants in int4_gemm.h counts
 // them with the default, variant 0). Each probes one hypothesis for why the default reads
-// the weights at only 35-56% of copy bandwidth on an H100 (sm_90a registers f16/bf16;
-// the default has 122/118 for NB 2, 118/118 for NB 3):
+// the weights well below copy bandwidth (the measured shares are in docs/benchmarks.md;
+// sm_90a registers f16/bf16: the default has 122/118 for NB 2, 118/118 for NB 3):
 //   1  NB 2, 8 warps, 1 group/step, 3 stages, 2 blocks/SM: the default's bytes in flight
 //      as a finer ring, so loads are issued every group instead of every two (120/120)
 //   2  NB 2, 4 warps, 2 groups/step, 2 stages, 4 blocks/SM: twice the k-range per warp
