@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 
 from ..llm import LLM
 from ..model import ModelWeights, Transformer
+from . import gguf, hf
 from .args import GGUF, check_load_args, default_max_seq_len, detect_format
 from .files import CheckpointError
 
@@ -80,8 +81,6 @@ def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_
                            ntk_mode=ntk_mode, quant=quant, group_size=group_size, quant_head=quant_head,
                            cuda_graph=cuda_graph, progress=progress)
     if detect_format(path) == GGUF:
-        from . import gguf
-
         if quant is not None:
             raise ValueError("quant applies to checkpoint directories; a GGUF file's Q4_0/Q4_1 tensors "
                              "load as int4 by themselves")
@@ -89,8 +88,6 @@ def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_
         return build(config, weights, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                      ntk_mode=args.ntk_mode, cuda_graph=args.cuda_graph, stop_ids=gguf.stop_ids(tokenizer),
                      chat_template=template)
-    from . import hf
-
     path = os.fspath(path)
     config = hf.load_config(path)
     tokenizer = hf.read_tokenizer(path)
