@@ -36,7 +36,7 @@ from ..model import Layer, ModelWeights
 from ..ops.int4_gemm import Int4Weight, quantize_int4
 from ..tokenizer import load_tokenizer
 from . import files
-from .args import LOAD_DTYPES, LoadArgs, check_load_args
+from .args import HF, HF_ACCEPTS, LOAD_DTYPES, LoadArgs, check_load_args, detect_format
 from .arch import (Linear, TensorSpec, check_quantizable, checkpoint_tensors, destination, ignorable_tensor,
                    linears)
 from .files import CheckpointError, TensorInfo, listing
@@ -130,9 +130,10 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], device: Union[str, tor
     Int4Weight with quant=None. `fastinternlm.load` is this plus the tokenizer and the model."""
     args = check_load_args(device=device, dtype=dtype, quant=quant, group_size=group_size, quant_head=quant_head,
                            progress=progress)
+    if detect_format(path, what="load_checkpoint", accepts=HF_ACCEPTS) != HF:
+        raise CheckpointError(f"{path} is a GGUF file; load_checkpoint takes {HF_ACCEPTS} (fastinternlm.load "
+                              f"reads GGUF files)")
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     return read_weights(path, load_config(path), args)
 
 
