@@ -50,10 +50,11 @@ Status silu_and_mul(const Context& ctx, DType dtype, void* out, const void* x, i
                     int64_t ffn) {
   FIL_RETURN_IF_ERROR(check_context(ctx));
   FIL_RETURN_IF_ERROR(check_activation_dtype(ctx, "x", dtype));
-  FIL_RETURN_IF_ERROR(check_not_null("out", out));
-  FIL_RETURN_IF_ERROR(check_not_null("x", x));
+  // Sizes first: a zero size is the cause of a null pointer, and its message says which.
   FIL_RETURN_IF_ERROR(check_positive("rows", rows));
   FIL_RETURN_IF_ERROR(check_positive("ffn", ffn));
+  FIL_RETURN_IF_ERROR(check_not_null("out", out));
+  FIL_RETURN_IF_ERROR(check_not_null("x", x));
   FIL_DISPATCH_CUDA(ctx, "silu_and_mul", cuda::silu_and_mul(ctx, dtype, out, x, rows, ffn));
   return dispatch_activation(dtype, [&](auto tag) {
     using T = decltype(tag);
