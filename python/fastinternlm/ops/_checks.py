@@ -128,10 +128,13 @@ def byte_span(t: torch.Tensor) -> Optional[Tuple[int, int]]:
     """[first, last + 1) byte addresses of the elements of t, whatever its strides (for a
     non-contiguous view this covers the gaps between its elements too); None when t is
     empty and so has no bytes."""
-    if t.numel() == 0:
+    count = t.numel()
+    if count == 0:
         return None
     lo = hi = t.data_ptr()
     item = t.element_size()
+    if t.is_contiguous():
+        return lo, lo + count * item
     for size, stride in zip(t.shape, t.stride()):
         reach = (size - 1) * stride * item
         if reach < 0:
@@ -148,14 +151,17 @@ def check_no_overlap(written: Mapping[str, torch.Tensor], read: Mapping[str, tor
     overlap in part make a kernel read values it has already overwritten (or race with
     itself on CUDA). For views with gaps the range is conservative; the ops take
     contiguous tensors, whose range is exactly their elements."""
+    # Called once per layer per decode step: plain tuples, and devices compared only for
+    # the rare pair whose address ranges meet.
     spans = []
-    for name, t in list(written.items()) + list(read.items()):
-        span = byte_span(t)
-        if span is not None:
-            spans.append((name, name in written, t.device, span))
-    for i, (a, a_written, dev_a, (lo_a, hi_a)) in enumerate(spans):
-        for b, b_written, dev_b, (lo_b, hi_b) in spans[i + 1:]:
-            if (a_written or b_written) and dev_a == dev_b and lo_a < hi_b and lo_b < hi_a:
+    for is_written, tensors in ((True, written), (False, read)):
+        for name, t in tensors.items():
+            span = byte_span(t)
+            if span is not None:
+                spans.append((name, is_written, t, span[0], span[1]))
+    for i, (a, a_written, ta, lo_a, hi_a) in enumerate(spans):
+        for b, b_written, tb, lo_b, hi_b in spans[i + 1:]:
+            if (a_written or b_written) and lo_a < hi_b and lo_b < hi_a and ta.device == tb.device:
                 raise ValueError(f"{a} and {b} must not overlap in memory, got {a} at bytes [{lo_a:#x}, {hi_a:#x}) "
                                  f"and {b} at [{lo_b:#x}, {hi_b:#x})")
 
