@@ -891,6 +891,29 @@ add("core", "rotary-q-k-overlap", lambda d: _core(d, lambda c, p: _C.rotary_embe
     *c, 0, p, p + 64, p, 3, 0, 1e4, 1, 1, 1, 32)), ValueError, "q must not overlap k in memory")
 add("core", "rotary-zero-heads-null", lambda d: _core(d, lambda c, p: _C.rotary_embedding(
     *c, 0, 0, 0, 0, 3, 0, 1e4, 2, 0, 1, 64)), ValueError, "q_heads must be positive, got 0")
+add("core", "silu-size-overflow", lambda d: _core(d, lambda c, p: _C.silu_and_mul(*c, 0, p, p, 2**60, 2**4)),
+    ValueError, r"rows \* 2 \* ffn must fit in int64 bytes")
+
+
+@case("core")
+def silu_in_place_over_the_gates_cpu(device):
+    # The C++ CPU path documents in-place use (out over x's gate halves): it must be right.
+    cpu_only(device, "the CUDA entry point refuses an overlap (silu-out-overlaps-x-cuda)")
+    x = rand(5, 2 * 24, device=device, scale=3.0)
+    g, u = x.double()[:, :24], x.double()[:, 24:]
+    want = g * torch.sigmoid(g) * u
+    _C.silu_and_mul(0, 0, 0, 0, x.data_ptr(), x.data_ptr(), 5, 24)
+    assert_close(x.view(-1)[: 5 * 24].view(5, 24), want, torch.float32, roundings=2, float32_ops=3)
+
+
+@case("core", ValueError, "out must not overlap x in memory")
+def silu_out_overlaps_x_cuda(device):
+    if device.type != "cuda":
+        raise Skip("CUDA only: the CPU path supports the overlap (silu-in-place-over-the-gates-cpu)")
+    x = rand(5, 48, dtype=torch.float16, device=device)
+    _C.silu_and_mul(1, device.index or 0, 0, 1, x.data_ptr(), x.data_ptr(), 5, 24)
+
+
 add("core", "silu-zero-ffn-null", lambda d: _core(d, lambda c, p: _C.silu_and_mul(*c, 0, 0, 0, 3, 0)), ValueError,
     "ffn must be positive, got 0")
 
