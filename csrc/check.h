@@ -91,6 +91,17 @@ inline Status check_multiple(const char* name, int64_t value, int64_t divisor, c
   return Status::Ok();
 }
 
+// [a, a + a_bytes) and [b, b + b_bytes) share no byte: an op that writes one while reading
+// the other would read values it has already overwritten (or race with itself on CUDA).
+inline Status check_disjoint(const char* a_name, const void* a, int64_t a_bytes, const char* b_name,
+                             const void* b, int64_t b_bytes) {
+  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  if (pa < pb + static_cast<uintptr_t>(b_bytes) && pb < pa + static_cast<uintptr_t>(a_bytes))
+    return invalid_value(a_name, " must not overlap ", b_name, " in memory, got ", a_bytes, " bytes at ", a,
+                         " and ", b_bytes, " bytes at ", b);
+  return Status::Ok();
+}
+
 // The device is known and, for CUDA, compiled in.
 Status check_context(const Context& ctx);
 

@@ -244,20 +244,12 @@ Status check_sizes(int64_t n, int64_t k, int64_t group_size) {
   return check_elements("n * k", n, k);
 }
 
-// [a, a + a_bytes) and [b, b + b_bytes) share no byte.
-Status check_disjoint(const char* a_name, const void* a, int64_t a_bytes, const char* b_name,
-                      const void* b, int64_t b_bytes) {
-  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
-  if (pa < pb + static_cast<uintptr_t>(b_bytes) && pb < pa + static_cast<uintptr_t>(a_bytes))
-    return invalid_value(a_name, " must not overlap ", b_name);
-  return Status::Ok();
-}
-
 Status check_weight(const Context& ctx, const Int4Weight& w) {
+  // Sizes first: a zero size is the cause of a null pointer, and its message says which.
+  FIL_RETURN_IF_ERROR(check_sizes(w.n, w.k, w.group_size));
   FIL_RETURN_IF_ERROR(check_not_null("qweight", w.qweight));
   FIL_RETURN_IF_ERROR(check_not_null("scales", w.scales));
   FIL_RETURN_IF_ERROR(check_not_null("offsets", w.offsets));
-  FIL_RETURN_IF_ERROR(check_sizes(w.n, w.k, w.group_size));
   // 16-byte loads of qweight rows on CUDA; rows stay aligned because k / 2 bytes is a
   // multiple of 16.
   FIL_RETURN_IF_ERROR(check_aligned("qweight", w.qweight, ctx.device == Device::kCUDA ? 16 : 4));
@@ -296,11 +288,11 @@ Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, 
                      int64_t group_size, int32_t* qweight, void* scales, void* offsets) {
   FIL_RETURN_IF_ERROR(check_context(ctx));
   FIL_RETURN_IF_ERROR(check_weight_dtype("w", dtype));
+  FIL_RETURN_IF_ERROR(check_sizes(n, k, group_size));
   FIL_RETURN_IF_ERROR(check_not_null("w", w));
   FIL_RETURN_IF_ERROR(check_not_null("qweight", qweight));
   FIL_RETURN_IF_ERROR(check_not_null("scales", scales));
   FIL_RETURN_IF_ERROR(check_not_null("offsets", offsets));
-  FIL_RETURN_IF_ERROR(check_sizes(n, k, group_size));
   FIL_RETURN_IF_ERROR(check_aligned("w", w, dtype_size(dtype)));
   FIL_RETURN_IF_ERROR(check_aligned("qweight", qweight, 4));
   FIL_RETURN_IF_ERROR(check_aligned("scales", scales, 2));
@@ -324,8 +316,8 @@ Status quantize_int4(const Context& ctx, DType dtype, const void* w, int64_t n, 
 Status dequantize_int4(const Context& ctx, DType dtype, void* out, const Int4Weight& w) {
   FIL_RETURN_IF_ERROR(check_context(ctx));
   FIL_RETURN_IF_ERROR(check_weight_dtype("out", dtype));
-  FIL_RETURN_IF_ERROR(check_not_null("out", out));
   FIL_RETURN_IF_ERROR(check_weight(ctx, w));
+  FIL_RETURN_IF_ERROR(check_not_null("out", out));
   FIL_RETURN_IF_ERROR(check_aligned("out", out, dtype_size(dtype)));
   FIL_RETURN_IF_ERROR(check_out_vs_weight(out, w.n * w.k * dtype_size(dtype), w));
   FIL_DISPATCH_CUDA(ctx, "dequantize_int4", cuda::dequantize_int4(ctx, dtype, out, w));
@@ -339,10 +331,10 @@ Status int4_gemm(const Context& ctx, DType dtype, void* out, const void* x, int6
                  const Int4Weight& w) {
   FIL_RETURN_IF_ERROR(check_context(ctx));
   FIL_RETURN_IF_ERROR(check_activation_dtype(ctx, "x", dtype));
+  FIL_RETURN_IF_ERROR(check_range("m", m, 1, kMaxDim + 1));
+  FIL_RETURN_IF_ERROR(check_weight(ctx, w));
   FIL_RETURN_IF_ERROR(check_not_null("out", out));
   FIL_RETURN_IF_ERROR(check_not_null("x", x));
-  FIL_RETURN_IF_ERROR(check_weight(ctx, w));
-  FIL_RETURN_IF_ERROR(check_range("m", m, 1, kMaxDim + 1));
   FIL_RETURN_IF_ERROR(check_elements("m * k", m, w.k));
   FIL_RETURN_IF_ERROR(check_elements("m * n", m, w.n));
   const int64_t es = dtype_size(dtype);

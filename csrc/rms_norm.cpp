@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "check.h"
@@ -48,16 +49,27 @@ Status check_rms_norm(const Context& ctx, DType dtype, const void* out, const vo
                       float eps) {
   FIL_RETURN_IF_ERROR(check_context(ctx));
   FIL_RETURN_IF_ERROR(check_activation_dtype(ctx, "x", dtype));
+  // Sizes first: a zero size is the cause of a null pointer, and its message says which.
+  FIL_RETURN_IF_ERROR(check_positive("rows", rows));
+  FIL_RETURN_IF_ERROR(check_positive("hidden", hidden));
+  if (rows > std::numeric_limits<int64_t>::max() / hidden / 8)
+    return invalid_value("rows * hidden must fit in int64 bytes, got ", rows, " * ", hidden);
   FIL_RETURN_IF_ERROR(check_not_null("out", out));
   FIL_RETURN_IF_ERROR(check_not_null("x", x));
   FIL_RETURN_IF_ERROR(check_not_null("weight", weight));
   if (fused) FIL_RETURN_IF_ERROR(check_not_null("residual", residual));
-  FIL_RETURN_IF_ERROR(check_positive("rows", rows));
-  FIL_RETURN_IF_ERROR(check_positive("hidden", hidden));
   if (!(eps >= 0.0f) || !std::isfinite(eps))
     return invalid_value("eps must be a finite number >= 0, got ", eps);
-  if (fused && residual == x) return invalid_value("residual must not alias x");
-  if (fused && residual == out) return invalid_value("out must not alias residual");
+  // out may be x itself (each row is read whole before it is written) but not a shifted
+  // view of it; residual is written in place, so it may share no byte with anything.
+  const int64_t bytes = rows * hidden * dtype_size(dtype), w_bytes = hidden * dtype_size(dtype);
+  if (out != x) FIL_RETURN_IF_ERROR(check_disjoint("out", out, bytes, "x", x, bytes));
+  FIL_RETURN_IF_ERROR(check_disjoint("out", out, bytes, "weight", weight, w_bytes));
+  if (fused) {
+    FIL_RETURN_IF_ERROR(check_disjoint("residual", residual, bytes, "x", x, bytes));
+    FIL_RETURN_IF_ERROR(check_disjoint("residual", residual, bytes, "out", out, bytes));
+    FIL_RETURN_IF_ERROR(check_disjoint("residual", residual, bytes, "weight", weight, w_bytes));
+  }
   return Status::Ok();
 }
 

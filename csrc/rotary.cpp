@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "check.h"
@@ -75,16 +76,24 @@ Status rotary_embedding(const Context& ctx, DType dtype, void* q, void* k, const
   FIL_RETURN_IF_ERROR(check_activation_dtype(ctx, "q", dtype));
   if (positions_dtype != DType::kInt32 && positions_dtype != DType::kInt64)
     return invalid_type("positions must be int32 or int64, got ", dtype_name(positions_dtype));
-  FIL_RETURN_IF_ERROR(check_not_null("q", q));
-  FIL_RETURN_IF_ERROR(check_not_null("k", k));
-  FIL_RETURN_IF_ERROR(check_not_null("positions", positions));
+  // Sizes first: a zero size is the cause of a null pointer, and its message says which.
   FIL_RETURN_IF_ERROR(check_positive("tokens", tokens));
   FIL_RETURN_IF_ERROR(check_positive("q_heads", q_heads));
   FIL_RETURN_IF_ERROR(check_positive("kv_heads", kv_heads));
   FIL_RETURN_IF_ERROR(check_positive("head_dim", head_dim));
   if (head_dim % 2 != 0 || head_dim > 256)
     return invalid_value("head_dim must be even and at most 256, got ", head_dim);
-  if (q == k) return invalid_value("q and k must not alias");
+  // Byte counts below stay in int64: heads times head_dim times 2 bytes per element.
+  if (q_heads > (int64_t{1} << 40) || kv_heads > (int64_t{1} << 40) ||
+      tokens > std::numeric_limits<int64_t>::max() / ((q_heads + kv_heads) * head_dim * 8))
+    return invalid_value("tokens * (q_heads + kv_heads) * head_dim must fit in int64 bytes, got ", tokens,
+                         " * (", q_heads, " + ", kv_heads, ") * ", head_dim);
+  FIL_RETURN_IF_ERROR(check_not_null("q", q));
+  FIL_RETURN_IF_ERROR(check_not_null("k", k));
+  FIL_RETURN_IF_ERROR(check_not_null("positions", positions));
+  // Both are rotated in place: a byte they share would be rotated twice.
+  const int64_t es = dtype_size(dtype);
+  FIL_RETURN_IF_ERROR(check_disjoint("q", q, tokens * q_heads * head_dim * es, "k", k, tokens * kv_heads * head_dim * es));
   if (bases == nullptr) FIL_RETURN_IF_ERROR(check_base_value("base", base));
   if (ctx.device == Device::kCPU && bases != nullptr) {
     for (int64_t t = 0; t < tokens; ++t) FIL_RETURN_IF_ERROR(check_base_value("bases[t]", bases[t]));
@@ -118,7 +127,15 @@ Status ntk_base(double theta, double factor, int64_t max_position_embeddings, in
   // HF's DynamicNTK formula, in double as the Python code computes it.
   const double ratio = factor * static_cast<double>(length) / static_cast<double>(max_position_embeddings) -
                        (factor - 1.0);
-  *out = theta * std::pow(ratio, static_cast<double>(head_dim) / static_cast<double>(head_dim - 2));
+  const double base = theta * std::pow(ratio, static_cast<double>(head_dim) / static_cast<double>(head_dim - 2));
+  // The rotary kernels take the base as float32: a larger one (or inf) rotates nothing
+  // meaningful, so it is refused with the numbers that produced it.
+  if (!(base <= static_cast<double>(std::numeric_limits<float>::max())))
+    return invalid_value("ntk_base: theta * (factor * length / max_position_embeddings - (factor - 1)) ^ "
+                         "(head_dim / (head_dim - 2)) must be a finite float32 (<= 3.4e38), got ", theta, " * (",
+                         factor, " * ", length, " / ", max_position_embeddings, " - ", factor - 1.0, ") ^ (",
+                         head_dim, " / ", head_dim - 2, ") = ", base);
+  *out = base;
   return Status::Ok();
 }
 

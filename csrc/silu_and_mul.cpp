@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "check.h"
@@ -50,10 +51,19 @@ Status silu_and_mul(const Context& ctx, DType dtype, void* out, const void* x, i
                     int64_t ffn) {
   FIL_RETURN_IF_ERROR(check_context(ctx));
   FIL_RETURN_IF_ERROR(check_activation_dtype(ctx, "x", dtype));
-  FIL_RETURN_IF_ERROR(check_not_null("out", out));
-  FIL_RETURN_IF_ERROR(check_not_null("x", x));
+  // Sizes first: a zero size is the cause of a null pointer, and its message says which.
   FIL_RETURN_IF_ERROR(check_positive("rows", rows));
   FIL_RETURN_IF_ERROR(check_positive("ffn", ffn));
+  FIL_RETURN_IF_ERROR(check_not_null("out", out));
+  FIL_RETURN_IF_ERROR(check_not_null("x", x));
+  if (rows > std::numeric_limits<int64_t>::max() / ffn / 16)
+    return invalid_value("rows * 2 * ffn must fit in int64 bytes, got ", rows, " * 2 * ", ffn);
+  // The CUDA kernel reads x and writes out from many threads at once (both __restrict__):
+  // an overlap there is a race with no defined result. The CPU path keeps its in-order pass.
+  if (ctx.device == Device::kCUDA) {
+    const int64_t es = dtype_size(dtype);
+    FIL_RETURN_IF_ERROR(check_disjoint("out", out, rows * ffn * es, "x", x, rows * 2 * ffn * es));
+  }
   FIL_DISPATCH_CUDA(ctx, "silu_and_mul", cuda::silu_and_mul(ctx, dtype, out, x, rows, ffn));
   return dispatch_activation(dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -1,5 +1,5 @@
 """Command line: `fastinternlm generate --model DIR "prompt"`, `fastinternlm chat --model DIR`,
-`fastinternlm quantize IN_DIR OUT_DIR`, `fastinternlm info`. Also `python -m fastinternlm ...`."""
+`fastinternlm quantize IN_DIR OUT_DIR`, `fastinternlm check MODEL`, `fastinternlm info`. Also `python -m fastinternlm ...`."""
 
 from __future__ import annotations
 
@@ -91,6 +91,15 @@ def _quantize(args) -> int:
     return main_args(args)
 
 
+def _check(args) -> int:
+    from . import load
+    # The smallest KV cache load accepts: the check reads weights only.
+    llm = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=2, progress=not args.no_progress)
+    llm.model.check_finite()
+    print(f"{args.model}: {sum(1 for _ in llm.model.named_weights())} weight tensors, all finite")
+    return 0
+
+
 def _info(args) -> int:
     import fastinternlm
     for k, v in fastinternlm.build_info().items():
@@ -121,6 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   "available); the result is the same")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(run=_quantize)
+    k = sub.add_parser("check", help="load a model and scan every weight for NaN/Inf (names the first bad tensor)")
+    k.add_argument("model", metavar="MODEL", help="checkpoint directory (HF layout) or .gguf file")
+    k.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    k.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="activation dtype")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    k.set_defaults(run=_check)
     i = sub.add_parser("info", help="what this build contains")
     i.set_defaults(run=_info)
     args = parser.parse_args(argv)

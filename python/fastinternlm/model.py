@@ -69,6 +69,23 @@ class ModelWeights:
                    for _, t in self.named_tensors())
 
 
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or Inf: every token computed through it would be garbage."""
+
+
+# Elements per isfinite pass: bounds the boolean temporary for a large embedding table.
+_FINITE_CHUNK = 1 << 24
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on t's device (no host sync)."""
+    flat = t.reshape(-1)
+    ok = torch.ones((), dtype=torch.bool, device=t.device)
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        ok &= torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()
+    return ok
+
+
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ w.T through torch (cuBLAS / oneDNN) for dense weights, our int4 GEMM for int4."""
     if isinstance(w, torch.Tensor):
@@ -91,6 +108,40 @@ class Transformer:
         shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
         self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
         self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
+
+    def named_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Every floating-point tensor of the model with a readable name; an Int4Weight
+        contributes its scales and offsets (its nibbles cannot be non-finite)."""
+        def expand(name, w):
+            if isinstance(w, torch.Tensor):
+                yield name, w
+            else:
+                yield f"{name}.scales", w.scales
+                yield f"{name}.offsets", w.offsets
+
+        yield "tok_embeddings", self.tok_embeddings
+        for i, layer in enumerate(self.layers):
+            for field in dataclasses.fields(layer):
+                yield from expand(f"layers.{i}.{field.name}", getattr(layer, field.name))
+        yield "norm", self.norm
+        yield from expand("output", self.output)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteWeightError naming the first weight (in model order) that holds a
+        NaN or Inf. Runs where the weights live, one host sync for the whole model."""
+        named = list(self.named_weights())
+        if not named:
+            return
+        flags = torch.stack([_all_finite(t).to(self.device) for _, t in named]).cpu()
+        if bool(flags.all()):
+            return
+        index = int((~flags).nonzero()[0])
+        name, t = named[index]
+        bad = ~torch.isfinite(t.reshape(-1))
+        count, first = int(bad.sum()), int(bad.nonzero()[0])
+        raise NonFiniteWeightError(
+            f"weight {name} {tuple(t.shape)} holds {count} non-finite value(s) (NaN or Inf); the first at "
+            f"flat index {first} is {float(t.reshape(-1)[first])}")
 
     def _forward(self, tokens: torch.Tensor,
                  attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:

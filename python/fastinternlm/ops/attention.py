@@ -14,17 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import _C, check_activation, check_index_range, check_tensor, context, dtype_code, same_device
-
-_INT64 = (-(2**63), 2**63)
-
-
-def _host_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if not _INT64[0] <= value < _INT64[1]:
-        raise ValueError(f"{name} must fit in int64, got {value}")
-    return value
+from ._checks import check_no_overlap, check_nonempty, check_window, host_float
+from ._checks import host_int as _host_int
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -32,7 +23,7 @@ def _scale(scale, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)  # finiteness and sign are checked by the C++ entry point
+    return host_float("scale", scale, float32=True)  # finiteness and sign are checked by the C++ entry point
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -42,6 +33,8 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     check_tensor("v_cache", v_cache, dtypes=(q.dtype,), shape=tuple(k_cache.shape))
     num_slots, kv_heads, max_seq, head_dim = k_cache.shape
     check_tensor("q", q, shape=(None, None, head_dim))
+    check_nonempty("k_cache", k_cache)
+    check_nonempty("q", q, except_dim=0)
     return num_slots, kv_heads, max_seq, head_dim
 
 
@@ -56,13 +49,15 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
     start > 0 continues a long prompt whose earlier chunks were written by earlier calls.
     scale defaults to 1/sqrt(D)."""
-    _, kv_heads, _, head_dim = _check_cache(q, k_cache, v_cache)
+    _, kv_heads, max_seq, head_dim = _check_cache(q, k_cache, v_cache)
     tokens, q_heads = q.shape[0], q.shape[1]
     check_tensor("k", k, dtypes=(q.dtype,), shape=(tokens, kv_heads, head_dim))
     check_tensor("v", v, dtypes=(q.dtype,), shape=(tokens, kv_heads, head_dim))
     device = same_device(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_no_overlap({"k_cache": k_cache, "v_cache": v_cache}, {"q": q, "k": k, "v": v})
     slot = _host_int("slot", slot)
     start = _host_int("start", start)
+    check_window("start", start, "tokens", tokens, "max_seq", max_seq)
     scale = _scale(scale, head_dim)
     out = torch.empty_like(q)
     if tokens == 0:
@@ -136,6 +131,8 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         return out
     workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
                                               k_cache, workspace, check_indices, "q", q)
+    check_no_overlap({"k_cache": k_cache, "v_cache": v_cache, "workspace": workspace},
+                     {"q": q, "k": k, "v": v, "slots": slots, "positions": positions})
     ctx = context(device)
     _C.attention_decode(*ctx, dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                         *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
@@ -159,6 +156,7 @@ def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_slots, kv_heads, max_seq, head_dim = k_cache.shape
     batch, _, rows, _ = qkv.shape
     check_tensor("qkv", qkv, shape=(None, kv_heads, None, head_dim))
+    check_nonempty("k_cache", k_cache)
     if rows < 3:
         raise ValueError(f"qkv must have shape (B, kv_heads, G + 2, head_dim) with G >= 1, got {tuple(qkv.shape)}")
     q_heads = kv_heads * (rows - 2)
@@ -173,6 +171,8 @@ def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
                                               k_cache, workspace, check_indices, "qkv", qkv)
+    check_no_overlap({"k_cache": k_cache, "v_cache": v_cache, "workspace": workspace},
+                     {"qkv": qkv, "slots": slots, "positions": positions, "bases": bases})
     ctx = context(device)
     _C.attention_decode_qkv(*ctx, dtype_code(qkv.dtype), out.data_ptr(), qkv.data_ptr(),
                             *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),

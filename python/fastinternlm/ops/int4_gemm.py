@@ -15,7 +15,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ._checks import _C, check_activation, check_tensor, context, dtype_code, same_device
+from ._checks import _C, check_activation, check_tensor, context, dtype_code, host_int, same_device
 
 INT4_FORMAT_VERSION = 1
 GROUP_SIZES = (32, 64, 128)
@@ -26,8 +26,7 @@ _STATE_KEYS = ("qweight", "scales", "offsets", "int4_format")
 
 
 def _check_group_size(group_size) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    group_size = host_int("group_size", group_size)
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
     return group_size
@@ -36,10 +35,12 @@ def _check_group_size(group_size) -> int:
 class Int4Weight:
     """A packed int4 weight (format v1): the three tensors on one device and their sizes.
 
-    Read-only after construction (the tensors are validated once here, not at every
-    GEMM); build a new one to change anything."""
+    Read-only after construction: build a new one to change anything. The sizes, device
+    and layout are recorded here, and every op re-checks the tensors against that record
+    (`validate`, a few attribute reads), so a tensor resized or re-pointed in place
+    afterwards raises instead of making a kernel read past its memory."""
 
-    __slots__ = ("_qweight", "_scales", "_offsets", "_group_size")
+    __slots__ = ("_qweight", "_scales", "_offsets", "_group_size", "_n", "_k", "_device")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                  group_size: int, format_version: int = INT4_FORMAT_VERSION):
@@ -56,9 +57,25 @@ class Int4Weight:
             raise ValueError(f"k = 8 * qweight.shape[1] = {k} must be a multiple of group_size ({group_size})")
         check_tensor("scales", scales, dtypes=(torch.float16,), shape=(n, k // group_size))
         check_tensor("offsets", offsets, dtypes=(torch.float16,), shape=(n, k // group_size))
-        same_device(qweight=qweight, scales=scales, offsets=offsets)
+        self._device = same_device(qweight=qweight, scales=scales, offsets=offsets)
         self._qweight, self._scales, self._offsets = qweight, scales, offsets
         self._group_size = group_size
+        self._n, self._k = n, k
+
+    def validate(self) -> "Int4Weight":
+        """The tensors still match what was recorded at construction (dtype, shape, device,
+        contiguity): what every op taking an Int4Weight checks before passing pointers on."""
+        groups = self._k // self._group_size
+        for name, t, dtype, shape in (("qweight", self._qweight, torch.int32, (self._n, self._k // 8)),
+                                      ("scales", self._scales, torch.float16, (self._n, groups)),
+                                      ("offsets", self._offsets, torch.float16, (self._n, groups))):
+            if (t.dtype != dtype or tuple(t.shape) != shape or t.device != self._device
+                    or not t.is_contiguous()):
+                raise ValueError(
+                    f"Int4Weight.{name} was changed after construction: recorded {str(dtype)[6:]} {shape} on "
+                    f"{self._device}, contiguous; now {str(t.dtype)[6:]} {tuple(t.shape)} on {t.device}"
+                    f"{'' if t.is_contiguous() else ', not contiguous'}")
+        return self
 
     @classmethod
     def from_tensors(cls, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -81,12 +98,12 @@ class Int4Weight:
     @property
     def n(self) -> int:
         """Output channels (rows of W)."""
-        return self._qweight.shape[0]
+        return self._n
 
     @property
     def k(self) -> int:
         """Input channels (columns of W)."""
-        return 8 * self._qweight.shape[1]
+        return self._k
 
     @property
     def group_size(self) -> int:
@@ -103,7 +120,7 @@ class Int4Weight:
 
     @property
     def device(self) -> torch.device:
-        return self._qweight.device
+        return self._device
 
     @property
     def nbytes(self) -> int:
@@ -112,6 +129,7 @@ class Int4Weight:
 
     def to(self, device: Union[torch.device, str]) -> "Int4Weight":
         device = torch.device(device)
+        self.validate()
         if device == self.device:
             return self
         return Int4Weight(self._qweight.to(device), self._scales.to(device), self._offsets.to(device),
@@ -120,6 +138,7 @@ class Int4Weight:
     def state_dict(self, prefix: str = "") -> Dict[str, torch.Tensor]:
         """Tensors only (safetensors-friendly): the packed tensors plus an int64 tensor
         [format_version, n, k, group_size] under `prefix + "int4_format"`."""
+        self.validate()
         meta = torch.tensor([INT4_FORMAT_VERSION, self.n, self.k, self._group_size], dtype=torch.int64)
         return {prefix + "qweight": self._qweight, prefix + "scales": self._scales,
                 prefix + "offsets": self._offsets, prefix + "int4_format": meta}
@@ -148,7 +167,26 @@ class Int4Weight:
 def _check_weight(qw) -> Int4Weight:
     if not isinstance(qw, Int4Weight):
         raise TypeError(f"qw must be an Int4Weight, got {type(qw).__name__}")
-    return qw
+    return qw.validate()
+
+
+_DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in WEIGHT_DTYPES}
+
+
+def _out_dtype(dtype) -> torch.dtype:
+    """A torch.dtype, or its name ("float16", "torch.float16")."""
+    if isinstance(dtype, str):
+        name = dtype[len("torch."):] if dtype.startswith("torch.") else dtype
+        if name not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPE_NAMES)} (a torch.dtype or its name), "
+                             f"got {dtype!r}")
+        return _DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (float16, bfloat16 or float32) or its name, "
+                        f"got {type(dtype).__name__} {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {str(dtype)[6:]}")
+    return dtype
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128) -> Int4Weight:
@@ -171,11 +209,11 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> Int4Weight:
     return Int4Weight(qweight, scales, offsets, group_size)
 
 
-def dequantize_int4(qw: Int4Weight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """W [n, k] in `dtype` (float16, bfloat16 or float32): q * s + m in float32, rounded once."""
+def dequantize_int4(qw: Int4Weight, dtype: Union[torch.dtype, str] = torch.float16) -> torch.Tensor:
+    """W [n, k] in `dtype` (float16, bfloat16 or float32, or the name of one): q * s + m in
+    float32, rounded once."""
     qw = _check_weight(qw)
-    if dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    dtype = _out_dtype(dtype)
     out = torch.empty(qw.n, qw.k, dtype=dtype, device=qw.device)
     _C.dequantize_int4(*context(qw.device), dtype_code(dtype), out.data_ptr(), qw.qweight.data_ptr(),
                        qw.scales.data_ptr(), qw.offsets.data_ptr(), qw.n, qw.k, qw.group_size)

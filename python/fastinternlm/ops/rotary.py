@@ -7,8 +7,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import (POSITION_DTYPES, _C, check_activation, check_tensor, context, dtype_code,
-                      same_device)
+from ._checks import (POSITION_DTYPES, _C, check_activation, check_no_overlap, check_nonempty, check_tensor,
+                      context, dtype_code, host_float, host_int, same_device)
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -28,13 +28,18 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         check_tensor("base", base, dtypes=(torch.float32,), shape=(tokens,))
         tensors["base"] = base
         bases_ptr = base.data_ptr()
-    elif isinstance(base, (int, float)) and not isinstance(base, bool):
-        base_value = float(base)
     else:
-        raise TypeError(f"base must be a float or a float32 tensor, got {type(base).__name__}")
+        try:
+            base_value = host_float("base", base, float32=True)
+        except TypeError:
+            raise TypeError(f"base must be a float or a float32 tensor, got {type(base).__name__}") from None
     device = same_device(**tensors)
     if tokens == 0:
         return q, k
+    check_nonempty("q", q)
+    check_nonempty("k", k)
+    # Both are rotated in place: a byte shared by q and k would be rotated twice.
+    check_no_overlap({"q": q, "k": k}, {name: t for name, t in tensors.items() if name not in ("q", "k")})
     _C.rotary_embedding(*context(device), dtype_code(q.dtype), q.data_ptr(), k.data_ptr(),
                         positions.data_ptr(), dtype_code(positions.dtype), bases_ptr, base_value,
                         tokens, q.shape[1], k.shape[1], head_dim)
@@ -45,10 +50,15 @@ def ntk_base(theta: float, factor: Optional[float], max_position_embeddings: int
              head_dim: int) -> float:
     """The dynamic-NTK rotary base for a sequence of `length` tokens: theta itself while
     length <= max_position_embeddings (or factor is None: no dynamic NTK), else
-    theta * (factor * length / max_position_embeddings - (factor - 1)) ** (D / (D - 2))."""
+    theta * (factor * length / max_position_embeddings - (factor - 1)) ** (D / (D - 2)).
+
+    The integers must be ints (a fractional length is refused, not truncated); a base that
+    would not fit the float32 the rotary kernels take is refused with the numbers."""
     if factor is None:
-        return float(theta)
-    return _C.ntk_base(float(theta), float(factor), int(max_position_embeddings), int(length), int(head_dim))
+        return float(host_float("theta", theta))
+    return _C.ntk_base(host_float("theta", theta), host_float("factor", factor),
+                       host_int("max_position_embeddings", max_position_embeddings), host_int("length", length),
+                       host_int("head_dim", head_dim))
 
 
 def ntk_bases(lengths: torch.Tensor, theta: float, factor: Optional[float], max_position_embeddings: int,
