@@ -14,6 +14,7 @@
 
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
+#include "rope.cuh"
 
 namespace fastinternlm {
 namespace cuda {
@@ -131,6 +132,81 @@ __device__ __forceinline__ uint4 rope_lane(const uint4& own, int lane, const flo
   return out;
 }
 
+// How one lane of a row group reads and writes its 8 dims of a cached row, per cache format
+// (attention.h). F = 0: 16 bytes of T. F = 1 (int8): 8 bytes of codes; F = 2 (int4): 4
+// bytes, value 2j in the low nibble of byte j; both with the row's (scale, zero) as one
+// float2. Dequantization is one fma per value into float32 registers, where the math
+// needs it anyway: no separate pass and no T copy of the cache.
+template <typename T, int F> struct CacheLane;
+
+template <typename T>
+struct CacheLane<T, 0> {
+  using Raw = uint4;
+  __device__ static void unpack(float (&f)[8], const Raw& raw, float2) { cuda::unpack<T, 8>(f, raw); }
+};
+
+template <typename T, int F>
+struct CacheLaneQuantized {
+  static constexpr int kBits = F == 1 ? 8 : 4;
+  using Raw = typename std::conditional<F == 1, uint2, uint32_t>::type;
+  __device__ static int code(const Raw& raw, int e) {
+    if constexpr (F == 1) {
+      const uint32_t w = e < 4 ? raw.x : raw.y;
+      return (w >> (8 * (e % 4))) & 0xff;
+    } else {
+      return (raw >> (4 * e)) & 0xf;
+    }
+  }
+  __device__ static void unpack(float (&f)[8], const Raw& raw, float2 p) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = __fmaf_rn(static_cast<float>(code(raw, e)), p.x, p.y);
+  }
+  // Quantizes the row whose 8 dims this lane holds in `x` (the L = D/8 lanes of a row group
+  // hold one row; all 32 lanes of the warp must call): the format's arithmetic, each step
+  // rounded as the CPU reference rounds it. Returns the lane's codes and the row's
+  // (scale, zero) in p.
+  template <int D>
+  __device__ static Raw quantize(const float (&x)[8], float2& p) {
+    constexpr int L = D / 8;
+    float lo = x[0], hi = x[0];
+#pragma unroll
+    for (int e = 1; e < 8; ++e) {
+      lo = fminf(lo, x[e]);
+      hi = fmaxf(hi, x[e]);
+    }
+#pragma unroll
+    for (int off = L / 2; off > 0; off >>= 1) {
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+    }
+    constexpr float qmax = static_cast<float>((1 << kBits) - 1);
+    const float scale = __fdiv_rn(__fsub_rn(hi, lo), qmax);
+    // Below FLT_MIN 1 / scale could overflow; such a row is constant to within 1e-35.
+    const float inv = scale >= 1.17549435e-38f ? __frcp_rn(scale) : 0.0f;
+    p = make_float2(scale, lo);
+    uint32_t w[2] = {0, 0};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float q = fminf(qmax, rintf(__fmul_rn(__fsub_rn(x[e], lo), inv)));
+      const uint32_t c = static_cast<uint32_t>(q);
+      if constexpr (F == 1)
+        w[e / 4] |= c << (8 * (e % 4));
+      else
+        w[0] |= c << (4 * e);
+    }
+    if constexpr (F == 1)
+      return make_uint2(w[0], w[1]);
+    else
+      return w[0];
+  }
+};
+template <typename T> struct CacheLane<T, 1> : CacheLaneQuantized<T, 1> {};
+template <typename T> struct CacheLane<T, 2> : CacheLaneQuantized<T, 2> {};
+
+// Elements of the cache arrays: T, or bytes of codes.
+template <typename T, int F>
+using CacheElem = typename std::conditional<F == 0, T, uint8_t>::type;
+
 // Where a sequence's new q, k and v rows live: separate [batch, heads, D] tensors, or the
 // grouped output of InternLM2's fused wqkv ([batch, kv_heads, G + 2, D]: per KV head its G
 // query rows, then k, then v). Strides in elements; the G query rows of a group are
@@ -152,12 +228,19 @@ struct DecodeRows {
 // Occupancy: at most 128 registers for groups up to 4 (the 7B model's), so 4 blocks (16
 // warps) fit an SM and keep enough loads in flight; larger groups need more registers for
 // q and acc and settle for 2.
-template <typename T, int D, int G>
+// F: the cache format (CacheLane). The quantized formats' parameters come last so that the
+// F = 0 kernel's parameter layout, and with it its code, is what it was before they existed.
+template <typename T, int D, int G, int F>
 __global__ void __launch_bounds__(kDecodeThreads, G <= 4 ? 4 : 2)
 decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __restrict__ ws_acc,
-                    const DecodeRows<T> in, T* k_cache, T* v_cache, int num_slots, int kv_heads, int max_seq,
+                    const DecodeRows<T> in, CacheElem<T, F>* k_cache, CacheElem<T, F>* v_cache, int num_slots, int kv_heads, int max_seq,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
-                    float scale_log2, int splits, int min_chunk) {
+                    float scale_log2, int splits, int min_chunk, float2* k_params, float2* v_params) {
+  using C = CacheLane<T, F>;
+  using Raw = typename C::Raw;
+  using Elem = CacheElem<T, F>;
+  constexpr int kRow = F == 0 ? D : D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8;
+  constexpr int kLane = kRow / (D / 8);
   // With one split there is no merge: the wo GEMV follows this kernel directly and may
   // launch now (cuda_common.cuh, PDL); with a merge after it this has no effect.
   pdl_trigger();
@@ -187,9 +270,11 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   if (begin >= len) return;
   const int end = static_cast<int>(begin + chunk < len ? begin + chunk : len);
 
+  // Rows of the cache in int64: slots x kv_heads x max_seq x head_dim passes 2^31 at long
+  // contexts (t * kRow below is int64 too).
   const int64_t head = (int64_t{slot} * kv_heads + kvh) * max_seq;
-  const T* kc = k_cache + head * D + lane * 8;
-  const T* vc = v_cache + head * D + lane * 8;
+  const Elem* kc = k_cache + head * kRow + lane * kLane;
+  const Elem* vc = v_cache + head * kRow + lane * kLane;
   // A PDL dependent of the wqkv GEMV (cuda_common.cuh): the cached keys and values were
   // written by earlier steps, not by it, so the first two iterations' rows are fetched
   // into L2 before the wait (prefetches hold no registers: loading them into registers
@@ -198,8 +283,8 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   for (int i = 0; i < 2 * U; ++i) {
     const int t = static_cast<int>(begin) + i * R + rg;
     if (t < end && t != pos) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + int64_t{t} * D));
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + int64_t{t} * D));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + int64_t{t} * kRow));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + int64_t{t} * kRow));
     }
   }
   pdl_wait();
@@ -216,11 +301,8 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
     __shared__ float cos_t[D / 2], sin_t[D / 2];
     const double base = in.bases[b];
     for (int i = tid; i < D / 2; i += kDecodeThreads) {
-      // rotary.cu's steps: the power in double rounded once, the angle in float32, precise
-      // sincosf (angles reach 1e6 rad at long contexts).
-      const float inv_freq = 1.0f / static_cast<float>(pow(base, static_cast<double>(2 * i) / D));
       float sn, c;
-      sincosf(static_cast<float>(pos) * inv_freq, &sn, &c);
+      rope_cos_sin(base, pos, i, D, &c, &sn);  // rotary.cu's arithmetic
       cos_t[i] = round_to<T>(c);
       sin_t[i] = round_to<T>(sn);
     }
@@ -231,9 +313,32 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   }
   // The block whose chunk holds the new token stores it; it uses that token from kn / vn
   // below, so no other block and no ordering is involved.
-  if (pos < end && rg == 0) {
-    *reinterpret_cast<uint4*>(k_cache + (head + pos) * D + lane * 8) = kn;
-    *reinterpret_cast<uint4*>(v_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(vn);
+  if constexpr (F == 0) {
+    if (pos < end && rg == 0) {
+      *reinterpret_cast<uint4*>(k_cache + (head + pos) * D + lane * 8) = kn;
+      *reinterpret_cast<uint4*>(v_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(vn);
+    }
+  }
+  // Quantized: that block quantizes the new k (rotated, in registers) and v on the way into
+  // the cache, and attends to them as they were stored, like every other cached token.
+  Raw knq{}, vnq{};
+  float2 knp = make_float2(0.0f, 0.0f), vnp = knp;
+  if constexpr (F != 0) {
+    if (pos < end) {  // uniform over the block: every row group joins the shuffles
+      float x[8];
+      unpack<T, 8>(x, kn);
+      knq = C::template quantize<D>(x, knp);
+      unpack<T, 8>(x, *reinterpret_cast<const uint4*>(vn));
+      vnq = C::template quantize<D>(x, vnp);
+      if (rg == 0) {
+        *reinterpret_cast<Raw*>(k_cache + (head + pos) * kRow + lane * kLane) = knq;
+        *reinterpret_cast<Raw*>(v_cache + (head + pos) * kRow + lane * kLane) = vnq;
+        if (lane == 0) {
+          k_params[head + pos] = knp;
+          v_params[head + pos] = vnp;
+        }
+      }
+    }
   }
 
   float qf[G][8], acc[G][8], m[G], l[G];
@@ -251,26 +356,39 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
 
   // The trip count is the same for every thread (the shuffles need the whole warp).
   for (int base = static_cast<int>(begin); base < end; base += R * U) {
-    uint4 kr[U], vr[U];
+    Raw kr[U], vr[U];
+    float2 kp[U], vp[U];  // (scale, zero) of quantized rows; unused (and removed) for F = 0
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int t = base + u * R + rg;
       // Zeros for tokens past the end: their probability is 0, and 0 * stale data could
-      // be NaN.
-      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+      // be NaN (quantized: zero codes and parameters dequantize to exact zeros).
+      kr[u] = vr[u] = Raw{};
+      kp[u] = vp[u] = make_float2(0.0f, 0.0f);
       if (t == pos) {
-        kr[u] = kn;
-        vr[u] = *reinterpret_cast<const uint4*>(vn);
+        if constexpr (F == 0) {
+          kr[u] = kn;
+          vr[u] = *reinterpret_cast<const uint4*>(vn);
+        } else {
+          kr[u] = knq;
+          vr[u] = vnq;
+          kp[u] = knp;
+          vp[u] = vnp;
+        }
       } else if (t < end) {
-        kr[u] = *reinterpret_cast<const uint4*>(kc + int64_t{t} * D);
-        vr[u] = *reinterpret_cast<const uint4*>(vc + int64_t{t} * D);
+        kr[u] = *reinterpret_cast<const Raw*>(kc + int64_t{t} * kRow);
+        vr[u] = *reinterpret_cast<const Raw*>(vc + int64_t{t} * kRow);
+        if constexpr (F != 0) {
+          kp[u] = k_params[head + t];
+          vp[u] = v_params[head + t];
+        }
       }
     }
     float s[G][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[8];
-      unpack<T, 8>(kf, kr[u]);
+      C::unpack(kf, kr[u], kp[u]);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float x = 0.0f;
@@ -306,7 +424,7 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
         const float p = exp2f(s[g][u] - mx);
         l[g] += p;
         float vf[8];
-        unpack<T, 8>(vf, vr[u]);
+        C::unpack(vf, vr[u], vp[u]);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
       }
@@ -391,6 +509,16 @@ Status dispatch_head_dim(int64_t head_dim, F&& f) {
 }
 
 template <typename F>
+Status dispatch_format(KVCacheFormat format, F&& f) {
+  switch (format) {
+    case KVCacheFormat::kActivation: return f(std::integral_constant<int, 0>{});
+    case KVCacheFormat::kInt8: return f(std::integral_constant<int, 1>{});
+    case KVCacheFormat::kInt4: return f(std::integral_constant<int, 2>{});
+    default: return invalid_value("unknown KV cache format ", static_cast<int>(format));
+  }
+}
+
+template <typename F>
 Status dispatch_group(int64_t group, F&& f) {
   switch (group) {
     case 1: return f(std::integral_constant<int, 1>{});
@@ -432,17 +560,22 @@ Status launch_decode(const Context& ctx, T* out, const DecodeRows<T>& rows, cons
     constexpr int D = decltype(dim)::value;
     return dispatch_group(q_heads / cache.kv_heads, [&](auto grp) {
       constexpr int G = decltype(grp)::value;
-      const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
-      FIL_RETURN_IF_ERROR(launch_dependent(
-          decode_split_kernel<T, D, G>, grid, dim3(kDecodeThreads), 0, ctx, "attention_decode (split)",
-          out, ws_ml, ws_acc, rows, static_cast<T*>(cache.k), static_cast<T*>(cache.v), num_slots,
-          kv_heads, max_seq, slots, positions, scale * kLog2e, splits, min_chunk));
-      if (splits == 1) return Status::Ok();
-      const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
-      decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
-          out, ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots, positions, splits,
-          min_chunk);
-      return launch_status("attention_decode (merge)");
+      return dispatch_format(cache.format, [&](auto fmt) {
+        constexpr int F = decltype(fmt)::value;
+        const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
+        FIL_RETURN_IF_ERROR(launch_dependent(
+            decode_split_kernel<T, D, G, F>, grid, dim3(kDecodeThreads), 0, ctx, "attention_decode (split)",
+            out, ws_ml, ws_acc, rows, static_cast<CacheElem<T, F>*>(cache.k),
+            static_cast<CacheElem<T, F>*>(cache.v), num_slots, kv_heads, max_seq, slots, positions,
+            scale * kLog2e, splits, min_chunk, static_cast<float2*>(cache.k_params),
+            static_cast<float2*>(cache.v_params)));
+        if (splits == 1) return Status::Ok();
+        const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
+        decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
+            out, ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots, positions, splits,
+            min_chunk);
+        return launch_status("attention_decode (merge)");
+      });
     });
   });
 }
