@@ -382,7 +382,7 @@ class LLM:
 
 def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,
          ntk_mode: str = "hf", progress: bool = True, quant: Optional[str] = None, group_size: int = 128,
-         quant_head: bool = False, cuda_graph: bool = True) -> LLM:
+         quant_head: bool = False, cuda_graph: bool = True, kv_cache: Optional[str] = None) -> LLM:
     """Load an InternLM2/2.5 (or Llama-family) checkpoint directory, or a llama-architecture
     GGUF file (`path` ending in .gguf; see gguf_loader.py, where dtype None means float32
     on the CPU and float16 on CUDA).
@@ -401,7 +401,8 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
 
     cuda_graph: on CUDA, replay each decode step as a captured CUDA graph (one per batch
     size, captured on first use); False runs every kernel eagerly from Python (the same
-    tokens, much more host time per token)."""
+    tokens, much more host time per token). kv_cache: None (the activation dtype), "int8"
+    or "int4" (model.py)."""
     check_quant_args(quant, group_size, quant_head)
     if ntk_mode not in NTK_MODES:
         raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
@@ -427,13 +428,13 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
         raise TypeError("this checkpoint is float32; on CUDA pass dtype='float16' or 'bfloat16'")
     if max_seq_len is None:
         max_seq_len = min(config.max_position_embeddings, 32768 if device.type == "cuda" else 4096)
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    if max_seq_len != "auto" and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise ValueError(f"max_seq_len must be an integer >= 2 or 'auto', got {max_seq_len!r}")
     layers = []
     for lw in weights.layers:
         # Gate and up stacked so one GEMM feeds silu_and_mul; the separate copies are dropped.
         layers.append(Layer(lw.attention_norm, lw.wqkv, lw.wo, lw.ffn_norm, stack_rows(lw.w1, lw.w3), lw.w2))
         lw.w1 = lw.w3 = None
     model = Transformer(config, weights.tok_embeddings, layers, weights.norm, weights.output,
-                        max_batch=max_batch, max_seq_len=max_seq_len)
+                        max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache)
     return LLM(model, tokenizer, ntk_mode=ntk_mode, cuda_graph=cuda_graph)

@@ -14,7 +14,10 @@ file.
     logits = rmsnorm(h) @ output.T           (float32)
 
 The KV cache is preallocated: per layer, k and v of [max_batch, kv_heads, max_seq_len,
-head_dim]; a sequence owns one slot (a row of the batch dimension). Decode takes its
+head_dim]; a sequence owns one slot (a row of the batch dimension). kv_cache="int8" or
+"int4" stores them quantized per token and KV head (ops.QuantizedKV, format v1 of
+attention.h): a half or a quarter of the bytes plus 8 bytes of (scale, zero) per row; the
+attention kernels quantize on write and dequantize on read. Decode takes its
 tokens, slots, positions and rotary bases as device tensors and never reads them back on
 the host, so a whole decode step can be captured as a CUDA graph and replayed.
 """
@@ -22,12 +25,12 @@ the host, so a whole decode step can be captured as a CUDA graph and replayed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import memory_plan, ops
 from .config import ModelConfig
 
 
@@ -43,6 +46,27 @@ class Layer:
 
 Weight = Union[torch.Tensor, "ops.Int4Weight"]
 
+# kv_cache names: the activation dtypes (the cache must then be the model's own) and the
+# quantized formats.
+KV_CACHE_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                  "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KV_CACHE_TYPES = ("fp16", "bf16", "fp32", "int8", "int4")
+
+
+def resolve_kv_cache(kv_cache: Optional[str], dtype: torch.dtype) -> str:
+    """The cache type for a model of activation dtype `dtype`: None means the activation
+    dtype itself ("fp16", "bf16" or "fp32"); a float name must equal it (the kernels read a
+    float cache in the activation dtype); "int8" / "int4" are the quantized formats."""
+    own = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    if kv_cache is None:
+        return own
+    if not isinstance(kv_cache, str) or (kv_cache not in KV_CACHE_FLOAT and kv_cache not in ops.KV_QUANT_FORMATS):
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_TYPES} or None, got {kv_cache!r}")
+    if kv_cache in KV_CACHE_FLOAT and KV_CACHE_FLOAT[kv_cache] != dtype:
+        raise ValueError(f"kv_cache {kv_cache!r} must match the activation dtype {own} (a float cache is read in "
+                         f"the activation dtype); pass None, {own!r}, 'int8' or 'int4'")
+    return own if kv_cache in KV_CACHE_FLOAT else kv_cache
+
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ w.T through torch (cuBLAS / oneDNN) for dense weights, our int4 GEMM for int4."""
@@ -53,7 +77,12 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 class Transformer:
     def __init__(self, config: ModelConfig, tok_embeddings: torch.Tensor, layers: List[Layer],
-                 norm: torch.Tensor, output: Weight, *, max_batch: int, max_seq_len: int):
+                 norm: torch.Tensor, output: Weight, *, max_batch: int, max_seq_len: Union[int, str],
+                 kv_cache: Optional[str] = None):
+        """max_seq_len "auto": the longest context whose cache and workspace fit the free
+        memory of the weights' device now (memory_plan.py). On CUDA an explicit one is
+        checked the same way first: a cache that does not fit is refused with the numbers
+        and what would fit, before any of it is allocated."""
         self.config = config
         self.tok_embeddings = tok_embeddings
         self.layers = layers
@@ -61,14 +90,24 @@ class Transformer:
         self.output = output
         self.device = tok_embeddings.device
         self.dtype = tok_embeddings.dtype
+        self.kv_cache = resolve_kv_cache(kv_cache, self.dtype)
+        if max_seq_len == "auto" or self.device.type == "cuda":
+            # The weights are resident already: the free memory is what the rest may use.
+            self.memory_plan = memory_plan.resolve(
+                memory_plan.ModelShape.from_config(config), self.device, max_seq_len=max_seq_len, max_batch=max_batch,
+                kv_cache=self.kv_cache, dtype=self.dtype, weights=0)
+            max_seq_len = self.memory_plan.max_seq_len
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
-        self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
-        self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
+        pairs = [ops.empty_kv_cache(self.kv_cache, max_batch, config.num_kv_heads, max_seq_len, config.head_dim,
+                                    self.dtype, self.device) for _ in layers]
+        self.k_cache = [k for k, _ in pairs]
+        self.v_cache = [v for _, v in pairs]
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+        """Bytes of the KV cache, parameters of a quantized one included."""
+        return sum(c.nbytes() if isinstance(c, ops.QuantizedKV) else c.numel() * c.element_size()
+                   for c in self.k_cache + self.v_cache)
 
     def _forward(self, tokens: torch.Tensor,
                  attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
