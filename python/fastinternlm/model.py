@@ -142,7 +142,9 @@ class Transformer:
 
         def attend(i, qkv):
             n = qkv.shape[0]
-            q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim)
+            # With one KV head the reshape is a strided view, not a copy: rotary works in
+            # place on contiguous rows.
+            q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim).contiguous()
             k = qkv[:, :, c.group_size].contiguous()
             v = qkv[:, :, c.group_size + 1].contiguous()
             ops.rotary_embedding(q, k, positions, base)
