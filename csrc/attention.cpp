@@ -11,7 +11,8 @@
 //   acc[i] = p_0 * v_0[i] + p_1 * v_1[i] + ... in order (products rounded, then sums)
 //   out[i] = dtype(acc[i] * (1 / sum))
 // The cache rows are converted to float32 once per call (read in place when they are
-// float32 already) and shared by the group's query heads; rows of queries are spread over
+// float32 already; quantized rows are dequantized, fma(q, scale, zero), the CUDA kernels'
+// arithmetic too) and shared by the group's query heads; rows of queries are spread over
 // threads, each row computed whole by one thread, so results do not depend on the thread
 // count or on the CPU tier (the vectors hold the lanes above).
 #include "fastinternlm/attention.h"
@@ -44,9 +45,70 @@ constexpr int64_t kMaxGroup = 8;
 // (a larger batch goes in several rounds).
 constexpr int64_t kDecodeScratchBytes = int64_t{64} << 20;
 
+// Row (slot, head, pos) of the cache, counted in rows: 64-bit, since a long cache of a few
+// slots has more than 2^31 elements (and rows * head_dim is formed in int64 too).
+int64_t row_index(const KVCache& c, int64_t slot, int64_t head, int64_t pos) {
+  return (slot * c.kv_heads + head) * c.max_seq + pos;
+}
+
 template <typename T>
 T* cache_row(void* base, const KVCache& c, int64_t slot, int64_t head, int64_t pos) {
-  return static_cast<T*>(base) + ((slot * c.kv_heads + head) * c.max_seq + pos) * c.head_dim;
+  return static_cast<T*>(base) + row_index(c, slot, head, pos) * c.head_dim;
+}
+
+bool quantized(const KVCache& c) { return c.format != KVCacheFormat::kActivation; }
+
+// Bytes of codes per row of a quantized cache.
+int64_t code_bytes(const KVCache& c) { return c.head_dim * kv_cache_bits(c.format) / 8; }
+
+// The format of attention.h, version 1: one row x [d] to codes and (scale, zero).
+template <typename T>
+void quantize_row(const T* x, int64_t d, int bits, uint8_t* codes, float* params) {
+  float lo = to_float(x[0]), hi = lo;
+  for (int64_t i = 1; i < d; ++i) {
+    const float f = to_float(x[i]);
+    lo = std::min(lo, f);
+    hi = std::max(hi, f);
+  }
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const float scale = (hi - lo) / qmax;
+  // Below FLT_MIN 1 / scale could overflow; such a row is constant to within 1e-35.
+  const float inv = scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f;
+  params[0] = scale;
+  params[1] = lo;
+  if (bits == 4) std::memset(codes, 0, static_cast<size_t>(d / 2));
+  for (int64_t i = 0; i < d; ++i) {
+    const float q = std::min(qmax, std::nearbyint((to_float(x[i]) - lo) * inv));
+    const auto code = static_cast<uint8_t>(q);
+    if (bits == 8)
+      codes[i] = code;
+    else
+      codes[i / 2] = static_cast<uint8_t>(codes[i / 2] | (code << (4 * (i % 2))));
+  }
+}
+
+// Rows [r, r + n) of a quantized cache array to float32: fma(q, scale, zero), one rounding,
+// exactly what the CUDA kernels compute (attention_cpu.inc, every tier).
+void dequantize_rows(const KVCache& c, const void* codes, const void* params, int64_t r, int64_t n,
+                     float* dst) {
+  const int64_t row_bytes = code_bytes(c);
+  FIL_TIER_SELECT(dequantize_codes)(static_cast<const uint8_t*>(codes) + r * row_bytes, row_bytes,
+                                    static_cast<const float*>(params) + 2 * r, n, c.head_dim,
+                                    kv_cache_bits(c.format), dst);
+}
+
+// Stores the new rows of one token and KV head, src_k/src_v [head_dim], at (slot, head, pos).
+template <typename T>
+void write_row(const KVCache& c, int64_t slot, int64_t head, int64_t pos, const T* src_k, const T* src_v) {
+  const int64_t d = c.head_dim;
+  if (!quantized(c)) {
+    std::copy(src_k, src_k + d, cache_row<T>(c.k, c, slot, head, pos));
+    std::copy(src_v, src_v + d, cache_row<T>(c.v, c, slot, head, pos));
+    return;
+  }
+  const int64_t r = row_index(c, slot, head, pos), bits = kv_cache_bits(c.format);
+  quantize_row(src_k, d, bits, static_cast<uint8_t*>(c.k) + r * code_bytes(c), static_cast<float*>(c.k_params) + 2 * r);
+  quantize_row(src_v, d, bits, static_cast<uint8_t*>(c.v) + r * code_bytes(c), static_cast<float*>(c.v_params) + 2 * r);
 }
 
 template <typename T>
@@ -57,7 +119,7 @@ AttendRow<T> select_attend_row(int64_t head_dim) {
   return head_dim == 64 ? FIL_TIER_SELECT(attend_row<T, 64>) : FIL_TIER_SELECT(attend_row<T, 128>);
 }
 
-// For T other than float32: converts rows [0, lens[p]) of cache head (slots[p], heads[p])
+// For T other than float32 or a quantized cache: converts rows [0, lens[p]) of cache head (slots[p], heads[p])
 // of both caches into kf, vf + p * stride * head_dim, for the pairs p in [0, pairs),
 // in pieces of 64 positions spread over threads (a prompt has only a few KV heads).
 template <typename T>
@@ -71,6 +133,12 @@ void convert_heads(const KVCache& c, const int64_t* slots, const int64_t* heads,
       const int64_t p = i / pieces, r0 = i % pieces * kPiece, r1 = std::min(lens[p], r0 + kPiece);
       if (r1 <= r0) continue;
       const int64_t off = (p * stride + r0) * d;
+      if (quantized(c)) {
+        const int64_t r = row_index(c, slots[p], heads[p], r0);
+        dequantize_rows(c, c.k, c.k_params, r, r1 - r0, kf + off);
+        dequantize_rows(c, c.v, c.v_params, r, r1 - r0, vf + off);
+        continue;
+      }
       convert(cache_row<T>(c.k, c, slots[p], heads[p], r0), (r1 - r0) * d, kf + off);
       convert(cache_row<T>(c.v, c, slots[p], heads[p], r0), (r1 - r0) * d, vf + off);
     }
@@ -82,23 +150,19 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
                    int64_t q_heads, int64_t slot, int64_t start, float scale) {
   const int64_t d = c.head_dim, hkv = c.kv_heads, group = q_heads / hkv;
   for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t h = 0; h < hkv; ++h) {
-      std::copy(k + (t * hkv + h) * d, k + (t * hkv + h + 1) * d,
-                cache_row<T>(c.k, c, slot, h, start + t));
-      std::copy(v + (t * hkv + h) * d, v + (t * hkv + h + 1) * d,
-                cache_row<T>(c.v, c, slot, h, start + t));
-    }
+    for (int64_t h = 0; h < hkv; ++h)
+      write_row(c, slot, h, start + t, k + (t * hkv + h) * d, v + (t * hkv + h) * d);
   const int64_t len = start + tokens;
-  constexpr bool kConvert = !std::is_same<T, float>::value;
+  const bool convert = !std::is_same<T, float>::value || quantized(c);
   const int threads = get_num_threads();
   Scratch<float> kv, scratch;
   Scratch<int64_t> pairs;  // slot, head, length of each (slot, head) pair converted
   if (!scratch.allocate(threads * (d + len)) ||
-      (kConvert && (!kv.allocate(2 * hkv * len * d) || !pairs.allocate(3 * hkv))))
+      (convert && (!kv.allocate(2 * hkv * len * d) || !pairs.allocate(3 * hkv))))
     return invalid_value("attention_prefill: cannot allocate CPU scratch for ", len, " positions");
   float* kf = kv.data();
-  float* vf = kConvert ? kf + hkv * len * d : nullptr;
-  if (kConvert) {
+  float* vf = convert ? kf + hkv * len * d : nullptr;
+  if (convert) {
     int64_t* pair_slots = pairs.data();
     int64_t* pair_heads = pair_slots + hkv;
     int64_t* pair_lens = pair_heads + hkv;
@@ -119,8 +183,8 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t u = i / hkv, h = i % hkv;
       const int64_t t = (u % 2 == 0) ? u / 2 : tokens - 1 - u / 2;
-      const float* kh = kConvert ? kf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slot, h, 0));
-      const float* vh = kConvert ? vf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slot, h, 0));
+      const float* kh = convert ? kf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slot, h, 0));
+      const float* vh = convert ? vf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slot, h, 0));
       for (int64_t g = 0; g < group; ++g) {
         const int64_t row = t * q_heads + h * group + g;
         attend(out + row * d, q + row * d, kh, vh, start + t + 1, scale, scr);
@@ -135,31 +199,27 @@ Status decode_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, 
                   int64_t q_heads, const int32_t* slots, const int32_t* positions, float scale) {
   const int64_t d = c.head_dim, hkv = c.kv_heads, group = q_heads / hkv;
   for (int64_t b = 0; b < batch; ++b)
-    for (int64_t h = 0; h < hkv; ++h) {
-      std::copy(k + (b * hkv + h) * d, k + (b * hkv + h + 1) * d,
-                cache_row<T>(c.k, c, slots[b], h, positions[b]));
-      std::copy(v + (b * hkv + h) * d, v + (b * hkv + h + 1) * d,
-                cache_row<T>(c.v, c, slots[b], h, positions[b]));
-    }
-  constexpr bool kConvert = !std::is_same<T, float>::value;
+    for (int64_t h = 0; h < hkv; ++h)
+      write_row(c, slots[b], h, positions[b], k + (b * hkv + h) * d, v + (b * hkv + h) * d);
+  const bool convert = !std::is_same<T, float>::value || quantized(c);
   int64_t max_len = 0;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, positions[b] + 1);
   // Sequences per round: their float32 K/V copies fit the scratch budget.
   const int64_t round =
-      kConvert ? std::max<int64_t>(1, std::min(batch, kDecodeScratchBytes / (2 * hkv * max_len * d * 4)))
+      convert ? std::max<int64_t>(1, std::min(batch, kDecodeScratchBytes / (2 * hkv * max_len * d * 4)))
                : batch;
   const int threads = get_num_threads();
   Scratch<float> kv, scratch;
   Scratch<int64_t> pairs;  // slot, head, length of each (slot, head) pair converted
   if (!scratch.allocate(threads * (d + max_len)) ||
-      (kConvert && (!kv.allocate(2 * round * hkv * max_len * d) || !pairs.allocate(3 * round * hkv))))
+      (convert && (!kv.allocate(2 * round * hkv * max_len * d) || !pairs.allocate(3 * round * hkv))))
     return invalid_value("attention_decode: cannot allocate CPU scratch for ", max_len, " positions");
   const AttendRow<T> attend = select_attend_row<T>(d);
   for (int64_t b0 = 0; b0 < batch; b0 += round) {
     const int64_t nb = std::min(batch, b0 + round) - b0;
     float* kf = kv.data();
-    float* vf = kConvert ? kf + nb * hkv * max_len * d : nullptr;
-    if (kConvert) {
+    float* vf = convert ? kf + nb * hkv * max_len * d : nullptr;
+    if (convert) {
       int64_t* pair_slots = pairs.data();
       int64_t* pair_heads = pair_slots + round * hkv;
       int64_t* pair_lens = pair_heads + round * hkv;
@@ -177,9 +237,9 @@ Status decode_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c, 
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = b0 + r / q_heads, hq = r % q_heads, h = hq / group;
         const int64_t pair = (b - b0) * hkv + h, len = positions[b] + 1;
-        const float* kh = kConvert ? kf + pair * max_len * d
+        const float* kh = convert ? kf + pair * max_len * d
                                    : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slots[b], h, 0));
-        const float* vh = kConvert ? vf + pair * max_len * d
+        const float* vh = convert ? vf + pair * max_len * d
                                    : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slots[b], h, 0));
         const int64_t row = b * q_heads + hq;
         attend(out + row * d, q + row * d, kh, vh, len, scale, scr);
@@ -202,6 +262,11 @@ Status check_common(const Context& ctx, DType dtype, const void* out, const void
   FIL_RETURN_IF_ERROR(check_not_null("v", v));
   FIL_RETURN_IF_ERROR(check_not_null("k_cache", cache.k));
   FIL_RETURN_IF_ERROR(check_not_null("v_cache", cache.v));
+  FIL_RETURN_IF_ERROR(check_one_of("kv_cache format", static_cast<int64_t>(cache.format), {0, 1, 2}));
+  if (quantized(cache)) {
+    FIL_RETURN_IF_ERROR(check_not_null("k_params", cache.k_params));
+    FIL_RETURN_IF_ERROR(check_not_null("v_params", cache.v_params));
+  }
   FIL_RETURN_IF_ERROR(check_positive(rows_name, rows));
   FIL_RETURN_IF_ERROR(check_positive("num_slots", cache.num_slots));
   FIL_RETURN_IF_ERROR(check_positive("kv_heads", cache.kv_heads));
@@ -228,6 +293,10 @@ Status check_common(const Context& ctx, DType dtype, const void* out, const void
     FIL_RETURN_IF_ERROR(check_aligned("v", v, 16));
     FIL_RETURN_IF_ERROR(check_aligned("k_cache", cache.k, 16));
     FIL_RETURN_IF_ERROR(check_aligned("v_cache", cache.v, 16));
+    if (quantized(cache)) {  // read as float2, one (scale, zero) pair per load
+      FIL_RETURN_IF_ERROR(check_aligned("k_params", cache.k_params, 8));
+      FIL_RETURN_IF_ERROR(check_aligned("v_params", cache.v_params, 8));
+    }
   }
   return Status::Ok();
 }

@@ -1,6 +1,8 @@
 // Attention over the KV cache on CUDA: decode. Prefill (tensor cores) is in
 // attention_prefill.cu.
 //
+// Design notes and measurements: docs/kernels/attention.md.
+//
 // Decode (one token per sequence): flash-decoding. A sequence's context is cut into up to
 // `splits` chunks; block (split, kv head, sequence) computes an unnormalised partial
 // softmax (max, sum, acc[D]) for all query heads of the KV group, so every K/V byte is
@@ -14,47 +16,14 @@
 
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
+#include "kv_quant.cuh"
+#include "rope.cuh"
 
 namespace fastinternlm {
 namespace cuda {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-// ---------------------------------------------------------------------------------------
-// Vector loads: 16 bytes (8 halves) per access, the width at which a warp's loads reach
-// full DRAM bandwidth with the fewest instructions.
-
-template <typename T> struct Half2Of;
-template <> struct Half2Of<__half> { using type = __half2; };
-template <> struct Half2Of<__nv_bfloat16> { using type = __nv_bfloat162; };
-
-__device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
-
-template <typename T>
-__device__ __forceinline__ typename Half2Of<T>::type from_float2(float a, float b);
-template <>
-__device__ __forceinline__ __half2 from_float2<__half>(float a, float b) { return __floats2half2_rn(a, b); }
-template <>
-__device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float a, float b) {
-  return __floats2bfloat162_rn(a, b);
-}
-
-template <int N> struct RawVec;
-template <> struct RawVec<8> { using type = uint4; };
-template <> struct RawVec<4> { using type = uint2; };
-
-template <typename T, int N>
-__device__ __forceinline__ void unpack(float (&f)[N], const typename RawVec<N>::type& raw) {
-  const auto* h = reinterpret_cast<const typename Half2Of<T>::type*>(&raw);
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) {
-    const float2 x = to_float2(h[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
 
@@ -66,12 +35,9 @@ constexpr int kMaxSplits = 256;
 // The split sizing (defaults in attention.h):
 // - kDecodeMinChunk, 64 tokens: below it a block's fixed costs (q load, merge of its row
 //   groups, the partial's store) dominate.
-// - kDecodeTargetBlocks, 264: about two 4-warp blocks per SM of a 132-SM H100. Measured on
-//   one (bench.attention_sweep, 2026-11-26, docs/device-runs/2026-11-26-h100-run2-d6f5001):
-//   against the earlier 1024, 8K context runs in 21 instead of 31 us and 32K in 68 instead
-//   of 83 us (fewer, longer splits: each block's fixed cost, q and the merge, is paid less
-//   often), 2K and batch 16 unchanged or faster. 528 was faster still at 32K (61 us) but
-//   slower at 2K (14 vs 11 us).
+// - kDecodeTargetBlocks, 264: about two 4-warp blocks per SM of a 132-SM H100; fewer,
+//   longer splits pay each block's fixed cost (q and the merge) less often. The sweep that
+//   chose it is in docs/kernels/attention.md.
 // Both can be changed for benchmark sweeps (set_decode_split_tuning); they are read on the
 // host at every launch and passed to the kernels.
 std::atomic<int> g_min_chunk{static_cast<int>(kDecodeMinChunk)};
@@ -152,12 +118,19 @@ struct DecodeRows {
 // Occupancy: at most 128 registers for groups up to 4 (the 7B model's), so 4 blocks (16
 // warps) fit an SM and keep enough loads in flight; larger groups need more registers for
 // q and acc and settle for 2.
-template <typename T, int D, int G>
+// F: the cache format (CacheLane). The quantized formats' parameters come last so that the
+// F = 0 kernel's parameter layout, and with it its code, is what it was before they existed.
+template <typename T, int D, int G, int F>
 __global__ void __launch_bounds__(kDecodeThreads, G <= 4 ? 4 : 2)
 decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __restrict__ ws_acc,
-                    const DecodeRows<T> in, T* k_cache, T* v_cache, int num_slots, int kv_heads, int max_seq,
+                    const DecodeRows<T> in, CacheElem<T, F>* k_cache, CacheElem<T, F>* v_cache, int num_slots, int kv_heads, int max_seq,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
-                    float scale_log2, int splits, int min_chunk) {
+                    float scale_log2, int splits, int min_chunk, float2* k_params, float2* v_params) {
+  using C = CacheLane<T, F>;
+  using Raw = typename C::Raw;
+  using Elem = CacheElem<T, F>;
+  constexpr int kRow = F == 0 ? D : D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8;
+  constexpr int kLane = kRow / (D / 8);
   // With one split there is no merge: the wo GEMV follows this kernel directly and may
   // launch now (cuda_common.cuh, PDL); with a merge after it this has no effect.
   pdl_trigger();
@@ -187,9 +160,11 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   if (begin >= len) return;
   const int end = static_cast<int>(begin + chunk < len ? begin + chunk : len);
 
+  // Rows of the cache in int64: slots x kv_heads x max_seq x head_dim passes 2^31 at long
+  // contexts (t * kRow below is int64 too).
   const int64_t head = (int64_t{slot} * kv_heads + kvh) * max_seq;
-  const T* kc = k_cache + head * D + lane * 8;
-  const T* vc = v_cache + head * D + lane * 8;
+  const Elem* kc = k_cache + head * kRow + lane * kLane;
+  const Elem* vc = v_cache + head * kRow + lane * kLane;
   // A PDL dependent of the wqkv GEMV (cuda_common.cuh): the cached keys and values were
   // written by earlier steps, not by it, so the first two iterations' rows are fetched
   // into L2 before the wait (prefetches hold no registers: loading them into registers
@@ -198,8 +173,8 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   for (int i = 0; i < 2 * U; ++i) {
     const int t = static_cast<int>(begin) + i * R + rg;
     if (t < end && t != pos) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + int64_t{t} * D));
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + int64_t{t} * D));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + int64_t{t} * kRow));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + int64_t{t} * kRow));
     }
   }
   pdl_wait();
@@ -216,11 +191,8 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
     __shared__ float cos_t[D / 2], sin_t[D / 2];
     const double base = in.bases[b];
     for (int i = tid; i < D / 2; i += kDecodeThreads) {
-      // rotary.cu's steps: the power in double rounded once, the angle in float32, precise
-      // sincosf (angles reach 1e6 rad at long contexts).
-      const float inv_freq = 1.0f / static_cast<float>(pow(base, static_cast<double>(2 * i) / D));
       float sn, c;
-      sincosf(static_cast<float>(pos) * inv_freq, &sn, &c);
+      rope_cos_sin(base, pos, i, D, &c, &sn);  // rotary.cu's arithmetic
       cos_t[i] = round_to<T>(c);
       sin_t[i] = round_to<T>(sn);
     }
@@ -231,9 +203,35 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   }
   // The block whose chunk holds the new token stores it; it uses that token from kn / vn
   // below, so no other block and no ordering is involved.
-  if (pos < end && rg == 0) {
-    *reinterpret_cast<uint4*>(k_cache + (head + pos) * D + lane * 8) = kn;
-    *reinterpret_cast<uint4*>(v_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(vn);
+  if constexpr (F == 0) {
+    if (pos < end && rg == 0) {
+      *reinterpret_cast<uint4*>(k_cache + (head + pos) * D + lane * 8) = kn;
+      *reinterpret_cast<uint4*>(v_cache + (head + pos) * D + lane * 8) = *reinterpret_cast<const uint4*>(vn);
+    }
+  }
+  // Quantized: that block quantizes the new k (rotated, in registers) and v on the way into
+  // the cache, and then reads them back like every other cached token (after the barrier,
+  // which makes the block's global writes visible to the block), so it attends to them as
+  // stored. Keeping the codes in registers through the loop instead made the int8 kernel
+  // spill at G = 4 (the 7B model's group).
+  if constexpr (F != 0) {
+    if (pos < end) {  // uniform over the block: every row group joins the shuffles
+      float x[8];
+      float2 knp, vnp;
+      unpack<T, 8>(x, kn);
+      const Raw knq = C::template quantize<D>(x, knp);
+      unpack<T, 8>(x, *reinterpret_cast<const uint4*>(vn));
+      const Raw vnq = C::template quantize<D>(x, vnp);
+      if (rg == 0) {
+        *reinterpret_cast<Raw*>(k_cache + (head + pos) * kRow + lane * kLane) = knq;
+        *reinterpret_cast<Raw*>(v_cache + (head + pos) * kRow + lane * kLane) = vnq;
+        if (lane == 0) {
+          k_params[head + pos] = knp;
+          v_params[head + pos] = vnp;
+        }
+      }
+      __syncthreads();
+    }
   }
 
   float qf[G][8], acc[G][8], m[G], l[G];
@@ -251,26 +249,34 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
 
   // The trip count is the same for every thread (the shuffles need the whole warp).
   for (int base = static_cast<int>(begin); base < end; base += R * U) {
-    uint4 kr[U], vr[U];
+    Raw kr[U], vr[U];
+    float2 kp[U], vp[U];  // (scale, zero) of quantized rows; unused (and removed) for F = 0
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int t = base + u * R + rg;
       // Zeros for tokens past the end: their probability is 0, and 0 * stale data could
-      // be NaN.
-      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-      if (t == pos) {
-        kr[u] = kn;
-        vr[u] = *reinterpret_cast<const uint4*>(vn);
+      // be NaN (quantized: zero codes and parameters dequantize to exact zeros).
+      kr[u] = vr[u] = Raw{};
+      kp[u] = vp[u] = make_float2(0.0f, 0.0f);
+      if (F == 0 && t == pos) {
+        if constexpr (F == 0) {  // the quantized new token is read back from the cache
+          kr[u] = kn;
+          vr[u] = *reinterpret_cast<const uint4*>(vn);
+        }
       } else if (t < end) {
-        kr[u] = *reinterpret_cast<const uint4*>(kc + int64_t{t} * D);
-        vr[u] = *reinterpret_cast<const uint4*>(vc + int64_t{t} * D);
+        kr[u] = *reinterpret_cast<const Raw*>(kc + int64_t{t} * kRow);
+        vr[u] = *reinterpret_cast<const Raw*>(vc + int64_t{t} * kRow);
+        if constexpr (F != 0) {
+          kp[u] = k_params[head + t];
+          vp[u] = v_params[head + t];
+        }
       }
     }
     float s[G][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[8];
-      unpack<T, 8>(kf, kr[u]);
+      C::unpack(kf, kr[u], kp[u]);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float x = 0.0f;
@@ -306,7 +312,7 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
         const float p = exp2f(s[g][u] - mx);
         l[g] += p;
         float vf[8];
-        unpack<T, 8>(vf, vr[u]);
+        C::unpack(vf, vr[u], vp[u]);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
       }
@@ -391,6 +397,16 @@ Status dispatch_head_dim(int64_t head_dim, F&& f) {
 }
 
 template <typename F>
+Status dispatch_format(KVCacheFormat format, F&& f) {
+  switch (format) {
+    case KVCacheFormat::kActivation: return f(std::integral_constant<int, 0>{});
+    case KVCacheFormat::kInt8: return f(std::integral_constant<int, 1>{});
+    case KVCacheFormat::kInt4: return f(std::integral_constant<int, 2>{});
+    default: return invalid_value("unknown KV cache format ", static_cast<int>(format));
+  }
+}
+
+template <typename F>
 Status dispatch_group(int64_t group, F&& f) {
   switch (group) {
     case 1: return f(std::integral_constant<int, 1>{});
@@ -432,17 +448,22 @@ Status launch_decode(const Context& ctx, T* out, const DecodeRows<T>& rows, cons
     constexpr int D = decltype(dim)::value;
     return dispatch_group(q_heads / cache.kv_heads, [&](auto grp) {
       constexpr int G = decltype(grp)::value;
-      const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
-      FIL_RETURN_IF_ERROR(launch_dependent(
-          decode_split_kernel<T, D, G>, grid, dim3(kDecodeThreads), 0, ctx, "attention_decode (split)",
-          out, ws_ml, ws_acc, rows, static_cast<T*>(cache.k), static_cast<T*>(cache.v), num_slots,
-          kv_heads, max_seq, slots, positions, scale * kLog2e, splits, min_chunk));
-      if (splits == 1) return Status::Ok();
-      const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
-      decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
-          out, ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots, positions, splits,
-          min_chunk);
-      return launch_status("attention_decode (merge)");
+      return dispatch_format(cache.format, [&](auto fmt) {
+        constexpr int F = decltype(fmt)::value;
+        const dim3 grid(splits, kv_heads, static_cast<unsigned>(batch));
+        FIL_RETURN_IF_ERROR(launch_dependent(
+            decode_split_kernel<T, D, G, F>, grid, dim3(kDecodeThreads), 0, ctx, "attention_decode (split)",
+            out, ws_ml, ws_acc, rows, static_cast<CacheElem<T, F>*>(cache.k),
+            static_cast<CacheElem<T, F>*>(cache.v), num_slots, kv_heads, max_seq, slots, positions,
+            scale * kLog2e, splits, min_chunk, static_cast<float2*>(cache.k_params),
+            static_cast<float2*>(cache.v_params)));
+        if (splits == 1) return Status::Ok();
+        const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
+        decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(
+            out, ws_ml, ws_acc, num_slots, max_seq, static_cast<int>(q_heads), slots, positions, splits,
+            min_chunk);
+        return launch_status("attention_decode (merge)");
+      });
     });
   });
 }

@@ -1,40 +1,31 @@
-// Prefill attention on CUDA tensor cores, flash-attention-2 style.
+// Prefill attention on CUDA tensor cores, flash-attention-2 style. The derivation of the
+// choices below, with the numbers, is in docs/kernels/attention.md.
 //
-// A small kernel first copies the chunk's k, v into the cache; the attention kernel then
-// reads every key/value, the chunk's own included, from the cache, so keys before `start`
-// (written by earlier chunks) and the chunk's keys are one contiguous range [0, kv_end).
-//
-// Work split. One block (8 warps) owns a tile of 128 query rows of ONE KV group; a row is a
-// (token, query head) pair of that group, row i = token q0 + i / G, head kvh * G + i % G.
-// Why rows of a group rather than per-head tiles: every K/V tile staged in shared memory is
-// then reused by all G query heads, so the K/V bytes read from L2 per FLOP drop by G (the
-// 7B model has G = 4); the price is that a tile covers 128 / G tokens, so the causal
-// diagonal costs a little more for large G. 128 rows (not 64) halve L2 traffic again: a
-// 64-key K+V tile of D = 128 is 32 KB, and at 128 rows it feeds 4 MFLOP.
-// Each warp owns 16 rows, the M of one mma.sync.m16n8k16: its Q fragments are loaded once
-// into registers (ldmatrix), S = Q K^T (16 x 64 per warp per tile) and O (16 x D) stay in
-// registers, and the row statistics need only shuffles within a quad (the 4 lanes that hold
-// one row in the mma accumulator layout). P goes from the S accumulator registers straight
-// into the A operand of P V: the m16n8k16 C layout of two adjacent n-blocks is exactly the
-// A layout of one k-block, so P never touches shared memory.
-// K/V tiles of 64 keys are fetched with cp.async (16 B, bypassing registers) into a double
-// buffer, so the next tile's loads overlap this tile's math. Rows in shared memory are
-// padded by 8 halves (16 B): ldmatrix reads 8 rows of 16 B at one column, and with a row
-// pitch of D*2 (a multiple of 128 B) those 8 addresses would all hit the same 4 banks; the
-// 16 B pad shifts consecutive rows by 4 banks, so the 8 rows cover all 32 banks.
-//
-// Numerics: scores and softmax in float32, max-subtracted; the scale is folded into exp2's
-// argument (scale * log2 e, one FFMA) instead of into q, which would add a rounding of q.
-// The probabilities are rounded once to the activation dtype to be the A operand of the
-// P V mma (as FA2 and SDPA do), while the normaliser l sums the unrounded float32 values.
-//
-// Causal schedule: query tiles are issued latest (longest) first, so the grid's tail is
-// made of short blocks; a block loads only the key tiles up to its last query position and
-// masks only the tiles that reach past its first query position.
+// A small kernel first writes the chunk's k, v into the cache; the attention kernel then
+// reads every key/value from the cache, so earlier chunks' keys and this chunk's are one
+// contiguous range [0, kv_end).
+// - A block (8 warps) owns 128 query rows of ONE KV group (row = (token, query head)), so
+//   each K/V tile staged in shared memory serves all G query heads: G times fewer K/V bytes
+//   from L2 per FLOP. 128 rows rather than 64 halve L2 traffic again.
+// - A warp owns 16 rows (the M of mma.m16n8k16); Q fragments, S = Q K^T and O stay in
+//   registers, row statistics need only quad shuffles, and P goes from the S accumulators
+//   straight into the A operand of P V (the C layout of two n-blocks is the A layout of
+//   one k-block), never through shared memory.
+// - K/V tiles of 64 keys arrive by cp.async into a double buffer (the next tile's loads
+//   overlap this tile's math). Shared rows are padded by 16 B: with a pitch that is a
+//   multiple of 128 B the 8 rows one ldmatrix reads would hit the same 4 banks.
+// - Numerics: scores and softmax in float32, max-subtracted; the scale is folded into
+//   exp2's argument (one FFMA) rather than into q, which would add a rounding of q. P is
+//   rounded once to the activation dtype for the P V mma (as FA2 and SDPA do); the
+//   normaliser sums the unrounded float32 values.
+// - Causal schedule: the longest query tiles are issued first, so the grid's tail is short
+//   blocks; a block loads only key tiles up to its last query and masks only those past
+//   its first.
 #include <cstdint>
 
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
+#include "kv_quant.cuh"
 #include "mma.cuh"
 
 namespace fastinternlm {
@@ -56,6 +47,32 @@ struct PrefillLayout {
   static constexpr int kHalves = kV + 2 * kTileKeys * kPitch;
   static constexpr int kBytes = kHalves * 2;
 };
+
+// A quantized cache (F = 1 int8, 2 int4): the K/V tiles arrive as codes (cp.async, double
+// buffered like the activation-dtype tiles, at a half or a quarter of the bytes) and are
+// dequantized in shared memory into one activation-dtype K and V tile, which the mma loop
+// reads as it reads the F = 0 tiles. Only the tile in use is ever in T: no copy of the
+// cache is made.
+template <int D, int F>
+struct PrefillQuantLayout {
+  static constexpr int kPitch = D + 8;
+  static constexpr int kQ = 0;  // offsets in halves
+  static constexpr int kK = kQ + kTileRows * kPitch;
+  static constexpr int kV = kK + kTileKeys * kPitch;
+  static constexpr int kHalves = kV + kTileKeys * kPitch;
+  static constexpr int kCodeRow = D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8;  // bytes
+  static constexpr int kCodeStage = 2 * kTileKeys * kCodeRow;                           // K, then V
+  static constexpr int kCodes = kHalves * 2;                                            // in bytes
+  static constexpr int kBytes = kCodes + 2 * kCodeStage;
+};
+
+template <int D, int F>
+constexpr int prefill_smem_bytes() {
+  if constexpr (F == 0)
+    return PrefillLayout<D>::kBytes;
+  else
+    return PrefillQuantLayout<D, F>::kBytes;
+}
 
 // 2^x by the MUFU unit alone. exp2f adds a compare, a select and two multiplies per call to
 // return denormal results exactly; here results below 2^-126 flush to 0, an absolute error
@@ -103,6 +120,49 @@ prefill_write_kv_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const 
   }
 }
 
+// The quantized cache's write: a row group of L = D/8 lanes per (token, KV head) row, each
+// lane 8 values (16 bytes) of k and of v; the row's minimum and maximum come from shuffles
+// within the row group (kv_quant.cuh). Rows and offsets in int64.
+template <typename T, int D, int F>
+__global__ void __launch_bounds__(256)
+prefill_write_kv_quant_kernel(uint8_t* __restrict__ k_cache, uint8_t* __restrict__ v_cache,
+                              float2* __restrict__ k_params, float2* __restrict__ v_params,
+                              const T* __restrict__ k, const T* __restrict__ v, int64_t tokens, int kv_heads,
+                              int64_t max_seq, int64_t slot, int64_t start) {
+  using C = CacheLane<T, F>;
+  using Raw = typename C::Raw;
+  constexpr int L = D / 8, kRowsPerBlock = 256 / L;
+  constexpr int kRow = D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8, kLane = kRow / L;
+  const int64_t rows = tokens * kv_heads;
+  const int lane = threadIdx.x % L;
+  // The trip count is uniform over the block (the shuffles need whole warps).
+  for (int64_t r0 = blockIdx.x * int64_t{kRowsPerBlock}; r0 < rows; r0 += int64_t{gridDim.x} * kRowsPerBlock) {
+    const int64_t row = r0 + threadIdx.x / L;  // t * kv_heads + h, the layout of k and v
+    const bool valid = row < rows;
+    uint4 kr = make_uint4(0, 0, 0, 0), vr = kr;
+    if (valid) {
+      kr = *reinterpret_cast<const uint4*>(k + row * D + lane * 8);
+      vr = *reinterpret_cast<const uint4*>(v + row * D + lane * 8);
+    }
+    float x[8];
+    float2 kp, vp;
+    unpack<T, 8>(x, kr);
+    const Raw kq = C::template quantize<D>(x, kp);
+    unpack<T, 8>(x, vr);
+    const Raw vq = C::template quantize<D>(x, vp);
+    if (valid) {
+      const int64_t t = row / kv_heads, h = row % kv_heads;
+      const int64_t dst = (slot * kv_heads + h) * max_seq + start + t;  // cache row
+      *reinterpret_cast<Raw*>(k_cache + dst * kRow + lane * kLane) = kq;
+      *reinterpret_cast<Raw*>(v_cache + dst * kRow + lane * kLane) = vq;
+      if (lane == 0) {
+        k_params[dst] = kp;
+        v_params[dst] = vp;
+      }
+    }
+  }
+}
+
 // Fragment layouts of mma.m16n8k16 used below (g = lane / 4, t = lane % 4):
 //   A (16x16): a0 = (row g, col 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
 //   B (16x8):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
@@ -113,13 +173,19 @@ prefill_write_kv_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const 
 // registers at D = 128, and capping D = 64 at 128 registers (2 blocks per SM) made ptxas
 // spill (8-16 bytes, sm_80); 8 warps with double-buffered cp.async loads still overlap
 // memory and math.
-template <typename T, int D>
+// F: the cache format. For F = 0 k_cache, v_cache are the cache and the trailing four
+// arguments unused; for a quantized cache k_cache, v_cache are unused and the codes and
+// parameters come last (so the F = 0 kernel's parameters and code are as before).
+template <typename T, int D, int F>
 __global__ void __launch_bounds__(kPrefillThreads, 1)
 prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,
                          const T* __restrict__ v_cache, int tokens, int q_heads, int group,
                          int tile_tokens, int kv_heads, int64_t max_seq, int64_t slot,
-                         int64_t start, float scale_log2) {
+                         int64_t start, float scale_log2, const uint8_t* __restrict__ k_codes,
+                         const uint8_t* __restrict__ v_codes, const float2* __restrict__ k_params,
+                         const float2* __restrict__ v_params) {
   using L = PrefillLayout<D>;
+  using LQ = PrefillQuantLayout<D, F == 0 ? 1 : F>;
   constexpr int P = L::kPitch;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ uint4 smem_raw[];
@@ -134,7 +200,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   const int rows = nq * group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  const int64_t head = (slot * kv_heads + kvh) * max_seq;
+  const int64_t head = (slot * kv_heads + kvh) * max_seq;  // int64: cache offsets pass 2^31
   const T* const kc = k_cache + head * D;
   const T* const vc = v_cache + head * D;
   // Positions fit int, even a key tile past the end: start + tokens <= max_seq <= 2^31 - 1
@@ -172,8 +238,49 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
       cp_async16(smem_address(vs + j * P + c * 8), vc + off, valid);
     }
   };
+  // Quantized: a tile's codes to code stage `stage` (zero-filled past kv_end like F = 0's
+  // rows), then, once landed, dequantized into the T tiles with the keys' parameters.
+  constexpr int kCodeChunks = LQ::kCodeRow / 16;  // 16-byte chunks per row of codes
+  auto load_codes = [&](int tile_idx, int stage) {
+    const int k0 = tile_idx * kTileKeys;
+    uint8_t* const cs = reinterpret_cast<uint8_t*>(smem_raw) + LQ::kCodes + stage * LQ::kCodeStage;
+#pragma unroll
+    for (int idx = tid; idx < kTileKeys * kCodeChunks; idx += kPrefillThreads) {
+      const int j = idx / kCodeChunks, c = idx % kCodeChunks;
+      const bool valid = k0 + j < kv_end;
+      const int64_t off = (head + (valid ? k0 + j : 0)) * LQ::kCodeRow + c * 16;
+      cp_async16(smem_address(cs + j * LQ::kCodeRow + c * 16), k_codes + off, valid);
+      cp_async16(smem_address(cs + (kTileKeys + j) * LQ::kCodeRow + c * 16), v_codes + off, valid);
+    }
+  };
+  auto dequantize_tile = [&](int tile_idx, int stage) {
+    using C = CacheLane<T, F == 0 ? 1 : F>;
+    using Raw = typename C::Raw;
+    constexpr int kLane = LQ::kCodeRow / (D / 8);  // bytes of codes per 8 values
+    const int k0 = tile_idx * kTileKeys;
+    const uint8_t* const cs = reinterpret_cast<const uint8_t*>(smem_raw) + LQ::kCodes + stage * LQ::kCodeStage;
+#pragma unroll
+    for (int idx = tid; idx < kTileKeys * (D / 8); idx += kPrefillThreads) {
+      const int j = idx / (D / 8), c = idx % (D / 8);
+      // Past kv_end: zero codes (zero-filled) and zero parameters give exact zeros.
+      const bool valid = k0 + j < kv_end;
+      const float2 kp = valid ? k_params[head + k0 + j] : make_float2(0.0f, 0.0f);
+      const float2 vp = valid ? v_params[head + k0 + j] : make_float2(0.0f, 0.0f);
+      float f[8];
+      uint4 packed;
+      C::unpack(f, *reinterpret_cast<const Raw*>(cs + j * LQ::kCodeRow + c * kLane), kp);
+      packed = make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+      *reinterpret_cast<uint4*>(sm + LQ::kK + j * P + c * 8) = packed;
+      C::unpack(f, *reinterpret_cast<const Raw*>(cs + (kTileKeys + j) * LQ::kCodeRow + c * kLane), vp);
+      packed = make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+      *reinterpret_cast<uint4*>(sm + LQ::kV + j * P + c * 8) = packed;
+    }
+  };
   cp_async_commit();  // group: Q
-  load_kv(0, 0);
+  if constexpr (F == 0)
+    load_kv(0, 0);
+  else
+    load_codes(0, 0);
   cp_async_commit();  // group: the first K/V tile, still in flight while Q goes to registers
 
   // The two rows this lane holds in every accumulator, and their query positions. Padded
@@ -204,16 +311,29 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   for (int it = 0; it < n_tiles; ++it) {
     const int stage = it & 1;
     if (it + 1 < n_tiles) {
-      load_kv(it + 1, stage ^ 1);  // that stage was last read in iteration it - 1, before
-      cp_async_commit();           // the barrier that ended it
-      cp_async_wait<1>();          // this tile's group has landed (the next may be in flight)
+      if constexpr (F == 0)
+        load_kv(it + 1, stage ^ 1);  // that stage was last read in iteration it - 1, before
+      else                           // the barrier that ended it
+        load_codes(it + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();  // this tile's group has landed (the next may be in flight)
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();  // every thread's copies of this tile are visible
 
-    const T* const ks = sm + L::kK + stage * kTileKeys * P;
-    const T* const vs = sm + L::kV + stage * kTileKeys * P;
+    const T* ks;
+    const T* vs;
+    if constexpr (F == 0) {
+      ks = sm + L::kK + stage * kTileKeys * P;
+      vs = sm + L::kV + stage * kTileKeys * P;
+    } else {
+      // The T tiles were last read in iteration it - 1, before the barrier that ended it.
+      dequantize_tile(it, stage);
+      __syncthreads();
+      ks = sm + LQ::kK;
+      vs = sm + LQ::kV;
+    }
 
     // S = Q K^T: 16 rows x 64 keys per warp, as 8 n-blocks of 8 keys.
     float s[kTileKeys / 8][4];
@@ -330,22 +450,24 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int F>
 Status launch_prefill(const Context& ctx, T* out, const T* q, const T* kc, const T* vc,
                       const KVCache& cache, int64_t tokens, int64_t q_heads, int64_t slot,
                       int64_t start, float scale) {
   const int64_t group = q_heads / cache.kv_heads;
   const int tile_tokens = static_cast<int>(kTileRows / group);
   const int64_t blocks = (tokens + tile_tokens - 1) / tile_tokens * cache.kv_heads;
-  auto kernel = prefill_attention_kernel<T, D>;
-  constexpr int smem = PrefillLayout<D>::kBytes;
+  auto kernel = prefill_attention_kernel<T, D, F>;
+  constexpr int smem = prefill_smem_bytes<D, F>();
   // Over the 48 KiB default: the opt-in is per kernel (and device), and cheap to repeat.
   FIL_RETURN_IF_ERROR(cuda_status(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
       "attention_prefill: cudaFuncSetAttribute"));
   kernel<<<static_cast<unsigned>(blocks), kPrefillThreads, smem, stream_of(ctx)>>>(
       out, q, kc, vc, static_cast<int>(tokens), static_cast<int>(q_heads), static_cast<int>(group),
-      tile_tokens, static_cast<int>(cache.kv_heads), cache.max_seq, slot, start, scale * kLog2e);
+      tile_tokens, static_cast<int>(cache.kv_heads), cache.max_seq, slot, start, scale * kLog2e,
+      static_cast<const uint8_t*>(F == 0 ? nullptr : cache.k), static_cast<const uint8_t*>(F == 0 ? nullptr : cache.v),
+      static_cast<const float2*>(cache.k_params), static_cast<const float2*>(cache.v_params));
   return launch_status("attention_prefill");
 }
 
@@ -368,19 +490,41 @@ Status attention_prefill(const Context& ctx, DType dtype, void* out, const void*
   const cudaStream_t stream = stream_of(ctx);
   return dispatch_half(dtype, [&](auto tag) -> Status {
     using T = decltype(tag);
-    T* kc = static_cast<T*>(cache.k);
-    T* vc = static_cast<T*>(cache.v);
-    const int64_t vecs = tokens * cache.kv_heads * (cache.head_dim / 8);
-    const unsigned write_blocks = static_cast<unsigned>(vecs / 256 + 1 < 8192 ? vecs / 256 + 1 : 8192);
-    prefill_write_kv_kernel<T><<<write_blocks, 256, 0, stream>>>(
-        kc, vc, static_cast<const T*>(k), static_cast<const T*>(v), tokens,
-        static_cast<int>(cache.kv_heads), static_cast<int>(cache.head_dim), cache.max_seq, slot, start);
-    FIL_RETURN_IF_ERROR(launch_status("attention_prefill (cache write)"));
     T* o = static_cast<T*>(out);
     const T* qq = static_cast<const T*>(q);
+    if (cache.format == KVCacheFormat::kActivation) {
+      T* kc = static_cast<T*>(cache.k);
+      T* vc = static_cast<T*>(cache.v);
+      const int64_t vecs = tokens * cache.kv_heads * (cache.head_dim / 8);
+      const unsigned write_blocks = static_cast<unsigned>(vecs / 256 + 1 < 8192 ? vecs / 256 + 1 : 8192);
+      prefill_write_kv_kernel<T><<<write_blocks, 256, 0, stream>>>(
+          kc, vc, static_cast<const T*>(k), static_cast<const T*>(v), tokens,
+          static_cast<int>(cache.kv_heads), static_cast<int>(cache.head_dim), cache.max_seq, slot, start);
+      FIL_RETURN_IF_ERROR(launch_status("attention_prefill (cache write)"));
+      switch (cache.head_dim) {
+        case 64: return launch_prefill<T, 64, 0>(ctx, o, qq, kc, vc, cache, tokens, q_heads, slot, start, scale);
+        case 128: return launch_prefill<T, 128, 0>(ctx, o, qq, kc, vc, cache, tokens, q_heads, slot, start, scale);
+        default: return invalid_value("head_dim must be one of {64, 128}, got ", cache.head_dim);
+      }
+    }
+    auto quantized = [&](auto dim, auto fmt) -> Status {
+      constexpr int D = decltype(dim)::value, F = decltype(fmt)::value;
+      const int64_t rows = tokens * cache.kv_heads;
+      constexpr int kRowsPerBlock = 256 / (D / 8);
+      const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+      prefill_write_kv_quant_kernel<T, D, F><<<static_cast<unsigned>(blocks < 8192 ? blocks : 8192), 256, 0, stream>>>(
+          static_cast<uint8_t*>(cache.k), static_cast<uint8_t*>(cache.v), static_cast<float2*>(cache.k_params),
+          static_cast<float2*>(cache.v_params), static_cast<const T*>(k), static_cast<const T*>(v), tokens,
+          static_cast<int>(cache.kv_heads), cache.max_seq, slot, start);
+      FIL_RETURN_IF_ERROR(launch_status("attention_prefill (quantized cache write)"));
+      return launch_prefill<T, D, F>(ctx, o, qq, nullptr, nullptr, cache, tokens, q_heads, slot, start, scale);
+    };
+    using I8 = std::integral_constant<int, 1>;
+    using I4 = std::integral_constant<int, 2>;
+    const bool int8 = cache.format == KVCacheFormat::kInt8;
     switch (cache.head_dim) {
-      case 64: return launch_prefill<T, 64>(ctx, o, qq, kc, vc, cache, tokens, q_heads, slot, start, scale);
-      case 128: return launch_prefill<T, 128>(ctx, o, qq, kc, vc, cache, tokens, q_heads, slot, start, scale);
+      case 64: return int8 ? quantized(std::integral_constant<int, 64>{}, I8{}) : quantized(std::integral_constant<int, 64>{}, I4{});
+      case 128: return int8 ? quantized(std::integral_constant<int, 128>{}, I8{}) : quantized(std::integral_constant<int, 128>{}, I4{});
       default: return invalid_value("head_dim must be one of {64, 128}, got ", cache.head_dim);
     }
   });

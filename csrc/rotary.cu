@@ -1,12 +1,13 @@
 // Rotary embedding on CUDA: one thread block per token.
 //
 // The block first evaluates cos/sin for the token's D/2 frequencies into shared memory
-// (precise sincosf: angles reach 1e6 rad at long contexts, where __sinf is wrong), then
+// (rope.cuh), then
 // every (head, pair) of q and k reuses them, so the transcendental work is per token,
 // not per head. The base is read per token, which is what makes a per-sequence
 // dynamic-NTK base cost nothing. 16-byte accesses where the head allows.
 #include "cuda_common.cuh"
 #include "kernels_cuda.h"
+#include "rope.cuh"
 
 namespace fastinternlm {
 namespace cuda {
@@ -43,14 +44,9 @@ rotary_kernel(T* __restrict__ q, T* __restrict__ k, const P* __restrict__ positi
   const float b = bases ? bases[t] : base;
   const float pos = static_cast<float>(positions[t]);
   for (int i = threadIdx.x; i < half; i += kThreads) {
-    // HF's float32 steps (inv_freq = 1 / base^(2i/D), angle = pos * inv_freq), with the
-    // power evaluated in double and rounded once: powf is only good to 2 ulp, and one ulp
-    // of inv_freq moves the angle by 1e-3 rad at 32K positions. D/2 double pows per token
-    // is negligible work.
-    const float power = static_cast<float>(pow(static_cast<double>(b), static_cast<double>(2 * i) / head_dim));
-    const float inv_freq = 1.0f / power;
+    // D/2 double pows per token (rope.cuh) is negligible work.
     float s, c;
-    sincosf(pos * inv_freq, &s, &c);
+    rope_cos_sin(b, pos, i, head_dim, &c, &s);
     cos_t[i] = round_to<T>(c);
     sin_t[i] = round_to<T>(s);
   }

@@ -478,11 +478,13 @@ def hf_llama_reference(source, dtype: torch.dtype = torch.float32, config=None):
     return model.to(dtype).eval()
 
 
-def reference_forward(checkpoint: TinyCheckpoint, ids: Sequence[int]) -> torch.Tensor:
+def reference_forward(checkpoint: TinyCheckpoint, ids: Sequence[int], kv_transform=None) -> torch.Tensor:
     """float64 logits [len(ids), vocab] of one prefill at positions 0..len-1, computed from
     the InternLM2-layout tensors as the remote code does: wqkv viewed as [KV, G+2, D] per
     token, half-split rotary, dynamic NTK base from L = len(ids) when L exceeds
-    max_position_embeddings, causal softmax attention, SwiGLU, RMSNorm (eps from config)."""
+    max_position_embeddings, causal softmax attention, SwiGLU, RMSNorm (eps from config).
+    kv_transform: applied to the rotated keys and the values [T, KV, D] before attention
+    (what a quantized KV cache stores)."""
     cfg, t = checkpoint.config, {k: v.to(torch.float64) for k, v in checkpoint.internlm2_tensors.items()}
     heads, kv_heads, head_dim = _sizes(cfg)
     group = heads // kv_heads
@@ -518,6 +520,8 @@ def reference_forward(checkpoint: TinyCheckpoint, ids: Sequence[int]) -> torch.T
         q = rope(qkv[:, :, :group].reshape(n, heads, head_dim))
         k = rope(qkv[:, :, group])
         v = qkv[:, :, group + 1]
+        if kv_transform is not None:
+            k, v = kv_transform(k), kv_transform(v)
         k = k.repeat_interleave(group, dim=1)  # query head j reads KV head j // G
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(head_dim)

@@ -322,7 +322,7 @@ def test_attention_prefill_writes_every_output(device, dtype, tokens, group, hea
     scale = 1 / math.sqrt(head_dim)
     _C.attention_prefill(*context(device), dtype_code(dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(),
                          v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.shape, tokens,
-                         q.shape[1], slot, start, scale)
+                         q.shape[1], slot, start, scale, 0, 0, 0)
     assert torch.equal(k_cache, ek) and torch.equal(v_cache, ev)
     assert not torch.isnan(out).any(), f"{int(torch.isnan(out).sum())} output elements never written"
     expected, smax = reference(q, ek, ev, [slot] * tokens, [start + t for t in range(tokens)], scale)

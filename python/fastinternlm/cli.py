@@ -104,6 +104,18 @@ def _info(args) -> int:
     import fastinternlm
     for k, v in fastinternlm.build_info().items():
         print(f"{k}: {v}")
+    if args.plan:
+        from . import memory_plan
+        from .config import ModelConfig
+        if args.model is None:
+            raise ValueError("--plan needs a MODEL directory")
+        config = ModelConfig.from_pretrained(args.model)
+        q = config.quantization
+        quant = "int4" if (args.quant or q is not None) else None
+        print(f"memory plan for {args.model}:")
+        print(memory_plan.report(memory_plan.ModelShape.from_config(config), dtype=args.dtype or config.torch_dtype
+                                 or "float16", quant=quant, group_size=q.group_size or 128 if q else 128,
+                                 quant_head=bool(q and q.quant_head), max_batch=args.max_batch))
     return 0
 
 
@@ -136,7 +148,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     k.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="activation dtype")
     k.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     k.set_defaults(run=_check)
-    i = sub.add_parser("info", help="what this build contains")
+    i = sub.add_parser("info", help="what this build contains (with MODEL --plan: the model's memory plan)")
+    i.add_argument("model", metavar="MODEL", nargs="?", default=None, help="checkpoint directory (for --plan)")
+    i.add_argument("--plan", action="store_true", help="weights, KV cache per token per kv_cache type, and the "
+                                                     "longest context per GPU size")
+    i.add_argument("--quant", choices=["int4"], default=None, help="plan for int4 linears")
+    i.add_argument("--dtype", default=None, choices=["float16", "bfloat16"], help="activation dtype of the plan")
+    i.add_argument("--max-batch", type=int, default=1, help="KV-cache slots of the plan (default 1)")
     i.set_defaults(run=_info)
     args = parser.parse_args(argv)
     try:

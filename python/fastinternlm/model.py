@@ -14,7 +14,10 @@ file.
     logits = rmsnorm(h) @ output.T           (float32)
 
 The KV cache is preallocated: per layer, k and v of [max_batch, kv_heads, max_seq_len,
-head_dim]; a sequence owns one slot (a row of the batch dimension). Decode takes its
+head_dim]; a sequence owns one slot (a row of the batch dimension). kv_cache="int8" or
+"int4" stores them quantized per token and KV head (ops.QuantizedKV, format v1 of
+attention.h): a half or a quarter of the bytes plus 8 bytes of (scale, zero) per row; the
+attention kernels quantize on write and dequantize on read. Decode takes its
 tokens, slots, positions and rotary bases as device tensors and never reads them back on
 the host, so a whole decode step can be captured as a CUDA graph and replayed.
 """
@@ -22,12 +25,12 @@ the host, so a whole decode step can be captured as a CUDA graph and replayed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, List, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import memory_plan, ops
 from .config import ModelConfig
 
 
@@ -64,6 +67,10 @@ class ModelWeights:
         if self.output is not self.tok_embeddings:
             yield "output", self.output
 
+    def check_finite(self) -> None:
+        """model.check_finite over every tensor (int4 scales and offsets included)."""
+        check_finite(_floating(self.named_tensors()))
+
     def nbytes(self) -> int:
         return sum(t.nbytes if isinstance(t, ops.Int4Weight) else t.numel() * t.element_size()
                    for _, t in self.named_tensors())
@@ -86,6 +93,55 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
     return ok
 
 
+# kv_cache names: the activation dtypes (the cache must then be the model's own) and the
+# quantized formats.
+KV_CACHE_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                  "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KV_CACHE_TYPES = ("fp16", "bf16", "fp32", "int8", "int4")
+
+
+def resolve_kv_cache(kv_cache: Optional[str], dtype: torch.dtype) -> str:
+    """The cache type for a model of activation dtype `dtype`: None means the activation
+    dtype itself ("fp16", "bf16" or "fp32"); a float name must equal it (the kernels read a
+    float cache in the activation dtype); "int8" / "int4" are the quantized formats."""
+    own = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    if kv_cache is None:
+        return own
+    if not isinstance(kv_cache, str) or (kv_cache not in KV_CACHE_FLOAT and kv_cache not in ops.KV_QUANT_FORMATS):
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_TYPES} or None, got {kv_cache!r}")
+    if kv_cache in KV_CACHE_FLOAT and KV_CACHE_FLOAT[kv_cache] != dtype:
+        raise ValueError(f"kv_cache {kv_cache!r} must match the activation dtype {own} (a float cache is read in "
+                         f"the activation dtype); pass None, {own!r}, 'int8' or 'int4'")
+    return own if kv_cache in KV_CACHE_FLOAT else kv_cache
+
+
+def _floating(named: Iterable[Tuple[str, Weight]]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """An Int4Weight as its scales and offsets (its nibbles cannot be non-finite)."""
+    for name, w in named:
+        if isinstance(w, torch.Tensor):
+            yield name, w
+        else:
+            yield f"{name}.scales", w.scales
+            yield f"{name}.offsets", w.offsets
+
+
+def check_finite(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """Raise NonFiniteWeightError naming the first of `named` that holds a NaN or Inf;
+    every tensor is scanned on its own device, with one host sync in all."""
+    named = list(named)
+    if not named:
+        return
+    flags = torch.stack([_all_finite(t) for _, t in named]).cpu()
+    if bool(flags.all()):
+        return
+    name, t = named[int((~flags).nonzero()[0])]
+    bad = ~torch.isfinite(t.reshape(-1))
+    count, first = int(bad.sum()), int(bad.nonzero()[0])
+    raise NonFiniteWeightError(
+        f"weight {name} {tuple(t.shape)} holds {count} non-finite value(s) (NaN or Inf); the first at "
+        f"flat index {first} is {float(t.reshape(-1)[first])}")
+
+
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ w.T through torch (cuBLAS / oneDNN) for dense weights, our int4 GEMM for int4."""
     if isinstance(w, torch.Tensor):
@@ -95,7 +151,12 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 class Transformer:
     def __init__(self, config: ModelConfig, tok_embeddings: torch.Tensor, layers: List[Layer],
-                 norm: torch.Tensor, output: Weight, *, max_batch: int, max_seq_len: int):
+                 norm: torch.Tensor, output: Weight, *, max_batch: int, max_seq_len: Union[int, str],
+                 kv_cache: Optional[str] = None):
+        """max_seq_len "auto": the longest context whose cache and workspace fit the free
+        memory of the weights' device now (memory_plan.py). On CUDA an explicit one is
+        checked the same way first: a cache that does not fit is refused with the numbers
+        and what would fit, before any of it is allocated."""
         self.config = config
         self.tok_embeddings = tok_embeddings
         self.layers = layers
@@ -103,45 +164,35 @@ class Transformer:
         self.output = output
         self.device = tok_embeddings.device
         self.dtype = tok_embeddings.dtype
+        self.kv_cache = resolve_kv_cache(kv_cache, self.dtype)
+        if max_seq_len == "auto" or self.device.type == "cuda":
+            # The weights are resident already: the free memory is what the rest may use.
+            self.memory_plan = memory_plan.resolve(
+                memory_plan.ModelShape.from_config(config), self.device, max_seq_len=max_seq_len, max_batch=max_batch,
+                kv_cache=self.kv_cache, dtype=self.dtype, weights=0)
+            max_seq_len = self.memory_plan.max_seq_len
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        shape = (max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
-        self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
-        self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in layers]
+        pairs = [ops.empty_kv_cache(self.kv_cache, max_batch, config.num_kv_heads, max_seq_len, config.head_dim,
+                                    self.dtype, self.device) for _ in layers]
+        self.k_cache = [k for k, _ in pairs]
+        self.v_cache = [v for _, v in pairs]
 
     def named_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """Every floating-point tensor of the model with a readable name; an Int4Weight
         contributes its scales and offsets (its nibbles cannot be non-finite)."""
-        def expand(name, w):
-            if isinstance(w, torch.Tensor):
-                yield name, w
-            else:
-                yield f"{name}.scales", w.scales
-                yield f"{name}.offsets", w.offsets
-
-        yield "tok_embeddings", self.tok_embeddings
-        for i, layer in enumerate(self.layers):
-            for field in dataclasses.fields(layer):
-                yield from expand(f"layers.{i}.{field.name}", getattr(layer, field.name))
-        yield "norm", self.norm
-        yield from expand("output", self.output)
+        weights = ModelWeights(self.tok_embeddings, self.layers, self.norm, self.output)
+        return _floating(weights.named_tensors())
 
     def check_finite(self) -> None:
         """Raise NonFiniteWeightError naming the first weight (in model order) that holds a
         NaN or Inf. Runs where the weights live, one host sync for the whole model."""
-        named = list(self.named_weights())
-        if not named:
-            return
-        flags = torch.stack([_all_finite(t).to(self.device) for _, t in named]).cpu()
-        if bool(flags.all()):
-            return
-        index = int((~flags).nonzero()[0])
-        name, t = named[index]
-        bad = ~torch.isfinite(t.reshape(-1))
-        count, first = int(bad.sum()), int(bad.nonzero()[0])
-        raise NonFiniteWeightError(
-            f"weight {name} {tuple(t.shape)} holds {count} non-finite value(s) (NaN or Inf); the first at "
-            f"flat index {first} is {float(t.reshape(-1)[first])}")
+        check_finite(self.named_weights())
+
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache, parameters of a quantized one included."""
+        return sum(c.nbytes() if isinstance(c, ops.QuantizedKV) else c.numel() * c.element_size()
+                   for c in self.k_cache + self.v_cache)
 
     def _forward(self, tokens: torch.Tensor,
                  attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -176,7 +227,9 @@ class Transformer:
 
         def attend(i, qkv):
             n = qkv.shape[0]
-            q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim)
+            # With one KV head the reshape is a strided view, not a copy: rotary works in
+            # place on contiguous rows.
+            q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim).contiguous()
             k = qkv[:, :, c.group_size].contiguous()
             v = qkv[:, :, c.group_size + 1].contiguous()
             ops.rotary_embedding(q, k, positions, base)

@@ -14,20 +14,53 @@
 // q_heads / kv_heads from 1 to 8; float16/bfloat16 (float32 too on the CPU); a scale that
 // is finite and > 0 (models use 1/sqrt(head_dim)). On CUDA every pointer (q, k, v, out,
 // both caches, the workspace) must be 16-byte aligned, since the kernels move 16-byte
-// vectors; on the CPU the element alignment suffices.
+// vectors, and a quantized cache's parameter arrays 8-byte aligned; on the CPU the element
+// alignment suffices.
 #pragma once
 
 #include "fastinternlm/common.h"
 
 namespace fastinternlm {
 
+// What a cache row holds. kActivation: the activation dtype itself. kInt8 / kInt4: codes plus
+// an affine pair per row, quantized when the row is written and dequantized where it is read
+// (inside the attention kernels: no separate pass, no activation-dtype copy of the cache).
+//
+// Quantized format, version 1. A row is one token of one KV head: head_dim values x.
+//   k, v:               uint8 [num_slots, kv_heads, max_seq, head_dim * bits / 8]
+//   k_params, v_params: float32 [num_slots, kv_heads, max_seq, 2], per row (scale, zero)
+// (bits = 8 or 4; qmax = 2^bits - 1 = 255 or 15). Each row, of K and of V separately:
+//   zero  = min_i x_i                      (x_i converted exactly from the activation dtype)
+//   scale = (max_i x_i - zero) / qmax      (float32, each operation rounded once)
+//   q_i   = min(qmax, rint((x_i - zero) * (1 / scale)))   (ties to even; all 0 if scale == 0)
+//   x_i  ~= q_i * scale + zero             (float32; |error| <= scale / 2 + float32 roundings)
+// int4 packs two codes per byte: value 2j in the low nibble of byte j, 2j + 1 in the high one.
+// Unsigned codes with zero = the row minimum make it asymmetric (a row that is all positive
+// still uses every code), like lmdeploy's online KV quantization; the per-row parameters
+// follow each token's own range, so one outlier token does not coarsen the others.
+// Why float32 parameters and not half: bfloat16 activations can exceed half's range
+// (65504), a half scale would add a relative error of 2^-11 times q (up to 0.12 steps at
+// q = 255) to every value, and 8 bytes per row is 6% of an int8 row of 128 (12% of int4).
+// The rows must be finite. Offsets into the cache are 64-bit on every path (a 1M-token cache
+// of a few slots has more than 2^31 elements per layer).
+enum class KVCacheFormat : int { kActivation = 0, kInt8 = 1, kInt4 = 2 };
+
+// Bits per cached value (16/32 for kActivation is the dtype's; this returns 8 or 4, else 0)
+// and bytes of one row of codes.
+constexpr int kv_cache_bits(KVCacheFormat f) {
+  return f == KVCacheFormat::kInt8 ? 8 : f == KVCacheFormat::kInt4 ? 4 : 0;
+}
+
 struct KVCache {
-  void* k = nullptr;  // [num_slots, kv_heads, max_seq, head_dim] of the activation dtype
-  void* v = nullptr;
+  void* k = nullptr;  // [num_slots, kv_heads, max_seq, head_dim] of the activation dtype,
+  void* v = nullptr;  // or of codes (see above)
   int64_t num_slots = 0;
   int64_t kv_heads = 0;
   int64_t max_seq = 0;
   int64_t head_dim = 0;
+  KVCacheFormat format = KVCacheFormat::kActivation;
+  void* k_params = nullptr;  // quantized formats only: float32 [num_slots, kv_heads, max_seq, 2]
+  void* v_params = nullptr;
 };
 
 // Prefill a chunk of one sequence: writes k, v [tokens, kv_heads, head_dim] into `slot` at

@@ -2,14 +2,17 @@
 csrc/include/fastinternlm/attention.h).
 
 A layer's cache is two tensors k_cache, v_cache of shape [slots, kv_heads, max_seq, head_dim]
-in the activation dtype; a sequence owns one slot. head_dim is 64 or 128, q_heads a multiple
-of kv_heads with a group size of 1 to 8. Scores, softmax and the weighted sum are float32."""
+in the activation dtype, or two QuantizedKV (int8 or int4 codes with a (scale, zero) pair per
+token and KV head, format v1 of attention.h); a sequence owns one slot. head_dim is 64 or
+128, q_heads a multiple of kv_heads with a group size of 1 to 8. Scores, softmax and the
+weighted sum are float32."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -26,20 +29,136 @@ def _scale(scale, head_dim: int) -> float:
     return host_float("scale", scale, float32=True)  # finiteness and sign are checked by the C++ entry point
 
 
-def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Tuple[int, int, int, int]:
+# KVCacheFormat (attention.h) by name: its code and bits per value.
+KV_QUANT_FORMATS = {"int8": (1, 8), "int4": (2, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedKV:
+    """One quantized cache array of a layer (its K or its V), format v1 of attention.h:
+    codes uint8 [slots, kv_heads, max_seq, head_dim * bits // 8] (int4: value 2j in the low
+    nibble of byte j) and params float32 [slots, kv_heads, max_seq, 2], the (scale, zero) of
+    each row; a row x is stored as q = rint((x - zero) / scale) with zero = min(x),
+    scale = (max(x) - min(x)) / (2^bits - 1), and read as q * scale + zero."""
+
+    codes: torch.Tensor
+    params: torch.Tensor
+    bits: int
+
+    @classmethod
+    def empty(cls, num_slots: int, kv_heads: int, max_seq: int, head_dim: int, bits: int,
+              device=None) -> "QuantizedKV":
+        if bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        codes = torch.empty(num_slots, kv_heads, max_seq, head_dim * bits // 8, dtype=torch.uint8, device=device)
+        params = torch.empty(num_slots, kv_heads, max_seq, 2, dtype=torch.float32, device=device)
+        return cls(codes, params, bits)
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(slots, kv_heads, max_seq, head_dim): the shape of the values it stands for."""
+        s, h, m, b = self.codes.shape
+        return (s, h, m, b * 8 // self.bits)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def format(self) -> str:
+        return f"int{self.bits}"
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.params.numel() * 4
+
+    def check(self, name: str) -> None:
+        if self.bits not in (8, 4):
+            raise ValueError(f"{name}.bits must be 8 or 4, got {self.bits!r}")
+        check_tensor(f"{name}.codes", self.codes, dtypes=(torch.uint8,), ndim=4)
+        s, h, m, _ = self.codes.shape
+        check_tensor(f"{name}.params", self.params, dtypes=(torch.float32,), shape=(s, h, m, 2))
+        same_device(**{f"{name}.codes": self.codes, f"{name}.params": self.params})
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The values the kernels read, [slots, kv_heads, max_seq, head_dim] (computed in
+        float64, then converted: the kernels' float32 fma agrees to half a float32 ulp)."""
+        if self.bits == 8:
+            q = self.codes.to(torch.float64)
+        else:
+            c = self.codes.to(torch.int16)
+            q = torch.stack([c & 15, c >> 4], dim=-1).flatten(-2).to(torch.float64)
+        p = self.params.to(torch.float64)
+        return (q * p[..., :1] + p[..., 1:]).to(dtype)
+
+
+KVArray = Union[torch.Tensor, QuantizedKV]
+
+
+def empty_kv_cache(kv_cache: str, num_slots: int, kv_heads: int, max_seq: int, head_dim: int,
+                   dtype: torch.dtype, device=None) -> Tuple[KVArray, KVArray]:
+    """An uninitialised (k_cache, v_cache) pair of one layer: kv_cache "int8" / "int4" for
+    quantized arrays, anything else the activation dtype `dtype` (the caller has resolved
+    names such as "fp16" against it)."""
+    if kv_cache in KV_QUANT_FORMATS:
+        bits = KV_QUANT_FORMATS[kv_cache][1]
+        return tuple(QuantizedKV.empty(num_slots, kv_heads, max_seq, head_dim, bits, device) for _ in range(2))
+    shape = (num_slots, kv_heads, max_seq, head_dim)
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_kv_pair(dtype: torch.dtype, k_cache, v_cache) -> Tuple[int, int, int, int]:
+    """Both arrays of one kind: tensors of the activation dtype, or QuantizedKV of one bit
+    width; returns the cache shape (slots, kv_heads, max_seq, head_dim)."""
+    if isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(c, QuantizedKV):
+                raise TypeError(f"{name} must be a QuantizedKV like the other cache array, got {type(c).__name__}")
+            c.check(name)
+        if v_cache.bits != k_cache.bits:
+            raise ValueError(f"v_cache must be int{k_cache.bits} like k_cache, got int{v_cache.bits}")
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(f"v_cache must have shape {k_cache.shape} like k_cache, got {v_cache.shape}")
+        return k_cache.shape
+    check_tensor("k_cache", k_cache, dtypes=(dtype,), ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=(dtype,), shape=tuple(k_cache.shape))
+    return tuple(k_cache.shape)
+
+
+def _cache_tensors(k_cache: KVArray, v_cache: KVArray) -> dict:
+    """Every tensor of the pair, by argument name, for the device check."""
+    if isinstance(k_cache, QuantizedKV):
+        return {"k_cache.codes": k_cache.codes, "k_cache.params": k_cache.params,
+                "v_cache.codes": v_cache.codes, "v_cache.params": v_cache.params}
+    return {"k_cache": k_cache, "v_cache": v_cache}
+
+
+def _check_cache(q: torch.Tensor, k_cache: KVArray, v_cache: KVArray) -> Tuple[int, int, int, int]:
     check_tensor("q", q, ndim=3)
     check_activation("q", q)
-    check_tensor("k_cache", k_cache, dtypes=(q.dtype,), ndim=4)
-    check_tensor("v_cache", v_cache, dtypes=(q.dtype,), shape=tuple(k_cache.shape))
-    num_slots, kv_heads, max_seq, head_dim = k_cache.shape
+    num_slots, kv_heads, max_seq, head_dim = _check_kv_pair(q.dtype, k_cache, v_cache)
     check_tensor("q", q, shape=(None, None, head_dim))
-    check_nonempty("k_cache", k_cache)
+    check_nonempty("k_cache", k_cache.codes if isinstance(k_cache, QuantizedKV) else k_cache)
     check_nonempty("q", q, except_dim=0)
     return num_slots, kv_heads, max_seq, head_dim
 
 
-def _cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor):
+def _cache_args(k_cache: KVArray, v_cache: KVArray):
+    """The cache's leading binding arguments (pointers and shape)."""
+    if isinstance(k_cache, QuantizedKV):
+        return (k_cache.codes.data_ptr(), v_cache.codes.data_ptr(), *k_cache.shape)
     return (k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.shape)
+
+
+def _format_args(k_cache: KVArray, v_cache: KVArray):
+    """The cache's trailing binding arguments: format code, k_params, v_params."""
+    if isinstance(k_cache, QuantizedKV):
+        code = KV_QUANT_FORMATS[k_cache.format][0]
+        return (code, k_cache.params.data_ptr(), v_cache.params.data_ptr())
+    return (0, 0, 0)
+
+
+def _cache_shape(k_cache: KVArray) -> Tuple[int, int, int, int]:
+    return tuple(k_cache.shape)
 
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -48,13 +167,15 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     [T, q_heads, D] where query t attends causally to positions [0, start + t].
 
     start > 0 continues a long prompt whose earlier chunks were written by earlier calls.
-    scale defaults to 1/sqrt(D)."""
+    scale defaults to 1/sqrt(D). k_cache, v_cache: tensors of q's dtype, or two QuantizedKV
+    (the rows are then quantized as they are written, and every cached row is read
+    dequantized)."""
     _, kv_heads, max_seq, head_dim = _check_cache(q, k_cache, v_cache)
     tokens, q_heads = q.shape[0], q.shape[1]
     check_tensor("k", k, dtypes=(q.dtype,), shape=(tokens, kv_heads, head_dim))
     check_tensor("v", v, dtypes=(q.dtype,), shape=(tokens, kv_heads, head_dim))
-    device = same_device(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    check_no_overlap({"k_cache": k_cache, "v_cache": v_cache}, {"q": q, "k": k, "v": v})
+    device = same_device(q=q, k=k, v=v, **_cache_tensors(k_cache, v_cache))
+    check_no_overlap(_cache_tensors(k_cache, v_cache), {"q": q, "k": k, "v": v})
     slot = _host_int("slot", slot)
     start = _host_int("start", start)
     check_window("start", start, "tokens", tokens, "max_seq", max_seq)
@@ -63,20 +184,25 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     if tokens == 0:
         return out
     _C.attention_prefill(*context(device), dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(),
-                         v.data_ptr(), *_cache_args(k_cache, v_cache), tokens, q_heads, slot, start, scale)
+                         v.data_ptr(), *_cache_args(k_cache, v_cache), tokens, q_heads, slot, start, scale,
+                         *_format_args(k_cache, v_cache))
     return out
 
 
-def attention_decode_workspace_bytes(batch: int, q_heads: int, k_cache: torch.Tensor) -> int:
+def attention_decode_workspace_bytes(batch: int, q_heads: int, k_cache: KVArray) -> int:
     """Bytes of scratch attention_decode needs for a batch against this cache (0 on the CPU).
     Depends on sizes only, so a decode loop can allocate it once (and capture the step in a
     CUDA graph)."""
-    check_tensor("k_cache", k_cache, ndim=4)
-    device = same_device(k_cache=k_cache)
+    if isinstance(k_cache, QuantizedKV):
+        k_cache.check("k_cache")
+        device = k_cache.device
+    else:
+        check_tensor("k_cache", k_cache, ndim=4)
+        device = same_device(k_cache=k_cache)
     # Only the device type matters to the size; no CUDA call is made.
     code = 1 if device.type == "cuda" else 0
     return int(_C.attention_decode_workspace_bytes(code, device.index or 0, _host_int("batch", batch),
-                                                   _host_int("q_heads", q_heads), *k_cache.shape))
+                                                   _host_int("q_heads", q_heads), *_cache_shape(k_cache)))
 
 
 def _check_distinct(slots: torch.Tensor, enabled: bool) -> None:
@@ -98,7 +224,7 @@ def _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, 
         _check_distinct(slots, check_indices)
     if workspace is None:
         ctx = context(device)
-        nbytes = _C.attention_decode_workspace_bytes(ctx[0], ctx[1], batch, q_heads, *k_cache.shape)
+        nbytes = _C.attention_decode_workspace_bytes(ctx[0], ctx[1], batch, q_heads, *_cache_shape(k_cache))
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     check_tensor("workspace", workspace, dtypes=(torch.uint8,), ndim=1)
     same_device(**{first_name: first, "workspace": workspace})
@@ -124,19 +250,19 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     check_tensor("v", v, dtypes=(q.dtype,), shape=(batch, kv_heads, head_dim))
     check_tensor("slots", slots, dtypes=(torch.int32,), shape=(batch,))
     check_tensor("positions", positions, dtypes=(torch.int32,), shape=(batch,))
-    device = same_device(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slots=slots, positions=positions)
+    device = same_device(q=q, k=k, v=v, **_cache_tensors(k_cache, v_cache), slots=slots, positions=positions)
     scale = _scale(scale, head_dim)
     out = torch.empty_like(q)
     if batch == 0:
         return out
     workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
                                               k_cache, workspace, check_indices, "q", q)
-    check_no_overlap({"k_cache": k_cache, "v_cache": v_cache, "workspace": workspace},
+    check_no_overlap({**_cache_tensors(k_cache, v_cache), "workspace": workspace},
                      {"q": q, "k": k, "v": v, "slots": slots, "positions": positions})
     ctx = context(device)
     _C.attention_decode(*ctx, dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                         *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
-                        scale, workspace.data_ptr(), workspace.numel())
+                        scale, workspace.data_ptr(), workspace.numel(), *_format_args(k_cache, v_cache))
     return out
 
 
@@ -151,19 +277,17 @@ def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     One kernel (two with the split merge) where the unfused path runs six."""
     check_tensor("qkv", qkv, ndim=4)
     check_activation("qkv", qkv)
-    check_tensor("k_cache", k_cache, dtypes=(qkv.dtype,), ndim=4)
-    check_tensor("v_cache", v_cache, dtypes=(qkv.dtype,), shape=tuple(k_cache.shape))
-    num_slots, kv_heads, max_seq, head_dim = k_cache.shape
+    num_slots, kv_heads, max_seq, head_dim = _check_kv_pair(qkv.dtype, k_cache, v_cache)
     batch, _, rows, _ = qkv.shape
     check_tensor("qkv", qkv, shape=(None, kv_heads, None, head_dim))
-    check_nonempty("k_cache", k_cache)
+    check_nonempty("k_cache", k_cache.codes if isinstance(k_cache, QuantizedKV) else k_cache)
     if rows < 3:
         raise ValueError(f"qkv must have shape (B, kv_heads, G + 2, head_dim) with G >= 1, got {tuple(qkv.shape)}")
     q_heads = kv_heads * (rows - 2)
     check_tensor("slots", slots, dtypes=(torch.int32,), shape=(batch,))
     check_tensor("positions", positions, dtypes=(torch.int32,), shape=(batch,))
     check_tensor("bases", bases, dtypes=(torch.float32,), shape=(batch,))
-    device = same_device(qkv=qkv, k_cache=k_cache, v_cache=v_cache, slots=slots, positions=positions,
+    device = same_device(qkv=qkv, **_cache_tensors(k_cache, v_cache), slots=slots, positions=positions,
                          bases=bases)
     scale = _scale(scale, head_dim)
     out = torch.empty(batch, q_heads, head_dim, dtype=qkv.dtype, device=device)
@@ -171,13 +295,15 @@ def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
                                               k_cache, workspace, check_indices, "qkv", qkv)
-    check_no_overlap({"k_cache": k_cache, "v_cache": v_cache, "workspace": workspace},
+    check_no_overlap({**_cache_tensors(k_cache, v_cache), "workspace": workspace},
                      {"qkv": qkv, "slots": slots, "positions": positions, "bases": bases})
     ctx = context(device)
     _C.attention_decode_qkv(*ctx, dtype_code(qkv.dtype), out.data_ptr(), qkv.data_ptr(),
                             *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
-                            bases.data_ptr(), scale, workspace.data_ptr(), workspace.numel())
+                            bases.data_ptr(), scale, workspace.data_ptr(), workspace.numel(),
+                            *_format_args(k_cache, v_cache))
     return out
 
 
-__all__ = ["attention_decode", "attention_decode_qkv", "attention_decode_workspace_bytes", "attention_prefill"]
+__all__ = ["KV_QUANT_FORMATS", "QuantizedKV", "attention_decode", "attention_decode_qkv",
+           "attention_decode_workspace_bytes", "attention_prefill", "empty_kv_cache"]

@@ -32,28 +32,35 @@ from .files import CheckpointError
 
 
 def build_model(config, weights: ModelWeights, *, max_batch: int = 1,
-                max_seq_len: Optional[int] = None) -> Transformer:
+                max_seq_len: Union[None, int, str] = None, kv_cache: Optional[str] = None,
+                check_weights: bool = False) -> Transformer:
     """The Transformer (with its KV cache) over `weights`; the tensors are used as they
     are, never copied. max_seq_len None: min(max_position_embeddings, 32768) on CUDA, 4096
-    on the CPU."""
+    on the CPU; "auto": the longest that fits the free memory (memory_plan.py).
+    check_weights: scan every weight for NaN/Inf first (Transformer.check_finite)."""
     if max_seq_len is None:
         max_seq_len = default_max_seq_len(config.max_position_embeddings, weights.tok_embeddings.device)
+    if check_weights:
+        # Before the cache is allocated: a bad checkpoint is named without using the memory.
+        weights.check_finite()
     return Transformer(config, weights.tok_embeddings, weights.layers, weights.norm, weights.output,
-                       max_batch=max_batch, max_seq_len=max_seq_len)
+                       max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache)
 
 
-def build(config, weights: ModelWeights, tokenizer, *, max_batch: int = 1, max_seq_len: Optional[int] = None,
+def build(config, weights: ModelWeights, tokenizer, *, max_batch: int = 1, max_seq_len: Union[None, int, str] = None,
           ntk_mode: str = "hf", cuda_graph: bool = True, stop_ids: Optional[Sequence[int]] = None,
-          chat_template=None) -> LLM:
+          chat_template=None, kv_cache: Optional[str] = None, check_weights: bool = False) -> LLM:
     """The LLM over build_model's Transformer: what load returns, for every format."""
-    model = build_model(config, weights, max_batch=max_batch, max_seq_len=max_seq_len)
+    model = build_model(config, weights, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache,
+                        check_weights=check_weights)
     return LLM(model, tokenizer, ntk_mode=ntk_mode, stop_ids=stop_ids, chat_template=chat_template,
                cuda_graph=cuda_graph)
 
 
-def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_len: Optional[int] = None,
+def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_len: Union[None, int, str] = None,
          max_batch: int = 1, ntk_mode: str = "hf", progress: bool = True, quant: Optional[str] = None,
-         group_size: int = 128, quant_head: bool = False, cuda_graph: bool = True) -> LLM:
+         group_size: int = 128, quant_head: bool = False, cuda_graph: bool = True, kv_cache: Optional[str] = None,
+         check_weights: bool = False) -> LLM:
     """Load an InternLM2/2.5 (or Llama-family) checkpoint directory, or a llama-architecture
     GGUF file (see weights/gguf.py; there dtype None means float32 on the CPU and float16
     on CUDA).
@@ -61,7 +68,9 @@ def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_
     device: None means CUDA when available, else the CPU. dtype: None means the
     checkpoint's (float16/bfloat16; float32 runs on the CPU only). max_seq_len: the KV
     cache length per sequence, default min(max_position_embeddings, 32768) on CUDA and
-    min(max_position_embeddings, 4096) on the CPU. max_batch: KV-cache slots, i.e. how
+    min(max_position_embeddings, 4096) on the CPU; "auto" takes the longest context that
+    fits the free memory (memory_plan.py; a size that does not fit is refused with the
+    numbers and what would fit, before the cache is allocated). max_batch: KV-cache slots, i.e. how
     many prompts one generate call can take. ntk_mode: "hf" or "fixed" (llm.py).
 
     quant: None keeps the checkpoint's weights (a pre-quantized AWQ, GPTQ or
@@ -74,26 +83,31 @@ def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_
     size, captured on first use); False runs every kernel eagerly from Python (the same
     tokens, much more host time per token).
 
+    kv_cache: None (the activation dtype), "int8" or "int4": a quantized KV cache
+    (attention.h documents the format). check_weights: scan every weight for NaN/Inf
+    after loading and name the first bad tensor (model.NonFiniteWeightError).
+
     Everything is checked before any tensor is read, in this order: the arguments; the
     path (exists; a folder with config.json, or a GGUF file); the config; the tokenizer;
     every weight file's headers against the config."""
     args = check_load_args(device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
                            ntk_mode=ntk_mode, quant=quant, group_size=group_size, quant_head=quant_head,
-                           cuda_graph=cuda_graph, progress=progress)
+                           cuda_graph=cuda_graph, progress=progress, kv_cache=kv_cache,
+                           check_weights=check_weights)
+    built = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, ntk_mode=args.ntk_mode,
+                 cuda_graph=args.cuda_graph, kv_cache=args.kv_cache, check_weights=args.check_weights)
     if detect_format(path) == GGUF:
         if quant is not None:
             raise ValueError("quant applies to checkpoint directories; a GGUF file's Q4_0/Q4_1 tensors "
                              "load as int4 by themselves")
         config, tokenizer, template, weights = gguf.read_gguf(path, args)
-        return build(config, weights, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                     ntk_mode=args.ntk_mode, cuda_graph=args.cuda_graph, stop_ids=gguf.stop_ids(tokenizer),
-                     chat_template=template)
+        return build(config, weights, tokenizer, stop_ids=gguf.stop_ids(tokenizer), chat_template=template,
+                     **built)
     path = os.fspath(path)
     config = hf.load_config(path)
     tokenizer = hf.read_tokenizer(path)
     config, weights = hf.read_weights(path, config, args)
-    return build(config, weights, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                 ntk_mode=args.ntk_mode, cuda_graph=args.cuda_graph)
+    return build(config, weights, tokenizer, **built)
 
 
 __all__ = ["CheckpointError", "build", "build_model", "load"]

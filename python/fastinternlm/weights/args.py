@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 
 from ..llm import NTK_MODES
+from ..model import KV_CACHE_FLOAT, KV_CACHE_TYPES
 from ..ops.int4_gemm import GROUP_SIZES
 from .files import CheckpointError
 
@@ -33,6 +34,8 @@ class LoadArgs:
     quant_head: bool
     cuda_graph: bool
     progress: bool
+    kv_cache: Optional[str]         # None: the activation dtype (model.resolve_kv_cache checks it)
+    check_weights: bool
 
 
 def check_dtype(dtype) -> Optional[torch.dtype]:
@@ -88,7 +91,8 @@ def _flag(name: str, value) -> bool:
 
 
 def check_load_args(device=None, dtype=None, max_seq_len=None, max_batch=1, ntk_mode="hf", quant=None,
-                    group_size=128, quant_head=False, cuda_graph=True, progress=True) -> LoadArgs:
+                    group_size=128, quant_head=False, cuda_graph=True, progress=True, kv_cache=None,
+                    check_weights=False) -> LoadArgs:
     check_quant_args(quant, group_size, quant_head)
     if ntk_mode not in NTK_MODES:
         raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
@@ -98,11 +102,14 @@ def check_load_args(device=None, dtype=None, max_seq_len=None, max_batch=1, ntk_
         raise TypeError("dtype float32 runs on the CPU only; use float16 or bfloat16 on CUDA")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                    or max_seq_len < 2):
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    if max_seq_len is not None and max_seq_len != "auto" and (
+            isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise ValueError(f"max_seq_len must be an integer >= 2 or 'auto', got {max_seq_len!r}")
+    if kv_cache is not None and kv_cache not in KV_CACHE_TYPES and kv_cache not in KV_CACHE_FLOAT:
+        raise ValueError(f"kv_cache must be None or one of {KV_CACHE_TYPES}, got {kv_cache!r}")
     return LoadArgs(device, dtype, max_seq_len, max_batch, ntk_mode, quant, group_size, quant_head,
-                    _flag("cuda_graph", cuda_graph), _flag("progress", progress))
+                    _flag("cuda_graph", cuda_graph), _flag("progress", progress), kv_cache,
+                    _flag("check_weights", check_weights))
 
 
 def default_max_seq_len(max_position_embeddings: int, device: torch.device) -> int:

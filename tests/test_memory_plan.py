@@ -1,0 +1,116 @@
+"""memory_plan.py against sizes computed by hand for InternLM2.5-7B's shapes
+(/work/shared/notes/internlm2-facts.md: hidden 4096, 32 layers, 32 heads, 8 KV heads,
+head_dim 128, ffn 14336, vocab 92544; 6,979,321,856 linear parameters and 379,060,224 in
+each of the embeddings and the output head)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastinternlm import memory_plan as mp
+from fastinternlm.memory_plan import GiB, MemoryPlanError, ModelShape
+
+SHAPE_7B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, vocab=92544)
+LINEAR_7B = 6_979_321_856
+EMBED_7B = 379_060_224
+NORMS_7B = 32 * 2 * 4096 + 4096  # two per layer and the final one
+
+
+def test_weight_bytes_7b_by_hand():
+    assert mp.weight_bytes(SHAPE_7B, "bf16") == 2 * (LINEAR_7B + 2 * EMBED_7B + NORMS_7B) == 15_475_417_088
+    # int4 with groups of 128: half a byte per weight and a float16 scale and offset per 128
+    # weights (4 bytes / 128 = 1/32 byte per weight); embeddings, head and norms in bf16.
+    int4 = LINEAR_7B // 2 + LINEAR_7B // 32 + 2 * (2 * EMBED_7B + NORMS_7B)
+    assert mp.weight_bytes(SHAPE_7B, "bf16", quant="int4") == int4 == 5_224_538_112
+    # The head quantized too.
+    head = EMBED_7B // 2 + EMBED_7B // 32
+    assert mp.weight_bytes(SHAPE_7B, "bf16", quant="int4", quant_head=True) == int4 - 2 * EMBED_7B + head
+
+
+def test_kv_per_token_7b_by_hand():
+    # 32 layers x (K, V) x 8 KV heads x one row.
+    assert mp.kv_bytes_per_token(SHAPE_7B, "fp16") == 32 * 2 * 8 * 128 * 2 == 128 * 1024
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int8") == 32 * 2 * 8 * (128 + 8) == 69_632
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int4") == 32 * 2 * 8 * (64 + 8) == 36_864
+    assert mp.kv_param_bytes_per_token(SHAPE_7B, "int4") == 32 * 2 * 8 * 8
+    # 1M tokens: 128 GiB, 68 GiB, 36 GiB.
+    assert mp.kv_bytes_per_token(SHAPE_7B, "fp16") << 20 == 128 * GiB
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int8") << 20 == 68 * GiB
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int4") << 20 == 36 * GiB
+
+
+def test_workspace_7b_by_hand():
+    # A 2048-token chunk: 3 hidden-size tensors, the fused qkv (48 heads) and its split
+    # copy, the attention output (32 heads), the w13 output and the SwiGLU output (3 ffn);
+    # decode scratch for one sequence of 256 splits of (D + 2) floats per query head;
+    # float32 logits twice.
+    rows = 2048 * (3 * 4096 + 2 * 48 * 128 + 32 * 128 + 3 * 14336)
+    expected = rows * 2 + 32 * 256 * 130 * 4 + 92544 * 4 * 2
+    assert mp.workspace_bytes(SHAPE_7B, "bf16", 1, 2048) == expected
+    assert 0.2 * GiB < expected < 0.4 * GiB
+
+
+def test_one_million_tokens_on_one_80gb_gpu():
+    usable = 79 * GiB  # an 80 GB H100 less what the driver and a context keep
+    m = 1 << 20
+    int4_w_int8_kv = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int8", dtype="bf16", quant="int4")
+    assert int4_w_int8_kv.kv_cache_bytes == 68 * GiB
+    assert int4_w_int8_kv.total <= usable, int4_w_int8_kv.describe()
+    bf16_w_int4_kv = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int4", dtype="bf16")
+    assert bf16_w_int4_kv.total <= usable, bf16_w_int4_kv.describe()
+    fp16 = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="bf16", dtype="bf16")
+    assert fp16.total > 2 * usable - 30 * GiB  # 128 GiB of cache alone
+    with pytest.raises(MemoryPlanError) as e:
+        mp.check_fits(fp16, usable, "an 80 GB GPU")
+    msg = str(e.value)
+    # The numbers, and what would fit.
+    for part in ("weights 14.41 GiB", "KV cache 128.00 GiB", "> 79.00 GiB free on an 80 GB GPU",
+                 "max_seq_len with kv_cache=int8", "max_seq_len with kv_cache=int4", "max_batch at this max_seq_len: 0"):
+        assert part in msg, msg
+    alt = mp.alternatives(fp16, usable)
+    assert alt["max_seq_len with kv_cache=int4"] >= m  # int4 fits the full million
+    assert 0 < alt["max_seq_len at this max_batch"] < m
+
+
+def test_largest_context_is_the_largest():
+    free = 40 * GiB
+    for kv in ("bf16", "int8", "int4"):
+        n = mp.largest_context(SHAPE_7B, free, kv_cache=kv, dtype="bf16", max_batch=3)
+        assert n % 64 == 0
+        assert mp.plan(SHAPE_7B, max_seq_len=n, max_batch=3, kv_cache=kv, dtype="bf16").total <= free
+        assert mp.plan(SHAPE_7B, max_seq_len=n + 64, max_batch=3, kv_cache=kv, dtype="bf16").total > free
+        b = mp.largest_batch(SHAPE_7B, free, max_seq_len=8191, kv_cache=kv, dtype="bf16")
+        assert mp.plan(SHAPE_7B, max_seq_len=8191, max_batch=b, kv_cache=kv, dtype="bf16").total <= free
+        assert mp.plan(SHAPE_7B, max_seq_len=8191, max_batch=b + 1, kv_cache=kv, dtype="bf16").total > free
+    # Weights alone over the budget: nothing fits.
+    assert mp.largest_context(SHAPE_7B, 10 * GiB, dtype="bf16") == 0
+
+
+def test_resolve_auto_and_refusal():
+    free = 30 * GiB
+    p = mp.resolve(SHAPE_7B, "cpu", max_seq_len="auto", max_batch=1, kv_cache="int4", dtype=torch.bfloat16, free=free)
+    assert p.max_seq_len == mp.largest_context(SHAPE_7B, free, kv_cache="int4", dtype="bf16")
+    assert p.total <= free
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        mp.resolve(SHAPE_7B, "cpu", max_seq_len=p.max_seq_len * 2, max_batch=1, kv_cache="int4", dtype="bf16",
+                   free=free)
+    # Weights already resident: only the cache, workspace and reserve count.
+    q = mp.resolve(SHAPE_7B, "cpu", max_seq_len="auto", max_batch=1, kv_cache="int4", dtype="bf16", free=free,
+                   weights=0)
+    assert q.weights == 0 and q.max_seq_len > p.max_seq_len
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
+        mp.plan(SHAPE_7B, max_seq_len=5, max_batch=0)
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        mp.plan(SHAPE_7B, max_seq_len=5, kv_cache="int2")
+
+
+def test_report_and_cli(tmp_path):
+    from model_fixtures import write_tiny_internlm2
+    text = mp.report(SHAPE_7B, dtype="bf16", quant="int4")
+    assert "KV cache per token" in text and "1M tokens: 68.00 GiB" in text and "80 GB" in text
+    ck = write_tiny_internlm2(tmp_path / "m", dtype=torch.float32, seed=3)
+    out = subprocess.run([sys.executable, "-m", "fastinternlm", "info", str(ck.path), "--plan"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "memory plan for" in out and "largest context per GPU" in out and "int4" in out
