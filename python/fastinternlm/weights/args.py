@@ -106,7 +106,7 @@ def check_load_args(device=None, dtype=None, max_seq_len=None, max_batch=1, ntk_
             isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ValueError(f"max_seq_len must be an integer >= 2 or 'auto', got {max_seq_len!r}")
     if kv_cache is not None and kv_cache not in KV_CACHE_TYPES and kv_cache not in KV_CACHE_FLOAT:
-        raise ValueError(f"kv_cache must be None or one of {KV_CACHE_TYPES}, got {kv_cache!r}")
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_TYPES} or None, got {kv_cache!r}")
     return LoadArgs(device, dtype, max_seq_len, max_batch, ntk_mode, quant, group_size, quant_head,
                     _flag("cuda_graph", cuda_graph), _flag("progress", progress), kv_cache,
                     _flag("check_weights", check_weights))
