@@ -106,10 +106,13 @@ def _info(args) -> int:
         print(f"{k}: {v}")
     if args.plan:
         from . import memory_plan
-        from .config import ModelConfig
+        from .weights.args import HF_ACCEPTS, detect_format
+        from .weights.hf import load_config
         if args.model is None:
             raise ValueError("--plan needs a MODEL directory")
-        config = ModelConfig.from_pretrained(args.model)
+        if detect_format(args.model, what="info --plan", accepts=HF_ACCEPTS) != "hf":
+            raise ValueError(f"info --plan takes {HF_ACCEPTS}, got the GGUF file {args.model}")
+        config = load_config(args.model)
         q = config.quantization
         quant = "int4" if (args.quant or q is not None) else None
         print(f"memory plan for {args.model}:")
