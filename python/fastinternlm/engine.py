@@ -105,6 +105,8 @@ class Request:
         self._result: Optional[Generation] = None
         self._logits: Optional[torch.Tensor] = None
         self._cancel_requested = False
+        self._seq: Optional[_Sequence] = None   # set by the scheduler on admission
+        self._t_first: Optional[float] = None
 
     # ---- consumer side -----------------------------------------------------------------
     @property
@@ -157,7 +159,7 @@ class Request:
         if self.done:
             return
         self._cancel_requested = True
-        self._finish_now("cancelled", None)
+        self._finish_now("cancelled", None, self._seq, self._t_first)
         self._engine._wake.set()
 
     # ---- producer side (scheduler thread) -----------------------------------------------
@@ -190,7 +192,10 @@ class Request:
 
     def _finish_now(self, reason: str, error: Optional[str], seq: Optional[_Sequence] = None,
                     t_first: Optional[float] = None) -> bool:
-        text = seq.text if seq is not None else ""
+        # From another thread the sequence may be mid-step: report what was streamed, and
+        # the ids that produced it.
+        with self._lock:
+            text = "".join(self._chunks)
         ids = list(seq.ids) if seq is not None else []
         ttft = (t_first - self.t_submit) if t_first is not None else 0.0
         return self._finish(Generation(text, ids, reason, self.prompt_tokens, ttft, 0.0, error=error))
@@ -220,6 +225,7 @@ class _Active:
         self.prefilled = reused
         self.base = llm._base(len(req.prompt))
         self.seq = _Sequence(llm, req.prompt, req.stops, skip_special_tokens=req.skip_special_tokens)
+        req._seq = self.seq
         self.generator = None
         if not req.params.greedy:
             seed = req.params.seed
@@ -289,6 +295,8 @@ class Engine:
         messages); returns its Request at once. Malformed or oversize requests raise
         ValueError/TypeError here; a full queue EngineOverloaded; a closed or failed
         engine EngineUnhealthy."""
+        if not self.healthy:  # say so before any complaint about the request itself
+            raise EngineUnhealthy(self._unhealthy_message())
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         ids = self._prompt_ids(prompt)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -660,7 +668,7 @@ class Engine:
                                   f"hold invalid values")
             return
         if a.t_first is None:
-            a.t_first = a.t_decode_start = now
+            a.t_first = a.t_decode_start = req._t_first = now
             self._ttft.append(now - req.t_submit)
         else:
             self._itl.append(now - a.t_last)
