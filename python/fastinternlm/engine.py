@@ -61,10 +61,12 @@ from .llm import Generation, _Sequence
 from .sampling import SamplingParams, sample_rows
 
 FINISH_REASONS = ("stop", "stop_string", "length", "cancelled", "timeout", "error")
-# Prefill tokens per scheduler step while other requests are decoding. On a 2-core CPU a
-# 128-token chunk of SmolLM2-135M costs about as much as two batched decode steps; on a GPU
-# 512 tokens of a 7B model take a few decode steps' time.
-PREFILL_BUDGET_CPU = 128
+# Prefill tokens per scheduler step while other requests are decoding: a step then costs
+# about one decode step plus this many prompt tokens, which bounds the running streams'
+# inter-token latency. On a 2-core CPU 32 tokens of SmolLM2-135M take about as long as one
+# batched decode step of 16 sequences (~0.3 s), so a long prompt arriving at most doubles
+# the streams' token interval; on a GPU 512 tokens of a 7B model cost a few decode steps.
+PREFILL_BUDGET_CPU = 32
 PREFILL_BUDGET_CUDA = 512
 _IDLE_POLL_S = 0.5  # how often an idle scheduler thread checks that its engine still exists
 
@@ -106,6 +108,8 @@ class Request:
         self._logits: Optional[torch.Tensor] = None
         self._cancel_requested = False
         self._seq: Optional[_Sequence] = None   # set by the scheduler on admission
+        # perf_counter() when each token reached the host (TTFT / inter-token latency per request).
+        self.token_times: List[float] = []
         self._t_first: Optional[float] = None
 
     # ---- consumer side -----------------------------------------------------------------
@@ -248,13 +252,20 @@ class _Active:
 
 
 class Engine:
-    """Continuous batching over the LLM's KV-cache slots (module docs).
+    """Continuous batching over the LLM's KV-cache slots (module docs). An LLM has at most
+    one running engine: creating one makes it the LLM's (llm.generate, chat and logits
+    then run through it); creating a second while the first runs raises ValueError.
 
     max_waiting: requests that may wait for a slot; past it submit raises EngineOverloaded.
     prefill_chunk: the prefill token budget per step while others decode (default
-    PREFILL_BUDGET_CPU / PREFILL_BUDGET_CUDA)."""
+    PREFILL_BUDGET_CPU / PREFILL_BUDGET_CUDA).
+    batch_invariant: on the CPU, run the output head at a fixed row count (the slot
+    count) so a row's logits do not depend on how many rows share the step (module docs);
+    False saves that padding (a 16-slot SmolLM2 head costs ~1.5x a 1-row one) at the price
+    of last-bit differences between batch sizes. No effect on CUDA."""
 
-    def __init__(self, llm, max_waiting: int = 256, prefill_chunk: Optional[int] = None):
+    def __init__(self, llm, max_waiting: int = 256, prefill_chunk: Optional[int] = None,
+                 batch_invariant: bool = True):
         if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 0:
             raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
         cuda = llm.device.type == "cuda"
@@ -262,6 +273,12 @@ class Engine:
             prefill_chunk = PREFILL_BUDGET_CUDA if cuda else PREFILL_BUDGET_CPU
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        with llm._engine_lock:
+            # One scheduler per model: two would hand out the same KV slots.
+            if llm._engine is not None and llm._engine.healthy:
+                raise ValueError("this LLM already has a running Engine (llm.engine); close it before "
+                                 "creating another")
+            llm._engine = self
         self.llm = llm
         self.model = llm.model
         self.max_waiting = max_waiting
@@ -276,7 +293,9 @@ class Engine:
         self._unhealthy_reason: Optional[str] = None
         self._seen: Optional[torch.Tensor] = None
         # On the CPU the head runs with a fixed row count (module docs: invariance).
-        self._head_rows = self.model.max_batch if not cuda else None
+        if not isinstance(batch_invariant, bool):
+            raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
+        self._head_rows = self.model.max_batch if (batch_invariant and not cuda) else None
         self._counters = collections.Counter()
         self._ttft: Deque[float] = collections.deque(maxlen=4096)
         self._itl: Deque[float] = collections.deque(maxlen=16384)
@@ -673,6 +692,7 @@ class Engine:
         else:
             self._itl.append(now - a.t_last)
         a.t_last = now
+        req.token_times.append(now)
         self._counters["tokens_generated"] += 1
         try:
             a.seq.push(token, req.stop_ids, req.max_new_tokens)
