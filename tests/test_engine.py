@@ -674,3 +674,25 @@ def test_graph_path_pads_to_power_of_two_buckets_with_masked_rows(ckpt):
     assert any(n < bucket for n, bucket in buckets)  # some steps did run padded
     expected = solo(ckpt, requests)
     assert [g.token_ids for g in out] == [g.token_ids for g in expected]
+
+
+# ---- the serve benchmark --------------------------------------------------------------------
+
+def test_bench_serve_tiny_shapes_runs_every_scenario(tmp_path, capsys):
+    import json
+    from fastinternlm.bench import serve
+    out = tmp_path / "serve.json"
+    rc = serve.main(["--shapes", "tiny", "--device", "cpu", "--max-batch", "4", "--max-seq-len", "256",
+                     "--clients", "4", "--requests", "6", "--new-tokens", "5", "--prompt-lens", "3,11",
+                     "--rate", "200", "--open-requests", "5", "--long-prompt", "70", "--chat-first", "40",
+                     "--prefill-chunk", "8", "--json", str(out)])
+    assert rc == 0 and "aggregate / one-by-one" in capsys.readouterr().out
+    r = json.loads(out.read_text())["results"]
+    assert r["solo"]["tokens"] == r["closed"]["tokens"] == 6 * 5 and r["open"]["tokens"] == 5 * 5
+    for key in ("solo", "closed", "open"):
+        assert 0 < r[key]["ttft_p50_s"] <= r[key]["ttft_p99_s"] and 0 < r[key]["itl_p50_s"] <= r[key]["itl_p99_s"]
+    # 70 prompt tokens at 8 per step while 3 streams decode: at least 9 steps saw it prefill.
+    assert r["long"]["streams"] == 3 and r["long"]["steps_during_prefill"] >= 9
+    # The tiny shapes' max_position_embeddings (128) is past the second chat turn's length
+    # (40 + 16 + 24), so the first turn is reused.
+    assert r["chat"]["reused_tokens"] == 40 + 16 - 1 and r["chat"]["ttft_reused_s"] > 0

@@ -256,7 +256,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "long" not in args.skip:
         streams = make_prompts(text_ids, vocab, [min(lens)], args.clients - 1 if args.clients > 1 else 1, rng)
         long = make_prompts(text_ids, vocab, [args.long_prompt], 1, rng)[0]
-        show("long", run_long_prompt(llm, streams, long, args.new_tokens * 2, chunk))
+        # The streams must outlive the long prompt's prefill (one budget per step).
+        stream_tokens = max(2 * args.new_tokens, -(-args.long_prompt // budget) + 8)
+        show("long", run_long_prompt(llm, streams, long, stream_tokens, chunk))
     if "chat" not in args.skip:
         first = make_prompts(text_ids, vocab, [args.chat_first], 1, rng)[0]
         follow = make_prompts(text_ids, vocab, [24], 1, rng)[0]
