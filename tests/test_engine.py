@@ -578,16 +578,41 @@ def test_smollm2_interleaved_streams(smollm2):
     assert head + "".join(s) == expected[0] and middle == expected[1]
 
 
-def test_smollm2_batched_equals_solo_greedy_and_seeded(smollm2):
-    llm4 = fastinternlm.load(fastinternlm.gguf_loader.default_model_path(), device="cpu", dtype=torch.float32,
+@pytest.fixture(scope="module")
+def smollm2_x4(smollm2):
+    return fastinternlm.load(fastinternlm.gguf_loader.default_model_path(), device="cpu", dtype=torch.float32,
                              max_seq_len=256, max_batch=4, progress=False)
-    prompts = ISSUE_PROMPTS + ["Once upon a time", "def fib(n):"]
-    kws = [dict(max_new_tokens=12), dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3),
-           dict(max_new_tokens=12, temperature=1.0, top_k=40, seed=4), dict(max_new_tokens=12)]
-    together = [llm4.engine.submit(p, **kw) for p, kw in zip(prompts, kws)]
+
+
+SMOLLM2_MIXED = [("Photosynthesis is the process by which", dict(max_new_tokens=12)),
+                 ("The capital of France is", dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)),
+                 ("Once upon a time", dict(max_new_tokens=12, temperature=1.0, top_k=40, seed=4)),
+                 ("def fib(n):", dict(max_new_tokens=12, repetition_penalty=1.3))]
+
+
+def test_smollm2_batched_equals_solo_greedy_and_seeded(smollm2_x4):
+    llm4 = smollm2_x4
+    together = [llm4.engine.submit(p, **kw) for p, kw in SMOLLM2_MIXED]
     together = [r.result(timeout=120).token_ids for r in together]
-    alone = [llm4.generate(p, **kw).token_ids for p, kw in zip(prompts, kws)]  # one at a time
+    alone = [llm4.generate(p, **kw).token_ids for p, kw in SMOLLM2_MIXED]  # one at a time
     assert together == alone
+
+
+def test_smollm2_asyncio_clients(smollm2_x4):
+    llm4 = smollm2_x4
+    engine = llm4.engine
+
+    async def client(p, kw):
+        req = engine.submit(p, **kw)
+        return "".join([d async for d in req]), req.result()
+
+    async def main():
+        return await asyncio.gather(*(client(p, kw) for p, kw in SMOLLM2_MIXED))
+
+    results = asyncio.run(main())
+    alone = [llm4.generate(p, **kw) for p, kw in SMOLLM2_MIXED]
+    assert [text for text, _ in results] == [g.text for g in alone]
+    assert [gen.token_ids for _, gen in results] == [g.token_ids for g in alone]
 
 
 def test_smollm2_special_tokens_and_stop_ids(smollm2):

@@ -674,14 +674,14 @@ class Engine:
         if not hidden_rows:
             return None
         hidden = torch.cat(hidden_rows)
-        n = hidden.shape[0]
-        if self._head_rows is not None and n < self._head_rows:
-            hidden = torch.cat([hidden, hidden.new_zeros(self._head_rows - n, hidden.shape[1])])
-        elif self._head_rows is not None and n > self._head_rows:
-            # More rows than slots cannot happen (one row per slot); kept general.
-            return torch.cat([self.model.logits(hidden[i:i + self._head_rows])
-                              for i in range(0, n, self._head_rows)])[:n]
-        return self.model.logits(hidden)[:n]
+        n, rows = hidden.shape[0], self._head_rows
+        if rows is None:
+            return self.model.logits(hidden)
+        # At most one row per slot, so one padded piece; pieces of `rows` keep it general.
+        pad = -n % rows
+        if pad:
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+        return torch.cat([self.model.logits(hidden[i:i + rows]) for i in range(0, n + pad, rows)])[:n]
 
     def _push(self, a: _Active, token: int, now: float) -> None:
         req = a.req
