@@ -45,7 +45,7 @@ if want tests; then
   : > "$OUT/pytest.log"
   test_line="tests:"
   for group in "kernels:tests/test_programmatic_launch.py tests/test_attention.py tests/test_attention_decode_qkv.py tests/test_int4_gemm.py tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py" \
-               "model:tests/test_cuda_graph.py tests/test_model.py tests/test_quantized_models.py tests/test_gguf.py tests/test_awq_gptq.py tests/test_accuracy_bench.py" \
+               "model:tests/test_cuda_graph.py tests/test_engine.py tests/test_model.py tests/test_quantized_models.py tests/test_gguf.py tests/test_awq_gptq.py tests/test_accuracy_bench.py" \
                "e2e:tests/test_e2e_bench.py"; do
     name=${group%%:*}; files=${group#*:}
     [[ " ${TEST_GROUPS:-kernels model e2e} " == *" $name "* ]] || continue

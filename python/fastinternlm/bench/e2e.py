@@ -33,7 +33,7 @@ import torch
 
 from .. import ops
 from ..config import INTERNLM2, ModelConfig, RopeScaling
-from ..llm import prefill_chunk
+from ..sequence import prefill_chunk
 from ..model import Layer, Transformer
 from ..weights import build_model
 from ..weights.layout import split_wqkv
