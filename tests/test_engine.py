@@ -279,7 +279,7 @@ def test_a_request_whose_stop_handling_raises_leaves_the_others_correct(ckpt, mo
     llm = load(ckpt, max_batch=4)
     no_stop(llm)
     bad_prompt = prompt_ids(ckpt, 8)
-    real = engine_module._Sequence
+    real = engine_module.SequenceState
 
     class Exploding(real):
         def push(self, token, stop_ids, max_new_tokens):
@@ -287,7 +287,7 @@ def test_a_request_whose_stop_handling_raises_leaves_the_others_correct(ckpt, mo
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted")
             super().push(token, stop_ids, max_new_tokens)
 
-    monkeypatch.setattr(engine_module, "_Sequence", Exploding)
+    monkeypatch.setattr(engine_module, "SequenceState", Exploding)
     requests = [(prompt_ids(ckpt, n), dict(max_new_tokens=20)) for n in (5, 17, 30)]
     reqs = [llm.engine.submit(p, **kw) for p, kw in requests[:2]]
     bad = llm.engine.submit(bad_prompt, max_new_tokens=20)
@@ -295,7 +295,7 @@ def test_a_request_whose_stop_handling_raises_leaves_the_others_correct(ckpt, mo
     gen = bad.result(timeout=30)
     assert gen.finish_reason == "error" and "UnicodeDecodeError" in gen.error and "planted" in gen.error
     assert len(gen.token_ids) == 3
-    monkeypatch.setattr(engine_module, "_Sequence", real)
+    monkeypatch.setattr(engine_module, "SequenceState", real)
     expected = solo(ckpt, requests)
     assert [r.result(timeout=30).token_ids for r in reqs] == [g.token_ids for g in expected]
     assert llm.engine.healthy and llm.engine.stats()["requests_failed"] == 1
@@ -511,7 +511,7 @@ def test_200_requests_leave_no_memory_growth(ckpt, seed):
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     kinds = (torch.Tensor, torch.Generator, engine_module.Request, engine_module._Active,
-             fastinternlm.Generation, engine_module._Sequence)
+             fastinternlm.Generation, engine_module.SequenceState)
     batch(40)  # warm up allocator pools and lazily created buffers
     before, memory = live(kinds), rss()
     for _ in range(5):

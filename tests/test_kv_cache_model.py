@@ -126,13 +126,13 @@ def test_one_million_token_config_loads_and_runs(tmp_path, ntk_mode):
 
 
 def test_long_prefill_reports_progress(ckpt, monkeypatch, capsys):
-    from fastinternlm import llm as llm_module
+    from fastinternlm import sequence as sequence_module
     llm = load(ckpt, max_seq_len=200, kv_cache="int4")
-    monkeypatch.setattr(llm_module, "PREFILL_CHUNK", 37)
+    monkeypatch.setattr(sequence_module, "PREFILL_CHUNK", 37)
     ids = prompt(ckpt, 150)
     expected = llm.logits(ids)[-1]
     capsys.readouterr()
-    monkeypatch.setattr(llm_module, "PROGRESS_AFTER_S", 0.0)  # every prefill "takes seconds"
+    monkeypatch.setattr(sequence_module, "PROGRESS_AFTER_S", 0.0)  # every prefill "takes seconds"
     out = llm.generate(ids, max_new_tokens=1)
     err = capsys.readouterr().err
     assert "prefill: 150/150 tokens" in err and err.endswith("\n")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastinternlm
-from fastinternlm import llm as llm_module
+from fastinternlm import sequence as sequence_module
 from fastinternlm.chat import encode_chat
 from model_fixtures import hf_llama_reference, reference_forward, write_tiny_internlm2
 
@@ -80,7 +80,7 @@ def test_chunked_prefill_equals_one_shot(ckpt, monkeypatch):
     llm = load(ckpt)
     ids = random_prompt(ckpt, 90)
     one_shot = llm.logits(ids).double()
-    monkeypatch.setattr(llm_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(sequence_module, "PREFILL_CHUNK", 7)
     chunked = llm.logits(ids).double()
     ref = reference_forward(ckpt, ids)
     # Chunking changes nothing but GEMM shapes: it may not add error beyond what the
