@@ -211,16 +211,18 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
     }
   }
   // Quantized: that block quantizes the new k (rotated, in registers) and v on the way into
-  // the cache, and attends to them as they were stored, like every other cached token.
-  Raw knq{}, vnq{};
-  float2 knp = make_float2(0.0f, 0.0f), vnp = knp;
+  // the cache, and then reads them back like every other cached token (after the barrier,
+  // which makes the block's global writes visible to the block), so it attends to them as
+  // stored. Keeping the codes in registers through the loop instead made the int8 kernel
+  // spill at G = 4 (the 7B model's group).
   if constexpr (F != 0) {
     if (pos < end) {  // uniform over the block: every row group joins the shuffles
       float x[8];
+      float2 knp, vnp;
       unpack<T, 8>(x, kn);
-      knq = C::template quantize<D>(x, knp);
+      const Raw knq = C::template quantize<D>(x, knp);
       unpack<T, 8>(x, *reinterpret_cast<const uint4*>(vn));
-      vnq = C::template quantize<D>(x, vnp);
+      const Raw vnq = C::template quantize<D>(x, vnp);
       if (rg == 0) {
         *reinterpret_cast<Raw*>(k_cache + (head + pos) * kRow + lane * kLane) = knq;
         *reinterpret_cast<Raw*>(v_cache + (head + pos) * kRow + lane * kLane) = vnq;
@@ -229,6 +231,7 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
           v_params[head + pos] = vnp;
         }
       }
+      __syncthreads();
     }
   }
 
@@ -256,15 +259,10 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
       // be NaN (quantized: zero codes and parameters dequantize to exact zeros).
       kr[u] = vr[u] = Raw{};
       kp[u] = vp[u] = make_float2(0.0f, 0.0f);
-      if (t == pos) {
-        if constexpr (F == 0) {
+      if (F == 0 && t == pos) {
+        if constexpr (F == 0) {  // the quantized new token is read back from the cache
           kr[u] = kn;
           vr[u] = *reinterpret_cast<const uint4*>(vn);
-        } else {
-          kr[u] = knq;
-          vr[u] = vnq;
-          kp[u] = knp;
-          vp[u] = vnp;
         }
       } else if (t < end) {
         kr[u] = *reinterpret_cast<const Raw*>(kc + int64_t{t} * kRow);

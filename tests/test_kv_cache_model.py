@@ -123,3 +123,20 @@ def test_one_million_token_config_loads_and_runs(tmp_path, ntk_mode):
         expected = 5e7 * (2.5 * n / 262144 - 1.5) ** (128 / 126)
         assert math.isclose(llm._base(n), expected, rel_tol=1e-6)
         assert llm._base(262144) == 5e7
+
+
+def test_long_prefill_reports_progress(ckpt, monkeypatch, capsys):
+    from fastinternlm import llm as llm_module
+    llm = load(ckpt, max_seq_len=200, kv_cache="int4")
+    monkeypatch.setattr(llm_module, "PREFILL_CHUNK", 37)
+    ids = prompt(ckpt, 150)
+    expected = llm.logits(ids)[-1]
+    capsys.readouterr()
+    monkeypatch.setattr(llm_module, "PROGRESS_AFTER_S", 0.0)  # every prefill "takes seconds"
+    out = llm.generate(ids, max_new_tokens=1)
+    err = capsys.readouterr().err
+    assert "prefill: 150/150 tokens" in err and err.endswith("\n")
+    assert out.token_ids[0] == int(expected.argmax())
+    llm.prefill_progress = False
+    llm.generate(ids, max_new_tokens=1)
+    assert "prefill" not in capsys.readouterr().err

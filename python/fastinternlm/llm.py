@@ -23,6 +23,7 @@ Dynamic NTK (`ntk_mode`), when a sequence grows past max_position_embeddings:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -45,6 +46,35 @@ PREFILL_CHUNK_CUDA = 2048
 
 def prefill_chunk(device: torch.device) -> int:
     return PREFILL_CHUNK_CUDA if device.type == "cuda" else PREFILL_CHUNK
+
+
+# A prompt whose prefill runs longer than this reports on stderr, at most once a second.
+PROGRESS_AFTER_S = 2.0
+
+
+class PrefillProgress:
+    """"prefill: done/total tokens, rate" on stderr for prefills that take seconds (a
+    1M-token prompt takes minutes). On CUDA the host runs ahead of the device, so the
+    device is synchronised before each report (at most once a second: no measurable cost)."""
+
+    def __init__(self, total: int, device: torch.device, stream=None):
+        self.total, self.device = total, device
+        self.stream = sys.stderr if stream is None else stream
+        self.t0 = self.last = time.perf_counter()
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.t0 < PROGRESS_AFTER_S or (now - self.last < 1.0 and done < self.total):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+        self.last, self.shown = now, True
+        elapsed = now - self.t0
+        end = "\n" if done >= self.total else ""
+        print(f"\rprefill: {done}/{self.total} tokens, {elapsed:.1f} s, {done / elapsed:.0f} tokens/s", end=end,
+              file=self.stream, flush=True)
 
 
 @dataclasses.dataclass
@@ -228,12 +258,18 @@ class LLM:
 
     # ---- the core loop -----------------------------------------------------------------
     def _prefill(self, ids: List[int], slot: int, base: float) -> torch.Tensor:
-        """Fill `slot`'s cache with the prompt; returns the last position's hidden state [1, hidden]."""
+        """Fill `slot`'s cache with the prompt; returns the last position's hidden state [1, hidden].
+        Chunk by chunk, so activation memory does not depend on the prompt's length; a
+        prefill running longer than PROGRESS_AFTER_S reports its progress on stderr (unless
+        self.prefill_progress is False)."""
         tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
         hidden = None
         chunk = prefill_chunk(self.device)
+        progress = PrefillProgress(len(ids), self.device) if getattr(self, "prefill_progress", True) else None
         for start in range(0, len(ids), chunk):
             hidden = self.model.prefill(tokens[start:start + chunk], slot, start, base)
+            if progress is not None:
+                progress.update(min(start + chunk, len(ids)))
         return hidden[-1:]
 
     @torch.inference_mode()
