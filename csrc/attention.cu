@@ -1,6 +1,8 @@
 // Attention over the KV cache on CUDA: decode. Prefill (tensor cores) is in
 // attention_prefill.cu.
 //
+// Design notes and measurements: docs/kernels/attention.md.
+//
 // Decode (one token per sequence): flash-decoding. A sequence's context is cut into up to
 // `splits` chunks; block (split, kv head, sequence) computes an unnormalised partial
 // softmax (max, sum, acc[D]) for all query heads of the KV group, so every K/V byte is
@@ -33,12 +35,9 @@ constexpr int kMaxSplits = 256;
 // The split sizing (defaults in attention.h):
 // - kDecodeMinChunk, 64 tokens: below it a block's fixed costs (q load, merge of its row
 //   groups, the partial's store) dominate.
-// - kDecodeTargetBlocks, 264: about two 4-warp blocks per SM of a 132-SM H100. Measured on
-//   one (bench.attention_sweep, 2026-11-26, docs/device-runs/2026-11-26-h100-run2-d6f5001):
-//   against the earlier 1024, 8K context runs in 21 instead of 31 us and 32K in 68 instead
-//   of 83 us (fewer, longer splits: each block's fixed cost, q and the merge, is paid less
-//   often), 2K and batch 16 unchanged or faster. 528 was faster still at 32K (61 us) but
-//   slower at 2K (14 vs 11 us).
+// - kDecodeTargetBlocks, 264: about two 4-warp blocks per SM of a 132-SM H100; fewer,
+//   longer splits pay each block's fixed cost (q and the merge) less often. The sweep that
+//   chose it is in docs/kernels/attention.md.
 // Both can be changed for benchmark sweeps (set_decode_split_tuning); they are read on the
 // host at every launch and passed to the kernels.
 std::atomic<int> g_min_chunk{static_cast<int>(kDecodeMinChunk)};

