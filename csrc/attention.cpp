@@ -88,21 +88,13 @@ void quantize_row(const T* x, int64_t d, int bits, uint8_t* codes, float* params
 }
 
 // Rows [r, r + n) of a quantized cache array to float32: fma(q, scale, zero), one rounding,
-// exactly what the CUDA kernels compute (std::fma is the hardware instruction where the CPU
-// has one).
+// exactly what the CUDA kernels compute (attention_cpu.inc, every tier).
 void dequantize_rows(const KVCache& c, const void* codes, const void* params, int64_t r, int64_t n,
                      float* dst) {
-  const int64_t d = c.head_dim, row_bytes = code_bytes(c);
-  const auto* cb = static_cast<const uint8_t*>(codes) + r * row_bytes;
-  const auto* pp = static_cast<const float*>(params) + 2 * r;
-  const bool int4 = c.format == KVCacheFormat::kInt4;
-  for (int64_t j = 0; j < n; ++j, cb += row_bytes, dst += d) {
-    const float scale = pp[2 * j], zero = pp[2 * j + 1];
-    for (int64_t i = 0; i < d; ++i) {
-      const int q = int4 ? (cb[i / 2] >> (4 * (i % 2))) & 15 : cb[i];
-      dst[i] = std::fma(static_cast<float>(q), scale, zero);
-    }
-  }
+  const int64_t row_bytes = code_bytes(c);
+  FIL_TIER_SELECT(dequantize_codes)(static_cast<const uint8_t*>(codes) + r * row_bytes, row_bytes,
+                                    static_cast<const float*>(params) + 2 * r, n, c.head_dim,
+                                    kv_cache_bits(c.format), dst);
 }
 
 // Stores the new rows of one token and KV head, src_k/src_v [head_dim], at (slot, head, pos).

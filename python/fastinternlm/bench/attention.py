@@ -39,12 +39,66 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         if dtype == torch.float32:
             return []  # the CUDA kernels are float16/bfloat16
         # InternLM2.5-7B
-        return _cases(device, dtype, 32, 8, 128, [(1, 2048), (1, 8192), (1, 32768), (16, 2048)],
-                      [2048, 8192])
+        return (_cases(device, dtype, 32, 8, 128, [(1, 2048), (1, 8192), (1, 32768), (16, 2048)],
+                       [2048, 8192])
+                + _quantized_cases(device, dtype, 32, 8, 128, [(1, 32768), (1, 131072), (16, 8192)], [8192]))
     # A small grouped layout, then SmolLM2-135M's (9 query heads over 3 KV heads, D = 64),
     # the model the CPU path runs end to end.
     return (_cases(device, dtype, 8, 2, 128, [(1, 512), (1, 2048), (4, 512)], [128, 512])
-            + _cases(device, dtype, 9, 3, 64, [(1, 512)], [256]))
+            + _cases(device, dtype, 9, 3, 64, [(1, 512)], [256])
+            + _quantized_cases(device, dtype, 8, 2, 128, [(1, 2048)], [512]))
+
+
+def _random_quantized(batch, kv_heads, ctx, head_dim, bits, device) -> ops.QuantizedKV:
+    """Random codes with (scale, zero) spanning about [-2.5, 2.5]: the values of a unit
+    normal row, for timing."""
+    c = ops.QuantizedKV.empty(batch, kv_heads, ctx, head_dim, bits, device)
+    c.codes.random_(0, 256)
+    c.params[..., 0] = 5.0 / (2**bits - 1)
+    c.params[..., 1] = -2.5
+    return c
+
+
+def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, prefill_tokens) -> List[Case]:
+    """Ours with an int8 / int4 cache (bytes: the codes and parameters it reads) against SDPA
+    over the activation-dtype cache of the same shape (what the quantized cache replaces)."""
+    out = []
+    for bits in (8, 4):
+        row = head_dim * bits // 8 + 8  # codes + (scale, zero)
+        for batch, ctx in decode_shapes:
+            kc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device)
+            vc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device)
+            q = torch.randn(batch, q_heads, head_dim, dtype=dtype, device=device)
+            k = torch.randn(batch, kv_heads, head_dim, dtype=dtype, device=device)
+            v = torch.randn_like(k)
+            slots = torch.arange(batch, dtype=torch.int32, device=device)
+            positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=device)
+            workspace = torch.empty(ops.attention_decode_workspace_bytes(batch, q_heads, kc), dtype=torch.uint8,
+                                    device=device)
+            bk, bv, name = _baseline_kv(kc.dequantize(dtype), vc.dequantize(dtype), q_heads)
+            q4 = q.view(batch, q_heads, 1, head_dim)
+            out.append(Case(
+                f"attention_decode int{bits} cache", f"B={batch} ctx={ctx} H={q_heads}/{kv_heads} D={head_dim}",
+                lambda q=q, k=k, v=v, kc=kc, vc=vc, s=slots, p=positions, w=workspace:
+                    ops.attention_decode(q, k, v, kc, vc, s, p, workspace=w, check_indices=False),
+                lambda q4=q4, bk=bk, bv=bv: _sdpa(q4, bk, bv, False), f"{name} over the {dtype} cache",
+                bytes=2 * batch * kv_heads * ctx * row))
+            del bk, bv
+        for tokens in prefill_tokens:
+            q = torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
+            k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+            v = torch.randn_like(k)
+            kc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device)
+            vc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device)
+            qt = q.transpose(0, 1).unsqueeze(0).contiguous()
+            bk, bv, name = _baseline_kv(k.transpose(0, 1).unsqueeze(0).contiguous(),
+                                        v.transpose(0, 1).unsqueeze(0).contiguous(), q_heads)
+            out.append(Case(
+                f"attention_prefill int{bits} cache", f"T={tokens} H={q_heads}/{kv_heads} D={head_dim} causal",
+                lambda q=q, k=k, v=v, kc=kc, vc=vc: ops.attention_prefill(q, k, v, kc, vc, 0, 0),
+                lambda qt=qt, bk=bk, bv=bv: _sdpa(qt, bk, bv, True), f"{name}, causal",
+                bytes=2 * tokens * kv_heads * row, flops=4 * tokens * tokens // 2 * head_dim * q_heads))
+    return out
 
 
 def _cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, prefill_tokens) -> List[Case]:
