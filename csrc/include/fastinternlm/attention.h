@@ -14,7 +14,8 @@
 // q_heads / kv_heads from 1 to 8; float16/bfloat16 (float32 too on the CPU); a scale that
 // is finite and > 0 (models use 1/sqrt(head_dim)). On CUDA every pointer (q, k, v, out,
 // both caches, the workspace) must be 16-byte aligned, since the kernels move 16-byte
-// vectors; on the CPU the element alignment suffices.
+// vectors, and a quantized cache's parameter arrays 8-byte aligned; on the CPU the element
+// alignment suffices.
 #pragma once
 
 #include "fastinternlm/common.h"

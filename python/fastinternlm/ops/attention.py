@@ -174,7 +174,9 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     [T, q_heads, D] where query t attends causally to positions [0, start + t].
 
     start > 0 continues a long prompt whose earlier chunks were written by earlier calls.
-    scale defaults to 1/sqrt(D)."""
+    scale defaults to 1/sqrt(D). k_cache, v_cache: tensors of q's dtype, or two QuantizedKV
+    (the rows are then quantized as they are written, and every cached row is read
+    dequantized)."""
     _, kv_heads, _, head_dim = _check_cache(q, k_cache, v_cache)
     tokens, q_heads = q.shape[0], q.shape[1]
     check_tensor("k", k, dtypes=(q.dtype,), shape=(tokens, kv_heads, head_dim))
