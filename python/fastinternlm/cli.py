@@ -93,13 +93,13 @@ def _quantize(args) -> int:
 
 def _info(args) -> int:
     import fastinternlm
+    if args.plan and args.model is None:
+        raise ValueError("--plan needs a MODEL directory")
     for k, v in fastinternlm.build_info().items():
         print(f"{k}: {v}")
     if args.plan:
         from . import memory_plan
         from .config import ModelConfig
-        if args.model is None:
-            raise ValueError("--plan needs a MODEL directory")
         config = ModelConfig.from_pretrained(args.model)
         q = config.quantization
         quant = "int4" if (args.quant or q is not None) else None
