@@ -258,8 +258,10 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
       // be NaN (quantized: zero codes and parameters dequantize to exact zeros).
       kr[u] = vr[u] = Raw{};
       kp[u] = vp[u] = make_float2(0.0f, 0.0f);
+      // The new token comes from registers for F = 0; a quantized cache reads it back
+      // from the cache like the others (the else branch).
       if (F == 0 && t == pos) {
-        if constexpr (F == 0) {  // the quantized new token is read back from the cache
+        if constexpr (F == 0) {
           kr[u] = kn;
           vr[u] = *reinterpret_cast<const uint4*>(vn);
         }

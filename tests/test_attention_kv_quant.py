@@ -35,9 +35,10 @@ def f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def ref_quantize(x: torch.Tensor, bits: int):
-    """The format on rows x [..., D]: (codes uint8 [..., D * bits / 8], params float32 [..., 2])."""
+    """The format on rows x [..., D]: (codes uint8 [..., D * bits / 8], params float32 [..., 2]),
+    on x's device (float64 there too: a million rows take seconds on a GPU, minutes here)."""
     qmax = float(2**bits - 1)
-    xf = x.to("cpu", torch.float64)
+    xf = x.to(torch.float64)
     lo = xf.amin(-1, keepdim=True)
     hi = xf.amax(-1, keepdim=True)
     scale = f32(f32(hi - lo) / qmax)
@@ -297,7 +298,7 @@ def test_quantize_constant_and_extreme_rows(device):
         q = rand(3, 1, 64, dtype=dtype, device=device)
         ops.attention_prefill(q, k, k.clone(), kc, vc, 0, 0)
         codes, params = ref_quantize(k.transpose(0, 1), bits)
-        assert torch.equal(kc.codes[0].cpu(), codes) and torch.equal(kc.params[0].cpu(), params)
+        assert torch.equal(kc.codes[0].cpu(), codes.cpu()) and torch.equal(kc.params[0].cpu(), params.cpu())
         assert float(kc.params[0, 0, 0, 0]) == 0.0
         assert torch.equal(kc.dequantize()[0, 0, 0].cpu(), k[0, 0].float().cpu())
         assert_within_half_step(kc, 0, slice(0, 3), k.transpose(0, 1), "k_cache")
@@ -317,7 +318,7 @@ def fill_cache_rows(cache, rows: torch.Tensor, dtype):
     with the format emulation for quantized caches, in pieces to bound the memory."""
     if isinstance(cache, QuantizedKV):
         for a in range(0, rows.shape[0], 1 << 16):
-            codes, params = ref_quantize(rows[a:a + (1 << 16)], cache.bits)
+            codes, params = ref_quantize(rows[a:a + (1 << 16)].to(cache.codes.device), cache.bits)
             cache.codes[0, 0, a:a + codes.shape[0]] = codes.to(cache.codes.device)
             cache.params[0, 0, a:a + codes.shape[0]] = params.to(cache.params.device)
     else:
@@ -443,8 +444,8 @@ def test_cache_offsets_past_2_31(device, cache_type):
     kr, vr = rows(kc), rows(vc)
     if bits:
         codes, params = ref_quantize(k.transpose(0, 1), bits)
-        assert torch.equal(kc.codes[slot, :, start:last].cpu(), codes)
-        assert torch.equal(kc.params[slot, :, start:last].cpu(), params)
+        assert torch.equal(kc.codes[slot, :, start:last].cpu(), codes.cpu())
+        assert torch.equal(kc.params[slot, :, start:last].cpu(), params.cpu())
     else:
         assert torch.equal(kr[:, start:last], k.transpose(0, 1).cpu().double())
     if device.type == "cuda" and bits:

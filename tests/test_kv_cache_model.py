@@ -140,3 +140,17 @@ def test_long_prefill_reports_progress(ckpt, monkeypatch, capsys):
     llm.prefill_progress = False
     llm.generate(ids, max_new_tokens=1)
     assert "prefill" not in capsys.readouterr().err
+
+
+def test_accuracy_bench_kv_cache_copy(ckpt):
+    # bench accuracy --kv-cache: the copy shares the weights, has its own cache of the
+    # requested type, and its logits are the quantized-cache model's.
+    from fastinternlm.bench.accuracy import main, with_kv_cache
+    llm = load(ckpt)
+    q = with_kv_cache(llm, "int8")
+    assert q.model.kv_cache == "int8" and llm.model.kv_cache == "fp32"
+    assert q.model.layers is llm.model.layers and q.model.k_cache is not llm.model.k_cache
+    ids = prompt(ckpt, 40)
+    assert torch.equal(q.logits(ids), load(ckpt, kv_cache="int8").logits(ids))
+    with pytest.raises(SystemExit):
+        main(["--kv-cache", "int2"])

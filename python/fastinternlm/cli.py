@@ -102,14 +102,14 @@ def _check(args) -> int:
 
 def _info(args) -> int:
     import fastinternlm
+    if args.plan and args.model is None:
+        raise ValueError("--plan needs a MODEL directory")
     for k, v in fastinternlm.build_info().items():
         print(f"{k}: {v}")
     if args.plan:
         from . import memory_plan
         from .weights.args import HF_ACCEPTS, detect_format
         from .weights.hf import load_config
-        if args.model is None:
-            raise ValueError("--plan needs a MODEL directory")
         if detect_format(args.model, what="info --plan", accepts=HF_ACCEPTS) != "hf":
             raise ValueError(f"info --plan takes {HF_ACCEPTS}, got the GGUF file {args.model}")
         config = load_config(args.model)
