@@ -121,6 +121,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   "available); the result is the same")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(run=_quantize)
+    from . import serve
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page "
+                                     "(needs pip install 'fastinternlm[serve]')")
+    serve.add_arguments(v)
+    v.set_defaults(run=serve.main_args)
     i = sub.add_parser("info", help="what this build contains")
     i.set_defaults(run=_info)
     args = parser.parse_args(argv)
