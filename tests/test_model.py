@@ -151,10 +151,12 @@ def test_refusals_before_any_work(ckpt, monkeypatch):
         raise AssertionError("work started before the request was checked")
 
     monkeypatch.setattr(llm.model, "prefill", no_work)
-    with pytest.raises(ValueError, match=r"prompt 0 has 50 tokens \+ max_new_tokens 20 = 70 > max_seq_len 64"):
-        llm.generate(random_prompt(ckpt, 50), max_new_tokens=20)
-    with pytest.raises(ValueError, match="exceed max_batch=1"):
-        llm.generate([random_prompt(ckpt, 3), random_prompt(ckpt, 4)], max_new_tokens=2)
+    # 50 prompt tokens + 16 new ones need 65 cache positions (the last new token is never run).
+    with pytest.raises(ValueError, match=r"prompt 0 has 50 tokens, and with max_new_tokens 16 needs 65 cache "
+                                         r"positions \(prompt \+ max_new_tokens - 1\) > max_seq_len 64"):
+        llm.generate(random_prompt(ckpt, 50), max_new_tokens=16)
+    with pytest.raises(ValueError, match="prompt 1 has 65 tokens"):  # every prompt checked before any runs
+        llm.generate([random_prompt(ckpt, 3), random_prompt(ckpt, 65)], max_new_tokens=1)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([1, 5, 10**6], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from . import _C, cpu, ops
 from .cpu import get_num_threads, set_num_threads
-from .llm import LLM, Generation, load
+from .llm import LLM, Generation, HFChat, load
+from .engine import Engine, EngineOverloaded, EngineUnhealthy
 
 __version__ = _C.version()
 
@@ -25,5 +26,5 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["LLM", "Generation", "__version__", "build_info", "get_num_threads", "load", "ops",
+__all__ = ["LLM", "Engine", "EngineOverloaded", "EngineUnhealthy", "Generation", "HFChat", "__version__", "build_info", "get_num_threads", "load", "ops",
            "set_num_threads"]

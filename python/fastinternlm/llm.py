@@ -4,12 +4,12 @@
     print(llm.generate("The capital of France is", max_new_tokens=20).text)
     response, history = llm.chat("Hello!")
 
-How a request runs (`_generate`): every prompt is checked to fit before any work; each
-prompt gets its own KV-cache slot and is prefilled in chunks (bounded activation memory);
-then all sequences decode together, one token each per step. The decode step reads its
-inputs (tokens, slots, positions, rotary bases) from device tensors that are updated in
-place, and the one host transfer per step is the new tokens, which the host needs for
-stop checks and streaming anyway.
+How a request runs: every prompt is checked to fit before any work, then each prompt is
+one request of the LLM's Engine (engine.py, created on first use), whose scheduler thread
+owns the KV-cache slots: a request gets its own slot, is prefilled in chunks, and decodes
+together with whatever else is running, one token per sequence per step. The one host
+transfer per step is the new tokens, which the host needs for stop checks and streaming
+anyway. Several threads may call generate/chat/logits on one LLM at once.
 
 Dynamic NTK (`ntk_mode`), when a sequence grows past max_position_embeddings:
 - "hf": as the HF remote code. The base follows L = last position + 1 of each forward:
@@ -23,7 +23,8 @@ Dynamic NTK (`ntk_mode`), when a sequence grows past max_position_embeddings:
 from __future__ import annotations
 
 import dataclasses
-import time
+import queue
+import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,7 +33,7 @@ from . import ops
 from .chat import IM_END, encode_chat
 from .checkpoint import check_quant_args, load_checkpoint, stack_rows
 from .model import Layer, Transformer
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 NTK_MODES = ("hf", "fixed")
@@ -52,19 +53,21 @@ class Generation:
     """One prompt's result."""
     text: str
     token_ids: List[int]            # generated ids (the stop token included when one ended it)
-    finish_reason: str              # "stop" (a stop token), "stop_string" or "length"
+    finish_reason: str              # "stop" (a stop token), "stop_string", "length", or from the
+                                    # engine "cancelled", "timeout", "error"
     prompt_tokens: int
     time_to_first_token: float      # seconds from the call to the first sampled token
     decode_tokens_per_s: float      # tokens after the first, per second of decoding
+    error: Optional[str] = None     # what went wrong, when finish_reason is "error"
 
 
 class _Sequence:
     """Host-side state of one sequence during a request."""
 
-    def __init__(self, llm: "LLM", prompt: List[int], stops: Sequence[str]):
+    def __init__(self, llm: "LLM", prompt: List[int], stops: Sequence[str], skip_special_tokens: bool = True):
         self.prompt = prompt
         self.ids: List[int] = []
-        self.decoder = llm.tokenizer.stream(skip_special_tokens=True)
+        self.decoder = llm.tokenizer.stream(skip_special_tokens=skip_special_tokens)
         self.text = ""
         self.emitted = 0
         self.stops = stops
@@ -133,6 +136,8 @@ class LLM:
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graphs = {}
         self._graph_pool = None
+        self._engine = None
+        self._engine_lock = threading.Lock()
 
     def _decode_graph(self, batch: int):
         graph = self._graphs.get(batch)
@@ -143,11 +148,6 @@ class LLM:
             bases_for = self._bases_for if self.ntk_mode == "hf" else None
             graph = self._graphs[batch] = DecodeGraph(self.model, batch, bases_for, self._graph_pool)
         return graph
-
-    def _sample(self, logits, params, generator, seen):
-        if self._vocab_limit < logits.shape[-1]:
-            logits[:, self._vocab_limit:] = float("-inf")
-        return sample(logits, params, generator, seen)
 
     # ---- rotary bases ------------------------------------------------------------------
     def _base(self, length: int) -> float:
@@ -207,13 +207,12 @@ class LLM:
         raise TypeError("prompt must be a str, a list of str, a list of token ids, or a list of "
                         f"{{'role', 'content'}} messages, got {type(prompt).__name__}")
 
-    def _check_request(self, prompts: List[List[int]], max_new_tokens: int) -> None:
-        """Everything a request needs is checked here, before any work."""
+    def _check_request(self, prompts: List[List[int]], max_new_tokens: int, batch: bool = False) -> None:
+        """Everything a request needs is checked here, before any work. A sequence of L
+        prompt tokens and N new tokens needs L + N - 1 cache positions (the last new token
+        is never run through the model), and the prompt itself L."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if len(prompts) > self.model.max_batch:
-            raise ValueError(f"{len(prompts)} prompts exceed max_batch={self.model.max_batch} "
-                             f"(pass max_batch to fastinternlm.load)")
         vocab = self.config.vocab_size
         for n, ids in enumerate(prompts):
             if not ids:
@@ -221,163 +220,167 @@ class LLM:
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
                 raise ValueError(f"prompt {n} has token id {bad[0]} outside the vocabulary [0, {vocab})")
-            need = len(ids) + max_new_tokens
+            need = len(ids) + max(max_new_tokens - 1, 0)
             if need > self.model.max_seq_len:
-                raise ValueError(f"prompt {n} has {len(ids)} tokens + max_new_tokens {max_new_tokens} = {need} "
-                                 f"> max_seq_len {self.model.max_seq_len}")
-
-    # ---- the core loop -----------------------------------------------------------------
-    def _prefill(self, ids: List[int], slot: int, base: float) -> torch.Tensor:
-        """Fill `slot`'s cache with the prompt; returns the last position's hidden state [1, hidden]."""
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        hidden = None
-        chunk = prefill_chunk(self.device)
-        for start in range(0, len(ids), chunk):
-            hidden = self.model.prefill(tokens[start:start + chunk], slot, start, base)
-        return hidden[-1:]
-
-    @torch.inference_mode()
-    def _run(self, prompts: List[List[int]], max_new_tokens: int, params: SamplingParams,
-             stops: Sequence[str], stop_ids: set) -> Iterator[List[_Sequence]]:
-        """Yields the sequences after every step; the last yield has all of them finished."""
-        t_start = time.perf_counter()
-        seqs = [_Sequence(self, p, stops) for p in prompts]
-        batch = len(prompts)
-        prompt_bases = [self._base(len(p)) for p in prompts]
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
-            for n, p in enumerate(prompts):
-                seen[n, torch.tensor(p, device=self.device)] = True
-
-        hidden = torch.cat([self._prefill(p, n, prompt_bases[n]) for n, p in enumerate(prompts)])
-        tokens = self._sample(self.model.logits(hidden), params, generator, seen)
-        host = tokens.tolist()
-        ttft = time.perf_counter() - t_start
-        for s, t in zip(seqs, host):
-            s.push(t, stop_ids, max_new_tokens)
-        yield seqs
-
-        slots = torch.arange(batch, dtype=torch.int32, device=self.device)
-        positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
-        if self.ntk_mode == "fixed":
-            bases = torch.tensor(prompt_bases, dtype=torch.float32, device=self.device)
-        graph = self._decode_graph(batch) if self.cuda_graph else None
-        t_decode, steps = time.perf_counter(), 0
-        while not all(s.finish_reason for s in seqs):
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            if graph is not None:
-                logits = graph.run(tokens, slots, positions, None if self.ntk_mode == "hf" else bases)
-            else:
-                if self.ntk_mode == "hf":
-                    bases = self._bases_for(positions)
-                logits = self.model.decode(tokens, slots, positions, bases)
-            tokens = self._sample(logits, params, generator, seen)
-            positions += 1
-            host = tokens.tolist()
-            steps += 1
-            for s, t in zip(seqs, host):
-                if s.finish_reason is None:
-                    s.push(t, stop_ids, max_new_tokens)
-            yield seqs
-        decode_time = time.perf_counter() - t_decode
-        for s in seqs:
-            s.ttft = ttft
-            s.rate = (len(s.ids) - 1) / decode_time if steps and decode_time > 0 else 0.0
-
-    def _request(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                 stop):
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        prompts, single = self._prompts(prompt)
-        self._check_request(prompts, max_new_tokens)
-        if stop is None:
-            stops = []
-        elif isinstance(stop, str):
-            stops = [stop]
-        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
-            stops = list(stop)
-        else:
-            raise TypeError(f"stop must be a str or a list of str, got {stop!r}")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        run = self._run(prompts, max_new_tokens, params, stops, self.stop_ids)
-        return run, prompts, single
-
-    @staticmethod
-    def _result(s: _Sequence) -> Generation:
-        return Generation(s.text, list(s.ids), s.finish_reason, len(s.prompt), s.ttft, s.rate)
+                raise ValueError(f"prompt {n} has {len(ids)} tokens, and with max_new_tokens {max_new_tokens} needs "
+                                 f"{need} cache positions (prompt + max_new_tokens - 1) > max_seq_len "
+                                 f"{self.model.max_seq_len}")
 
     # ---- public API --------------------------------------------------------------------
+    @property
+    def engine(self):
+        """The Engine every request of this LLM runs through, created on first use (its
+        scheduler thread owns the KV-cache slots: two callers never share a slot). With
+        max_batch=1 concurrent requests queue; load(..., max_batch=N) runs N at once."""
+        with self._engine_lock:
+            if self._engine is None or not self._engine.healthy:
+                from .engine import Engine
+                self._engine = Engine(self)
+            return self._engine
+
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None,
-                 stream: bool = False):
+                 stream: bool = False, **options: Any):
         """Generate from a str, a list of str, token ids (a list or a 1-D tensor), a list of
         lists of ids, or OpenAI-style messages. Returns a Generation (one prompt) or a list
         of them; with stream=True an iterator of text deltas (one prompt) or of
-        (prompt index, delta) pairs."""
+        (prompt index, delta) pairs. Every prompt is one engine request (options:
+        deadline_s, stop_token_ids, skip_special_tokens; see Engine.submit); all are
+        checked before any is queued. A stream that is closed or dropped before its end
+        cancels its requests."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        run, prompts, single = self._request(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
-                                             repetition_penalty, seed, stop)
+        unknown = set(options) - {"deadline_s", "stop_token_ids", "skip_special_tokens"}
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
+        SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        prompts, single = self._prompts(prompt)
+        self._check_request(prompts, max_new_tokens, batch=False)
+        engine = self.engine
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, **options)
         if stream:
-            return self._stream(run, single)
-        seqs = None
-        for seqs in run:
-            pass
-        results = [self._result(s) for s in seqs]
+            return self._stream(engine, prompts, single, kwargs)
+        requests = []
+        try:
+            for p in prompts:
+                requests.append(engine.submit(p, **kwargs))
+            results = [r.result() for r in requests]
+        except BaseException:
+            for r in requests:
+                r.cancel()
+            raise
         return results[0] if single else results
 
     @staticmethod
-    def _stream(run, single: bool) -> Iterator[Union[str, Tuple[int, str]]]:
-        for seqs in run:
-            for n, s in enumerate(seqs):
-                d = s.delta()
-                if d:
-                    yield d if single else (n, d)
+    def _stream(engine, prompts, single: bool, kwargs) -> Iterator[Union[str, Tuple[int, str]]]:
+        requests = []
+        try:
+            if single:
+                requests.append(engine.submit(prompts[0], **kwargs))
+                yield from requests[0]
+                return
+            # Several prompts: deltas in the order they are produced, tagged with the index.
+            merged: "queue.Queue" = queue.Queue()
+            for n, p in enumerate(prompts):
+                requests.append(engine.submit(p, _listener=lambda d, n=n: merged.put((n, d)), **kwargs))
+            running = len(prompts)
+            while running:
+                n, d = merged.get()
+                if d is None:  # request n finished
+                    running -= 1
+                else:
+                    yield n, d
+        finally:
+            for r in requests:
+                r.cancel()
 
     def chat(self, query: str, history: Optional[Sequence[Tuple[str, str]]] = None,
              system: Optional[str] = None, **sampling: Any) -> Tuple[str, List[Tuple[str, str]]]:
         """One chat turn with InternLM2's prompt format (see chat.py); returns the response
         and the history with this turn appended. Sampling defaults to the remote code's
-        chat defaults (temperature 0.8, top_p 0.8, up to 1024 new tokens)."""
+        chat defaults (temperature 0.8, top_p 0.8, up to 1024 new tokens). The previous
+        turns' keys and values stay in the engine's slot, so a next turn prefills only its
+        new tokens (see engine.py: KV reuse)."""
         ids, kwargs = self._chat_request(query, history, system, sampling)
         result = self.generate(ids, **kwargs)
         return result.text, list(history or []) + [(query, result.text)]
 
     def stream_chat(self, query: str, history: Optional[Sequence[Tuple[str, str]]] = None,
                     system: Optional[str] = None, **sampling: Any) -> Iterator[str]:
-        """Like chat, yielding the response as text deltas."""
+        """Like chat, yielding the response as text deltas. For the remote code's shape
+        (cumulative response and history), see `hf_chat()`."""
         ids, kwargs = self._chat_request(query, history, system, sampling)
         return self.generate(ids, stream=True, **kwargs)
+
+    def hf_chat(self) -> "HFChat":
+        """An adapter with the InternLM remote code's `model.chat(tokenizer, query, history)`
+        and `model.stream_chat(...)` signatures: code written for
+        `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` ports by
+        replacing that line with `model = fastinternlm.load(path).hf_chat()`."""
+        return HFChat(self)
 
     def _chat_request(self, query, history, system, sampling):
         ids = self._encode_chat(query, list(history or []), system)
         kwargs = {"temperature": 0.8, "top_p": 0.8}
         kwargs.update(sampling)
         if "max_new_tokens" not in kwargs:
-            # The remote code's default, shortened to what still fits this cache.
-            kwargs["max_new_tokens"] = max(1, min(1024, self.model.max_seq_len - len(ids)))
+            # The remote code's default, shortened to what still fits this cache (the last
+            # generated token needs no cache position).
+            kwargs["max_new_tokens"] = max(1, min(1024, self.model.max_seq_len - len(ids) + 1))
         return ids, kwargs
 
-    @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
         """float32 [T, vocab]: the logits at every position of one forward over token_ids
-        (HF's model(input_ids).logits). Uses slot 0 of the cache."""
+        (HF's model(input_ids).logits). Runs in an engine slot of its own."""
         prompts, single = self._prompts(token_ids)
         if not single:
             raise ValueError("logits takes one sequence")
         self._check_request(prompts, 0)
-        (ids,) = prompts
-        tokens = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        base = self._base(len(ids))
-        chunk = prefill_chunk(self.device)
-        out = [self.model.logits(self.model.prefill(tokens[s:s + chunk], 0, s, base))
-               for s in range(0, len(ids), chunk)]
-        return torch.cat(out)
+        req = self.engine._submit_logits(prompts[0])
+        result = req.result()
+        if result.finish_reason != "length":
+            raise RuntimeError(f"the logits request ended with {result.finish_reason}: {result.error}")
+        return req._logits
+
+
+class HFChat:
+    """The InternLM2 remote code's chat API over an LLM (see LLM.hf_chat):
+
+        response, history = model.chat(tokenizer, "Hello", history=[])
+        for response, history in model.stream_chat(tokenizer, "Hi", history=history):
+            print(response)       # the whole response so far, as the remote code yields it
+
+    `tokenizer` is accepted for signature compatibility and ignored (the LLM has its own).
+    Keyword arguments as in the remote code: max_new_tokens (1024), do_sample (True),
+    temperature (0.8), top_p (0.8), meta_instruction (None: InternLM's default system
+    prompt); others (streamer, generation_config, ...) are refused by name."""
+
+    def __init__(self, llm: "LLM"):
+        self.llm = llm
+
+    def _kwargs(self, max_new_tokens=None, do_sample=True, temperature=0.8, top_p=0.8, meta_instruction=None,
+                **extra):
+        unknown = set(extra) - {"top_k", "min_p", "repetition_penalty", "seed", "stop"}
+        if unknown:
+            raise TypeError(f"unsupported keyword arguments {sorted(unknown)}")
+        kw = dict(extra, temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0)
+        if max_new_tokens is not None:
+            kw["max_new_tokens"] = max_new_tokens
+        return meta_instruction, kw
+
+    def chat(self, tokenizer, query: str, history: Optional[Sequence[Tuple[str, str]]] = None, **kwargs):
+        system, kw = self._kwargs(**kwargs)
+        return self.llm.chat(query, list(history or []), system, **kw)
+
+    def stream_chat(self, tokenizer, query: str, history: Optional[Sequence[Tuple[str, str]]] = None, **kwargs):
+        system, kw = self._kwargs(**kwargs)
+        history = list(history or [])
+        response = ""
+        for delta in self.llm.stream_chat(query, history, system, **kw):
+            response += delta
+            yield response, history + [(query, response)]
 
 
 def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_batch: int = 1,

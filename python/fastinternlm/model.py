@@ -118,6 +118,13 @@ class Transformer:
         The caller validates slots and positions once; nothing here syncs with the host.
         Attention takes q, k, v straight from the fused projection and applies RoPE itself
         (attention_decode_qkv): no split copies, no rotary launch."""
+        return self.logits(self.decode_hidden(tokens, slots, positions, bases))
+
+    def decode_hidden(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                      bases: torch.Tensor) -> torch.Tensor:
+        """decode without the output head: the final hidden states [B, hidden] (the engine
+        runs the head itself, over decode and prefill rows together). A row whose slot is
+        out of range (-1) writes nothing into the cache; its output is meaningless."""
         c = self.config
         workspace = torch.empty(ops.attention_decode_workspace_bytes(tokens.shape[0], c.num_heads, self.k_cache[0]),
                                 dtype=torch.uint8, device=self.device)
@@ -126,4 +133,4 @@ class Transformer:
             return ops.attention_decode_qkv(qkv, self.k_cache[i], self.v_cache[i], slots, positions, bases,
                                             workspace=workspace, check_indices=False)
 
-        return self.logits(self._forward(tokens, attend))
+        return self._forward(tokens, attend)
