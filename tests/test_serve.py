@@ -77,6 +77,10 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serving(llm, name="test-model", **engine_kw):
+    # One engine per model at a time: LLM.generate's own engine (which computed the
+    # references) is closed first, so the two never hold the same KV-cache slots. The next
+    # LLM.generate starts a fresh one.
+    llm.engine.close()
     engine = Engine(llm, **engine_kw)
     server = LiveServer(create_app(llm, engine, name, close_engine_timeout=30))
     try:

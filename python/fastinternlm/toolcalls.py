@@ -328,10 +328,11 @@ def parse_tool_calls(text: str, drop: Iterable[str] = ()) -> Tuple[str, List[Too
 
 
 def chat_with_tools(llm, messages, tools=None, tool_choice=None, system=None, **sampling):
-    """LLM.chat for a tool conversation: -> (content, tool calls, Generation). Runs
-    llm.generate on the InternLM2.5 prompt; the reply is decoded with its special tokens
-    (generate's own text drops them) and parsed. finish_reason of the Generation is the
-    engine's; the caller reports "tool_calls" when calls came back."""
+    """LLM.chat for a tool conversation: -> (content, tool calls, Generation). Generates
+    from the InternLM2.5 prompt with the special tokens kept in the text and
+    `<|action_end|>` as an extra stop token, then parses the reply. Sampling defaults are
+    LLM.chat's; the Generation's finish_reason is the engine's (a caller reporting to
+    OpenAI clients says "tool_calls" when calls came back)."""
     if not supports_tools(llm):
         raise ToolCallError("tools need InternLM2's prompt format and its <|action_start|>/<|plugin|> tokens; "
                             "this model has its own chat template")
@@ -339,10 +340,9 @@ def chat_with_tools(llm, messages, tools=None, tool_choice=None, system=None, **
     kwargs = {"temperature": 0.8, "top_p": 0.8}
     kwargs.update(sampling)
     kwargs.setdefault("max_new_tokens", max(1, min(1024, llm.model.max_seq_len - len(ids))))
-    result = llm.generate(ids, **kwargs)
-    out = [i for i in result.token_ids if i not in llm.stop_ids]
-    text = llm.tokenizer.decode(out, skip_special_tokens=False)
-    content, calls = parse_tool_calls(text, drop=reply_drop_strings(llm.tokenizer))
+    result = llm.generate(ids, stop_token_ids=(llm.tokenizer.token_to_id(ACTION_END),), skip_special_tokens=False,
+                          **kwargs)
+    content, calls = parse_tool_calls(result.text, drop=reply_drop_strings(llm.tokenizer))
     return content, calls, result
 
 

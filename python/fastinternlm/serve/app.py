@@ -236,7 +236,8 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
 
     @app.get("/health")
     async def health():
-        stats = engine.stats()
+        # The engine's scalar figures (its latency sample lists are for /metrics-like tools, not a probe).
+        stats = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, bool))}
         ok = bool(stats.get("healthy")) and engine.healthy
         return JSONResponse({"status": "ok" if ok else "unhealthy", "model": model_name, "engine": stats},
                             status_code=200 if ok else 503)
