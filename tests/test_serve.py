@@ -464,3 +464,149 @@ def test_chat_page_in_headless_chromium(smol, seed):
             assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
         browser.quit()
+
+
+# ---- tool calls end to end, on a model built to call a tool ------------------------------------
+
+def _write_caller_model(directory: Path, call_json: str) -> Path:
+    """A real InternLM2 checkpoint whose greedy reply to any chat prompt is
+    `<|action_start|><|plugin|>{call_json}<|action_end|>`.
+
+    How: the call JSON is one user-defined piece of its tokenizer, and the weights make the
+    next token a function of the current one only (wo and w2 are zero, so the residual
+    stream stays the token's embedding; the output head maps the embedding of each token
+    of the chain "last prompt token -> <|action_start|> -> <|plugin|> -> call -> <|action_end|>"
+    to the next one). Attention and the MLP still run; they just add zero."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
+    out = io.BytesIO()
+    corpus = [f"The {a} and the {b} are near the {c}." for a in WORDS for b in WORDS[:5] for c in WORDS[5:8]]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus + ["system", "user", "assistant", "environment name="]), model_writer=out,
+        model_type="bpe", vocab_size=400, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, num_threads=1, hard_vocab_limit=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, user_defined_symbols=specials + [call_json],
+        minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(out.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=out.getvalue())
+    vocab = sp.get_piece_size()
+    ids = {s: sp.piece_to_id(s) for s in specials + [call_json]}
+    entry = lambda c: {"content": c, "lstrip": False, "normalized": False, "rstrip": False,  # noqa: E731
+                       "single_word": False, "special": True}
+    table = {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>")}
+    table.update({str(ids[s]): entry(s) for s in specials})
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": table}))
+    heads, head_dim, kv_heads, ffn = 4, 64, 2, 96
+    hidden = heads * head_dim
+    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu", "hidden_size": hidden,
+              "intermediate_size": ffn, "max_position_embeddings": 2048, "num_attention_heads": heads,
+              "num_hidden_layers": 1, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5, "rope_scaling": None,
+              "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32", "vocab_size": vocab}
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, ids["<|im_end|>"]]}))
+
+    # The prompt's last token: what "<|im_start|>assistant\n" ends with under this tokenizer.
+    last = sp.encode("assistant\n")[-1]
+    chain = [last, ids["<|action_start|>"], ids["<|plugin|>"], ids[call_json], ids["<|action_end|>"]]
+    assert len(set(chain)) == len(chain)
+    gen = torch.Generator().manual_seed(len(call_json))
+    emb = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64)
+    unit = emb / emb.pow(2).mean(1, keepdim=True).sqrt()  # what the final RMSNorm (weight 1) makes of it
+    head = torch.zeros(vocab, hidden, dtype=torch.float64)
+    for cur, nxt in zip(chain, chain[1:]):
+        head[nxt] += unit[cur]  # logit `hidden` (256) for the successor, O(sqrt(hidden)) for the rest
+    p = "model.layers.0."
+    tensors = {"model.tok_embeddings.weight": emb, "model.norm.weight": torch.ones(hidden), "output.weight": head,
+               p + "attention_norm.weight": torch.ones(hidden), p + "ffn_norm.weight": torch.ones(hidden),
+               p + "attention.wqkv.weight": torch.randn((heads + 2 * kv_heads) * head_dim, hidden, generator=gen),
+               p + "attention.wo.weight": torch.zeros(hidden, heads * head_dim),
+               p + "feed_forward.w1.weight": torch.randn(ffn, hidden, generator=gen),
+               p + "feed_forward.w3.weight": torch.randn(ffn, hidden, generator=gen),
+               p + "feed_forward.w2.weight": torch.zeros(hidden, ffn)}
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    return directory
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_tool_calls_over_http(tmp_path, seed):
+    from fastinternlm import toolcalls
+    rng = random.Random(seed)
+    args = {"city": rng.choice(WORDS).title(), "days": rng.randint(1, 9)}
+    call_json = json.dumps({"name": "get_weather", "parameters": args}, separators=(",", ":"))
+    llm = fastinternlm.load(_write_caller_model(tmp_path / "caller", call_json), max_batch=2, progress=False)
+    messages = [{"role": "user", "content": f"Weather in {args['city']} for {args['days']} days?"}]
+    # The Python path (what LLM.chat(..., tools=) returns).
+    content, calls, result = toolcalls.chat_with_tools(llm, messages, TOOLS, temperature=0.0, max_new_tokens=8)
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", args)]
+    assert result.finish_reason == "stop"
+
+    with serving(llm) as (server, _):
+        client = _client(server)
+        r = client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS, temperature=0,
+                                           max_tokens=8)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == args
+        assert r.usage.prompt_tokens == len(toolcalls.encode_messages(llm.tokenizer, messages, TOOLS))
+
+        chunks = list(client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS,
+                                                     temperature=0, max_tokens=8, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == ""
+        streamed = [tc for d in deltas for tc in (d.tool_calls or [])]
+        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in streamed] == \
+            [(0, "get_weather", args)]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+        # The second round: the call and its result go back as assistant tool_calls + a tool message.
+        result_text = json.dumps({"temperature": rng.randint(-9, 30)})
+        followup = messages + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": result_text}]
+        r2 = client.chat.completions.create(model="test-model", messages=followup, tools=TOOLS, temperature=0,
+                                            max_tokens=8)
+        want_prompt = toolcalls.encode_messages(llm.tokenizer, followup, TOOLS)
+        assert r2.usage.prompt_tokens == len(want_prompt)
+        assert f"<|im_start|>environment name=<|plugin|>\n{result_text}<|im_end|>" in \
+            llm.tokenizer.decode(want_prompt)
+
+        # A named tool_choice that is not among the tools: 400, not 500.
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+            "messages": messages, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+        assert _error(r, 400)["param"] == "messages" and "nope" in r.json()["error"]["message"]
+
+
+def test_malformed_tool_call_is_returned_as_text(tmp_path, seed):
+    rng = random.Random(seed)
+    bad = '{"name":"get_weather","parameters":{"city":"' + rng.choice(WORDS)[:3]  # cut off mid-string
+    llm = fastinternlm.load(_write_caller_model(tmp_path / "bad", bad), max_batch=2, progress=False)
+    messages = [{"role": "user", "content": "Weather?"}]
+    raw = "<|action_start|><|plugin|>" + bad
+    with serving(llm) as (server, _):
+        client = _client(server)
+        r = client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS, temperature=0,
+                                           max_tokens=8)
+        assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+        assert r.choices[0].message.content == raw
+        chunks = list(client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS,
+                                                     temperature=0, max_tokens=8, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == raw
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
