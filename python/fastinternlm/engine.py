@@ -61,10 +61,12 @@ from .llm import Generation, _Sequence
 from .sampling import SamplingParams, sample_rows
 
 FINISH_REASONS = ("stop", "stop_string", "length", "cancelled", "timeout", "error")
-# Prefill tokens per scheduler step while other requests are decoding. On a 2-core CPU a
-# 128-token chunk of SmolLM2-135M costs about as much as two batched decode steps; on a GPU
-# 512 tokens of a 7B model take a few decode steps' time.
-PREFILL_BUDGET_CPU = 128
+# Prefill tokens per scheduler step while other requests are decoding: a step then costs
+# about one decode step plus this many prompt tokens, which bounds the running streams'
+# inter-token latency. On a 2-core CPU 32 tokens of SmolLM2-135M take about as long as one
+# batched decode step of 16 sequences (~0.3 s), so a long prompt arriving at most doubles
+# the streams' token interval; on a GPU 512 tokens of a 7B model cost a few decode steps.
+PREFILL_BUDGET_CPU = 32
 PREFILL_BUDGET_CUDA = 512
 _IDLE_POLL_S = 0.5  # how often an idle scheduler thread checks that its engine still exists
 
@@ -105,6 +107,10 @@ class Request:
         self._result: Optional[Generation] = None
         self._logits: Optional[torch.Tensor] = None
         self._cancel_requested = False
+        self._seq: Optional[_Sequence] = None   # set by the scheduler on admission
+        # perf_counter() when each token reached the host (TTFT / inter-token latency per request).
+        self.token_times: List[float] = []
+        self._t_first: Optional[float] = None
 
     # ---- consumer side -----------------------------------------------------------------
     @property
@@ -157,7 +163,7 @@ class Request:
         if self.done:
             return
         self._cancel_requested = True
-        self._finish_now("cancelled", None)
+        self._finish_now("cancelled", None, self._seq, self._t_first)
         self._engine._wake.set()
 
     # ---- producer side (scheduler thread) -----------------------------------------------
@@ -190,7 +196,10 @@ class Request:
 
     def _finish_now(self, reason: str, error: Optional[str], seq: Optional[_Sequence] = None,
                     t_first: Optional[float] = None) -> bool:
-        text = seq.text if seq is not None else ""
+        # From another thread the sequence may be mid-step: report what was streamed, and
+        # the ids that produced it.
+        with self._lock:
+            text = "".join(self._chunks)
         ids = list(seq.ids) if seq is not None else []
         ttft = (t_first - self.t_submit) if t_first is not None else 0.0
         return self._finish(Generation(text, ids, reason, self.prompt_tokens, ttft, 0.0, error=error))
@@ -220,6 +229,7 @@ class _Active:
         self.prefilled = reused
         self.base = llm._base(len(req.prompt))
         self.seq = _Sequence(llm, req.prompt, req.stops, skip_special_tokens=req.skip_special_tokens)
+        req._seq = self.seq
         self.generator = None
         if not req.params.greedy:
             seed = req.params.seed
@@ -242,13 +252,20 @@ class _Active:
 
 
 class Engine:
-    """Continuous batching over the LLM's KV-cache slots (module docs).
+    """Continuous batching over the LLM's KV-cache slots (module docs). An LLM has at most
+    one running engine: creating one makes it the LLM's (llm.generate, chat and logits
+    then run through it); creating a second while the first runs raises ValueError.
 
     max_waiting: requests that may wait for a slot; past it submit raises EngineOverloaded.
     prefill_chunk: the prefill token budget per step while others decode (default
-    PREFILL_BUDGET_CPU / PREFILL_BUDGET_CUDA)."""
+    PREFILL_BUDGET_CPU / PREFILL_BUDGET_CUDA).
+    batch_invariant: on the CPU, run the output head at a fixed row count (the slot
+    count) so a row's logits do not depend on how many rows share the step (module docs);
+    False saves that padding (a 16-slot SmolLM2 head costs ~1.5x a 1-row one) at the price
+    of last-bit differences between batch sizes. No effect on CUDA."""
 
-    def __init__(self, llm, max_waiting: int = 256, prefill_chunk: Optional[int] = None):
+    def __init__(self, llm, max_waiting: int = 256, prefill_chunk: Optional[int] = None,
+                 batch_invariant: bool = True):
         if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 0:
             raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
         cuda = llm.device.type == "cuda"
@@ -256,6 +273,12 @@ class Engine:
             prefill_chunk = PREFILL_BUDGET_CUDA if cuda else PREFILL_BUDGET_CPU
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        with llm._engine_lock:
+            # One scheduler per model: two would hand out the same KV slots.
+            if llm._engine is not None and llm._engine.healthy:
+                raise ValueError("this LLM already has a running Engine (llm.engine); close it before "
+                                 "creating another")
+            llm._engine = self
         self.llm = llm
         self.model = llm.model
         self.max_waiting = max_waiting
@@ -270,7 +293,9 @@ class Engine:
         self._unhealthy_reason: Optional[str] = None
         self._seen: Optional[torch.Tensor] = None
         # On the CPU the head runs with a fixed row count (module docs: invariance).
-        self._head_rows = self.model.max_batch if not cuda else None
+        if not isinstance(batch_invariant, bool):
+            raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
+        self._head_rows = self.model.max_batch if (batch_invariant and not cuda) else None
         self._counters = collections.Counter()
         self._ttft: Deque[float] = collections.deque(maxlen=4096)
         self._itl: Deque[float] = collections.deque(maxlen=16384)
@@ -289,6 +314,8 @@ class Engine:
         messages); returns its Request at once. Malformed or oversize requests raise
         ValueError/TypeError here; a full queue EngineOverloaded; a closed or failed
         engine EngineUnhealthy."""
+        if not self.healthy:  # say so before any complaint about the request itself
+            raise EngineUnhealthy(self._unhealthy_message())
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         ids = self._prompt_ids(prompt)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -660,11 +687,12 @@ class Engine:
                                   f"hold invalid values")
             return
         if a.t_first is None:
-            a.t_first = a.t_decode_start = now
+            a.t_first = a.t_decode_start = req._t_first = now
             self._ttft.append(now - req.t_submit)
         else:
             self._itl.append(now - a.t_last)
         a.t_last = now
+        req.token_times.append(now)
         self._counters["tokens_generated"] += 1
         try:
             a.seq.push(token, req.stop_ids, req.max_new_tokens)

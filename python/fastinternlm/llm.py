@@ -232,10 +232,14 @@ class LLM:
         """The Engine every request of this LLM runs through, created on first use (its
         scheduler thread owns the KV-cache slots: two callers never share a slot). With
         max_batch=1 concurrent requests queue; load(..., max_batch=N) runs N at once."""
+        from .engine import Engine
         with self._engine_lock:
-            if self._engine is None or not self._engine.healthy:
-                from .engine import Engine
-                self._engine = Engine(self)
+            engine = self._engine
+        if engine is not None and engine.healthy:
+            return engine
+        try:
+            return Engine(self)
+        except ValueError:  # another thread created it first
             return self._engine
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,

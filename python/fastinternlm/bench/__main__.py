@@ -1,6 +1,7 @@
 """python -m fastinternlm.bench kernels [--device cuda|cpu] [--dtype float16|bfloat16|float32] [--ops ...]
    python -m fastinternlm.bench accuracy [--tokens N] (see accuracy.py)
    python -m fastinternlm.bench e2e [--shapes 7b|tiny] [--contexts ...] (see e2e.py)
+   python -m fastinternlm.bench serve [--clients N] [--rate R] [--shapes 7b|tiny] (see serve.py)
 
 Times every kernel family on InternLM2.5-7B shapes (smaller ones on the CPU) next to the
 torch way of doing the same thing, in the same run, and prints time, GB/s or TFLOP/s and
@@ -43,15 +44,19 @@ def main(argv=None) -> int:
     if argv[:1] == ["e2e"]:
         from .e2e import main as e2e_main
         return e2e_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from .serve import main as serve_main
+        return serve_main(argv[1:])
     if argv[:1] == ["accuracy"]:
         from .accuracy import main as accuracy_main
         return accuracy_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["kernels", "accuracy", "e2e"],
+    parser.add_argument("suite", choices=["kernels", "accuracy", "e2e", "serve"],
                         help="kernels: per-op timings; accuracy: SmolLM2 perplexity and speed vs HF "
                              "(python -m fastinternlm.bench accuracy --help); e2e: whole-model speed on "
-                             "7B shapes vs HF and plain torch (python -m fastinternlm.bench e2e --help)")
+                             "7B shapes vs HF and plain torch (python -m fastinternlm.bench e2e --help); serve: "
+                             "the engine under concurrent load (python -m fastinternlm.bench serve --help)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                         help="activation dtype (float32: CPU only, where small models run in it)")
