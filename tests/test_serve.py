@@ -129,15 +129,14 @@ def smol():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    # A context long enough for chat prompts with the tiny tokenizer.
-    return write_tiny_internlm2(tmp_path_factory.mktemp("tiny_serve"), max_position_embeddings=512,
-                               dtype=__import__("torch").float32, seed=7).path
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return fastinternlm.load(tiny_dir, max_batch=8, progress=False)
+def tiny(tmp_path_factory):
+    # A context long enough for chat prompts with the tiny tokenizer; int4 decoder weights
+    # (ffn 256: every linear's input is a multiple of the group size), whose GEMM computes
+    # each row the same way at any batch, so a reply cannot depend on its neighbours.
+    import torch
+    path = write_tiny_internlm2(tmp_path_factory.mktemp("tiny_serve"), max_position_embeddings=512, ffn=256,
+                                dtype=torch.float32, seed=7).path
+    return fastinternlm.load(path, max_batch=8, progress=False, quant="int4", group_size=128)
 
 
 # ---- the openai client against SmolLM2 --------------------------------------------------------

@@ -173,12 +173,12 @@ class Server:
     async def wait(req):
         return req.result() if req.done else await asyncio.to_thread(req.result)
 
-    def finish(self, gen, endpoint: str, t0: float, has_calls: bool = False) -> str:
+    def finish(self, req, gen, endpoint: str, t0: float, has_calls: bool = False) -> str:
         """The OpenAI finish_reason of a finished request (recorded in the metrics)."""
         if gen.finish_reason == "error":
             raise APIError(500, f"generation failed: {gen.error}", type="server_error", code="engine_error")
         reason = _finish_reason(gen.finish_reason, has_calls)
-        self.metrics.finished(endpoint, gen, reason, time.perf_counter() - t0)
+        self.metrics.finished(endpoint, gen, reason, time.perf_counter() - t0, getattr(req, "token_times", None))
         return reason
 
     @staticmethod
@@ -269,7 +269,7 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
         content = gen.text
         if tools:
             content, calls = toolcalls.parse_tool_calls(gen.text, srv.tool_drop)
-        reason = srv.finish(gen, "chat", t0, bool(calls))
+        reason = srv.finish(handle, gen, "chat", t0, bool(calls))
         message: Dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
             message["tool_calls"] = [c.to_openai() for c in calls]
@@ -299,7 +299,7 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
                     yield from_event(chunk, kind, value, parser)
             gen = await srv.wait(handle)
             try:
-                reason = srv.finish(gen, "chat", t0, bool(parser and parser.calls))
+                reason = srv.finish(handle, gen, "chat", t0, bool(parser and parser.calls))
             except APIError as e:
                 yield _sse(e.body())
                 yield "data: [DONE]\n\n"
@@ -328,7 +328,7 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         await _drain(handle, request)
         gen = await srv.wait(handle)
-        reason = srv.finish(gen, "completions", t0)
+        reason = srv.finish(handle, gen, "completions", t0)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "text": prefix + gen.text, "logprobs": None, "finish_reason": reason}],
                 "usage": srv.usage(gen), "system_fingerprint": None}
@@ -348,7 +348,7 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
                 yield chunk(delta)
             gen = await srv.wait(handle)
             try:
-                reason = srv.finish(gen, "completions", t0)
+                reason = srv.finish(handle, gen, "completions", t0)
             except APIError as e:
                 yield _sse(e.body())
                 yield "data: [DONE]\n\n"

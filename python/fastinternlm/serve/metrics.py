@@ -46,8 +46,8 @@ class ServerMetrics:
                               "Time from admission to the first generated token", buckets=_LATENCY_BUCKETS,
                               registry=r)
         self.itl = Histogram("fastinternlm_inter_token_latency_seconds",
-                             "Time per generated token after the first (the request's mean decode interval, "
-                             "observed once per token)", buckets=_LATENCY_BUCKETS, registry=r)
+                             "Time between consecutive generated tokens of a request", buckets=_LATENCY_BUCKETS,
+                             registry=r)
         self.latency = Histogram("fastinternlm_request_latency_seconds", "Time from request to last token",
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("fastinternlm_requests", "Finished requests by endpoint and finish reason",
@@ -60,14 +60,19 @@ class ServerMetrics:
                                          registry=r)
         r.register(_EngineCollector(engine))
 
-    def finished(self, endpoint: str, gen, finish_reason: str, latency: float) -> None:
+    def finished(self, endpoint: str, gen, finish_reason: str, latency: float, token_times=None) -> None:
+        """One finished request. token_times: when each token reached the host (the engine's
+        Request.token_times); without them the request's mean decode interval stands in."""
         self.requests.labels(endpoint, finish_reason).inc()
         self.prompt_tokens.inc(gen.prompt_tokens)
         self.generation_tokens.inc(len(gen.token_ids))
         self.latency.observe(latency)
         if gen.token_ids:
             self.ttft.observe(gen.time_to_first_token)
-        if len(gen.token_ids) > 1 and gen.decode_tokens_per_s > 0:
+        if token_times is not None and len(token_times) == len(gen.token_ids):
+            for a, b in zip(token_times, token_times[1:]):
+                self.itl.observe(b - a)
+        elif len(gen.token_ids) > 1 and gen.decode_tokens_per_s > 0:
             interval = 1.0 / gen.decode_tokens_per_s
             for _ in range(len(gen.token_ids) - 1):
                 self.itl.observe(interval)
