@@ -609,3 +609,17 @@ def test_malformed_tool_call_is_returned_as_text(tmp_path, seed):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == raw
         assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_bench_serve_http_runs(tmp_path):
+    # The benchmark's mechanics only (its figures are measurements, not assertions): random
+    # weights of the tiny shapes, both paths run every request to its full length.
+    from fastinternlm.bench.__main__ import main
+    out = tmp_path / "bench.json"
+    assert main(["serve", "--http", "--shapes", "tiny", "--requests", "5", "--clients", "2", "--new-tokens", "3",
+                 "--prompt-lens", "7", "--max-batch", "2", "--max-seq-len", "64", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("in_process", "http"):
+        assert result["results"][key]["tokens"] == 5 * 3 and result["results"][key]["requests"] == 5
+    assert result["http_over_in_process"] == pytest.approx(
+        result["results"]["http"]["tok_per_s"] / result["results"]["in_process"]["tok_per_s"])

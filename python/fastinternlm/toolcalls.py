@@ -349,7 +349,8 @@ def chat_with_tools(llm, messages, tools=None, tool_choice=None, system=None, **
 def reply_drop_strings(tokenizer) -> List[str]:
     """Special-token strings other than the call markers: never part of a reply's text."""
     keep = {ACTION_START, ACTION_END, PLUGIN, INTERPRETER}
-    return [t.content for t in tokenizer.added_tokens.values() if t.special and t.content not in keep]
+    added = getattr(tokenizer, "added_tokens", {})
+    return [t.content for t in added.values() if t.special and t.content not in keep]
 
 
 __all__ = ["ACTION_END", "ACTION_START", "PLUGIN", "ToolCall", "ToolCallError", "ToolCallParser",
