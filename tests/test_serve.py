@@ -360,6 +360,12 @@ def test_queue_full_429_and_disconnect_frees_the_slot(tmp_path):
         # The slot serves the next request.
         r = httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False, max_tokens=2), timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        # A client of a non-streamed request that gives up is noticed too.
+        cancelled = _stats(server)["requests_cancelled"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False), timeout=3)
+        _wait_for(lambda: _stats(server)["requests_cancelled"] == cancelled + 1, 60, "the abandoned request to end")
+        _wait_for(lambda: _stats(server)["free_slots"] == 1, 60, "its slot to be free")
 
 
 # ---- the CLI: SIGTERM ------------------------------------------------------------------------
