@@ -1,10 +1,12 @@
 """The engine (engine.py): many requests at once on one model.
 
 The oracle for every concurrent run is the same request run alone. On the CPU a request's
-tokens are exactly those of its solo run when the decoder weights are int4 (the int4 GEMM
-computes each row in a fixed order) and the dense head runs at a fixed row count (the
-engine does that), so the tiny models here are loaded with quant="int4" and compared
-with ==, not a tolerance; the real SmolLM2 GGUF (Q4_1 layers, dense head) likewise."""
+tokens are exactly those of its solo run when every linear is int4 (the int4 GEMM computes
+each row in a fixed order, whatever the row count), so the tiny models here are loaded
+with quant="int4", quant_head=True and compared with ==, not a tolerance, even against a
+solo run on an LLM with another slot count. The real SmolLM2 GGUF has Q4_1 layers and a
+dense head, which the engine runs at a fixed row count (its slot count): its solo runs
+are made on the same LLM."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def load(ckpt, **kw):
     kw.setdefault("max_seq_len", 160)
     kw.setdefault("max_batch", 4)
     return fastinternlm.load(ckpt.path, device="cpu", dtype=torch.float32, progress=False, quant="int4",
-                             group_size=128, **kw)
+                             group_size=128, quant_head=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -444,14 +446,13 @@ def test_prefill_budget_interleaves_with_decode(ckpt):
     finally:
         del llm.model.prefill, llm.model.decode_hidden
     engine.close()
-    # After the short request started decoding, the long prompt came in chunks of <= 16
-    # tokens, each followed by a decode step of the running request.
-    start = next(i for i, e in enumerate(events) if e[0] == "decode")
-    chunks = [n for kind, n in events[start:] if kind == "prefill"]
-    assert sum(chunks) == len(long_prompt) and max(chunks) <= 16
-    for i, e in enumerate(events[start:-1], start):
-        if e[0] == "prefill":
-            assert events[i + 1][0] == "decode"
+    # The short prompt is the first prefill; then, while it decodes, the long prompt comes
+    # in chunks of <= 16 tokens, each followed by a decode step of the running request.
+    assert events[0] == ("prefill", 5)
+    chunks = [(i, n) for i, (kind, n) in enumerate(events) if kind == "prefill" and i > 0]
+    assert sum(n for _, n in chunks) == len(long_prompt) and max(n for _, n in chunks) <= 16
+    for i, _ in chunks:
+        assert events[i + 1][0] == "decode"
     expected = solo(ckpt, [(long_prompt, dict(max_new_tokens=5))])[0]
     assert long_gen.token_ids == expected.token_ids and len(short_gen.token_ids) == 60
 
@@ -572,8 +573,9 @@ def test_smollm2_batched_equals_solo_greedy_and_seeded(smollm2):
     kws = [dict(max_new_tokens=12), dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3),
            dict(max_new_tokens=12, temperature=1.0, top_k=40, seed=4), dict(max_new_tokens=12)]
     together = [llm4.engine.submit(p, **kw) for p, kw in zip(prompts, kws)]
-    alone = [smollm2.generate(p, **kw) for p, kw in zip(prompts, kws)]
-    assert [r.result(timeout=120).token_ids for r in together] == [g.token_ids for g in alone]
+    together = [r.result(timeout=120).token_ids for r in together]
+    alone = [llm4.generate(p, **kw).token_ids for p, kw in zip(prompts, kws)]  # one at a time
+    assert together == alone
 
 
 def test_smollm2_special_tokens_and_stop_ids(smollm2):
@@ -594,3 +596,81 @@ def test_smollm2_special_tokens_and_stop_ids(smollm2):
     assert any(i in tok.added_tokens for i in shown.token_ids) and shown.text != plain.text
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == plain.token_ids[:plain.token_ids.index(stop_at) + 1]
+
+
+# ---- per-row sampling -----------------------------------------------------------------------
+
+def test_sample_rows_equals_each_row_sampled_alone(seed):
+    from fastinternlm.sampling import SamplingParams, sample, sample_rows
+    gen = torch.Generator().manual_seed(seed)
+    batch, vocab = 7, 1013
+    logits = torch.randn(batch, vocab, generator=gen) * 3
+    seen = torch.rand(batch, vocab, generator=gen) < 0.05
+    params = [SamplingParams(), SamplingParams(0.7, 50, 0.9, 0.0, 1.3, 11), SamplingParams(1.2, 0, 1.0, 0.05, 1.0, 12),
+              SamplingParams(temperature=1e-30), SamplingParams(0.9, 5, 0.5, 0.0, 0.8, 13),
+              SamplingParams(repetition_penalty=1.5), SamplingParams(1.0, 0, 0.95, 0.0, 1.0, 2 ** 64 - 1)]
+
+    def generators():
+        return [None if p.greedy else torch.Generator().manual_seed(p.seed) for p in params]
+
+    rows = sample_rows(logits, params, generators(), seen)
+    alone = [sample(logits[b:b + 1], p, g, seen[b:b + 1])[0].item()
+             for b, (p, g) in enumerate(zip(params, generators()))]
+    assert rows.tolist() == alone
+    # A row's draw depends on nothing but its own logits, params and generator.
+    shuffled = sample_rows(logits.flip(0), params[::-1], generators()[::-1], seen.flip(0))
+    assert shuffled.flip(0).tolist() == alone
+    # Non-finite logits flag their row only (-1); ids >= vocab_limit are never drawn.
+    bad = logits.clone()
+    bad[2, 17] = float("nan")
+    bad[4, 3] = float("inf")
+    flagged = sample_rows(bad, params, generators(), seen, vocab_limit=vocab - 13)
+    assert flagged[2] == -1 and flagged[4] == -1
+    assert all(0 <= t < vocab - 13 for b, t in enumerate(flagged.tolist()) if b not in (2, 4))
+
+
+def test_a_second_engine_on_one_llm_is_refused(ckpt):
+    llm = load(ckpt, max_batch=1)
+    first = llm.engine
+    with pytest.raises(ValueError, match="already has a running Engine"):
+        Engine(llm)
+    first.close()
+    second = Engine(llm)  # after close a new one may take the slots
+    assert llm.engine is second
+    second.close()
+
+
+def test_graph_path_pads_to_power_of_two_buckets_with_masked_rows(ckpt):
+    """The CUDA-graph decode path, driven on the CPU through a stand-in graph (the real one
+    needs a GPU): batches are padded to the next power of two (capped at max_batch) with
+    slot -1 rows, whose outputs (NaN here) never reach sampling."""
+    llm = load(ckpt, max_batch=6)
+    no_stop(llm)
+    requests = [(prompt_ids(ckpt, n), dict(max_new_tokens=m)) for n, m in ((5, 30), (9, 4), (3, 12), (20, 9), (7, 21))]
+    buckets = []
+
+    class StandIn:
+        def __init__(self, bucket):
+            self.bucket = bucket
+
+        def run(self, tokens, slots, positions, bases=None):
+            assert tokens.shape == slots.shape == positions.shape == (self.bucket,)
+            valid = slots >= 0
+            n = int(valid.sum())
+            assert valid[:n].all() and (slots[n:] == -1).all()
+            buckets.append((n, self.bucket))
+            b = llm._bases_for(positions[:n]) if bases is None else bases[:n]
+            out = torch.full((self.bucket, llm.config.vocab_size), float("nan"))
+            out[:n] = llm.model.decode(tokens[:n], slots[:n], positions[:n], b)
+            return out
+
+    llm.cuda_graph = True
+    llm._decode_graph = StandIn
+    reqs = [llm.engine.submit(p, **kw) for p, kw in requests]
+    out = [r.result(timeout=60) for r in reqs]
+    assert all(g.finish_reason == "length" for g in out)
+    assert {bucket for _, bucket in buckets} <= {1, 2, 4, 6}
+    assert all(n <= bucket < 2 * n or bucket == 6 for n, bucket in buckets)
+    assert any(n < bucket for n, bucket in buckets)  # some steps did run padded
+    expected = solo(ckpt, requests)
+    assert [g.token_ids for g in out] == [g.token_ids for g in expected]

@@ -207,7 +207,7 @@ class LLM:
         raise TypeError("prompt must be a str, a list of str, a list of token ids, or a list of "
                         f"{{'role', 'content'}} messages, got {type(prompt).__name__}")
 
-    def _check_request(self, prompts: List[List[int]], max_new_tokens: int, batch: bool = False) -> None:
+    def _check_request(self, prompts: List[List[int]], max_new_tokens: int) -> None:
         """Everything a request needs is checked here, before any work. A sequence of L
         prompt tokens and N new tokens needs L + N - 1 cache positions (the last new token
         is never run through the model), and the prompt itself L."""
@@ -260,7 +260,7 @@ class LLM:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
         SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         prompts, single = self._prompts(prompt)
-        self._check_request(prompts, max_new_tokens, batch=False)
+        self._check_request(prompts, max_new_tokens)
         engine = self.engine
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, **options)
