@@ -181,7 +181,10 @@ class Request:
     def _wake_waiters(self) -> None:
         self._lock.notify_all()
         for loop, fut in self._waiters:
-            loop.call_soon_threadsafe(_resolve, fut)
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
         self._waiters.clear()
 
     def _finish(self, generation: Generation) -> bool:
@@ -296,7 +299,11 @@ class Engine:
         if not isinstance(batch_invariant, bool):
             raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
         self._head_rows = self.model.max_batch if (batch_invariant and not cuda) else None
-        self._counters = collections.Counter()
+        # Every key exists from the start: stats() copies the dict while the scheduler
+        # thread increments, which is safe only while no key is added.
+        self._counters = collections.Counter({k: 0 for k in (
+            "reused_prefix_tokens", "prefill_tokens", "tokens_generated", "requests_finished",
+            "requests_cancelled", "requests_timed_out", "requests_failed", "steps")})
         self._ttft: Deque[float] = collections.deque(maxlen=4096)
         self._itl: Deque[float] = collections.deque(maxlen=16384)
         self._thread = threading.Thread(target=_scheduler_main, args=(weakref.ref(self), self._wake),
