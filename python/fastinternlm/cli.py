@@ -151,6 +151,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     k.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="activation dtype")
     k.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     k.set_defaults(run=_check)
+    from . import serve
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page "
+                                     "(needs pip install 'fastinternlm[serve]')")
+    serve.add_arguments(v)
+    v.set_defaults(run=serve.main_args)
     i = sub.add_parser("info", help="what this build contains (with MODEL --plan: the model's memory plan)")
     i.add_argument("model", metavar="MODEL", nargs="?", default=None, help="checkpoint directory (for --plan)")
     i.add_argument("--plan", action="store_true", help="weights, KV cache per token per kv_cache type, and the "

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["e2e"]:
         from .e2e import main as e2e_main
         return e2e_main(argv[1:])
+    if argv[:1] == ["serve"] and "--http" in argv:  # the same closed loop through the HTTP server
+        from .serve_http import main as serve_http_main
+        return serve_http_main(argv[1:])
     if argv[:1] == ["serve"]:
         from .serve import main as serve_main
         return serve_main(argv[1:])
