@@ -333,11 +333,16 @@ class LLM:
 
     @staticmethod
     def _stream(run, single: bool) -> Iterator[Union[str, Tuple[int, str]]]:
+        """Yields the deltas; its return value (StopIteration.value) is what generate
+        would have returned, timings included (the CLI reports them)."""
+        seqs: List[_Sequence] = []
         for seqs in run:
             for n, s in enumerate(seqs):
                 d = s.delta()
                 if d:
                     yield d if single else (n, d)
+        results = [LLM._result(s) for s in seqs]
+        return results[0] if single else results
 
     def chat(self, query: str, history: Optional[Sequence[Tuple[str, str]]] = None,
              system: Optional[str] = None, **sampling: Any) -> Tuple[str, List[Tuple[str, str]]]:
@@ -367,6 +372,8 @@ class LLM:
     def logits(self, token_ids) -> torch.Tensor:
         """float32 [T, vocab]: the logits at every position of one forward over token_ids
         (HF's model(input_ids).logits). Uses slot 0 of the cache."""
+        if isinstance(token_ids, (list, tuple, torch.Tensor)) and len(token_ids) == 0:
+            raise ValueError("logits needs at least one token id, got an empty sequence")
         prompts, single = self._prompts(token_ids)
         if not single:
             raise ValueError("logits takes one sequence")
