@@ -670,7 +670,12 @@ def test_bpe_special_and_round_trip(tmp_path, bpe_digits):
     assert tok.is_special(im_end) and tok.is_added(user) and not tok.is_special(user)
     ids = tok.encode("<|im_start|>user\nHi<|im_end|>")
     assert ids[0] == im_start and ids[-1] == im_end
-    assert tok.encode("<|im_start|>", allow_special=False) != [im_start]
+    assert tok.encode("<|im_start|>", allow_special_tokens=False) != [im_start]
+    # Only special strings turn into text; a user-defined token is a vocabulary entry.
+    plain = tok.encode(f"<|im_start|>{USER_TOKEN}", add_bos=False, allow_special_tokens=False)
+    assert im_start not in plain and plain[-1] == user
+    with pytest.raises(ValueError, match=r"lone surrogate U\+DC80 at character 1"):
+        tok.encode("a\udc80")  # the tokenizers library would say only "TextInputSequence must be str"
     assert tok.encode("hi", add_bos=True)[0] == 1 and tok.encode("hi", add_eos=True)[-1] == 2
     for text in TOKENIZER_TEXTS:
         assert tok.decode(tok.encode(text)) == text

@@ -428,6 +428,10 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
                              "load as int4 by themselves")
         return load_gguf(path, device, dtype, max_seq_len, max_batch, ntk_mode, progress, cuda_graph)
     tokenizer = load_tokenizer(path)
+    chat_template = None
+    if getattr(tokenizer, "chat_template", None):  # tokenizer.json checkpoints: their own chat format
+        from .chat_template import ChatTemplate
+        chat_template = ChatTemplate(tokenizer.chat_template, tokenizer)
     config, weights = load_checkpoint(path, device, dtype, progress, quant=quant, group_size=group_size,
                                       quant_head=quant_head)
     if device.type == "cuda" and weights.tok_embeddings.dtype == torch.float32:
@@ -443,4 +447,4 @@ def load(path, device=None, dtype=None, max_seq_len: Optional[int] = None, max_b
         lw.w1 = lw.w3 = None
     model = Transformer(config, weights.tok_embeddings, layers, weights.norm, weights.output,
                         max_batch=max_batch, max_seq_len=max_seq_len)
-    return LLM(model, tokenizer, ntk_mode=ntk_mode, cuda_graph=cuda_graph)
+    return LLM(model, tokenizer, ntk_mode=ntk_mode, cuda_graph=cuda_graph, chat_template=chat_template)
