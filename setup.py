@@ -59,9 +59,10 @@ def ninja_program() -> str:
 
 
 # Tools whose absolute path CMake writes into the cache at the first configure and never
-# looks up again. pip builds in a temporary environment deleted after the install, so a
-# kept build folder can point at tools that no longer exist.
-_TOOL_ENTRIES = ("CMAKE_CXX_COMPILER", "CMAKE_C_COMPILER", "CMAKE_CUDA_COMPILER", "CMAKE_COMMAND")
+# looks up again: a compiler that has gone means the toolchain moved. (The cmake and ninja
+# of pip's isolated build environment vanish after every install, but CMake takes a new
+# cmake running it and the Ninja passed on each configure without rebuilding anything.)
+_TOOL_ENTRIES = ("CMAKE_CXX_COMPILER", "CMAKE_C_COMPILER", "CMAKE_CUDA_COMPILER")
 
 
 def stale_cache_reason(build_dir: Path):

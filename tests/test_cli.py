@@ -90,7 +90,7 @@ def test_a_kv_cache_too_big_for_memory_is_refused_with_the_numbers(tiny):
     assert "Loading" not in r.stderr
 
 
-def test_runtime_errors_are_one_line_with_exit_1(tiny, tmp_path):
+def test_a_junk_tokenizer_is_one_line(tiny, tmp_path):
     # A junk tokenizer.model: the loader fails; the CLI says so in one line.
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -101,6 +101,23 @@ def test_runtime_errors_are_one_line_with_exit_1(tiny, tmp_path):
     r = run("generate", "--model", str(broken), "--quiet", "Hello")
     assert r.returncode in (1, 2)  # 2 only if the loader calls it an argument (path) problem
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_other_failures_are_one_line_with_exit_1(monkeypatch, capsys):
+    from fastinternlm import cli
+
+    def fail(args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nsecond line")
+
+    monkeypatch.setattr(cli, "_load", fail)
+    monkeypatch.delenv("FASTINTERNLM_TRACEBACK", raising=False)
+    assert cli.main(["generate", "--model", MISSING, "Hello"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("fastinternlm generate: error: RuntimeError: CUDA error: an illegal memory access was "
+                   "encountered second line\n")
+    monkeypatch.setenv("FASTINTERNLM_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cli.main(["generate", "--model", MISSING, "Hello"])
 
 
 def test_help_shows_defaults():

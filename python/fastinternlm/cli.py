@@ -2,8 +2,10 @@
 `fastinternlm quantize IN_DIR OUT_DIR`, `fastinternlm info`. Also `python -m fastinternlm ...`.
 
 Errors are one line on stderr, never a traceback (FASTINTERNLM_TRACEBACK=1 shows it):
-exit 2 for a bad argument (all checked before the model loads), 1 for a failure while
-loading or running, 130 for Ctrl-C while loading or generating. In `chat`, Ctrl-C stops
+exit 2 for bad input, i.e. a bad argument (all checked before the model loads) or a
+path or checkpoint the loader refuses (the project's ValueError / TypeError /
+FileNotFoundError), 1 for any other failure (out of memory, a library error), 130 for
+Ctrl-C while loading or generating. In `chat`, Ctrl-C stops
 the answer being written and returns to the prompt; Ctrl-C or Ctrl-D at the prompt quits.
 """
 
@@ -350,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug:
             raise
         print(f"{prog}: error: {_message(e)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, FileNotFoundError) else EXIT_RUNTIME
+        return EXIT_USAGE if isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError)) else EXIT_RUNTIME
 
 
 if __name__ == "__main__":
