@@ -163,6 +163,10 @@ class Terminal:
         import pty
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child
+            # As a shell starts a command in a terminal: SIGINT at its default, even when
+            # this test runs in the background of a non-interactive shell, which ignores it
+            # (an ignored SIGINT survives exec, and Python then never raises KeyboardInterrupt).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvpe(argv[0], argv, ENV)
         self.output = b""
 
