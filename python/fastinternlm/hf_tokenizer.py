@@ -181,7 +181,7 @@ class HFTokenizer:
             head = list(self._prefix)
         elif add_bos:
             if self.bos_id is None:
-                raise ValueError(f"this tokenizer has no BOS token (no bos_token in tokenizer_config.json)")
+                raise ValueError("this tokenizer has no BOS token (no bos_token in tokenizer_config.json)")
             head = [self.bos_id]
         else:
             head = []
@@ -189,7 +189,7 @@ class HFTokenizer:
             tail = list(self._suffix)
         elif add_eos:
             if self.eos_id is None:
-                raise ValueError(f"this tokenizer has no EOS token (no eos_token in tokenizer_config.json)")
+                raise ValueError("this tokenizer has no EOS token (no eos_token in tokenizer_config.json)")
             tail = [self.eos_id]
         else:
             tail = []
