@@ -427,7 +427,9 @@ def hf_llama_reference(source, dtype: torch.dtype = torch.float32, config=None):
     checkpoint directory of either architecture (read without the runtime's loader), or
     the runtime's ModelWeights together with its ModelConfig as `config`. Fused wqkv is
     split into q/k/v by the documented row formula (split_by_formula)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    transformers = pytest.importorskip("transformers")  # the reference; a skip without it
+    LlamaConfig = transformers.LlamaConfig
+    LlamaForCausalLM = transformers.LlamaForCausalLM
 
     if hasattr(source, "layers") and hasattr(source, "tok_embeddings"):
         if config is None:

@@ -25,6 +25,7 @@ def _tol(dtype=torch.float16) -> float:
 
 
 def test_cli_tiny_runs_and_baselines_agree(device, tmp_path, capsys):
+    pytest.importorskip("transformers")  # the HF baseline
     out = tmp_path / "e2e.json"
     rc = e2e.main(["--shapes", "tiny", "--device", str(device), "--steps", "2", "--reps", "1", "--hf-reps", "1",
                    "--batches", "2", "--json", str(out)])

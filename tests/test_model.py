@@ -165,6 +165,9 @@ def test_refusals_before_any_work(ckpt, monkeypatch):
         llm.generate("hi", max_new_tokens=2, top_p=0.0)
     with pytest.raises(TypeError, match="prompt must be"):
         llm.generate(3.5)
+    for empty in ([], (), torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(ValueError, match="logits needs at least one token id, got an empty sequence"):
+            llm.logits(empty)
     with pytest.raises(ValueError, match="ntk_mode must be one of"):
         load(ckpt, ntk_mode="linear")
 
@@ -185,6 +188,15 @@ def test_chat_builds_the_documented_prompt(ckpt, monkeypatch):
     assert new_history == history + [("second question", response)]
     deltas = list(llm.stream_chat("second question", history, max_new_tokens=5, temperature=0.0))
     assert "".join(deltas) == response
+    # The stream's return value is the Generation generate() would have given (the CLI's timings).
+    stream = llm.generate(seen["ids"], stream=True, max_new_tokens=5, temperature=0.0)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert result.text == response and result.finish_reason in ("stop", "length") and result.time_to_first_token > 0
     # OpenAI-style messages give the same prompt as query + history.
     messages = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
                 {"role": "user", "content": "second question"}]

@@ -77,9 +77,9 @@ def test_encode_special_tokens(tiny):
     assert tok.encode("x</s>y<s>", add_bos=False) == raw.encode("x") + [2] + raw.encode("y") + [1]
     # Near misses are plain text.
     assert tok.encode("<|im_start|", add_bos=False) == raw.encode("<|im_start|")
-    # allow_special=False: no splitting at all.
+    # allow_special_tokens=False: every token here is special, so no splitting at all.
     text = "<|im_start|>user<|im_end|>"
-    assert tok.encode(text, allow_special=False) == [1] + raw.encode(text)
+    assert tok.encode(text, allow_special_tokens=False) == [1] + raw.encode(text)
     assert tok.encode("") == [1]
 
 

@@ -155,8 +155,8 @@ def test_parser_at_every_token_and_char_boundary(tok, seed):
     raw, text, args = _reply(rng)
     want = (text, [("get_weather", args)])
     for allow_special in (True, False):
-        # allow_special=False: the model spelled the markers with ordinary pieces ("<|", "action", ...).
-        ids = tokenizer.encode(raw, add_bos=False, allow_special=allow_special)
+        # allow_special_tokens=False: the model spelled the markers with ordinary pieces ("<|", "action", ...).
+        ids = tokenizer.encode(raw, add_bos=False, allow_special_tokens=allow_special)
         assert (IDS["<|action_start|>"] in ids) == allow_special
         deltas = _token_deltas(tokenizer, ids)
         assert "".join(deltas) == raw

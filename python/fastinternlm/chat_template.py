@@ -21,7 +21,11 @@ import datetime
 import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .tokenizer import check_text
+
 ROLES = ("system", "user", "assistant", "tool")
+# Supplementary Private Use Area-A: stand-ins for special-token strings while rendering.
+_SENTINEL_FIRST, _SENTINEL_LAST = 0xF0000, 0xFFFFD
 
 
 class ChatTemplateError(ValueError):
@@ -78,12 +82,56 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed to render: {e}") from None
 
+    def render_with_spans(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                          **extra: Any) -> Tuple[str, List[Tuple[int, int]]]:
+        """(prompt text, [start, end) ranges where special-token strings taken from the
+        messages' content landed). The template cannot be asked where it put the content,
+        so each such string is swapped for a private-use character before rendering (one
+        per occurrence, from plane 15, which no template transforms) and swapped back
+        after, wherever the template put it."""
+        checked = _check_messages(messages)
+        pattern = getattr(self.tokenizer, "_split", None)
+        if pattern is None:
+            return self.render(checked, add_generation_prompt, **extra), []
+        every = self.source + "".join(m["content"] for m in checked)
+        if any(_SENTINEL_FIRST <= ord(c) <= _SENTINEL_LAST for c in every):
+            raise ChatTemplateError(
+                f"cannot keep special tokens as text in content that holds characters "
+                f"U+{_SENTINEL_FIRST:X}..U+{_SENTINEL_LAST:X} (private use, plane 15)")
+        originals: List[str] = []
+
+        def swap(m) -> str:
+            if len(originals) > _SENTINEL_LAST - _SENTINEL_FIRST:
+                raise ChatTemplateError("too many special-token strings in the content to keep as text")
+            originals.append(m.group())
+            return chr(_SENTINEL_FIRST + len(originals) - 1)
+
+        masked = [dict(m, content=pattern.sub(swap, m["content"])) for m in checked]
+        text = self.render(masked, add_generation_prompt, **extra)
+        if not originals:
+            return text, []
+        parts: List[str] = []
+        spans: List[Tuple[int, int]] = []
+        length = 0
+        for c in text:
+            if _SENTINEL_FIRST <= ord(c) <= _SENTINEL_LAST:
+                original = originals[ord(c) - _SENTINEL_FIRST]
+                spans.append((length, length + len(original)))
+                parts.append(original)
+                length += len(original)
+            else:
+                parts.append(c)
+                length += 1
+        return "".join(parts), spans
+
     def encode(self, query_or_messages, history: Sequence[Tuple[str, str]] = (),
-               system: Optional[str] = None) -> List[int]:
+               system: Optional[str] = None, *, allow_special_tokens: bool = True) -> List[int]:
         """Prompt ids, with the arguments of chat.encode_chat: a query string with its
         (query, response) history and an optional system prompt, or a message list (then
         history must be empty). system=None adds no system message (the template's
-        default, if it has one, applies); a string adds one with that content."""
+        default, if it has one, applies); a string adds one with that content.
+        allow_special_tokens=False: special-token strings in the content are encoded as
+        plain text (the template's own are not affected), as in chat.encode_chat."""
         if isinstance(query_or_messages, str):
             messages: List[Dict[str, str]] = []
             if system is not None:
@@ -100,7 +148,10 @@ class ChatTemplate:
             if system is not None and not (messages and isinstance(messages[0], Mapping)
                                            and messages[0].get("role") == "system"):
                 messages.insert(0, {"role": "system", "content": system})
-        return self.tokenizer.encode(self.render(messages), add_bos=False)
+        if allow_special_tokens:
+            return self.tokenizer.encode(self.render(messages), add_bos=False)
+        text, spans = self.render_with_spans(messages)
+        return self.tokenizer.encode(text, add_bos=False, plain_spans=spans)
 
 
 def _check_messages(messages) -> List[Dict[str, Any]]:
@@ -112,8 +163,7 @@ def _check_messages(messages) -> List[Dict[str, Any]]:
             raise ValueError(f"messages[{n}] must be a mapping with 'role' and 'content', got {m!r}")
         if m["role"] not in ROLES:
             raise ValueError(f"messages[{n}].role must be one of {', '.join(ROLES)}, got {m['role']!r}")
-        if not isinstance(m["content"], str):
-            raise TypeError(f"messages[{n}].content must be a str, got {type(m['content']).__name__}")
+        check_text(m["content"], f"messages[{n}].content")
         out.append(dict(m))
     return out
 

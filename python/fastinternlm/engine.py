@@ -318,7 +318,7 @@ class Engine:
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None,
                deadline_s: Optional[float] = None, stop_token_ids: Sequence[int] = (),
-               skip_special_tokens: bool = True, _listener=None) -> Request:
+               skip_special_tokens: bool = True, allow_special_tokens: bool = True, _listener=None) -> Request:
         """Queue one request (a str, a list of token ids or a list of {"role", "content"}
         messages); returns its Request at once. Malformed or oversize requests raise
         ValueError/TypeError here; a full queue EngineOverloaded; a closed or failed
@@ -326,7 +326,7 @@ class Engine:
         if not self.healthy:  # say so before any complaint about the request itself
             raise EngineUnhealthy(self._unhealthy_message())
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        ids = self._prompt_ids(prompt)
+        ids = self._prompt_ids(prompt, allow_special_tokens)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.llm._check_request([ids], max_new_tokens)
@@ -395,10 +395,10 @@ class Engine:
         self.close()
 
     # ---- internals: submission ---------------------------------------------------------
-    def _prompt_ids(self, prompt) -> List[int]:
+    def _prompt_ids(self, prompt, allow_special_tokens: bool = True) -> List[int]:
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
             raise TypeError("submit takes one prompt; submit a list of prompts one by one")
-        prompts, single = self.llm._prompts(prompt)
+        prompts, single = self.llm._prompts(prompt, allow_special_tokens)
         if not single:
             raise TypeError("submit takes one prompt (a str, a list of token ids or a list of messages)")
         return prompts[0]

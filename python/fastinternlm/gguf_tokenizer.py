@@ -39,9 +39,9 @@ from __future__ import annotations
 import codecs
 import heapq
 import re
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .tokenizer import AddedToken, check_token_ids, split_added_tokens
+from .tokenizer import AddedToken, check_text, check_token_ids, plain_tokens, split_added_tokens
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -317,12 +317,13 @@ class GGUFTokenizer:
         return out
 
     def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
-               allow_special: bool = True) -> List[int]:
+               allow_special_tokens: bool = True,
+               plain_spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]:
         """Ids of `text`. add_bos/add_eos default to the GGUF's add_bos_token /
-        add_eos_token. allow_special=False encodes added-token strings as plain text (for
-        untrusted text that must not inject `<|im_end|>`)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        add_eos_token. allow_special_tokens=False encodes the strings of special tokens as
+        plain text (for untrusted text that must not inject `<|im_end|>`); plain_spans does
+        so only inside the given [start, end) character ranges (chat prompts: the content)."""
+        check_text(text)
         add_bos = self.add_bos_token if add_bos is None else add_bos
         add_eos = self.add_eos_token if add_eos is None else add_eos
         if add_bos and self.bos_id is None:
@@ -330,8 +331,8 @@ class GGUFTokenizer:
         if add_eos and self.eos_id is None:
             raise ValueError("this tokenizer has no EOS token")
         ids: List[int] = [self.bos_id] if add_bos else []
-        ids += split_added_tokens(text, self._split if allow_special else None, self._by_content,
-                                  self._encode_text)
+        plain = plain_tokens(self.added_tokens, self._by_content, allow_special_tokens, plain_spans)
+        ids += split_added_tokens(text, self._split, self._by_content, self._encode_text, plain)
         if add_eos:
             ids.append(self.eos_id)
         return ids

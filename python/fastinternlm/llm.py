@@ -91,13 +91,26 @@ class LLM:
         return ops.ntk_bases(positions + 1, *self.config.ntk_args)
 
     # ---- inputs ------------------------------------------------------------------------
-    def _encode_chat(self, query_or_messages, history=(), system=None) -> List[int]:
+    def _encode_chat(self, query_or_messages, history=(), system=None, allow_special_tokens: bool = True) -> List[int]:
         if self.chat_template is not None:
-            return self.chat_template.encode(query_or_messages, history, system)
-        return encode_chat(self.tokenizer, query_or_messages, history, system)
+            return self.chat_template.encode(query_or_messages, history, system,
+                                             allow_special_tokens=allow_special_tokens)
+        return encode_chat(self.tokenizer, query_or_messages, history, system,
+                           allow_special_tokens=allow_special_tokens)
 
-    def _prompts(self, prompt) -> Tuple[List[List[int]], bool]:
-        """-> (list of prompt ids, whether one prompt was given)."""
+    def _prompts(self, prompt, allow_special_tokens: bool = True) -> Tuple[List[List[int]], bool]:
+        """-> (list of prompt ids, whether one prompt was given). allow_special_tokens=False
+        encodes special-token strings in text and message content as plain text (a user
+        typing `<|im_end|>` cannot end the turn)."""
+        if not isinstance(allow_special_tokens, bool):
+            raise TypeError(f"allow_special_tokens must be True or False, got {allow_special_tokens!r}")
+
+        def encode(text):
+            return self.tokenizer.encode(text, allow_special_tokens=allow_special_tokens)
+
+        def encode_chat_(messages):
+            return self._encode_chat(messages, allow_special_tokens=allow_special_tokens)
+
         def is_ids(x):
             return isinstance(x, (list, tuple)) and x and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
@@ -105,7 +118,7 @@ class LLM:
             return isinstance(x, (list, tuple)) and x and all(isinstance(m, dict) for m in x)
 
         if isinstance(prompt, str):
-            return [self.tokenizer.encode(prompt)], True
+            return [encode(prompt)], True
         if isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1 or prompt.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"a token-id prompt tensor must be 1-D int32/int64, got {prompt.dtype} {tuple(prompt.shape)}")
@@ -113,16 +126,16 @@ class LLM:
         if is_ids(prompt):
             return [list(prompt)], True
         if is_messages(prompt):
-            return [self._encode_chat(list(prompt))], True
+            return [encode_chat_(list(prompt))], True
         if isinstance(prompt, (list, tuple)) and prompt:
             out = []
             for n, p in enumerate(prompt):
                 if isinstance(p, str):
-                    out.append(self.tokenizer.encode(p))
+                    out.append(encode(p))
                 elif is_ids(p):
                     out.append(list(p))
                 elif is_messages(p):
-                    out.append(self._encode_chat(list(p)))
+                    out.append(encode_chat_(list(p)))
                 else:
                     raise TypeError(f"prompt[{n}] must be a str, a list of token ids or a list of messages, "
                                     f"got {type(p).__name__}")
@@ -178,11 +191,12 @@ class LLM:
         cancels its requests."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        unknown = set(options) - {"deadline_s", "stop_token_ids", "skip_special_tokens"}
+        unknown = set(options) - {"deadline_s", "stop_token_ids", "skip_special_tokens", "allow_special_tokens"}
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
         SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        prompts, single = self._prompts(prompt)
+        # allow_special_tokens=False: special-token strings in the prompt's text are plain text.
+        prompts, single = self._prompts(prompt, options.pop("allow_special_tokens", True))
         self._check_request(prompts, max_new_tokens)
         engine = self.engine
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -202,12 +216,14 @@ class LLM:
 
     @staticmethod
     def _stream(engine, prompts, single: bool, kwargs) -> Iterator[Union[str, Tuple[int, str]]]:
+        """Yields the deltas; its return value (StopIteration.value) is what generate
+        would have returned, timings included (the CLI reports them)."""
         requests = []
         try:
             if single:
                 requests.append(engine.submit(prompts[0], **kwargs))
                 yield from requests[0]
-                return
+                return requests[0].result()
             # Several prompts: deltas in the order they are produced, tagged with the index.
             merged: "queue.Queue" = queue.Queue()
             for n, p in enumerate(prompts):
@@ -219,6 +235,7 @@ class LLM:
                     running -= 1
                 else:
                     yield n, d
+            return [r.result() for r in requests]
         finally:
             for r in requests:
                 r.cancel()
@@ -249,7 +266,10 @@ class LLM:
         return HFChat(self)
 
     def _chat_request(self, query, history, system, sampling):
-        ids = self._encode_chat(query, list(history or []), system)
+        allow = sampling.pop("allow_special_tokens", True)
+        if not isinstance(allow, bool):
+            raise TypeError(f"allow_special_tokens must be True or False, got {allow!r}")
+        ids = self._encode_chat(query, list(history or []), system, allow_special_tokens=allow)
         kwargs = {"temperature": 0.8, "top_p": 0.8}
         kwargs.update(sampling)
         if "max_new_tokens" not in kwargs:
@@ -261,6 +281,8 @@ class LLM:
     def logits(self, token_ids) -> torch.Tensor:
         """float32 [T, vocab]: the logits at every position of one forward over token_ids
         (HF's model(input_ids).logits). Runs in an engine slot of its own."""
+        if isinstance(token_ids, (list, tuple, torch.Tensor)) and len(token_ids) == 0:
+            raise ValueError("logits needs at least one token id, got an empty sequence")
         prompts, single = self._prompts(token_ids)
         if not single:
             raise ValueError("logits takes one sequence")

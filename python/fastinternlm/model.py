@@ -154,9 +154,9 @@ class Transformer:
                  norm: torch.Tensor, output: Weight, *, max_batch: int, max_seq_len: Union[int, str],
                  kv_cache: Optional[str] = None):
         """max_seq_len "auto": the longest context whose cache and workspace fit the free
-        memory of the weights' device now (memory_plan.py). On CUDA an explicit one is
-        checked the same way first: a cache that does not fit is refused with the numbers
-        and what would fit, before any of it is allocated."""
+        memory of the weights' device now (memory_plan.py). An explicit one is checked the
+        same way first: a cache that does not fit is refused with the numbers and what
+        would fit, before any of it is allocated."""
         self.config = config
         self.tok_embeddings = tok_embeddings
         self.layers = layers
@@ -165,12 +165,11 @@ class Transformer:
         self.device = tok_embeddings.device
         self.dtype = tok_embeddings.dtype
         self.kv_cache = resolve_kv_cache(kv_cache, self.dtype)
-        if max_seq_len == "auto" or self.device.type == "cuda":
-            # The weights are resident already: the free memory is what the rest may use.
-            self.memory_plan = memory_plan.resolve(
-                memory_plan.ModelShape.from_config(config), self.device, max_seq_len=max_seq_len, max_batch=max_batch,
-                kv_cache=self.kv_cache, dtype=self.dtype, weights=0)
-            max_seq_len = self.memory_plan.max_seq_len
+        # The weights are resident already: the free memory is what the rest may use.
+        self.memory_plan = memory_plan.resolve(
+            memory_plan.ModelShape.from_config(config), self.device, max_seq_len=max_seq_len, max_batch=max_batch,
+            kv_cache=self.kv_cache, dtype=self.dtype, weights=0)
+        max_seq_len = self.memory_plan.max_seq_len
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         pairs = [ops.empty_kv_cache(self.kv_cache, max_batch, config.num_kv_heads, max_seq_len, config.head_dim,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import sentencepiece as spm
 
@@ -69,21 +69,26 @@ class TokenizerProtocol(Protocol):
     def is_special(self, token_id: int) -> bool: ...
 
     def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
-               allow_special: bool = True) -> List[int]: ...
+               allow_special_tokens: bool = True,
+               plain_spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]: ...
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str: ...
 
     def stream(self, *, skip_special_tokens: bool = False) -> StreamDecoderProtocol: ...
 
 
-def split_added_tokens(text: str, split, by_content: Dict[str, int], encode_text) -> List[int]:
+def split_added_tokens(text: str, split, by_content: Dict[str, int], encode_text, plain=None) -> List[int]:
     """Ids of `text` where the added-token strings matched by the regex `split` become their
-    ids and only the text between them goes through `encode_text` (split None: all of it)."""
+    ids and only the text between them goes through `encode_text` (split None: all of it).
+    `plain(start, end, content)`, when given, keeps a match as text: it then stays part of
+    the stretch around it (see plain_tokens)."""
     if split is None:
         return encode_text(text) if text else []
     ids: List[int] = []
     start = 0
     for m in split.finditer(text):
+        if plain is not None and plain(m.start(), m.end(), m.group()):
+            continue
         if m.start() > start:
             ids.extend(encode_text(text[start:m.start()]))
         ids.append(by_content[m.group()])
@@ -91,6 +96,39 @@ def split_added_tokens(text: str, split, by_content: Dict[str, int], encode_text
     if start < len(text):
         ids.extend(encode_text(text[start:]))
     return ids
+
+
+def plain_tokens(added_tokens: Dict[int, "AddedToken"], by_content: Dict[str, int], allow_special_tokens: bool,
+                 plain_spans: Optional[Sequence[Tuple[int, int]]]):
+    """The `plain` test of split_added_tokens for encode's switches: with
+    allow_special_tokens=False every special token's string is text; plain_spans (character
+    ranges [start, end), e.g. the caller's content inside a chat prompt) makes a special
+    token's string text where it overlaps one. Non-special added tokens are ordinary
+    vocabulary entries and are always matched. None when nothing is kept as text."""
+    if allow_special_tokens and not plain_spans:
+        return None
+    spans = [] if plain_spans is None else sorted((int(a), int(b)) for a, b in plain_spans)
+
+    def plain(start: int, end: int, content: str) -> bool:
+        if not added_tokens[by_content[content]].special:
+            return False
+        if not allow_special_tokens:
+            return True
+        return any(a < end and start < b for a, b in spans)
+    return plain
+
+
+def check_text(text, name: str = "text") -> str:
+    """text, if it is a str that UTF-8 can encode: a lone surrogate (from bytes decoded with
+    errors='surrogateescape', or a broken JSON escape) is refused with its position."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} contains a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+                         f"(of {len(text)}): it is not valid Unicode and has no UTF-8 encoding") from None
+    return text
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int) -> List[int]:
@@ -190,16 +228,18 @@ class Tokenizer:
 
     # ---- encode ------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
-               allow_special: bool = True) -> List[int]:
+               allow_special_tokens: bool = True,
+               plain_spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]:
         """Ids of `text`. add_bos/add_eos default to tokenizer_config.json's flags.
-        allow_special=False encodes added-token strings as plain text (for untrusted text
-        that must not inject `<|im_end|>`)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        allow_special_tokens=False encodes the strings of special tokens as plain text (for
+        untrusted text that must not inject `<|im_end|>`); plain_spans does so only inside
+        the given [start, end) character ranges (chat prompts: the caller's content)."""
+        check_text(text)
         add_bos = self.add_bos_token if add_bos is None else add_bos
         add_eos = self.add_eos_token if add_eos is None else add_eos
         ids: List[int] = [self.bos_id] if add_bos else []
-        ids += split_added_tokens(text, self._split if allow_special else None, self._by_content, self.sp.encode)
+        plain = plain_tokens(self.added_tokens, self._by_content, allow_special_tokens, plain_spans)
+        ids += split_added_tokens(text, self._split, self._by_content, self.sp.encode, plain)
         if add_eos:
             ids.append(self.eos_id)
         return ids
@@ -306,19 +346,24 @@ class StreamDecoder:
         return out
 
 
-def load_tokenizer(path: "os.PathLike[str] | str") -> Tokenizer:
-    """`path/tokenizer.model` with `path/tokenizer_config.json` when present."""
+def load_tokenizer(path: "os.PathLike[str] | str"):
+    """`path/tokenizer.model` (SentencePiece, as InternLM2 ships) with
+    `path/tokenizer_config.json` when present; without tokenizer.model, `path/tokenizer.json`
+    through the `tokenizers` library (hf_tokenizer.HFTokenizer, the same interface)."""
     path = os.fspath(path)
     model_file = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(model_file):
-        raise FileNotFoundError(f"no tokenizer.model in {path} (only SentencePiece tokenizers are supported)")
     config_file = os.path.join(path, "tokenizer_config.json")
     config = None
     if os.path.isfile(config_file):
         with open(config_file, encoding="utf-8") as f:
             config = json.load(f)
+    if not os.path.isfile(model_file):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from .hf_tokenizer import HFTokenizer
+            return HFTokenizer.from_dir(path, config)
+        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
     return Tokenizer(model_file, config)
 
 
 __all__ = ["INTERNLM2_SPECIAL_TOKENS", "AddedToken", "StreamDecoder", "StreamDecoderProtocol", "Tokenizer",
-           "TokenizerProtocol", "load_tokenizer"]
+           "TokenizerProtocol", "check_text", "load_tokenizer"]

@@ -247,7 +247,11 @@ def build_hf(weights: Weights):
     # Rotary modules hold computed buffers (inv_freq): rebuild them on the device.
     for name, mod in list(model.named_modules()):
         if type(mod).__name__.endswith("RotaryEmbedding"):
-            new = type(mod)(config=hfc, device=dev)
+            try:
+                new = type(mod)(config=hfc, device=dev)
+            except TypeError:  # transformers 5 takes no device argument: build it under one
+                with torch.device(dev):
+                    new = type(mod)(config=hfc)
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], new)
             rope_type = getattr(new, "rope_type", None)

@@ -24,10 +24,14 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence, Union
 
+from ..chat_template import ChatTemplate
+import torch
+
+from .. import memory_plan
 from ..llm import LLM
-from ..model import ModelWeights, Transformer
+from ..model import ModelWeights, Transformer, resolve_kv_cache
 from . import gguf, hf
-from .args import GGUF, check_load_args, default_max_seq_len, detect_format
+from .args import GGUF, LOAD_DTYPES, check_load_args, default_max_seq_len, detect_format
 from .files import CheckpointError
 
 
@@ -55,6 +59,23 @@ def build(config, weights: ModelWeights, tokenizer, *, max_batch: int = 1, max_s
                         check_weights=check_weights)
     return LLM(model, tokenizer, ntk_mode=ntk_mode, stop_ids=stop_ids, chat_template=chat_template,
                cuda_graph=cuda_graph)
+
+
+def _check_memory(config, args) -> None:
+    """Refuse a KV cache that cannot fit before any weight is read: the memory plan for
+    the weights as they will be loaded (dtype, int4 or not), the cache and the activation
+    workspace against the device's free memory (memory_plan.py; Transformer checks again,
+    with the real free memory, once the weights are resident)."""
+    q = config.quantization
+    dtype = args.dtype or (config.torch_dtype if config.torch_dtype in LOAD_DTYPES else torch.float16)
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None:
+        max_seq_len = default_max_seq_len(config.max_position_embeddings, args.device)
+    quant = args.quant or ("int4" if q is not None else None)
+    group_size = args.group_size if args.quant else ((q.group_size or 128) if q is not None else 128)
+    memory_plan.resolve(memory_plan.ModelShape.from_config(config), args.device, max_seq_len=max_seq_len,
+                        max_batch=args.max_batch, kv_cache=resolve_kv_cache(args.kv_cache, dtype), dtype=dtype,
+                        quant=quant, group_size=min(group_size, 128), quant_head=args.quant_head or bool(q and q.quant_head))
 
 
 def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_len: Union[None, int, str] = None,
@@ -106,8 +127,11 @@ def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_
     path = os.fspath(path)
     config = hf.load_config(path)
     tokenizer = hf.read_tokenizer(path)
+    _check_memory(config, args)
+    # A tokenizer.json checkpoint brings its own chat format (tokenizer_config.json's template).
+    template = ChatTemplate(tokenizer.chat_template, tokenizer) if getattr(tokenizer, "chat_template", None) else None
     config, weights = hf.read_weights(path, config, args)
-    return build(config, weights, tokenizer, **built)
+    return build(config, weights, tokenizer, chat_template=template, **built)
 
 
 __all__ = ["CheckpointError", "build", "build_model", "load"]
