@@ -81,13 +81,13 @@ def test_cuda_without_a_gpu_is_refused_before_loading():
 
 def test_a_kv_cache_too_big_for_memory_is_refused_with_the_numbers(tiny):
     r = run("generate", "--model", str(tiny), "--max-seq-len", str(10**13), "Hello")
-    line = one_error_line(r, 2, "--max-seq-len", "KV cache", "GiB", "2 x 2 layers x 2 KV heads")
-    largest = int(re.search(r"largest that fits is about (\d+)", line).group(1))
+    line = one_error_line(r, 2, "does not fit", "KV cache", "GiB", "What would fit")
     # 2 layers x 2 KV heads x 64 x 4 bytes, twice (keys and values): 2048 bytes per position.
-    need = re.search(r"need ([\d.]+) GiB", line).group(1)
+    need = re.search(r"KV cache ([\d.]+) GiB", line).group(1)
     assert abs(float(need) - 2048 * 10**13 / 2**30) < 0.1
+    largest = int(re.search(r"max_seq_len at this max_batch: (\d+)", line).group(1))
     assert 0 < largest < 10**13
-    assert "Loading" not in r.stderr
+    assert "Loading" not in r.stderr  # refused before any weight was read
 
 
 def test_a_junk_tokenizer_is_one_line(tiny, tmp_path):
