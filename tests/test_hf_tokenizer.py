@@ -12,7 +12,7 @@ import random
 import pytest
 
 from fastinternlm.hf_tokenizer import HFTokenizer
-from fastinternlm.tokenizer import load_tokenizer
+from fastinternlm.weights.hf import read_tokenizer as load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -59,7 +59,7 @@ def test_config_before_tokenizer(tmp_path, tiny_internlm2):
     with pytest.raises(ConfigError, match="hidden_act must be 'silu'"):
         load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(tiny_internlm2.config))
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model in"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json in"):
         load(tmp_path)
 
 

@@ -22,11 +22,11 @@ the cut tokens' lstrip / rstrip as the library does.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .config import read_json
 from .tokenizer import AddedToken, check_text, check_token_ids, plain_tokens
 
 
@@ -274,16 +274,8 @@ class HFStreamDecoder:
 
 
 def _read_json(file: str) -> Optional[dict]:
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFTokenizerError(f"{file} is not readable JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise HFTokenizerError(f"{file} must hold a JSON object, got {type(value).__name__}")
-    return value
+    """config.read_json for a file that may be absent (None), with this module's error."""
+    return read_json(file, HFTokenizerError) if os.path.isfile(file) else None
 
 
 __all__ = ["HFStreamDecoder", "HFTokenizer", "HFTokenizerError"]

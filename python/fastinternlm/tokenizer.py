@@ -346,22 +346,19 @@ class StreamDecoder:
         return out
 
 
-def load_tokenizer(path: "os.PathLike[str] | str"):
+def load_tokenizer(path: "os.PathLike[str] | str") -> Tokenizer:
     """`path/tokenizer.model` (SentencePiece, as InternLM2 ships) with
-    `path/tokenizer_config.json` when present; without tokenizer.model, `path/tokenizer.json`
-    through the `tokenizers` library (hf_tokenizer.HFTokenizer, the same interface)."""
+    `path/tokenizer_config.json` when present. (A checkpoint folder with only
+    tokenizer.json is read by weights/hf.py's read_tokenizer, through hf_tokenizer.py.)"""
     path = os.fspath(path)
     model_file = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"no tokenizer.model in {path}")
     config_file = os.path.join(path, "tokenizer_config.json")
     config = None
     if os.path.isfile(config_file):
         with open(config_file, encoding="utf-8") as f:
             config = json.load(f)
-    if not os.path.isfile(model_file):
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from .hf_tokenizer import HFTokenizer
-            return HFTokenizer.from_dir(path, config)
-        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
     return Tokenizer(model_file, config)
 
 

@@ -34,6 +34,7 @@ import torch
 from ..config import ConfigError, ModelConfig, read_json
 from ..model import Layer, ModelWeights
 from ..ops.int4_gemm import Int4Weight, quantize_int4
+from ..hf_tokenizer import HFTokenizer
 from ..tokenizer import load_tokenizer
 from . import files
 from .args import HF, HF_ACCEPTS, LOAD_DTYPES, LoadArgs, check_load_args, detect_format
@@ -71,8 +72,12 @@ def read_tokenizer(path: str):
     if os.path.isfile(model_file) and os.path.getsize(model_file) == 0:
         raise CheckpointError(f"{model_file} is empty (0 bytes)")
     config_file = os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(config_file):
-        read_json(config_file, CheckpointError)
+    config = read_json(config_file, CheckpointError) if os.path.isfile(config_file) else None
+    if not os.path.isfile(model_file):
+        # Most Llama-family checkpoints since Llama 3 ship only tokenizer.json.
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return HFTokenizer.from_dir(path, config)
+        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
     try:
         return load_tokenizer(path)
     except RuntimeError as e:  # sentencepiece's parse failures
