@@ -243,6 +243,10 @@ def test_chat_ctrl_c_stops_the_answer_and_ctrl_d_quits(tiny):
 def test_chat_ctrl_c_at_the_prompt_quits_with_0(tiny):
     t = chat_terminal(tiny)
     t.read_until(b"user> ")
+    # As a person would: Ctrl-C once the prompt waits for input. A SIGINT that lands between
+    # the prompt being written and readline blocking in read() only sets Python's flag,
+    # which readline does not look at until a key arrives.
+    time.sleep(0.5)
     t.type(b"\x03")
     assert t.wait() == 0
     assert b"Traceback" not in t.output and b"KeyboardInterrupt" not in t.output, t.output[-2000:]
