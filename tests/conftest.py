@@ -45,8 +45,14 @@ def seed(request) -> int:
     return value
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, roundings: float,
-                 name: str = "output", float32_ops: float = 0) -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    roundings: float,
+    name: str = "output",
+    float32_ops: float = 0,
+) -> None:
     """|actual - expected| <= (roundings * u + float32_ops * u32) * (|expected| + mean|expected|).
 
     `expected` is a float64 reference. `roundings` is how many roundings to `dtype` the op
@@ -65,7 +71,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert bool((err <= bound).all()), (
         f"{name}: error {err.flatten()[worst]:.3e} exceeds bound {bound.flatten()[worst]:.3e} "
         f"at flat index {worst} (actual {a.flatten()[worst]:.6g}, expected {e.flatten()[worst]:.6g}); "
-        f"max error {err.max():.3e}")
+        f"max error {err.max():.3e}"
+    )
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:

@@ -39,8 +39,7 @@ import torch
 
 # ---- tokenizer ---------------------------------------------------------------------------
 
-SPECIAL_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>",
-                  "<|im_start|>")
+SPECIAL_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>")
 
 _ENGLISH = """The quick brown fox jumps over the lazy dog near the river bank.
 A language model predicts the next token from the tokens that came before it.
@@ -83,7 +82,7 @@ _CHINESE = """书生·浦语是一个对话语言模型。
 def _corpus() -> List[str]:
     lines = _ENGLISH.split("\n") + _CHINESE.split("\n")
     # Multi-line samples put "\n" (and indentation) into the learned pieces, as chat text has.
-    joined = ["\n".join(lines[i:i + 3]) for i in range(0, len(lines), 3)]
+    joined = ["\n".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]
     return (lines + joined) * 4
 
 
@@ -111,12 +110,26 @@ def _tokenizer_model(add_dummy_prefix: bool, vocab_size: int, pad_to: Optional[i
 
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_writer=out, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        sentence_iterator=iter(_corpus()),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         # Below 1 so the rarest characters are left to byte fallback.
-        character_coverage=0.995, num_threads=1, hard_vocab_limit=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=add_dummy_prefix,
-        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
+        character_coverage=0.995,
+        num_threads=1,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=add_dummy_prefix,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )
     base = spm.SentencePieceProcessor(model_proto=out.getvalue()).get_piece_size()
     total = base + len(SPECIAL_TOKENS) if pad_to is None else pad_to
     if total < base + len(SPECIAL_TOKENS):
@@ -141,9 +154,15 @@ class TinyTokenizer:
         return self.special_ids["<|im_end|>"]
 
 
-def train_tiny_tokenizer(directory: Union[str, Path], *, add_dummy_prefix: bool = True, vocab_size: int = 640,
-                         pad_to: Optional[int] = None, add_bos_token: bool = True,
-                         added_tokens_decoder: bool = True) -> TinyTokenizer:
+def train_tiny_tokenizer(
+    directory: Union[str, Path],
+    *,
+    add_dummy_prefix: bool = True,
+    vocab_size: int = 640,
+    pad_to: Optional[int] = None,
+    add_bos_token: bool = True,
+    added_tokens_decoder: bool = True,
+) -> TinyTokenizer:
     """Writes tokenizer.model and tokenizer_config.json into `directory` (trained once per
     process and option set, well under a second). vocab_size is the training target (the
     trained size may be smaller); `pad_to=92544` pads with placeholder control pieces so
@@ -158,8 +177,14 @@ def train_tiny_tokenizer(directory: Union[str, Path], *, add_dummy_prefix: bool 
     special_ids = {t: size - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
 
     def entry(content):
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": True}
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
 
     config = {
         "add_bos_token": add_bos_token,
@@ -183,6 +208,7 @@ def train_tiny_tokenizer(directory: Union[str, Path], *, add_dummy_prefix: bool 
 
 # ---- the documented wqkv layout, written independently of the runtime ----------------------
 
+
 def grouped_row(g: int, s: int, d: int, group: int, head_dim: int) -> int:
     """Row of the fused wqkv: (g*(G+2) + s)*D + d (facts note)."""
     return (g * (group + 2) + s) * head_dim + d
@@ -198,6 +224,7 @@ def split_by_formula(wqkv: torch.Tensor, heads: int, kv_heads: int, head_dim: in
 
 
 # ---- tiny checkpoints --------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class TinyCheckpoint:
@@ -239,9 +266,14 @@ def _random_internlm2(*, vocab, hidden, layers, heads, kv_heads, head_dim, ffn, 
 
 
 def _to_llama_names(t: Dict[str, torch.Tensor], *, heads, kv_heads, head_dim) -> Dict[str, torch.Tensor]:
-    layer_names = {"attention_norm.weight": "input_layernorm.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-                   "ffn_norm.weight": "post_attention_layernorm.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
-                   "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight"}
+    layer_names = {
+        "attention_norm.weight": "input_layernorm.weight",
+        "attention.wo.weight": "self_attn.o_proj.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight",
+        "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+    }
     out = {}
     for name, value in t.items():
         if name == "model.tok_embeddings.weight":
@@ -295,20 +327,42 @@ def _write_common(directory, config, generation, tensors, internlm2, tokenizer, 
     return TinyCheckpoint(directory, config, tensors, internlm2, tokenizer)
 
 
-def write_tiny_internlm2(directory: Union[str, Path], *, layers: int = 2, heads: int = 6, kv_heads: int = 2,
-                         head_dim: int = 64, ffn: int = 236, vocab: Optional[int] = None,
-                         max_position_embeddings: int = 64, rope_theta: float = 10000.0,
-                         rope_scaling: Optional[dict] = {"type": "dynamic", "factor": 2.0},
-                         dtype: torch.dtype = torch.bfloat16, shards: int = 2, fmt: str = "safetensors",
-                         seed: int = 0, add_dummy_prefix: bool = True) -> TinyCheckpoint:
+def write_tiny_internlm2(
+    directory: Union[str, Path],
+    *,
+    layers: int = 2,
+    heads: int = 6,
+    kv_heads: int = 2,
+    head_dim: int = 64,
+    ffn: int = 236,
+    vocab: Optional[int] = None,
+    max_position_embeddings: int = 64,
+    rope_theta: float = 10000.0,
+    rope_scaling: Optional[dict] = {"type": "dynamic", "factor": 2.0},
+    dtype: torch.dtype = torch.bfloat16,
+    shards: int = 2,
+    fmt: str = "safetensors",
+    seed: int = 0,
+    add_dummy_prefix: bool = True,
+) -> TinyCheckpoint:
     """An InternLM2ForCausalLM checkpoint (hidden = heads * head_dim, as InternLM2 derives
     head_dim from it), with tokenizer and generation_config.json."""
     directory = Path(directory)
     tokenizer = train_tiny_tokenizer(directory, add_dummy_prefix=add_dummy_prefix)
     vocab = tokenizer.vocab_size if vocab is None else vocab
     hidden = heads * head_dim
-    tensors = _random_internlm2(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
-                                head_dim=head_dim, ffn=ffn, tie=False, seed=seed, dtype=dtype)
+    tensors = _random_internlm2(
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn=ffn,
+        tie=False,
+        seed=seed,
+        dtype=dtype,
+    )
     config = {
         "architectures": ["InternLM2ForCausalLM"],
         "model_type": "internlm2",
@@ -338,13 +392,26 @@ def write_tiny_internlm2(directory: Union[str, Path], *, layers: int = 2, heads:
     return _write_common(directory, config, generation, tensors, tensors, tokenizer, shards, fmt)
 
 
-def write_tiny_llama(directory: Union[str, Path], *, layers: int = 2, heads: int = 6, kv_heads: int = 2,
-                     head_dim: int = 64, ffn: int = 236, vocab: Optional[int] = None,
-                     max_position_embeddings: int = 64, rope_theta: float = 10000.0,
-                     rope_scaling: Optional[dict] = {"rope_type": "dynamic", "factor": 2.0},
-                     tie_word_embeddings: bool = False, save_tied_head: bool = False,
-                     dtype: torch.dtype = torch.bfloat16, shards: int = 2, fmt: str = "safetensors",
-                     seed: int = 0, add_dummy_prefix: bool = True) -> TinyCheckpoint:
+def write_tiny_llama(
+    directory: Union[str, Path],
+    *,
+    layers: int = 2,
+    heads: int = 6,
+    kv_heads: int = 2,
+    head_dim: int = 64,
+    ffn: int = 236,
+    vocab: Optional[int] = None,
+    max_position_embeddings: int = 64,
+    rope_theta: float = 10000.0,
+    rope_scaling: Optional[dict] = {"rope_type": "dynamic", "factor": 2.0},
+    tie_word_embeddings: bool = False,
+    save_tied_head: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    shards: int = 2,
+    fmt: str = "safetensors",
+    seed: int = 0,
+    add_dummy_prefix: bool = True,
+) -> TinyCheckpoint:
     """A LlamaForCausalLM checkpoint of the same random model as write_tiny_internlm2 with
     the same sizes and seed (q/k/v split from its wqkv by the row formula). With
     tie_word_embeddings the head is omitted unless save_tied_head stores a copy."""
@@ -352,8 +419,18 @@ def write_tiny_llama(directory: Union[str, Path], *, layers: int = 2, heads: int
     tokenizer = train_tiny_tokenizer(directory, add_dummy_prefix=add_dummy_prefix)
     vocab = tokenizer.vocab_size if vocab is None else vocab
     hidden = heads * head_dim
-    internlm2 = _random_internlm2(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
-                                  head_dim=head_dim, ffn=ffn, tie=tie_word_embeddings, seed=seed, dtype=dtype)
+    internlm2 = _random_internlm2(
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn=ffn,
+        tie=tie_word_embeddings,
+        seed=seed,
+        dtype=dtype,
+    )
     tensors = _to_llama_names(internlm2, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     if tie_word_embeddings and save_tied_head:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
@@ -406,6 +483,7 @@ def read_checkpoint(path: Union[str, Path]):
 
 # ---- references --------------------------------------------------------------------------
 
+
 def _rope_dict(config: dict) -> Optional[dict]:
     scaling = config.get("rope_scaling")
     if not scaling:
@@ -435,12 +513,18 @@ def hf_llama_reference(source, dtype: torch.dtype = torch.float32, config=None):
         if config is None:
             raise ValueError("hf_llama_reference(weights) needs config=ModelConfig")
         cfg = {
-            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-            "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-            "rope_scaling": None if config.rope_scaling is None else
-            {"type": config.rope_scaling.type, "factor": config.rope_scaling.factor},
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_theta": config.rope_theta,
+            "rope_scaling": None
+            if config.rope_scaling is None
+            else {"type": config.rope_scaling.type, "factor": config.rope_scaling.factor},
             "max_position_embeddings": config.max_position_embeddings,
             "tie_word_embeddings": config.tie_word_embeddings,
             "architectures": ["InternLM2ForCausalLM"],
@@ -450,12 +534,17 @@ def hf_llama_reference(source, dtype: torch.dtype = torch.float32, config=None):
             tensors["output.weight"] = source.output
         for i, layer in enumerate(source.layers):
             p = f"model.layers.{i}."
-            tensors.update({p + "attention_norm.weight": layer.attention_norm,
-                            p + "attention.wqkv.weight": layer.wqkv, p + "attention.wo.weight": layer.wo,
-                            p + "ffn_norm.weight": layer.ffn_norm,
-                            p + "feed_forward.w1.weight": layer.w13[:config.intermediate_size],
-                            p + "feed_forward.w3.weight": layer.w13[config.intermediate_size:],
-                            p + "feed_forward.w2.weight": layer.w2})
+            tensors.update(
+                {
+                    p + "attention_norm.weight": layer.attention_norm,
+                    p + "attention.wqkv.weight": layer.wqkv,
+                    p + "attention.wo.weight": layer.wo,
+                    p + "ffn_norm.weight": layer.ffn_norm,
+                    p + "feed_forward.w1.weight": layer.w13[: config.intermediate_size],
+                    p + "feed_forward.w3.weight": layer.w13[config.intermediate_size :],
+                    p + "feed_forward.w2.weight": layer.w2,
+                }
+            )
         tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     elif isinstance(source, TinyCheckpoint):
         cfg, tensors = source.config, source.tensors
@@ -467,11 +556,23 @@ def hf_llama_reference(source, dtype: torch.dtype = torch.float32, config=None):
         tensors = _to_llama_names(tensors, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     tie = bool(cfg.get("tie_word_embeddings", False))
     hf_config = LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, hidden_act="silu", max_position_embeddings=cfg["max_position_embeddings"],
-        rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"], rope_scaling=_rope_dict(cfg),
-        tie_word_embeddings=tie, attention_bias=False, mlp_bias=False, attn_implementation="eager")
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg["max_position_embeddings"],
+        rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope_theta"],
+        rope_scaling=_rope_dict(cfg),
+        tie_word_embeddings=tie,
+        attention_bias=False,
+        mlp_bias=False,
+        attn_implementation="eager",
+    )
     model = LlamaForCausalLM(hf_config)
     state = dict(tensors)
     if tie:
@@ -532,14 +633,18 @@ def reference_forward(checkpoint: TinyCheckpoint, ids: Sequence[int], kv_transfo
         x = x + attn @ t[p + "attention.wo.weight"].T
         h = rms(x, t[p + "ffn_norm.weight"])
         gate = h @ t[p + "feed_forward.w1.weight"].T
-        x = x + (torch.nn.functional.silu(gate) * (h @ t[p + "feed_forward.w3.weight"].T)) @ t[
-            p + "feed_forward.w2.weight"].T
+        x = (
+            x
+            + (torch.nn.functional.silu(gate) * (h @ t[p + "feed_forward.w3.weight"].T))
+            @ t[p + "feed_forward.w2.weight"].T
+        )
     x = rms(x, t["model.norm.weight"])
     head = t.get("output.weight", t["model.tok_embeddings.weight"])
     return x @ head.T
 
 
 # ---- session fixtures (read-only; copy before modifying) -----------------------------------
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> TinyTokenizer:

@@ -23,14 +23,17 @@ def test_nll_and_perplexity_match_cross_entropy():
     chunks = [torch.randint(0, vocab, (n,)).tolist() for n in (13, 29, 5)]
     logits = {id(c): torch.randn(len(c), vocab) * 3 for c in chunks}
     ppl = perplexity(lambda c: logits[id(c)], chunks)
-    total = sum(F.cross_entropy(logits[id(c)][:-1].double(), torch.tensor(c[1:]), reduction="sum").item()
-                for c in chunks)
+    total = sum(
+        F.cross_entropy(logits[id(c)][:-1].double(), torch.tensor(c[1:]), reduction="sum").item() for c in chunks
+    )
     count = sum(len(c) - 1 for c in chunks)
     assert math.isclose(ppl, math.exp(total / count), rel_tol=1e-12)
     c = chunks[0]
-    assert math.isclose(nll_sum(logits[id(c)], c),
-                        F.cross_entropy(logits[id(c)][:-1].double(), torch.tensor(c[1:]), reduction="sum").item(),
-                        rel_tol=1e-12)
+    assert math.isclose(
+        nll_sum(logits[id(c)], c),
+        F.cross_entropy(logits[id(c)][:-1].double(), torch.tensor(c[1:]), reduction="sum").item(),
+        rel_tol=1e-12,
+    )
 
 
 def test_evaluation_text_is_english_prose_of_the_stdlib():

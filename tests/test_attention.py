@@ -105,7 +105,7 @@ def prefill_roundings(device, base, expected, spread, outputs=1):
 
 def expected_prefill_cache(cache, k, slot, start):
     e = cache.clone()
-    e[slot, :, start:start + k.shape[0]] = k.transpose(0, 1)
+    e[slot, :, start : start + k.shape[0]] = k.transpose(0, 1)
     return e
 
 
@@ -122,8 +122,12 @@ def run_prefill_and_check(q, k, v, k_cache, v_cache, slot, start, scale=None):
     expected, smax = reference(q, ek, ev, [slot] * tokens, [start + t for t in range(tokens)], s)
     assert out.dtype == dtype and out.device == q.device and out.shape == q.shape
     spread = prob_rounding_spread(q, ek, ev, slot, start, s)
-    assert_close(out, expected, dtype,
-                 prefill_roundings(q.device, roundings(dtype, start + tokens, head_dim, smax), expected, spread))
+    assert_close(
+        out,
+        expected,
+        dtype,
+        prefill_roundings(q.device, roundings(dtype, start + tokens, head_dim, smax), expected, spread),
+    )
     return out
 
 
@@ -170,8 +174,17 @@ def test_attention_prefill_chunked_equals_one_shot(device, dtype, group):
     pieces, start = [], 0
     for size in (64, 1, 50, 36):
         end = start + size
-        pieces.append(ops.attention_prefill(q[start:end].contiguous(), k[start:end].contiguous(),
-                                            v[start:end].contiguous(), k_chunked, v_chunked, 1, start))
+        pieces.append(
+            ops.attention_prefill(
+                q[start:end].contiguous(),
+                k[start:end].contiguous(),
+                v[start:end].contiguous(),
+                k_chunked,
+                v_chunked,
+                1,
+                start,
+            )
+        )
         start = end
     assert start == tokens
     chunked = torch.cat(pieces)
@@ -184,8 +197,9 @@ def test_attention_prefill_chunked_equals_one_shot(device, dtype, group):
     _, smax = reference(q, k_one, v_one, [1] * tokens, list(range(tokens)), scale)
     spread = prob_rounding_spread(q, k_one, v_one, 1, 0, scale)
     base = roundings(dtype, tokens, head_dim, smax)
-    assert_close(chunked, one_shot.double(), dtype,
-                 prefill_roundings(q.device, base, one_shot.double(), spread, outputs=2))
+    assert_close(
+        chunked, one_shot.double(), dtype, prefill_roundings(q.device, base, one_shot.double(), spread, outputs=2)
+    )
 
 
 def run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions, scale=None, **kwargs):
@@ -195,8 +209,17 @@ def run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions, scale=None
         ek[s, :, p] = k[b]
         ev[s, :, p] = v[b]
     dev = q.device
-    out = ops.attention_decode(q, k, v, k_cache, v_cache, torch.tensor(slots, dtype=torch.int32, device=dev),
-                               torch.tensor(positions, dtype=torch.int32, device=dev), scale, **kwargs)
+    out = ops.attention_decode(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        torch.tensor(slots, dtype=torch.int32, device=dev),
+        torch.tensor(positions, dtype=torch.int32, device=dev),
+        scale,
+        **kwargs,
+    )
     assert torch.equal(k_cache, ek), "k_cache differs from the expected contents"
     assert torch.equal(v_cache, ev), "v_cache differs from the expected contents"
     s = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -320,15 +343,35 @@ def test_attention_prefill_writes_every_output(device, dtype, tokens, group, hea
     ev = expected_prefill_cache(v_cache, v, slot, start)
     out = torch.full_like(q, float("nan"))
     scale = 1 / math.sqrt(head_dim)
-    _C.attention_prefill(*context(device), dtype_code(dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(),
-                         v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.shape, tokens,
-                         q.shape[1], slot, start, scale, 0, 0, 0)
+    _C.attention_prefill(
+        *context(device),
+        dtype_code(dtype),
+        out.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        *k_cache.shape,
+        tokens,
+        q.shape[1],
+        slot,
+        start,
+        scale,
+        0,
+        0,
+        0,
+    )
     assert torch.equal(k_cache, ek) and torch.equal(v_cache, ev)
     assert not torch.isnan(out).any(), f"{int(torch.isnan(out).sum())} output elements never written"
     expected, smax = reference(q, ek, ev, [slot] * tokens, [start + t for t in range(tokens)], scale)
     spread = prob_rounding_spread(q, ek, ev, slot, start, scale)
-    assert_close(out, expected, dtype,
-                 prefill_roundings(device, roundings(dtype, start + tokens, head_dim, smax), expected, spread))
+    assert_close(
+        out,
+        expected,
+        dtype,
+        prefill_roundings(device, roundings(dtype, start + tokens, head_dim, smax), expected, spread),
+    )
 
 
 def test_attention_decode_then_prefill_agree(device):
@@ -346,9 +389,9 @@ def test_attention_decode_then_prefill_agree(device):
     spread = prob_rounding_spread(q, kc1, vc1, 0, 0, 1 / math.sqrt(head_dim))
     for t in range(30, tokens):
         pos = torch.full((1,), t, dtype=torch.int32, device=device)
-        out = ops.attention_decode(q[t:t + 1], k[t:t + 1], v[t:t + 1], kc2, vc2, slot, pos)
-        expected = full[t:t + 1].double()
-        assert_close(out, expected, dtype, prefill_roundings(q.device, 2, expected, spread[t:t + 1]))
+        out = ops.attention_decode(q[t : t + 1], k[t : t + 1], v[t : t + 1], kc2, vc2, slot, pos)
+        expected = full[t : t + 1].double()
+        assert_close(out, expected, dtype, prefill_roundings(q.device, 2, expected, spread[t : t + 1]))
     assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
 
 
@@ -400,7 +443,9 @@ def _prefill_inputs(device, dtype=torch.float16, tokens=5, q_heads=4, kv_heads=2
         v=rand(tokens, kv_heads, head_dim, dtype=dtype, device=device),
         k_cache=rand(3, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
         v_cache=rand(3, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
-        slot=1, start=0)
+        slot=1,
+        start=0,
+    )
 
 
 def _decode_inputs(device, dtype=torch.float16, batch=3, q_heads=4, kv_heads=2, head_dim=64, max_seq=16):
@@ -411,7 +456,8 @@ def _decode_inputs(device, dtype=torch.float16, batch=3, q_heads=4, kv_heads=2, 
         k_cache=rand(4, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
         v_cache=rand(4, kv_heads, max_seq, head_dim, dtype=dtype, device=device),
         slots=torch.tensor([3, 0, 1], dtype=torch.int32, device=device)[:batch],
-        positions=torch.tensor([5, 0, 15], dtype=torch.int32, device=device)[:batch])
+        positions=torch.tensor([5, 0, 15], dtype=torch.int32, device=device)[:batch],
+    )
 
 
 def test_attention_prefill_bad_input(device):
@@ -560,6 +606,7 @@ def test_decode_split_tuning_hook():
     """The benchmarking hook refuses bad settings with a message; a good one changes the
     CUDA workspace size (more, shorter splits need more partials) and is restored."""
     from fastinternlm import _C, build_info
+
     if not build_info()["cuda"]:
         with pytest.raises(RuntimeError, match="set_decode_split_tuning"):
             _C._set_decode_split_tuning(64, 1024)

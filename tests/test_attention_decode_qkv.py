@@ -29,8 +29,9 @@ def case(device, dtype, group, head_dim, batch=5, kv_heads=2, num_slots=7, max_s
     k_cache, v_cache = make_cache(num_slots, kv_heads, max_seq, head_dim, dtype, device)
     slots = torch.randperm(num_slots)[:batch].to(torch.int32)
     # The first position, both sides of 64-token split boundaries, the last, random ones.
-    positions = torch.tensor([0, 63, 64, max_seq - 1] + torch.randint(1, max_seq, (batch - 4,)).tolist(),
-                             dtype=torch.int32)[:batch]
+    positions = torch.tensor(
+        [0, 63, 64, max_seq - 1] + torch.randint(1, max_seq, (batch - 4,)).tolist(), dtype=torch.int32
+    )[:batch]
     # Per-sequence bases as dynamic NTK gives them (InternLM2.5's theta = 1e6 and up).
     bases = torch.tensor([1e6 * (1 + 0.37 * i) for i in range(batch)], dtype=torch.float32)
     return qkv, k_cache, v_cache, slots, positions, bases
@@ -62,13 +63,12 @@ def test_fused_against_float64(device, dtype, group, head_dim):
     skip_cuda_float32(device, dtype)
     qkv, k_cache, v_cache, slots, positions, bases = case(device, dtype, group, head_dim)
     cache_k0, cache_v0 = k_cache.cpu().double(), v_cache.cpu().double()
-    out = ops.attention_decode_qkv(qkv, k_cache, v_cache, slots.to(device), positions.to(device),
-                                   bases.to(device))
+    out = ops.attention_decode_qkv(qkv, k_cache, v_cache, slots.to(device), positions.to(device), bases.to(device))
     q, k, v = (t.cpu() for t in split(qkv))
     batch, q_heads, d = q.shape
     # RoPE in float64, per sequence at its position with its base.
-    q64 = torch.stack([rope_reference(q[b:b + 1], positions[b:b + 1], bases[b:b + 1])[0] for b in range(batch)])
-    k64 = torch.stack([rope_reference(k[b:b + 1], positions[b:b + 1], bases[b:b + 1])[0] for b in range(batch)])
+    q64 = torch.stack([rope_reference(q[b : b + 1], positions[b : b + 1], bases[b : b + 1])[0] for b in range(batch)])
+    k64 = torch.stack([rope_reference(k[b : b + 1], positions[b : b + 1], bases[b : b + 1])[0] for b in range(batch)])
     # The cache: the rotated k and the plain v at each sequence's position, nothing else touched.
     ek, ev = cache_k0.clone(), cache_v0.clone()
     for b in range(batch):
@@ -108,5 +108,6 @@ def test_fused_refusals(device):
         ops.attention_decode_qkv(qkv, k_cache, v_cache, slots, positions, torch.empty(5, device="meta"))
     if device.type == "cpu":
         with pytest.raises(ValueError, match=r"positions must be in \[0, 300\), got 300 at index 1"):
-            ops.attention_decode_qkv(qkv, k_cache, v_cache, slots, torch.tensor([0, 300, 1, 2, 3], dtype=torch.int32),
-                                     bases)
+            ops.attention_decode_qkv(
+                qkv, k_cache, v_cache, slots, torch.tensor([0, 300, 1, 2, 3], dtype=torch.int32), bases
+            )

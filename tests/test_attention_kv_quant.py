@@ -75,8 +75,10 @@ def assert_cache_equal(actual: QuantizedKV, expected: QuantizedKV, name: str):
     diff = (actual.codes != expected.codes).nonzero()
     assert diff.numel() == 0, f"{name}: {diff.shape[0]} codes differ, first at {diff[0].tolist()}"
     pdiff = (actual.params != expected.params).nonzero()
-    assert pdiff.numel() == 0, (f"{name}: {pdiff.shape[0]} parameters differ, first at {pdiff[0].tolist()}: "
-                                f"{actual.params[tuple(pdiff[0])]} != {expected.params[tuple(pdiff[0])]}")
+    assert pdiff.numel() == 0, (
+        f"{name}: {pdiff.shape[0]} parameters differ, first at {pdiff[0].tolist()}: "
+        f"{actual.params[tuple(pdiff[0])]} != {expected.params[tuple(pdiff[0])]}"
+    )
 
 
 def assert_within_half_step(c: QuantizedKV, slot, pos, x, name):
@@ -124,14 +126,15 @@ def check_against_original(out, q, k_rows, v_rows, kc, vc, slot_of_row, last_of_
             qq = q[r, hq].to("cpu", torch.float64)
             s = (kk @ qq) * scale
             expected = torch.softmax(s, 0) @ vv
-            bound = quantization_bound(qq, kk, vv, kc.params[slot, h, : last + 1].cpu(),
-                                       vc.params[slot, h, : last + 1].cpu(), scale, kc.bits)
+            bound = quantization_bound(
+                qq, kk, vv, kc.params[slot, h, : last + 1].cpu(), vc.params[slot, h, : last + 1].cpu(), scale, kc.bits
+            )
             rounding = roundings(dtype, last + 1, d, float(s.abs().max())) * UNIT_ROUNDOFF[dtype]
             err = (out[r, hq].to("cpu", torch.float64) - expected).abs()
             tol = bound + rounding * (expected.abs() + expected.abs().mean() + vv.abs().max())
             assert bool((err <= tol).all()), (
-                f"row {r} head {hq}: error {float(err.max()):.3e} past the quantization bound "
-                f"{float(tol.max()):.3e}")
+                f"row {r} head {hq}: error {float(err.max()):.3e} past the quantization bound {float(tol.max()):.3e}"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,9 +142,19 @@ def check_against_original(out, q, k_rows, v_rows, kc, vc, slot_of_row, last_of_
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group,head_dim,tokens,start", [(1, 64, 37, 0), (3, 128, 70, 29), (8, 64, 5, 100),
-                                                         (4, 128, 129, 3), (6, 64, 1, 0), (2, 128, 17, 11),
-                                                         (5, 64, 33, 7), (7, 128, 9, 2)])
+@pytest.mark.parametrize(
+    "group,head_dim,tokens,start",
+    [
+        (1, 64, 37, 0),
+        (3, 128, 70, 29),
+        (8, 64, 5, 100),
+        (4, 128, 129, 3),
+        (6, 64, 1, 0),
+        (2, 128, 17, 11),
+        (5, 64, 33, 7),
+        (7, 128, 9, 2),
+    ],
+)
 def test_quantized_prefill(device, bits, dtype, group, head_dim, tokens, start):
     skip_cuda_float32(device, dtype)
     kv_heads, num_slots, slot = 2, 3, 1
@@ -171,18 +184,32 @@ def test_quantized_prefill(device, bits, dtype, group, head_dim, tokens, start):
     lasts = [start + t for t in range(tokens)]
     expected, smax = reference(q, kd, vd, [slot] * tokens, lasts, scale)
     spread = prob_rounding_spread(q, kd, vd, slot, start, scale)
-    assert_close(out, expected, dtype,
-                 prefill_roundings(device, roundings(dtype, start + tokens, head_dim, smax), expected, spread))
+    assert_close(
+        out,
+        expected,
+        dtype,
+        prefill_roundings(device, roundings(dtype, start + tokens, head_dim, smax), expected, spread),
+    )
 
     # Against the original rows (the poison before `start` as it dequantizes: that is what
     # an earlier chunk would have left), within the bound the steps allow.
     k_rows = {slot: kd[slot].cpu().clone()}
     v_rows = {slot: vd[slot].cpu().clone()}
-    k_rows[slot][:, start:start + tokens] = k.transpose(0, 1).cpu().double()
-    v_rows[slot][:, start:start + tokens] = v.transpose(0, 1).cpu().double()
+    k_rows[slot][:, start : start + tokens] = k.transpose(0, 1).cpu().double()
+    v_rows[slot][:, start : start + tokens] = v.transpose(0, 1).cpu().double()
     rows = range(0, tokens, max(1, tokens // 5))  # a few rows: the check is per row in Python
-    check_against_original(out[list(rows)], q[list(rows)], k_rows, v_rows, kc, vc, [slot] * len(rows),
-                           [lasts[t] for t in rows], scale, dtype)
+    check_against_original(
+        out[list(rows)],
+        q[list(rows)],
+        k_rows,
+        v_rows,
+        kc,
+        vc,
+        [slot] * len(rows),
+        [lasts[t] for t in rows],
+        scale,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -201,8 +228,14 @@ def test_quantized_prefill_chunked_equals_one_shot(device, bits, dtype):
     parts = [ops.attention_prefill(q[a:b], k[a:b], v[a:b], *many, 0, a) for a, b in [(0, 40), (40, 41), (41, 91)]]
     assert_cache_equal(many[0], one[0], "k_cache")
     assert_cache_equal(many[1], one[1], "v_cache")
-    expected, smax = reference(q, one[0].dequantize(torch.float64), one[1].dequantize(torch.float64), [0] * tokens,
-                               list(range(tokens)), 1 / math.sqrt(head_dim))
+    expected, smax = reference(
+        q,
+        one[0].dequantize(torch.float64),
+        one[1].dequantize(torch.float64),
+        [0] * tokens,
+        list(range(tokens)),
+        1 / math.sqrt(head_dim),
+    )
     base = roundings(dtype, tokens, head_dim, smax)
     tol = base if device.type == "cpu" else base + 2 * 7.0 * math.sqrt(tokens)  # CUDA: P rounded, see test_attention
     assert_close(torch.cat(parts), whole.double(), dtype, 2 * tol)
@@ -262,8 +295,9 @@ def run_quantized_decode(device, dtype, bits, group, head_dim, batch, kv_heads, 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_quantized_decode(device, bits, dtype, group, head_dim):
     skip_cuda_float32(device, dtype)
-    run_quantized_decode(device, dtype, bits, group, head_dim, batch=5, kv_heads=2, num_slots=6, max_seq=203,
-                         fused=False)
+    run_quantized_decode(
+        device, dtype, bits, group, head_dim, batch=5, kv_heads=2, num_slots=6, max_seq=203, fused=False
+    )
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -273,15 +307,17 @@ def test_quantized_decode_qkv(device, bits, dtype, group, head_dim):
     # The fused path rotates the new key in registers and quantizes it there: the stored
     # row must be the format applied to rotary_embedding's output.
     skip_cuda_float32(device, dtype)
-    run_quantized_decode(device, dtype, bits, group, head_dim, batch=4, kv_heads=3, num_slots=5, max_seq=131,
-                         fused=True)
+    run_quantized_decode(
+        device, dtype, bits, group, head_dim, batch=4, kv_heads=3, num_slots=5, max_seq=131, fused=True
+    )
 
 
 @pytest.mark.parametrize("bits", BITS)
 def test_quantized_decode_long_context(device, bits):
     # Several decode splits on CUDA (one new token in one of them), 20K+ positions.
-    run_quantized_decode(device, torch.float16, bits, 4, 128, batch=2, kv_heads=1, num_slots=2, max_seq=20011,
-                         fused=False)
+    run_quantized_decode(
+        device, torch.float16, bits, 4, 128, batch=2, kv_heads=1, num_slots=2, max_seq=20011, fused=False
+    )
 
 
 def test_quantize_constant_and_extreme_rows(device):
@@ -318,9 +354,9 @@ def fill_cache_rows(cache, rows: torch.Tensor, dtype):
     with the format emulation for quantized caches, in pieces to bound the memory."""
     if isinstance(cache, QuantizedKV):
         for a in range(0, rows.shape[0], 1 << 16):
-            codes, params = ref_quantize(rows[a:a + (1 << 16)].to(cache.codes.device), cache.bits)
-            cache.codes[0, 0, a:a + codes.shape[0]] = codes.to(cache.codes.device)
-            cache.params[0, 0, a:a + codes.shape[0]] = params.to(cache.params.device)
+            codes, params = ref_quantize(rows[a : a + (1 << 16)].to(cache.codes.device), cache.bits)
+            cache.codes[0, 0, a : a + codes.shape[0]] = codes.to(cache.codes.device)
+            cache.params[0, 0, a : a + codes.shape[0]] = params.to(cache.params.device)
     else:
         cache[0, 0, : rows.shape[0]] = rows.to(dtype).to(cache.device)
 
@@ -328,8 +364,9 @@ def fill_cache_rows(cache, rows: torch.Tensor, dtype):
 @pytest.mark.parametrize("cache_type", CACHE_TYPES)
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
 def test_needle(device, cache_type, where):
-    dtype = torch.float32 if cache_type == "float32" else (
-        torch.bfloat16 if cache_type == "bfloat16" else torch.float16)
+    dtype = (
+        torch.float32 if cache_type == "float32" else (torch.bfloat16 if cache_type == "bfloat16" else torch.float16)
+    )
     skip_cuda_float32(device, dtype)
     n, d = NEEDLE_N, 128
     if device.type == "cuda":
@@ -353,10 +390,15 @@ def test_needle(device, cache_type, where):
     # needle when where == "end": then it goes through the op's quantize-on-write).
     fill_cache_rows(kc, keys[: n - 1], dtype)
     fill_cache_rows(vc, values[: n - 1], dtype)
-    out = ops.attention_decode(q.to(device), keys[n - 1:].to(dtype).view(1, 1, d).to(device),
-                               values[n - 1:].to(dtype).view(1, 1, d).to(device), kc, vc,
-                               torch.zeros(1, dtype=torch.int32, device=device),
-                               torch.full((1,), n - 1, dtype=torch.int32, device=device))
+    out = ops.attention_decode(
+        q.to(device),
+        keys[n - 1 :].to(dtype).view(1, 1, d).to(device),
+        values[n - 1 :].to(dtype).view(1, 1, d).to(device),
+        kc,
+        vc,
+        torch.zeros(1, dtype=torch.int32, device=device),
+        torch.full((1,), n - 1, dtype=torch.int32, device=device),
+    )
     del kc, vc
     # Bound: every score may move by delta_j = scale * sum|q| * step_j / 2 (step 0 for
     # float caches, whose keys are stored exactly), so the needle's weight is at least
@@ -432,12 +474,19 @@ def test_cache_offsets_past_2_31(device, cache_type):
     kd = rand(1, kv_heads, d, dtype=dtype, device=device)
     vd = rand(1, kv_heads, d, dtype=dtype, device=device)
     last = start + tokens
-    outd = ops.attention_decode(qd, kd, vd, kc, vc, torch.tensor([slot], dtype=torch.int32, device=device),
-                                torch.tensor([last], dtype=torch.int32, device=device))
+    outd = ops.attention_decode(
+        qd,
+        kd,
+        vd,
+        kc,
+        vc,
+        torch.tensor([slot], dtype=torch.int32, device=device),
+        torch.tensor([last], dtype=torch.int32, device=device),
+    )
 
     def rows(c):
         if bits:
-            part = QuantizedKV(c.codes[slot:slot + 1, :, : last + 1], c.params[slot:slot + 1, :, : last + 1], bits)
+            part = QuantizedKV(c.codes[slot : slot + 1, :, : last + 1], c.params[slot : slot + 1, :, : last + 1], bits)
             return part.dequantize(torch.float64)[0]
         return c[slot, :, : last + 1].to("cpu", torch.float64)
 

@@ -30,8 +30,14 @@ from fastinternlm.weights.hf import load_checkpoint
 from fastinternlm.weights.int4_import import awq_to_int4, gptq_to_int4
 from fastinternlm.weights.layout import concat_rows
 from fastinternlm.ops import Int4Weight, dequantize_int4
-from model_fixtures import (TinyCheckpoint, _write_weights, hf_llama_reference, reference_forward,
-                            write_tiny_internlm2, write_tiny_llama)
+from model_fixtures import (
+    TinyCheckpoint,
+    _write_weights,
+    hf_llama_reference,
+    reference_forward,
+    write_tiny_internlm2,
+    write_tiny_llama,
+)
 
 U16 = UNIT_ROUNDOFF[torch.float16]
 FP16_TINY = 2.0**-25  # half the smallest float16 subnormal: the absolute rounding floor
@@ -126,10 +132,11 @@ def expected_group(group_source):
 
 # ---- AWQ, tensor level ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("group", [32, 64, 128, 256, -1])
 def test_awq_import_keeps_every_bit(device, group):
     n, k, g = sizes(group)
-    q = torch.randint(0, 16, (n, k))              # W[n, k]'s integers
+    q = torch.randint(0, 16, (n, k))  # W[n, k]'s integers
     z = torch.randint(0, 16, (n, k // g))
     s = random_scales(n, k // g)
     qw = awq_to_int4(pack_awq(q.T).to(device), pack_awq(z.T).to(device), s.T.contiguous().to(device))
@@ -185,9 +192,11 @@ def test_awq_general_zero_points_measured(device, capsys):
     diff = (ours - reference).abs() / s_full
     exact32 = dequantize_int4(qw, torch.float32).cpu().double() == (q - z_full).double() * s_full
     with capsys.disabled():
-        print(f"\nAWQ z uniform in 0..15, random scales: {exact32.double().mean().item():.2%} of weights exact "
-              f"in float32; float16 dequantization vs (q - z) * s in float16: {(diff > 0).double().mean().item():.2%} "
-              f"differ, by at most {diff.max().item():.4f} s")
+        print(
+            f"\nAWQ z uniform in 0..15, random scales: {exact32.double().mean().item():.2%} of weights exact "
+            f"in float32; float16 dequantization vs (q - z) * s in float16: {(diff > 0).double().mean().item():.2%} "
+            f"differ, by at most {diff.max().item():.4f} s"
+        )
     # Ours: one rounding of m (<= 2^-11 min(z, 15 - z) |s|) and one of the sum; the
     # reference: one of the product. Each rounding to float16 is <= u16 * |value|.
     near = torch.minimum(z_full, 15 - z_full).double() * s_full
@@ -197,6 +206,7 @@ def test_awq_general_zero_points_measured(device, capsys):
 
 
 # ---- GPTQ, tensor level ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("group", [32, 128, -1])
@@ -208,11 +218,16 @@ def test_gptq_symmetric_is_exact(device, fmt, group):
     stored = torch.full((k // g, n), 7 if fmt == "gptq" else 8)
     g_idx = (torch.arange(k) // g).to(torch.int32)
     qweight = pack_gptq_qweight(q.T)
-    qw = gptq_to_int4(qweight.to(device), pack_gptq_zeros(stored).to(device), s.T.contiguous().to(device),
-                      g_idx.to(device), zero_offset=1 if fmt == "gptq" else 0)
+    qw = gptq_to_int4(
+        qweight.to(device),
+        pack_gptq_zeros(stored).to(device),
+        s.T.contiguous().to(device),
+        g_idx.to(device),
+        zero_offset=1 if fmt == "gptq" else 0,
+    )
     ours = expected_group(g)
     assert (qw.n, qw.k, qw.group_size) == (n, k, ours)
-    assert torch.equal(qw.qweight.cpu(), qweight.T)      # GPTQ's words, transposed, unchanged
+    assert torch.equal(qw.qweight.cpu(), qweight.T)  # GPTQ's words, transposed, unchanged
     assert torch.equal(our_nibbles(qw), q)
     assert torch.equal(qw.scales.cpu(), s.repeat_interleave(g // ours, 1))
     exact = (q.double() - 8) * s.double().repeat_interleave(g, 1)
@@ -232,9 +247,14 @@ def test_gptq_asymmetric(device, fmt):
     z[0, 0] = 0
     s = random_scales(n, k // g)
     stored = ((z - 1) & 15) if fmt == "gptq" else z
-    qw = gptq_to_int4(pack_gptq_qweight(q.T).to(device), pack_gptq_zeros(stored.T).to(device),
-                      s.T.contiguous().to(device), None, zero_offset=1 if fmt == "gptq" else 0)
-    z_eff = stored + 1 if fmt == "gptq" else z          # what the format's kernels use
+    qw = gptq_to_int4(
+        pack_gptq_qweight(q.T).to(device),
+        pack_gptq_zeros(stored.T).to(device),
+        s.T.contiguous().to(device),
+        None,
+        zero_offset=1 if fmt == "gptq" else 0,
+    )
+    z_eff = stored + 1 if fmt == "gptq" else z  # what the format's kernels use
     assert fmt == "gptq_v2" or z_eff[0, 0] == 16
     nibbles, scales, offsets, values = expected_import(q, z_eff, s, g)
     assert torch.equal(our_nibbles(qw), nibbles)
@@ -252,10 +272,13 @@ def test_gptq_g_idx(device):
     n, k, g = 8 * 5, 32 * 6, 32
     q = torch.randint(0, 16, (n, k))
     s = random_scales(n, k // g)
-    parts = [pack_gptq_qweight(q.T).to(device), pack_gptq_zeros(torch.full((k // g, n), 7)).to(device),
-             s.T.contiguous().to(device)]
+    parts = [
+        pack_gptq_qweight(q.T).to(device),
+        pack_gptq_zeros(torch.full((k // g, n), 7)).to(device),
+        s.T.contiguous().to(device),
+    ]
     trivial = torch.arange(k) // g
-    a = gptq_to_int4(*parts, trivial.to(torch.int64).to(device))     # int64 g_idx is fine too
+    a = gptq_to_int4(*parts, trivial.to(torch.int64).to(device))  # int64 g_idx is fine too
     b = gptq_to_int4(*parts, None)
     assert torch.equal(a.qweight, b.qweight) and torch.equal(a.offsets, b.offsets)
     # Act-order: channel k belongs to group perm_inverse[k] // g, not k // g.
@@ -280,8 +303,11 @@ def test_import_bad_inputs(device):
     with pytest.raises(ValueError, match=r"scales must have a row count dividing qweight.shape\[0\] = 64, got 3"):
         awq_to_int4(qweight, qzeros, torch.ones(3, n, dtype=torch.float16, device=device))
     with pytest.raises(ValueError, match=r"group size 16 is not a multiple of any of \(32, 64, 128\)"):
-        awq_to_int4(torch.zeros(16, 2, dtype=torch.int32, device=device), torch.zeros(1, 2, dtype=torch.int32,
-                    device=device), torch.ones(1, 16, dtype=torch.float16, device=device))
+        awq_to_int4(
+            torch.zeros(16, 2, dtype=torch.int32, device=device),
+            torch.zeros(1, 2, dtype=torch.int32, device=device),
+            torch.ones(1, 16, dtype=torch.float16, device=device),
+        )
     with pytest.raises(ValueError, match=f"scales must be on {device.type}"):
         awq_to_int4(qweight, qzeros, scales.to("meta"))
     with pytest.raises(ValueError, match="qweight must be contiguous"):
@@ -289,21 +315,35 @@ def test_import_bad_inputs(device):
     with pytest.raises(ValueError, match="zero_offset must be 0 or 1"):
         gptq_to_int4(torch.zeros(k // 8, n, dtype=torch.int32, device=device), qzeros, scales, zero_offset=2)
     with pytest.raises(ValueError, match="exceeds the float16 range"):
-        gptq_to_int4(torch.zeros(k // 8, n, dtype=torch.int32, device=device), qzeros + 0x77777777,
-                     torch.full((k // g, n), 20000.0, dtype=torch.float16, device=device))
+        gptq_to_int4(
+            torch.zeros(k // 8, n, dtype=torch.int32, device=device),
+            qzeros + 0x77777777,
+            torch.full((k // g, n), 20000.0, dtype=torch.float16, device=device),
+        )
 
 
 def test_concat_rows(device):
-    a = awq_to_int4(pack_awq(torch.randint(0, 16, (64, 16))).to(device),
-                    pack_awq(torch.randint(0, 16, (2, 16))).to(device), random_scales(2, 16).to(device))
-    b = awq_to_int4(pack_awq(torch.randint(0, 16, (64, 24))).to(device),
-                    pack_awq(torch.randint(0, 16, (2, 24))).to(device), random_scales(2, 24).to(device))
+    a = awq_to_int4(
+        pack_awq(torch.randint(0, 16, (64, 16))).to(device),
+        pack_awq(torch.randint(0, 16, (2, 16))).to(device),
+        random_scales(2, 16).to(device),
+    )
+    b = awq_to_int4(
+        pack_awq(torch.randint(0, 16, (64, 24))).to(device),
+        pack_awq(torch.randint(0, 16, (2, 24))).to(device),
+        random_scales(2, 24).to(device),
+    )
     c = concat_rows(a, b)
     assert (c.n, c.k, c.group_size) == (40, 64, 32)
-    assert torch.equal(dequantize_int4(c, torch.float32), torch.cat([dequantize_int4(a, torch.float32),
-                                                                      dequantize_int4(b, torch.float32)]))
-    other = awq_to_int4(pack_awq(torch.randint(0, 16, (128, 8))).to(device),
-                        pack_awq(torch.randint(0, 16, (2, 8))).to(device), random_scales(2, 8).to(device))
+    assert torch.equal(
+        dequantize_int4(c, torch.float32),
+        torch.cat([dequantize_int4(a, torch.float32), dequantize_int4(b, torch.float32)]),
+    )
+    other = awq_to_int4(
+        pack_awq(torch.randint(0, 16, (128, 8))).to(device),
+        pack_awq(torch.randint(0, 16, (2, 8))).to(device),
+        random_scales(2, 8).to(device),
+    )
     with pytest.raises(ValueError, match="k, group_size and device must agree"):
         concat_rows(a, other)
     with pytest.raises(TypeError, match="Int4Weight"):
@@ -312,9 +352,20 @@ def test_concat_rows(device):
 
 # ---- whole checkpoints -------------------------------------------------------------------------
 
-LINEAR_SUFFIXES = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2",
-                   "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEAR_SUFFIXES = (
+    "attention.wqkv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w3",
+    "feed_forward.w2",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 FFN = 256  # the tiny models' ffn, a multiple of 128 so w2's input splits into whole groups
 
 
@@ -344,8 +395,18 @@ def rtn(w: torch.Tensor, g: int, symmetric: bool):
     return q.reshape(n, k), z, s
 
 
-def write_quantized(directory, base: TinyCheckpoint, method: str, group: int, *, fmt="safetensors", shards=2,
-                    symmetric=False, gptq_format="gptq", config_in_quantize_config=False):
+def write_quantized(
+    directory,
+    base: TinyCheckpoint,
+    method: str,
+    group: int,
+    *,
+    fmt="safetensors",
+    shards=2,
+    symmetric=False,
+    gptq_format="gptq",
+    config_in_quantize_config=False,
+):
     """A 4-bit checkpoint of the model `base` (quantized here with rtn, packed by the rules
     above), plus the two dense models it stands for, as {name: float64 tensor}:
     `exact` = (q - z) * s and `ours` = the documented import's q' s' + m' per linear."""
@@ -377,8 +438,14 @@ def write_quantized(directory, base: TinyCheckpoint, method: str, group: int, *,
     if method == "awq":
         qc = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True}
     else:
-        qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": symmetric,
-              "checkpoint_format": gptq_format}
+        qc = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group,
+            "desc_act": False,
+            "sym": symmetric,
+            "checkpoint_format": gptq_format,
+        }
     if config_in_quantize_config:  # AutoGPTQ's own file; config.json says nothing
         qc.pop("quant_method")
         (directory / "quantize_config.json").write_text(json.dumps(qc))
@@ -395,8 +462,10 @@ def write_dense(directory, base: TinyCheckpoint, linears: dict):
     directory.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(base.path / f, directory / f)
-    tensors = {name: (linears[name].to(torch.float32) if name in linears else t.to(torch.float16))
-               for name, t in base.tensors.items()}
+    tensors = {
+        name: (linears[name].to(torch.float32) if name in linears else t.to(torch.float16))
+        for name, t in base.tensors.items()
+    }
     for name, t in linears.items():
         assert torch.equal(tensors[name].double(), t), name
     (directory / "config.json").write_text(json.dumps(dict(base.config, torch_dtype="float16"), indent=2))
@@ -450,8 +519,12 @@ def test_internlm2_awq_checkpoint(device, tmp_path, base_internlm2, fmt, group):
     _, weights = load_checkpoint(tmp_path / "awq", device, torch.float32, progress=False)
     for i, lw in enumerate(weights.layers):
         p = f"model.layers.{i}."
-        for field, suffixes in (("wqkv", ["attention.wqkv"]), ("wo", ["attention.wo"]),
-                                ("w13", ["feed_forward.w1", "feed_forward.w3"]), ("w2", ["feed_forward.w2"])):
+        for field, suffixes in (
+            ("wqkv", ["attention.wqkv"]),
+            ("wo", ["attention.wo"]),
+            ("w13", ["feed_forward.w1", "feed_forward.w3"]),
+            ("w2", ["feed_forward.w2"]),
+        ):
             got = dequantize_int4(getattr(lw, field), torch.float32).cpu().double()
             assert torch.equal(got, torch.cat([ours[p + suffix + ".weight"] for suffix in suffixes])), (i, field)
     dense = write_dense(tmp_path / "dense", base_internlm2, ours)
@@ -469,13 +542,16 @@ def test_awq_m_rounding_effect_on_logits(tmp_path, base_internlm2, capsys):
     ids = random_ids(base_internlm2, 24)
     a, b = reference_forward(ck_exact, ids), reference_forward(ck_ours, ids)
     rel = ((a - b).pow(2).mean() / a.pow(2).mean()).sqrt().item()
-    rho = math.sqrt(sum((ours[n] - exact[n]).pow(2).sum().item() for n in exact)
-                    / sum(exact[n].pow(2).sum().item() for n in exact))
+    rho = math.sqrt(
+        sum((ours[n] - exact[n]).pow(2).sum().item() for n in exact) / sum(exact[n].pow(2).sum().item() for n in exact)
+    )
     layers = base_internlm2.config["num_hidden_layers"]
     same = sum((ours[n] == exact[n]).sum().item() for n in exact) / sum(exact[n].numel() for n in exact)
     with capsys.disabled():
-        print(f"\nAWQ import of RTN weights: {same:.1%} of weights exact; the rest changes the weights by "
-              f"{rho:.2e} (relative RMS), the logits by {rel:.2e}")
+        print(
+            f"\nAWQ import of RTN weights: {same:.1%} of weights exact; the rest changes the weights by "
+            f"{rho:.2e} (relative RMS), the logits by {rel:.2e}"
+        )
     assert 0 < rel <= math.sqrt(4 * layers) * rho
 
 
@@ -501,14 +577,23 @@ def test_llama_awq_fuses_qkv_rows(device, tmp_path):
     assert torch.equal(load(tmp_path / "a", device).logits(ids), load(tmp_path / "b", device).logits(ids))
 
 
-@pytest.mark.parametrize("symmetric,gptq_format,quantize_config", [
-    (True, "gptq", False), (False, "gptq", False), (False, "gptq_v2", False), (True, "gptq", True)])
+@pytest.mark.parametrize(
+    "symmetric,gptq_format,quantize_config",
+    [(True, "gptq", False), (False, "gptq", False), (False, "gptq_v2", False), (True, "gptq", True)],
+)
 def test_gptq_checkpoint(device, tmp_path, symmetric, gptq_format, quantize_config):
     """AutoGPTQ / GPTQModel output on a Llama-layout model (g_idx = k // g); symmetric
     checkpoints import exactly: the int4 model IS the dense (q - 8) s model."""
     base = write_tiny_llama(tmp_path / "fp", dtype=torch.float32, ffn=FFN, seed=3)
-    _, exact, ours = write_quantized(tmp_path / "gptq", base, "gptq", 128, symmetric=symmetric,
-                                     gptq_format=gptq_format, config_in_quantize_config=quantize_config)
+    _, exact, ours = write_quantized(
+        tmp_path / "gptq",
+        base,
+        "gptq",
+        128,
+        symmetric=symmetric,
+        gptq_format=gptq_format,
+        config_in_quantize_config=quantize_config,
+    )
     if symmetric:
         assert all(torch.equal(exact[n], ours[n]) for n in exact)
     llm = load(tmp_path / "gptq", device)
@@ -519,8 +604,9 @@ def test_gptq_checkpoint(device, tmp_path, symmetric, gptq_format, quantize_conf
     # Same weights, different GEMMs (int4 dequantized in float32 vs dense): they differ by
     # accumulation order only; bound both against HF on the same weights via the fused copy.
     internlm2 = write_tiny_internlm2(tmp_path / "fp_i", dtype=torch.float32, ffn=FFN, seed=3)
-    _, _, ours_i = write_quantized(tmp_path / "gptq_i", internlm2, "gptq", 128, symmetric=symmetric,
-                                   gptq_format=gptq_format)
+    _, _, ours_i = write_quantized(
+        tmp_path / "gptq_i", internlm2, "gptq", 128, symmetric=symmetric, gptq_format=gptq_format
+    )
     dense_i = write_dense(tmp_path / "dense_i", internlm2, ours_i)
     assert_logits_like_hf(ours_logits, dense_i, ids, activation_dtype(device))
     assert_logits_like_hf(dense_logits, dense_i, ids, activation_dtype(device))
@@ -528,12 +614,14 @@ def test_gptq_checkpoint(device, tmp_path, symmetric, gptq_format, quantize_conf
 
 def test_pre_quantized_refuses_quant_at_load(tmp_path, base_internlm2):
     write_quantized(tmp_path, base_internlm2, "awq", 128)
-    with pytest.raises(ValueError, match="is already quantized .quantization_config.quant_method 'awq'.; load it "
-                                         "with quant=None"):
+    with pytest.raises(
+        ValueError, match="is already quantized .quantization_config.quant_method 'awq'.; load it with quant=None"
+    ):
         fastinternlm.load(tmp_path, device="cpu", quant="int4", progress=False)
 
 
 # ---- validation before any data is read -------------------------------------------------------
+
 
 @pytest.fixture
 def no_tensor_reads(monkeypatch):
@@ -552,19 +640,39 @@ def _edit(path, mutate):
         save_file(tensors, file)
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda t: t.pop("model.layers.1.attention.wo.qzeros", None),
-     r"missing tensor\(s\) model\.layers\.1\.attention\.wo\.qzeros"),
-    (lambda t: t.update({"model.layers.0.feed_forward.w2.scales": torch.ones(2, 384)})
-     if "model.layers.0.feed_forward.w2.scales" in t else None,
-     r"tensor model\.layers\.0\.feed_forward\.w2\.scales has dtype F32, expected float16"),
-    (lambda t: t.update({"model.layers.0.attention.wqkv.qweight": torch.zeros(384, 81, dtype=torch.int32)})
-     if "model.layers.0.attention.wqkv.qweight" in t else None,
-     r"tensor model\.layers\.0\.attention\.wqkv\.qweight has shape \(384, 81\), expected \(384, 80\)"),
-    (lambda t: t.update({"model.layers.0.attention.wo.weight": torch.zeros(384, 384)})
-     if "model.layers.0.attention.wo.qweight" in t else None,
-     r"unexpected tensor\(s\) model\.layers\.0\.attention\.wo\.weight"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda t: t.pop("model.layers.1.attention.wo.qzeros", None),
+            r"missing tensor\(s\) model\.layers\.1\.attention\.wo\.qzeros",
+        ),
+        (
+            lambda t: (
+                t.update({"model.layers.0.feed_forward.w2.scales": torch.ones(2, 384)})
+                if "model.layers.0.feed_forward.w2.scales" in t
+                else None
+            ),
+            r"tensor model\.layers\.0\.feed_forward\.w2\.scales has dtype F32, expected float16",
+        ),
+        (
+            lambda t: (
+                t.update({"model.layers.0.attention.wqkv.qweight": torch.zeros(384, 81, dtype=torch.int32)})
+                if "model.layers.0.attention.wqkv.qweight" in t
+                else None
+            ),
+            r"tensor model\.layers\.0\.attention\.wqkv\.qweight has shape \(384, 81\), expected \(384, 80\)",
+        ),
+        (
+            lambda t: (
+                t.update({"model.layers.0.attention.wo.weight": torch.zeros(384, 384)})
+                if "model.layers.0.attention.wo.qweight" in t
+                else None
+            ),
+            r"unexpected tensor\(s\) model\.layers\.0\.attention\.wo\.weight",
+        ),
+    ],
+)
 def test_bad_awq_tensors_fail_before_reading(tmp_path, base_internlm2, no_tensor_reads, mutate, message):
     write_quantized(tmp_path, base_internlm2, "awq", 128)
     _edit(tmp_path, mutate)
@@ -577,21 +685,29 @@ def test_qweight_without_quantization_config_is_explained(tmp_path, base_internl
     config = json.loads((tmp_path / "config.json").read_text())
     del config["quantization_config"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="tensors named .*qweight belong to a quantized checkpoint, but "
-                                              "config.json has no quantization_config"):
+    with pytest.raises(
+        CheckpointError,
+        match="tensors named .*qweight belong to a quantized checkpoint, but config.json has no quantization_config",
+    ):
         load_checkpoint(tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"bits": 8}, r"quantization_config.bits must be 4 .the int4 GEMM's width. for awq, got 8"),
-    ({"version": "gemv"}, r"quantization_config.version 'gemv' is not supported"),
-    ({"zero_point": False}, r"zero_point=false .symmetric AWQ without qzeros. is not supported"),
-    ({"group_size": 48}, r"group_size 48 is not supported: it must be a multiple of 32"),
-    ({"group_size": 256}, r"group_size 256 does not divide hidden_size \(384\), the input size of "
-                          r"model\.layers\.0\.attention\.wqkv"),
-    ({"quant_method": "exl2"}, r"quant_method 'exl2' is not supported; supported: fastinternlm-int4, awq, gptq"),
-    ({"backend": "llm-awq"}, r"backend 'llm-awq' is not supported"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"bits": 8}, r"quantization_config.bits must be 4 .the int4 GEMM's width. for awq, got 8"),
+        ({"version": "gemv"}, r"quantization_config.version 'gemv' is not supported"),
+        ({"zero_point": False}, r"zero_point=false .symmetric AWQ without qzeros. is not supported"),
+        ({"group_size": 48}, r"group_size 48 is not supported: it must be a multiple of 32"),
+        (
+            {"group_size": 256},
+            r"group_size 256 does not divide hidden_size \(384\), the input size of "
+            r"model\.layers\.0\.attention\.wqkv",
+        ),
+        ({"quant_method": "exl2"}, r"quant_method 'exl2' is not supported; supported: fastinternlm-int4, awq, gptq"),
+        ({"backend": "llm-awq"}, r"backend 'llm-awq' is not supported"),
+    ],
+)
 def test_bad_awq_config(tmp_path, base_internlm2, no_tensor_reads, change, message):
     write_quantized(tmp_path, base_internlm2, "awq", 128)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -623,7 +739,10 @@ def test_gptq_act_order_refused_before_weights(tmp_path, base_internlm2, monkeyp
     read = []
     real = files_module.read_tensor
     monkeypatch.setattr(files_module, "read_tensor", lambda h, n: (read.append(n), real(h, n))[1])
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.feed_forward\.w2\.g_idx is not k // group_size "
-                                              r"\(128\): an act-order .desc_act=true. GPTQ checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.layers\.1\.feed_forward\.w2\.g_idx is not k // group_size "
+        r"\(128\): an act-order .desc_act=true. GPTQ checkpoint",
+    ):
         load_checkpoint(tmp_path, progress=False)
     assert read and all(n.endswith(".g_idx") for n in read)

@@ -44,8 +44,9 @@ def test_reconfigure_after_the_ninja_that_configured_it_is_gone(setup_py, tmp_pa
     gone.mkdir(parents=True)
     shutil.copy2(setup_py.ninja_program(), gone / "ninja")
     first = setup_py.configure_command(build, tmp_path / "out")
-    first = [a if not a.startswith("-DCMAKE_MAKE_PROGRAM=") else f"-DCMAKE_MAKE_PROGRAM={gone / 'ninja'}"
-             for a in first]
+    first = [
+        a if not a.startswith("-DCMAKE_MAKE_PROGRAM=") else f"-DCMAKE_MAKE_PROGRAM={gone / 'ninja'}" for a in first
+    ]
     r = _configure(first, _cpu_env())
     assert r.returncode == 0, r.stderr
     shutil.rmtree(tmp_path / "pip-build-env")
@@ -92,10 +93,12 @@ def test_a_cache_from_another_generator_or_tree_is_not_reused(setup_py, tmp_path
     build = tmp_path / "build"
     build.mkdir()
     (build / "CMakeCache.txt").write_text(
-        f"CMAKE_GENERATOR:INTERNAL=Unix Makefiles\nCMAKE_HOME_DIRECTORY:INTERNAL={ROOT}\n")
+        f"CMAKE_GENERATOR:INTERNAL=Unix Makefiles\nCMAKE_HOME_DIRECTORY:INTERNAL={ROOT}\n"
+    )
     assert "Unix Makefiles" in setup_py.stale_cache_reason(build)
     (build / "CMakeCache.txt").write_text(
-        f"CMAKE_GENERATOR:INTERNAL=Ninja\nCMAKE_HOME_DIRECTORY:INTERNAL={tmp_path / 'elsewhere'}\n")
+        f"CMAKE_GENERATOR:INTERNAL=Ninja\nCMAKE_HOME_DIRECTORY:INTERNAL={tmp_path / 'elsewhere'}\n"
+    )
     assert "elsewhere" in setup_py.stale_cache_reason(build)
     (build / "CMakeCache.txt").write_text(f"CMAKE_GENERATOR:INTERNAL=Ninja\nCMAKE_HOME_DIRECTORY:INTERNAL={ROOT}\n")
     assert setup_py.stale_cache_reason(build) is None

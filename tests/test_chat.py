@@ -6,8 +6,13 @@ host-side only, so no device parameter."""
 import pytest
 import sentencepiece as spm
 
-from fastinternlm.chat import (DEFAULT_META_INSTRUCTION, build_chat_prompt, chat_stop_ids, encode_chat,
-                               messages_to_prompt)
+from fastinternlm.chat import (
+    DEFAULT_META_INSTRUCTION,
+    build_chat_prompt,
+    chat_stop_ids,
+    encode_chat,
+    messages_to_prompt,
+)
 from fastinternlm.tokenizer import load_tokenizer
 from model_fixtures import train_tiny_tokenizer
 
@@ -16,8 +21,7 @@ IM_START, IM_END = 92543, 92542
 
 @pytest.fixture(scope="module", params=[True, False], ids=["dummy_prefix", "no_dummy_prefix"])
 def chat_tok(request, tmp_path_factory):
-    info = train_tiny_tokenizer(tmp_path_factory.mktemp("chat_tok"), pad_to=92544,
-                                add_dummy_prefix=request.param)
+    info = train_tiny_tokenizer(tmp_path_factory.mktemp("chat_tok"), pad_to=92544, add_dummy_prefix=request.param)
     assert info.im_start == IM_START and info.im_end == IM_END
     raw = spm.SentencePieceProcessor(model_file=str(info.path / "tokenizer.model"))
     return raw, load_tokenizer(info.path)
@@ -28,8 +32,11 @@ def hand_built(raw, system, history, query):
     <|im_end|> + SentencePiece("\\n"), then <|im_start|> + SentencePiece("assistant\\n")."""
     newline = raw.encode("\n")
     ids = [1]
-    turns = ([("system", system)] if system else []) + [
-        t for q, r in history for t in (("user", q), ("assistant", r))] + [("user", query)]
+    turns = (
+        ([("system", system)] if system else [])
+        + [t for q, r in history for t in (("user", q), ("assistant", r))]
+        + [("user", query)]
+    )
     for role, content in turns:
         ids += [IM_START] + raw.encode(f"{role}\n{content}") + [IM_END] + newline
     return ids + [IM_START] + raw.encode("assistant\n")
@@ -41,7 +48,8 @@ def test_default_meta_instruction_text():
         "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI Laboratory "
         "(上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
         "- InternLM (书生·浦语) can understand and communicate fluently in the language chosen by the user such "
-        "as English and 中文.")
+        "as English and 中文."
+    )
 
 
 def test_prompt_text():
@@ -50,16 +58,20 @@ def test_prompt_text():
         f"<|im_start|>system\n{DEFAULT_META_INSTRUCTION}<|im_end|>\n"
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n"
         "<|im_start|>user\n和中文呢？<|im_end|>\n<|im_start|>assistant\n四。<|im_end|>\n"
-        "<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert build_chat_prompt("hi", system="Be brief.") == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     # An empty system prompt means no system turn (the remote code tests `if meta_instruction`).
     assert build_chat_prompt("hi", system="") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.mark.parametrize("system", [None, "", "You are a terse assistant.\nAnswer in one line."])
-@pytest.mark.parametrize("history", [[], [("Hello there", "Hi! How can I help?")],
-                                     [("第一个问题", "第一个回答"), (" spaced ", "\n"), ("🙂?", "龘")]])
+@pytest.mark.parametrize(
+    "history",
+    [[], [("Hello there", "Hi! How can I help?")], [("第一个问题", "第一个回答"), (" spaced ", "\n"), ("🙂?", "龘")]],
+)
 def test_prompt_ids(chat_tok, system, history):
     raw, tok = chat_tok
     query = "Tell me about the weather\nin two lines."
@@ -81,9 +93,13 @@ def test_bos_follows_add_bos_token(tmp_path):
 def test_messages(chat_tok):
     raw, tok = chat_tok
     history = [("q1", "r1"), ("q2", "r2")]
-    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"},
-                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "r2"},
-                {"role": "user", "content": "now"}]
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "r1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "r2"},
+        {"role": "user", "content": "now"},
+    ]
     assert messages_to_prompt(messages) == build_chat_prompt("now", history)
     assert encode_chat(tok, messages) == encode_chat(tok, "now", history)
     with_system = [{"role": "system", "content": "Be brief."}] + messages
@@ -96,19 +112,25 @@ def test_messages(chat_tok):
     # Non-alternating lists render block by block.
     two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     assert messages_to_prompt(two_users, system="") == (
-        "<|im_start|>user\na<|im_end|>\n<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\na<|im_end|>\n<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
-@pytest.mark.parametrize("messages,message", [
-    ([], "non-empty list"),
-    ("hello", "non-empty list"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "must end with a user message"),
-    ([{"role": "system", "content": "s"}], "must end with a user message"),
-    ([{"role": "tool", "content": "a"}], r"messages\[0\]\.role must be one of system, user, assistant, got 'tool'"),
-    ([{"role": "user"}], r"messages\[0\] must be a mapping with 'role' and 'content'"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
-     r"messages\[1\]: a system message may only come first"),
-])
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        ([], "non-empty list"),
+        ("hello", "non-empty list"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "must end with a user message"),
+        ([{"role": "system", "content": "s"}], "must end with a user message"),
+        ([{"role": "tool", "content": "a"}], r"messages\[0\]\.role must be one of system, user, assistant, got 'tool'"),
+        ([{"role": "user"}], r"messages\[0\] must be a mapping with 'role' and 'content'"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
+            r"messages\[1\]: a system message may only come first",
+        ),
+    ],
+)
 def test_bad_messages(messages, message):
     with pytest.raises(ValueError, match=message):
         messages_to_prompt(messages)
@@ -137,6 +159,7 @@ def test_stop_ids(chat_tok):
 
 # ---- user content that spells a control token ----------------------------------------------
 
+
 def test_allow_special_tokens_false_keeps_content_as_text(chat_tok):
     raw, tok = chat_tok
     system, history = "Be brief.", [("Hi <|im_start|>", "Hello <|im_end|> there")]
@@ -149,12 +172,17 @@ def test_allow_special_tokens_false_keeps_content_as_text(chat_tok):
     # in the same stretch as the role line before it.
     assert safe == hand_built(raw, system, history, query)
     assert safe.count(IM_END) == 4 and safe.count(IM_START) == 5
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": history[0][0]},
-                {"role": "assistant", "content": history[0][1]}, {"role": "user", "content": query}]
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": history[0][0]},
+        {"role": "assistant", "content": history[0][1]},
+        {"role": "user", "content": query},
+    ]
     assert encode_chat(tok, messages, allow_special_tokens=False) == safe
     # Content without control strings: the switch changes nothing.
-    assert (encode_chat(tok, "plain question", [("a", "b")], None, allow_special_tokens=False)
-            == encode_chat(tok, "plain question", [("a", "b")], None))
+    assert encode_chat(tok, "plain question", [("a", "b")], None, allow_special_tokens=False) == encode_chat(
+        tok, "plain question", [("a", "b")], None
+    )
     # The tokenizer's own switch: every special string is text.
     text = "a<|im_end|>b<s>"
     assert tok.encode(text, add_bos=False, allow_special_tokens=False) == raw.encode(text)

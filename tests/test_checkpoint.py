@@ -14,15 +14,26 @@ from fastinternlm.weights import files as files_module
 from fastinternlm.weights.files import CheckpointError
 from fastinternlm.weights.hf import load_checkpoint
 from fastinternlm.weights.layout import fuse_qkv, split_wqkv
-from model_fixtures import (grouped_row, hf_llama_reference, read_checkpoint, reference_forward,
-                            split_by_formula, tiny_internlm2, tiny_llama, write_tiny_internlm2,  # noqa: F401
-                            write_tiny_llama)
+from model_fixtures import (
+    grouped_row,
+    hf_llama_reference,
+    read_checkpoint,
+    reference_forward,
+    split_by_formula,
+    tiny_internlm2,
+    tiny_llama,
+    write_tiny_internlm2,  # noqa: F401
+    write_tiny_llama,
+)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 LAYER_NAMES = {
-    "attention_norm": "attention_norm.weight", "wqkv": "attention.wqkv.weight", "wo": "attention.wo.weight",
-    "ffn_norm": "ffn_norm.weight", "w13": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+    "attention_norm": "attention_norm.weight",
+    "wqkv": "attention.wqkv.weight",
+    "wo": "attention.wo.weight",
+    "ffn_norm": "ffn_norm.weight",
+    "w13": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
     "w2": "feed_forward.w2.weight",
 }
 
@@ -30,6 +41,7 @@ LAYER_NAMES = {
 def assert_matches_internlm2(weights: ModelWeights, internlm2: dict, dtype, device):
     """Every canonical weight equals the stored InternLM2-layout tensor after one
     conversion to `dtype` (exact: the loader converts each value once, like .to())."""
+
     def same(actual, name):
         # A tuple of names: their rows stacked (w13 = gate rows, then up rows).
         expected = (torch.cat([internlm2[n] for n in name]) if isinstance(name, tuple) else internlm2[name]).to(dtype)
@@ -48,19 +60,30 @@ def assert_matches_internlm2(weights: ModelWeights, internlm2: dict, dtype, devi
     assert len(weights.layers) == len(layers)
     for i, layer in enumerate(weights.layers):
         for field, suffix in LAYER_NAMES.items():
-            names = tuple(f"model.layers.{i}.{s}" for s in suffix) if isinstance(suffix, tuple) else \
-                f"model.layers.{i}.{suffix}"
+            names = (
+                tuple(f"model.layers.{i}.{s}" for s in suffix)
+                if isinstance(suffix, tuple)
+                else f"model.layers.{i}.{suffix}"
+            )
             same(getattr(layer, field), names)
 
 
 def _config(heads, kv_heads, head_dim):
-    return ModelConfig.from_dict({
-        "architectures": ["InternLM2ForCausalLM"], "vocab_size": 11, "hidden_size": heads * head_dim,
-        "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "intermediate_size": 7})
+    return ModelConfig.from_dict(
+        {
+            "architectures": ["InternLM2ForCausalLM"],
+            "vocab_size": 11,
+            "hidden_size": heads * head_dim,
+            "num_hidden_layers": 1,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "intermediate_size": 7,
+        }
+    )
 
 
 # ---- loading ------------------------------------------------------------------------------
+
 
 def test_load_tiny_internlm2(device, tiny_internlm2):
     config, weights = load_checkpoint(tiny_internlm2.path, device, progress=False)
@@ -78,8 +101,9 @@ def test_load_tiny_internlm2(device, tiny_internlm2):
 def test_load_formats(device, tmp_path, dtype, fmt, shards):
     if device.type == "cuda" and dtype == torch.float32:
         pytest.skip("float32 is a CPU-only activation dtype")
-    ck = write_tiny_internlm2(tmp_path, dtype=torch.float32 if fmt == "bin" else torch.bfloat16, shards=shards,
-                              fmt=fmt, layers=3, seed=shards)
+    ck = write_tiny_internlm2(
+        tmp_path, dtype=torch.float32 if fmt == "bin" else torch.bfloat16, shards=shards, fmt=fmt, layers=3, seed=shards
+    )
     config, weights = load_checkpoint(tmp_path, device, dtype, progress=False)
     assert config.num_layers == 3
     assert_matches_internlm2(weights, ck.internlm2_tensors, dtype, device)
@@ -176,6 +200,7 @@ def test_bad_load_arguments(tmp_path, tiny_internlm2):
 
 # ---- failing before any tensor data is read ------------------------------------------------
 
+
 @pytest.fixture
 def no_tensor_reads(monkeypatch):
     def refuse(handle, name):
@@ -203,6 +228,7 @@ def _rewrite(path, fmt, mutate):
 def _drop(name):
     def mutate(tensors, _):
         tensors.pop(name, None)
+
     return mutate
 
 
@@ -210,6 +236,7 @@ def _add(name, shape, dtype=torch.float16, first_file_only=True):
     def mutate(tensors, file):
         if not first_file_only or file.endswith(("00001-of-00002.safetensors", "00001-of-00002.bin")):
             tensors[name] = torch.randn(shape).to(dtype)
+
     return mutate
 
 
@@ -217,6 +244,7 @@ def _reshape(name, shape):
     def mutate(tensors, _):
         if name in tensors:
             tensors[name] = torch.randn(shape).to(tensors[name].dtype)
+
     return mutate
 
 
@@ -224,22 +252,35 @@ def _retype(name, dtype):
     def mutate(tensors, _):
         if name in tensors:
             tensors[name] = tensors[name].to(dtype)
+
     return mutate
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-@pytest.mark.parametrize("mutation,message", [
-    (_drop("model.layers.1.feed_forward.w2.weight"), r"missing tensor\(s\) model\.layers\.1\.feed_forward\.w2\.weight"),
-    (_drop("output.weight"), r"missing tensor\(s\) output\.weight"),
-    (_add("model.layers.2.attention.wo.weight", (384, 384)),
-     r"unexpected tensor\(s\) model\.layers\.2\.attention\.wo\.weight"),
-    (_add("lm_head.weight", (646, 384)), r"unexpected tensor\(s\) lm_head\.weight"),
-    (_reshape("model.layers.0.attention.wqkv.weight", (384, 384)),
-     r"tensor model\.layers\.0\.attention\.wqkv\.weight has shape \(384, 384\), expected \(640, 384\)"),
-    (_reshape("model.norm.weight", (383,)), r"tensor model\.norm\.weight has shape \(383,\), expected \(384,\)"),
-    (_retype("model.layers.0.attention.wo.weight", torch.int32),
-     r"tensor model\.layers\.0\.attention\.wo\.weight has dtype (I32|int32); only floating-point"),
-])
+@pytest.mark.parametrize(
+    "mutation,message",
+    [
+        (
+            _drop("model.layers.1.feed_forward.w2.weight"),
+            r"missing tensor\(s\) model\.layers\.1\.feed_forward\.w2\.weight",
+        ),
+        (_drop("output.weight"), r"missing tensor\(s\) output\.weight"),
+        (
+            _add("model.layers.2.attention.wo.weight", (384, 384)),
+            r"unexpected tensor\(s\) model\.layers\.2\.attention\.wo\.weight",
+        ),
+        (_add("lm_head.weight", (646, 384)), r"unexpected tensor\(s\) lm_head\.weight"),
+        (
+            _reshape("model.layers.0.attention.wqkv.weight", (384, 384)),
+            r"tensor model\.layers\.0\.attention\.wqkv\.weight has shape \(384, 384\), expected \(640, 384\)",
+        ),
+        (_reshape("model.norm.weight", (383,)), r"tensor model\.norm\.weight has shape \(383,\), expected \(384,\)"),
+        (
+            _retype("model.layers.0.attention.wo.weight", torch.int32),
+            r"tensor model\.layers\.0\.attention\.wo\.weight has dtype (I32|int32); only floating-point",
+        ),
+    ],
+)
 def test_bad_tensors_fail_before_reading(tmp_path, no_tensor_reads, fmt, mutation, message):
     write_tiny_internlm2(tmp_path, fmt=fmt, shards=2)
     _rewrite(tmp_path, fmt, mutation)
@@ -255,6 +296,7 @@ def test_several_problems_reported_together(tmp_path, no_tensor_reads):
         tensors.pop("model.layers.1.mlp.up_proj.weight", None)
         if "model.layers.1.self_attn.v_proj.weight" in tensors:
             tensors["model.layers.1.self_attn.v_proj.weight"] = torch.randn(64, 384).bfloat16()
+
     _rewrite(tmp_path, "safetensors", mutate)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path, progress=False)
@@ -271,14 +313,29 @@ def test_ignored_tensors(device, tmp_path):
     assert_matches_internlm2(weights, ck.internlm2_tensors, torch.bfloat16, device)
 
 
-@pytest.mark.parametrize("changes,error,message", [
-    ({"architectures": ["Qwen2ForCausalLM"]}, ConfigError, r"architectures \['Qwen2ForCausalLM'\] is not supported"),
-    ({"num_key_value_heads": 4}, ConfigError, "num_attention_heads .6. must be a multiple of num_key_value_heads .4."),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ConfigError, "rope_scaling type 'linear'"),
-    ({"num_hidden_layers": 3}, CheckpointError, r"missing tensor\(s\) model\.layers\.2\."),
-    ({"intermediate_size": 200}, CheckpointError, r"feed_forward\.w1\.weight has shape \(236, 384\), expected \(200, 384\)"),
-    ({"vocab_size": 700}, CheckpointError, r"tok_embeddings\.weight has shape \(646, 384\), expected \(700, 384\)"),
-])
+@pytest.mark.parametrize(
+    "changes,error,message",
+    [
+        (
+            {"architectures": ["Qwen2ForCausalLM"]},
+            ConfigError,
+            r"architectures \['Qwen2ForCausalLM'\] is not supported",
+        ),
+        (
+            {"num_key_value_heads": 4},
+            ConfigError,
+            "num_attention_heads .6. must be a multiple of num_key_value_heads .4.",
+        ),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ConfigError, "rope_scaling type 'linear'"),
+        ({"num_hidden_layers": 3}, CheckpointError, r"missing tensor\(s\) model\.layers\.2\."),
+        (
+            {"intermediate_size": 200},
+            CheckpointError,
+            r"feed_forward\.w1\.weight has shape \(236, 384\), expected \(200, 384\)",
+        ),
+        ({"vocab_size": 700}, CheckpointError, r"tok_embeddings\.weight has shape \(646, 384\), expected \(700, 384\)"),
+    ],
+)
 def test_bad_config_fails_before_reading(tmp_path, no_tensor_reads, changes, error, message):
     ck = write_tiny_internlm2(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**ck.config, **changes}))
@@ -311,6 +368,7 @@ def test_same_tensor_in_two_shards(tmp_path, no_tensor_reads):
 
 
 # ---- the wqkv layout ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (32, 8, 128), (4, 4, 64), (5, 1, 128)])
 @pytest.mark.parametrize("trailing", [(), (3,), (2, 5)])
@@ -347,6 +405,7 @@ def test_layer_weights_fields():
 
 # ---- the fixtures' references ----------------------------------------------------------------
 
+
 def _roundings(config: dict, tokens: int) -> float:
     """Worst-case float32 roundings along the longest dependency chain of a forward: an
     inner product of length K can carry K roundings, the norms' mean of squares `hidden`,
@@ -354,13 +413,17 @@ def _roundings(config: dict, tokens: int) -> float:
     hidden, ffn = config["hidden_size"], config["intermediate_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
-    per_layer = (hidden  # attention norm
-                 + hidden  # wqkv
-                 + head_dim + tokens  # scores, probabilities x values
-                 + heads * head_dim  # wo
-                 + hidden + hidden  # ffn norm, w1 / w3
-                 + ffn  # w2
-                 + 16)
+    per_layer = (
+        hidden  # attention norm
+        + hidden  # wqkv
+        + head_dim
+        + tokens  # scores, probabilities x values
+        + heads * head_dim  # wo
+        + hidden
+        + hidden  # ffn norm, w1 / w3
+        + ffn  # w2
+        + 16
+    )
     return config["num_hidden_layers"] * per_layer + 2 * hidden
 
 
@@ -409,5 +472,4 @@ def test_read_checkpoint_roundtrip(tmp_path):
     assert config == ck.config
     assert tensors.keys() == ck.tensors.keys()
     assert all(torch.equal(tensors[n], ck.tensors[n]) for n in tensors)
-    assert math.isclose(sum(t.numel() for t in tensors.values()),
-                        sum(t.numel() for t in ck.internlm2_tensors.values()))
+    assert math.isclose(sum(t.numel() for t in tensors.values()), sum(t.numel() for t in ck.internlm2_tensors.values()))

@@ -23,8 +23,11 @@ import torch
 from model_fixtures import write_tiny_internlm2
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
-       "FASTINTERNLM_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
+    "FASTINTERNLM_NUM_THREADS": "1",
+}
 ENV.pop("FASTINTERNLM_TRACEBACK", None)
 MISSING = "/nonexistent/checkpoint"
 
@@ -32,13 +35,24 @@ MISSING = "/nonexistent/checkpoint"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     # A long context, so an answer of thousands of tokens fits (Ctrl-C must land mid-answer).
-    return write_tiny_internlm2(tmp_path_factory.mktemp("cli_tiny"), max_position_embeddings=4096,
-                                rope_scaling=None, dtype=torch.float32, shards=1).path
+    return write_tiny_internlm2(
+        tmp_path_factory.mktemp("cli_tiny"),
+        max_position_embeddings=4096,
+        rope_scaling=None,
+        dtype=torch.float32,
+        shards=1,
+    ).path
 
 
 def run(*args, input=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "fastinternlm", *args], capture_output=True, text=True,
-                          env=ENV, input=input, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fastinternlm", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        input=input,
+        timeout=timeout,
+    )
 
 
 def one_error_line(r, code, *needles):
@@ -51,18 +65,21 @@ def one_error_line(r, code, *needles):
     return lines[0]
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--max-new-tokens", "0"], ["--max-new-tokens", ">= 1", "got 0"]),
-    (["--max-new-tokens", "many"], ["--max-new-tokens", "integer", "'many'"]),
-    (["--temperature", "-1"], ["--temperature", ">= 0", "-1"]),
-    (["--temperature", "nan"], ["--temperature", "nan"]),
-    (["--top-p", "0"], ["--top-p", "(0, 1]"]),
-    (["--min-p", "1"], ["--min-p", "[0, 1)"]),
-    (["--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
-    (["--seed", str(2**70)], ["--seed", str(2**70)]),
-    (["--max-seq-len", "1"], ["--max-seq-len", ">= 2"]),
-    (["--device", "tpu"], ["--device", "cpu, cuda or cuda:N", "'tpu'"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--max-new-tokens", "0"], ["--max-new-tokens", ">= 1", "got 0"]),
+        (["--max-new-tokens", "many"], ["--max-new-tokens", "integer", "'many'"]),
+        (["--temperature", "-1"], ["--temperature", ">= 0", "-1"]),
+        (["--temperature", "nan"], ["--temperature", "nan"]),
+        (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+        (["--min-p", "1"], ["--min-p", "[0, 1)"]),
+        (["--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
+        (["--seed", str(2**70)], ["--seed", str(2**70)]),
+        (["--max-seq-len", "1"], ["--max-seq-len", ">= 2"]),
+        (["--device", "tpu"], ["--device", "cpu, cuda or cuda:N", "'tpu'"]),
+    ],
+)
 def test_argument_errors_come_before_loading(args, needles):
     r = run("generate", "--model", MISSING, *args, "Hello")
     line = one_error_line(r, 2, *needles)
@@ -113,8 +130,9 @@ def test_other_failures_are_one_line_with_exit_1(monkeypatch, capsys):
     monkeypatch.delenv("FASTINTERNLM_TRACEBACK", raising=False)
     assert cli.main(["generate", "--model", MISSING, "Hello"]) == 1
     err = capsys.readouterr().err
-    assert err == ("fastinternlm generate: error: RuntimeError: CUDA error: an illegal memory access was "
-                   "encountered second line\n")
+    assert err == (
+        "fastinternlm generate: error: RuntimeError: CUDA error: an illegal memory access was encountered second line\n"
+    )
     monkeypatch.setenv("FASTINTERNLM_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         cli.main(["generate", "--model", MISSING, "Hello"])
@@ -124,43 +142,47 @@ def test_help_shows_defaults():
     r = run("generate", "--help")
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
-    for needle in ("--max-new-tokens N tokens to generate at most (default: 256)", "(default: 0.0)",
-                   "--quiet"):
+    for needle in ("--max-new-tokens N tokens to generate at most (default: 256)", "(default: 0.0)", "--quiet"):
         assert needle in text, needle
     chat = " ".join(run("chat", "--help").stdout.split())
     assert "(default: 0.8)" in chat
 
 
 def test_generate_reports_timing_on_stderr_and_quiet_hides_it(tiny):
-    r = run("generate", "--model", str(tiny), "--max-new-tokens", "7", "--temperature", "0", "--no-progress",
-            "Hello world")
+    r = run(
+        "generate", "--model", str(tiny), "--max-new-tokens", "7", "--temperature", "0", "--no-progress", "Hello world"
+    )
     assert r.returncode == 0, r.stderr
-    m = re.search(r"\[(\d+) tokens?, (\d+) in the prompt; time to first token ([\d.]+) s; ([\d.]+) tokens/s\]",
-                  r.stderr)
+    m = re.search(
+        r"\[(\d+) tokens?, (\d+) in the prompt; time to first token ([\d.]+) s; ([\d.]+) tokens/s\]", r.stderr
+    )
     assert m, r.stderr
     assert 1 <= int(m.group(1)) <= 7 and int(m.group(2)) > 0
     assert "tokens/s" not in r.stdout
-    q = run("generate", "--model", str(tiny), "--max-new-tokens", "7", "--temperature", "0", "--quiet",
-            "Hello world")
+    q = run("generate", "--model", str(tiny), "--max-new-tokens", "7", "--temperature", "0", "--quiet", "Hello world")
     assert q.returncode == 0 and q.stderr == "", q.stderr
     assert q.stdout == r.stdout  # greedy: the same text, only the report differs
 
 
 def test_a_closed_pipe_ends_quietly(tiny):
     # `| true`: the reader exits before the first token is written, so every write fails.
-    cmd = (f"{sys.executable} -m fastinternlm generate --model {tiny} --max-new-tokens 50 --no-progress "
-           f"'Hello world' | true; echo \"rc=${{PIPESTATUS[0]}}\" >&2")
+    cmd = (
+        f"{sys.executable} -m fastinternlm generate --model {tiny} --max-new-tokens 50 --no-progress "
+        f"'Hello world' | true; echo \"rc=${{PIPESTATUS[0]}}\" >&2"
+    )
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=ENV, timeout=120)
     assert "rc=0" in r.stderr and "BrokenPipe" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # ---- chat in a terminal ------------------------------------------------------------------------
 
+
 class Terminal:
     """A child process on a pseudo-terminal (its controlling terminal), read and typed into."""
 
     def __init__(self, argv):
         import pty
+
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child
             # As a shell starts a command in a terminal: SIGINT at its default, even when
@@ -211,8 +233,21 @@ class Terminal:
 
 
 def chat_terminal(tiny):
-    return Terminal([sys.executable, "-m", "fastinternlm", "chat", "--model", str(tiny), "--no-progress",
-                     "--temperature", "0", "--max-new-tokens", "3000"])
+    return Terminal(
+        [
+            sys.executable,
+            "-m",
+            "fastinternlm",
+            "chat",
+            "--model",
+            str(tiny),
+            "--no-progress",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "3000",
+        ]
+    )
 
 
 def test_chat_ctrl_c_stops_the_answer_and_ctrl_d_quits(tiny):

@@ -156,7 +156,10 @@ BAD_CONFIGS = [
     (dict(hidden_size=3072), r"head_dim 96 \(hidden_size 3072 / num_attention_heads 32\) is not supported"),
     (dict(hidden_size=8192), "head_dim 256 .* support head_dim 64 and 128"),
     (dict(architectures=["InternLMForCausalLM"]), r"architectures \['InternLMForCausalLM'\] is not supported"),
-    (dict(architectures=["MistralForCausalLM"]), "MistralForCausalLM.*supported: InternLM2ForCausalLM, LlamaForCausalLM"),
+    (
+        dict(architectures=["MistralForCausalLM"]),
+        "MistralForCausalLM.*supported: InternLM2ForCausalLM, LlamaForCausalLM",
+    ),
     (dict(architectures=[INTERNLM2, LLAMA]), "exactly one"),
     (dict(architectures=[3]), "architectures must be a list of names"),
     (dict(architectures=_DELETE, model_type="qwen2"), "model_type 'qwen2'"),
@@ -188,12 +191,15 @@ def test_bad_internlm2_config(changes, message):
         ModelConfig.from_dict(_with(INTERNLM2_5_7B, **changes))
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(attention_bias=True), "attention_bias=true is not supported"),
-    (dict(mlp_bias=True), "mlp_bias=true is not supported"),
-    (dict(head_dim=80), "head_dim 80 is not supported"),
-    (dict(head_dim="128"), "head_dim must be an integer"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(attention_bias=True), "attention_bias=true is not supported"),
+        (dict(mlp_bias=True), "mlp_bias=true is not supported"),
+        (dict(head_dim=80), "head_dim 80 is not supported"),
+        (dict(head_dim="128"), "head_dim must be an integer"),
+    ],
+)
 def test_bad_llama_config(changes, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(_with(LLAMA_TIED, **changes))

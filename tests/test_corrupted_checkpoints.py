@@ -39,8 +39,9 @@ else:
 
 def run_load(path) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", RUNNER, str(path)], capture_output=True, text=True, timeout=300,
-                          env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(path)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert done.returncode == 0, f"the process died (exit {done.returncode}): {done.stderr[-2000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -60,7 +61,7 @@ SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safet
 def _header(file: Path):
     raw = file.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _write_header(file: Path, header, data: bytes) -> None:
@@ -109,7 +110,8 @@ def _huge_header_length(file):
 def _truncate(keep):
     def cut(file):
         raw = file.read_bytes()
-        file.write_bytes(raw[:keep(len(raw))])
+        file.write_bytes(raw[: keep(len(raw))])
+
     return cut
 
 
@@ -125,14 +127,23 @@ SAFETENSORS_CASES = {
     "header is a JSON list": (SHARD1, _list_header, ["must be a JSON object, got list"]),
     "header is not JSON": (SHARD2, _junk_header, ["unreadable safetensors header"]),
     "index is not JSON": ("model.safetensors.index.json", lambda f: f.write_bytes(b"\x00junk"), ["not valid JSON"]),
-    "index is a JSON list": ("model.safetensors.index.json", lambda f: f.write_text("[1, 2]"),
-                             ["must hold a JSON object"]),
+    "index is a JSON list": (
+        "model.safetensors.index.json",
+        lambda f: f.write_text("[1, 2]"),
+        ["must hold a JSON object"],
+    ),
     "zero-byte tokenizer.model": ("tokenizer.model", _truncate(lambda n: 0), ["empty"]),
-    "junk tokenizer.model": ("tokenizer.model", lambda f: f.write_bytes(os.urandom(300)),
-                             ["not a readable SentencePiece model"]),
+    "junk tokenizer.model": (
+        "tokenizer.model",
+        lambda f: f.write_bytes(os.urandom(300)),
+        ["not a readable SentencePiece model"],
+    ),
     "junk tokenizer_config.json": ("tokenizer_config.json", lambda f: f.write_bytes(b"{\x81 nope"), ["not valid JSON"]),
-    "tokenizer_config.json is a list": ("tokenizer_config.json", lambda f: f.write_text("[]"),
-                                        ["must hold a JSON object"]),
+    "tokenizer_config.json is a list": (
+        "tokenizer_config.json",
+        lambda f: f.write_text("[]"),
+        ["must hold a JSON object"],
+    ),
     "junk config.json": ("config.json", lambda f: f.write_bytes(b"\xff\x00"), ["not valid JSON"]),
 }
 
@@ -181,12 +192,14 @@ def test_corrupted_bin_checkpoint(tmp_path, tiny_bin, case):
 
 # ---- GGUF -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     import test_gguf
 
-    return test_gguf.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", test_gguf.TinyBPE("smollm"),
-                                     test_gguf.ALL_Q4_TIED, seed=3).path
+    return test_gguf.write_tiny_gguf(
+        tmp_path_factory.mktemp("gguf") / "tiny.gguf", test_gguf.TinyBPE("smollm"), test_gguf.ALL_Q4_TIED, seed=3
+    ).path
 
 
 def _counts(tensors=None, keys=None):
@@ -197,6 +210,7 @@ def _counts(tensors=None, keys=None):
         if keys is not None:
             raw[16:24] = struct.pack("<Q", keys)
         file.write_bytes(bytes(raw))
+
     return edit
 
 
@@ -208,8 +222,10 @@ GGUF_CASES = {
     "2^40 tensors": (_counts(tensors=2**40), "announces 1099511627776 tensors"),
     "2^40 keys": (_counts(keys=2**40), "1099511627776 metadata keys"),
     "a few tensors too many": (_counts(tensors=40), "unreadable GGUF file"),
-    "version 99": (lambda f: f.write_bytes(f.read_bytes()[:4] + struct.pack("<I", 99) + f.read_bytes()[8:]),
-                   "GGUF version 99 is not supported"),
+    "version 99": (
+        lambda f: f.write_bytes(f.read_bytes()[:4] + struct.pack("<I", 99) + f.read_bytes()[8:]),
+        "GGUF version 99 is not supported",
+    ),
 }
 
 

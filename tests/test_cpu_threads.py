@@ -38,7 +38,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def random_weight(n, k, group_size):
-    qweight = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32)
+    qweight = torch.randint(-(2**31), 2**31, (n, k // 8), dtype=torch.int32)
     scales = (torch.rand(n, k // group_size, dtype=torch.float64) * 0.05 + 0.005).half()
     offsets = (torch.randn(n, k // group_size, dtype=torch.float64) * 0.2 - 0.2).half()
     return Int4Weight.from_tensors(qweight, scales, offsets, group_size)
@@ -66,8 +66,13 @@ def make_cases(dtype, int4_error_bounds=None):
 
     def quantize(dense=dense):
         qw = ops.quantize_int4(dense, 64)
-        return torch.cat([qw.qweight.view(torch.int16).flatten(), qw.scales.view(torch.int16).flatten(),
-                          qw.offsets.view(torch.int16).flatten()])
+        return torch.cat(
+            [
+                qw.qweight.view(torch.int16).flatten(),
+                qw.scales.view(torch.int16).flatten(),
+                qw.offsets.view(torch.int16).flatten(),
+            ]
+        )
 
     cases["quantize_int4"] = quantize
     for head_dim in [64, 128]:
@@ -77,8 +82,9 @@ def make_cases(dtype, int4_error_bounds=None):
         q = rand(tokens, q_heads, head_dim, dtype=dtype)
         k = rand(tokens, kv_heads, head_dim, dtype=dtype)
         v = rand(tokens, kv_heads, head_dim, dtype=dtype)
-        cases[f"attention_prefill d={head_dim}"] = (
-            lambda q=q, k=k, v=v, kc=kc, vc=vc: ops.attention_prefill(q, k, v, kc.clone(), vc.clone(), 1, start))
+        cases[f"attention_prefill d={head_dim}"] = lambda q=q, k=k, v=v, kc=kc, vc=vc: ops.attention_prefill(
+            q, k, v, kc.clone(), vc.clone(), 1, start
+        )
         kc = rand(3, kv_heads, 700, head_dim, dtype=dtype)
         vc = rand(3, kv_heads, 700, head_dim, dtype=dtype)
         q = rand(2, q_heads, head_dim, dtype=dtype)
@@ -86,9 +92,9 @@ def make_cases(dtype, int4_error_bounds=None):
         v = rand(2, kv_heads, head_dim, dtype=dtype)
         slots = torch.tensor([2, 0], dtype=torch.int32)
         positions = torch.tensor([650, 97], dtype=torch.int32)
-        cases[f"attention_decode d={head_dim}"] = (
-            lambda q=q, k=k, v=v, kc=kc, vc=vc, s=slots, p=positions:
-                ops.attention_decode(q, k, v, kc.clone(), vc.clone(), s, p))
+        cases[f"attention_decode d={head_dim}"] = lambda q=q, k=k, v=v, kc=kc, vc=vc, s=slots, p=positions: (
+            ops.attention_decode(q, k, v, kc.clone(), vc.clone(), s, p)
+        )
     x = rand(300, 576, dtype=dtype, scale=3.0)
     w = rand(576, dtype=dtype)
     residual = rand(300, 576, dtype=dtype)
@@ -144,7 +150,8 @@ def test_results_do_not_depend_on_thread_count(device, cpu_only, dtype, seed):
     for threads in [2, 3]:
         for name, expected in results[1].items():
             assert torch.equal(bits(results[threads][name]), bits(expected)), (
-                f"{name} ({dtype}) differs between 1 and {threads} threads")
+                f"{name} ({dtype}) differs between 1 and {threads} threads"
+            )
 
 
 CHILD = """
@@ -163,8 +170,9 @@ def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtyp
     # (both are read once per process) against this process's default tier, one thread.
     path = tmp_path / "generic.pt"
     env = dict(os.environ, FASTINTERNLM_CPU_ISA="generic", FASTINTERNLM_NUM_THREADS="2")
-    code = CHILD.format(tests=str(ROOT / "tests"), seed=seed, dtype=f"torch.{str(dtype).split('.')[-1]}",
-                        path=str(path))
+    code = CHILD.format(
+        tests=str(ROOT / "tests"), seed=seed, dtype=f"torch.{str(dtype).split('.')[-1]}", path=str(path)
+    )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     child = torch.load(path)
@@ -188,7 +196,8 @@ def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtyp
             assert bool(((theirs.double() - e).abs() <= tol).all()), f"{name} ({dtype})"
             continue
         assert torch.equal(bits(theirs), bits(expected)), (
-            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the generic one")
+            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the generic one"
+        )
 
 
 def test_concurrent_callers(device, cpu_only):

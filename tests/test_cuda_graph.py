@@ -24,8 +24,7 @@ def cuda_or_skip(device):
 
 
 def load(ckpt, device, dtype, **kw):
-    return fastinternlm.load(ckpt.path, device=device, dtype=dtype, progress=False, max_seq_len=160,
-                             max_batch=3, **kw)
+    return fastinternlm.load(ckpt.path, device=device, dtype=dtype, progress=False, max_seq_len=160, max_batch=3, **kw)
 
 
 def prompts(ckpt, lengths):
@@ -71,7 +70,7 @@ def test_graph_step_matches_decode_and_spares_the_cache(ckpt, device):
     # The same kernels on the same inputs: equal up to a possible difference in the
     # library GEMM's algorithm choice between capture and eager (one float16 rounding of
     # the logits at most).
-    unit = 2.0 ** -11
+    unit = 2.0**-11
     assert (got - want).abs().max().item() <= 4 * unit * want.abs().max().item()
     for a, b in zip(after_graph, model.k_cache + model.v_cache):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -95,5 +94,6 @@ def test_graph_refuses_cpu_model(ckpt):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
         DecodeGraph(model, 1)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
-        fastinternlm.load(ckpt.path, device="cpu", dtype=torch.float32, progress=False, max_seq_len=32,
-                          cuda_graph="yes")
+        fastinternlm.load(
+            ckpt.path, device="cpu", dtype=torch.float32, progress=False, max_seq_len=32, cuda_graph="yes"
+        )

@@ -27,8 +27,24 @@ def _tol(dtype=torch.float16) -> float:
 def test_cli_tiny_runs_and_baselines_agree(device, tmp_path, capsys):
     pytest.importorskip("transformers")  # the HF baseline
     out = tmp_path / "e2e.json"
-    rc = e2e.main(["--shapes", "tiny", "--device", str(device), "--steps", "2", "--reps", "1", "--hf-reps", "1",
-                   "--batches", "2", "--json", str(out)])
+    rc = e2e.main(
+        [
+            "--shapes",
+            "tiny",
+            "--device",
+            str(device),
+            "--steps",
+            "2",
+            "--reps",
+            "1",
+            "--hf-reps",
+            "1",
+            "--batches",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ours/HF" in printed and "ours/torch" in printed
@@ -37,8 +53,10 @@ def test_cli_tiny_runs_and_baselines_agree(device, tmp_path, capsys):
     rows = {(r["metric"], r["precision"], r["setting"]): r for r in data["rows"]}
     shapes = e2e.SHAPES["tiny"]
     wanted = [("decode tok/s", "fp16", f"b1 ctx {c}") for c in shapes["contexts"]]
-    wanted += [("TTFT ms", "fp16", f"prompt {shapes['prompt']}"),
-               ("decode tok/s", "fp16", f"b2 ctx {shapes['batch_context']}")]
+    wanted += [
+        ("TTFT ms", "fp16", f"prompt {shapes['prompt']}"),
+        ("decode tok/s", "fp16", f"b2 ctx {shapes['batch_context']}"),
+    ]
     for key in wanted:
         for impl in ("ours", "hf", "torch"):
             value = rows[key][impl]
@@ -60,8 +78,17 @@ def test_grouped_attention_prefill_matches_sdpa(device):
     pos = torch.arange(5, 42, device=device)
     out = {}
     for attention in ("sdpa", "grouped"):
-        ref = torch_ref.build_torch_model(config, w.tok_embeddings, w.layers, w.norm, w.output, int4=False,
-                                          max_batch=2, max_seq=64, attention=attention)
+        ref = torch_ref.build_torch_model(
+            config,
+            w.tok_embeddings,
+            w.layers,
+            w.norm,
+            w.output,
+            int4=False,
+            max_batch=2,
+            max_seq=64,
+            attention=attention,
+        )
         for t in ref.k_cache + ref.v_cache:
             t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(7)).to(t))
         out[attention] = ref.logits(ref.forward(tokens, pos))
@@ -76,9 +103,17 @@ def _decode_pair(device, precision, attention="sdpa"):
     position = config.max_position_embeddings + 23
     max_seq = position + 8
     ours = w.model(precision, 1, max_seq)
-    ref = torch_ref.build_torch_model(config, w.tok_embeddings, w.layers_for(precision), w.norm, w.output,
-                                      int4=precision == "int4", max_batch=1, max_seq=max_seq,
-                                      attention=attention)
+    ref = torch_ref.build_torch_model(
+        config,
+        w.tok_embeddings,
+        w.layers_for(precision),
+        w.norm,
+        w.output,
+        int4=precision == "int4",
+        max_batch=1,
+        max_seq=max_seq,
+        attention=attention,
+    )
     for mine, theirs in zip(ours.k_cache + ours.v_cache, ref.k_cache + ref.v_cache):
         mine.normal_()
         theirs.copy_(mine)  # the same layout: [slots, kv_heads, max_seq, head_dim]
@@ -139,13 +174,23 @@ def test_limits_count_weights_and_kv_cache():
     config = e2e.make_config("tiny")
     w = e2e.Weights(config, torch.device("cpu"))
     bench = type("B", (), {})()
-    bench.rows = {("decode tok/s", "fp16", "b2 ctx 100"): {"metric": "decode tok/s", "precision": "fp16",
-                                                           "setting": "b2 ctx 100", "unit": "tok/s", "ours": 10.0}}
+    bench.rows = {
+        ("decode tok/s", "fp16", "b2 ctx 100"): {
+            "metric": "decode tok/s",
+            "precision": "fp16",
+            "setting": "b2 ctx 100",
+            "unit": "tok/s",
+            "ours": 10.0,
+        }
+    }
     e2e.add_limits(bench, w, bandwidth=1e9)
     row = bench.rows[("decode tok/s", "fp16", "b2 ctx 100")]
     c = config
-    weights = 2 * (c.vocab_size * c.hidden_size + c.num_layers * (
-        c.qkv_rows * c.hidden_size + c.hidden_size * c.q_size + 3 * c.intermediate_size * c.hidden_size))
+    weights = 2 * (
+        c.vocab_size * c.hidden_size
+        + c.num_layers
+        * (c.qkv_rows * c.hidden_size + c.hidden_size * c.q_size + 3 * c.intermediate_size * c.hidden_size)
+    )
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2 * 100 * 2
     assert row["bytes_per_step"] == weights + kv
     assert math.isclose(row["limit"], 2 * 1e9 / (weights + kv))

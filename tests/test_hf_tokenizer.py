@@ -27,9 +27,11 @@ CORPUS = [
 ] * 4
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = "<tool_call>"  # an added token that is not special
-STRIPPING = "<|sep|>"         # a special token that swallows the whitespace around it
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+STRIPPING = "<|sep|>"  # a special token that swallows the whitespace around it
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _train(kind: str):
@@ -45,18 +47,20 @@ def _train(kind: str):
         tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
         tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
         alphabet = sorted(set("".join(CORPUS).replace(" ", "\u2581")))
-    specials = [AddedToken(t, special=True) for t in SPECIAL] + ([AddedToken("<unk>", special=True)]
-                                                                  if kind != "byte_level" else [])
+    specials = [AddedToken(t, special=True) for t in SPECIAL] + (
+        [AddedToken("<unk>", special=True)] if kind != "byte_level" else []
+    )
     # A small vocabulary, so multi-byte characters are split across several tokens.
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=specials, initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=330, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     tk.train_from_iterator(CORPUS, trainer)
     tk.add_tokens([AddedToken(USER_DEFINED, special=False)])
     tk.add_special_tokens([AddedToken(STRIPPING, special=True, lstrip=True, rstrip=True)])
     bos = tk.token_to_id("<|begin_of_text|>")
-    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                      pair="<|begin_of_text|> $A $B",
-                                                      special_tokens=[("<|begin_of_text|>", bos)])
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     return tk
 
 
@@ -64,11 +68,23 @@ def _train(kind: str):
 def tok_dir(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(f"hf_tok_{request.param}")
     _train(request.param).save(str(d / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-              "clean_up_tokenization_spaces": False, "model_max_length": 4096, "chat_template": TEMPLATE}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "chat_template": TEMPLATE,
+    }
     # The EOS only in special_tokens_map.json, as an AddedToken entry (both places are read).
-    special_map = {"eos_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False,
-                                 "single_word": False}}
+    special_map = {
+        "eos_token": {
+            "content": "<|im_end|>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+    }
     if request.param != "byte_level":
         config["unk_token"] = "<unk>"
     (d / "tokenizer_config.json").write_text(json.dumps(config))
@@ -129,7 +145,8 @@ def test_decode_equals_transformers(pair, seed):
         ids = ref_ids(ref, random_text(rng))
         for skip in (False, True):
             assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(
-                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+            )
     # Arbitrary ids too (byte pieces out of order, special tokens anywhere).
     for _ in range(40):
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
@@ -191,8 +208,12 @@ def test_chat_template_and_plain_content(pair):
 
     tok, ref = pair
     template = ChatTemplate(tok.chat_template, tok)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂 there"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 3.14?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi 🙂 there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is 3.14?"},
+    ]
     text = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert template.render(messages) == text
     expected = ref_ids(ref, text, add_special_tokens=False)

@@ -14,6 +14,7 @@ U32 = UNIT_ROUNDOFF[torch.float32]
 
 # ---- independent float64 references ------------------------------------------------------
 
+
 def unpack(qweight: torch.Tensor) -> torch.Tensor:
     """int32 [n, k/8] -> int64 [n, k]: nibble i (bits 4i..4i+3) of word j is channel 8j+i."""
     shifts = torch.arange(0, 32, 4, device=qweight.device)
@@ -55,7 +56,7 @@ def reference_quantize(w: torch.Tensor, group_size: int):
 def random_weight(n, k, group_size, device) -> Int4Weight:
     """Packed tensors drawn directly (every nibble value, both signs of int32 words, scales
     and offsets of realistic size), independent of quantize_int4."""
-    qweight = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32)
+    qweight = torch.randint(-(2**31), 2**31, (n, k // 8), dtype=torch.int32)
     scales = (torch.rand(n, k // group_size, dtype=torch.float64) * 0.05 + 0.005).half()
     offsets = (torch.randn(n, k // group_size, dtype=torch.float64) * 0.2 - 0.2).half()
     return Int4Weight.from_tensors(qweight.to(device), scales.to(device), offsets.to(device), group_size)
@@ -124,7 +125,8 @@ def assert_gemm_close(out, x, w64, dtype, w_abs=None, roundings=None, acc_unit=U
     worst = int(torch.argmax(err - bound))
     assert bool((err <= bound).all()), (
         f"error {err.flatten()[worst]:.3e} exceeds bound {bound.flatten()[worst]:.3e} at flat index "
-        f"{worst} (actual {a.flatten()[worst]:.6g}, expected {ref.flatten()[worst]:.6g})")
+        f"{worst} (actual {a.flatten()[worst]:.6g}, expected {ref.flatten()[worst]:.6g})"
+    )
 
 
 def tensor_core_path(device, m) -> bool:
@@ -172,15 +174,15 @@ def skip_float32_on_cuda(device, dtype):
 
 # ---- quantize / dequantize ---------------------------------------------------------------
 
+
 def special_groups(w: torch.Tensor, group_size: int) -> None:
     """Overwrite a few groups with the edge cases of the rule, in place."""
     dtype = w.dtype
     g = group_size
-    w[0, :g] = 0.75                                   # constant, a float16 number: s = 0
+    w[0, :g] = 0.75  # constant, a float16 number: s = 0
     if w.shape[1] >= 2 * g:
         # constant, not a float16 number (not possible in float16 input): smallest s
-        w[0, g:2 * g] = {torch.float32: 1.0 + 2.0**-20, torch.bfloat16: 1.0e-6,
-                         torch.float16: -3.5}[dtype]
+        w[0, g : 2 * g] = {torch.float32: 1.0 + 2.0**-20, torch.bfloat16: 1.0e-6, torch.float16: -3.5}[dtype]
     w[1, :g] = rand(g, dtype=torch.float64).mul(20000).clamp(-60000, 60000).to(dtype)  # wide range
     w[2, :g] = rand(g, dtype=torch.float64).mul(1e-6).to(dtype)  # tiny: subnormal float16 s and m
     w[3, :g] = rand(g, dtype=torch.float64).abs().add(100).to(dtype)  # all positive, m far from 0
@@ -257,6 +259,7 @@ def test_quantize_int4_out_of_range(device):
 
 # ---- int4_gemm ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 100])
@@ -286,7 +289,7 @@ def test_int4_gemm_long_k(device, dtype, m):
 def affine_weight(n, k, group_size, device) -> Int4Weight:
     """Scales of both signs and offsets large next to them (|m| ~ 20 |s|), so that the
     m * sum(x) part of the CUDA M <= 16 kernel's fold carries most of the result."""
-    qweight = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32)
+    qweight = torch.randint(-(2**31), 2**31, (n, k // 8), dtype=torch.int32)
     scales = (torch.randn(n, k // group_size, dtype=torch.float64) * 0.03).half()
     offsets = (torch.randn(n, k // group_size, dtype=torch.float64) * 0.5).half()
     return Int4Weight.from_tensors(qweight.to(device), scales.to(device), offsets.to(device), group_size)
@@ -308,12 +311,24 @@ def test_int4_gemm_small_m(device, dtype, group_size, groups, m):
     # Called through the core with out inside a NaN-poisoned buffer: every output must be
     # written, and nothing past it.
     from fastinternlm.ops._checks import context, dtype_code
+
     guard = 67
     buf = torch.full((m * n + guard,), float("nan"), dtype=dtype, device=device)
-    _C.int4_gemm(*context(device), dtype_code(dtype), buf.data_ptr(), x.data_ptr(), m,
-                 qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
-    assert torch.isnan(buf[m * n:].cpu()).all(), "int4_gemm wrote past the end of out"
-    check_gemm(buf[:m * n].view(m, n), x, qw, dtype, device)
+    _C.int4_gemm(
+        *context(device),
+        dtype_code(dtype),
+        buf.data_ptr(),
+        x.data_ptr(),
+        m,
+        qw.qweight.data_ptr(),
+        qw.scales.data_ptr(),
+        qw.offsets.data_ptr(),
+        n,
+        k,
+        group_size,
+    )
+    assert torch.isnan(buf[m * n :].cpu()).all(), "int4_gemm wrote past the end of out"
+    check_gemm(buf[: m * n].view(m, n), x, qw, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -329,8 +344,20 @@ def test_int4_gemm_small_m_wide(device, dtype, group_size, m):
     x = rand(m, k, dtype=dtype, device=device)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     from fastinternlm.ops._checks import context, dtype_code
-    _C.int4_gemm(*context(device), dtype_code(dtype), out.data_ptr(), x.data_ptr(), m,
-                 qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+
+    _C.int4_gemm(
+        *context(device),
+        dtype_code(dtype),
+        out.data_ptr(),
+        x.data_ptr(),
+        m,
+        qw.qweight.data_ptr(),
+        qw.scales.data_ptr(),
+        qw.offsets.data_ptr(),
+        n,
+        k,
+        group_size,
+    )
     check_gemm(out, x, qw, dtype, device)
 
 
@@ -350,8 +377,9 @@ def mixed_sign_weight(n, k, group_size, device) -> Int4Weight:
     scale), so q * s runs both ways from the offset."""
     qw = random_weight(n, k, group_size, "cpu")
     sign = torch.where(torch.rand(qw.scales.shape) < 0.5, -1.0, 1.0).half()
-    return Int4Weight.from_tensors(qw.qweight.to(device), (qw.scales * sign).to(device),
-                                   qw.offsets.to(device), group_size)
+    return Int4Weight.from_tensors(
+        qw.qweight.to(device), (qw.scales * sign).to(device), qw.offsets.to(device), group_size
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -371,8 +399,20 @@ def test_int4_gemm_large_m(device, dtype, group_size, groups, m, n):
     x = rand(m, k, dtype=dtype, device=device)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     from fastinternlm.ops._checks import context, dtype_code
-    _C.int4_gemm(*context(device), dtype_code(dtype), out.data_ptr(), x.data_ptr(), m,
-                 qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+
+    _C.int4_gemm(
+        *context(device),
+        dtype_code(dtype),
+        out.data_ptr(),
+        x.data_ptr(),
+        m,
+        qw.qweight.data_ptr(),
+        qw.scales.data_ptr(),
+        qw.offsets.data_ptr(),
+        n,
+        k,
+        group_size,
+    )
     assert_gemm_matches(out, x, qw, device)
 
 
@@ -413,6 +453,7 @@ def test_int4_gemm_alignment(device):
 
 # ---- Int4Weight ---------------------------------------------------------------------------
 
+
 def test_int4_weight_object(device, tmp_path):
     qw = random_weight(11, 256, 64, device)
     assert (qw.n, qw.k, qw.group_size, qw.format_version) == (11, 256, 64, ops.INT4_FORMAT_VERSION)
@@ -424,11 +465,11 @@ def test_int4_weight_object(device, tmp_path):
 
     # state_dict -> safetensors -> from_state_dict gives the same weight.
     from safetensors.torch import load_file, save_file
+
     state = on_cpu.state_dict(prefix="layers.0.wo.")
     assert set(state) == {f"layers.0.wo.{key}" for key in ("qweight", "scales", "offsets", "int4_format")}
     save_file(state, str(tmp_path / "w.safetensors"))
-    back = Int4Weight.from_state_dict(load_file(str(tmp_path / "w.safetensors")), prefix="layers.0.wo.",
-                                      device=device)
+    back = Int4Weight.from_state_dict(load_file(str(tmp_path / "w.safetensors")), prefix="layers.0.wo.", device=device)
     assert (back.n, back.k, back.group_size, back.device) == (11, 256, 64, device)
     for name in ("qweight", "scales", "offsets"):
         assert torch.equal(getattr(back, name).cpu(), getattr(qw, name).cpu())
@@ -446,8 +487,8 @@ def test_int4_weight_object(device, tmp_path):
 
 
 def test_int4_weight_bad_tensors(device):
-    q = torch.zeros(7, 16, dtype=torch.int32, device=device)       # k = 128
-    s = torch.ones(7, 4, dtype=torch.float16, device=device)        # group 32
+    q = torch.zeros(7, 16, dtype=torch.int32, device=device)  # k = 128
+    s = torch.ones(7, 4, dtype=torch.float16, device=device)  # group 32
     with pytest.raises(TypeError, match="qweight must have dtype int32, got float32"):
         Int4Weight.from_tensors(q.float(), s, s, 32)
     with pytest.raises(TypeError, match="scales must have dtype float16, got bfloat16"):
@@ -467,6 +508,7 @@ def test_int4_weight_bad_tensors(device):
 
 
 # ---- bad input ----------------------------------------------------------------------------
+
 
 def test_int4_bad_input(device):
     w = rand(6, 128, dtype=torch.float16, device=device)
@@ -520,6 +562,7 @@ def test_int4_core_checks(device):
     # The C++ entry points validate on their own (a C++ caller has no Python checks):
     # call them directly with sizes that do not fit the tensors.
     from fastinternlm.ops._checks import context, dtype_code
+
     ctx = context(device)
     fp16 = dtype_code(torch.float16)
     qw = random_weight(5, 64, 32, device)
@@ -569,8 +612,7 @@ def test_int4_core_checks(device):
 # next to the default (0), selected process-wide by _C._set_small_m_variant for
 # python -m fastinternlm.bench.int4_gemm_sweep. Each must compute the same function.
 
-SMALL_M_VARIANTS = [(v, g) for v in range(_C.int4_small_m_variants)
-                    for g in (GROUP_SIZES if v == 0 else [128])]
+SMALL_M_VARIANTS = [(v, g) for v in range(_C.int4_small_m_variants) for g in (GROUP_SIZES if v == 0 else [128])]
 
 
 def test_small_m_variant_hook(device):
@@ -610,13 +652,25 @@ def test_int4_gemm_small_m_variants(device, dtype, variant, group_size, groups, 
     qw = affine_weight(n, k, group_size, device)
     x = rand(m, k, dtype=dtype, device=device)
     from fastinternlm.ops._checks import context, dtype_code
+
     guard = 67
     buf = torch.full((m * n + guard,), float("nan"), dtype=dtype, device=device)
     try:
         _C._set_small_m_variant(variant)
-        _C.int4_gemm(*context(device), dtype_code(dtype), buf.data_ptr(), x.data_ptr(), m,
-                     qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), n, k, group_size)
+        _C.int4_gemm(
+            *context(device),
+            dtype_code(dtype),
+            buf.data_ptr(),
+            x.data_ptr(),
+            m,
+            qw.qweight.data_ptr(),
+            qw.scales.data_ptr(),
+            qw.offsets.data_ptr(),
+            n,
+            k,
+            group_size,
+        )
     finally:
         _C._set_small_m_variant(0)
-    assert torch.isnan(buf[m * n:].cpu()).all(), "int4_gemm wrote past the end of out"
-    check_gemm(buf[:m * n].view(m, n), x, qw, dtype, device)
+    assert torch.isnan(buf[m * n :].cpu()).all(), "int4_gemm wrote past the end of out"
+    check_gemm(buf[: m * n].view(m, n), x, qw, dtype, device)

@@ -71,8 +71,12 @@ def test_quantized_cache_logits_prefill_and_decode(ckpt, bits):
     base = torch.full((1,), ckpt.config["rope_theta"], dtype=torch.float32)
     with torch.inference_mode():
         m.prefill(torch.tensor(ids[:n0]), 0, 0, ckpt.config["rope_theta"])
-        steps = [m.decode(torch.tensor([ids[p]]), torch.zeros(1, dtype=torch.int32),
-                          torch.tensor([p], dtype=torch.int32), base)[0] for p in range(n0, len(ids))]
+        steps = [
+            m.decode(
+                torch.tensor([ids[p]]), torch.zeros(1, dtype=torch.int32), torch.tensor([p], dtype=torch.int32), base
+            )[0]
+            for p in range(n0, len(ids))
+        ]
     ours = torch.stack(steps).double()
     err = (ours - ref_q[n0:]).abs().max().item()
     assert err <= 0.25 * effect + floor, f"int{bits}: decode error {err:.3e}, format effect {effect:.3e}"
@@ -95,8 +99,17 @@ def test_kv_cache_argument(ckpt):
         load(ckpt, kv_cache="int2")
     # max_seq_len="auto": the longest context the free memory allows (here: host memory).
     from fastinternlm import memory_plan
-    auto = memory_plan.resolve(memory_plan.ModelShape.from_config(c), "cpu", max_seq_len="auto", max_batch=1,
-                               kv_cache="int4", dtype="fp32", weights=0, free=1 << 30)
+
+    auto = memory_plan.resolve(
+        memory_plan.ModelShape.from_config(c),
+        "cpu",
+        max_seq_len="auto",
+        max_batch=1,
+        kv_cache="int4",
+        dtype="fp32",
+        weights=0,
+        free=1 << 30,
+    )
     assert auto.max_seq_len > 1000 and auto.total <= 1 << 30
 
 
@@ -105,12 +118,21 @@ def test_one_million_token_config_loads_and_runs(tmp_path, ntk_mode):
     # internlm2_5-7b-chat-1m's rope settings with tiny dimensions: short prompts run at the
     # plain base (262144 positions before NTK starts) in both modes, and the bases for a
     # million-token prompt follow the dynamic-NTK formula.
-    ck = write_tiny_internlm2(tmp_path / "m1", dtype=torch.float32, seed=5, rope_theta=5e7,
-                              rope_scaling={"type": "dynamic", "factor": 2.5}, max_position_embeddings=262144,
-                              head_dim=128, heads=4, kv_heads=1)
+    ck = write_tiny_internlm2(
+        tmp_path / "m1",
+        dtype=torch.float32,
+        seed=5,
+        rope_theta=5e7,
+        rope_scaling={"type": "dynamic", "factor": 2.5},
+        max_position_embeddings=262144,
+        head_dim=128,
+        heads=4,
+        kv_heads=1,
+    )
     for kv in ("int8", None):
-        llm = fastinternlm.load(ck.path, device="cpu", dtype=torch.float32, progress=False, max_seq_len=64,
-                                ntk_mode=ntk_mode, kv_cache=kv)
+        llm = fastinternlm.load(
+            ck.path, device="cpu", dtype=torch.float32, progress=False, max_seq_len=64, ntk_mode=ntk_mode, kv_cache=kv
+        )
         assert llm.config.rope_theta == 5e7 and llm.config.max_position_embeddings == 262144
         assert llm.config.rope_scaling.factor == 2.5
         ids = prompt(ck, 23)
@@ -127,6 +149,7 @@ def test_one_million_token_config_loads_and_runs(tmp_path, ntk_mode):
 
 def test_long_prefill_reports_progress(ckpt, monkeypatch, capsys):
     from fastinternlm import sequence as sequence_module
+
     llm = load(ckpt, max_seq_len=200, kv_cache="int4")
     monkeypatch.setattr(sequence_module, "PREFILL_CHUNK", 37)
     ids = prompt(ckpt, 150)
@@ -146,6 +169,7 @@ def test_accuracy_bench_kv_cache_copy(ckpt):
     # bench accuracy --kv-cache: the copy shares the weights, has its own cache of the
     # requested type, and its logits are the quantized-cache model's.
     from fastinternlm.bench.accuracy import main, with_kv_cache
+
     llm = load(ckpt)
     q = with_kv_cache(llm, "int8")
     assert q.model.kv_cache == "int8" and llm.model.kv_cache == "fp32"

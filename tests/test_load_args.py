@@ -18,8 +18,9 @@ from model_fixtures import tiny_internlm2  # noqa: F401
 def tiny_gguf(tmp_path_factory):
     import test_gguf
 
-    return test_gguf.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", test_gguf.TinyBPE("smollm"),
-                                     test_gguf.ALL_Q4_TIED, seed=5).path
+    return test_gguf.write_tiny_gguf(
+        tmp_path_factory.mktemp("gguf") / "tiny.gguf", test_gguf.TinyBPE("smollm"), test_gguf.ALL_Q4_TIED, seed=5
+    ).path
 
 
 @pytest.fixture
@@ -53,8 +54,9 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs,error,message", BAD)
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
-def test_bad_arguments_refused_the_same_for_every_format(fmt, kwargs, error, message, tiny_internlm2, tiny_gguf,
-                                                         no_work):
+def test_bad_arguments_refused_the_same_for_every_format(
+    fmt, kwargs, error, message, tiny_internlm2, tiny_gguf, no_work
+):
     path = tiny_internlm2.path if fmt == "hf" else tiny_gguf
     kwargs = {"device": "cpu", "progress": False, **kwargs}
     with pytest.raises(error, match=message):
@@ -64,7 +66,15 @@ def test_bad_arguments_refused_the_same_for_every_format(fmt, kwargs, error, mes
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
 def test_good_arguments_load(fmt, tiny_internlm2, tiny_gguf):
     path = tiny_internlm2.path if fmt == "hf" else tiny_gguf
-    llm = fastinternlm.load(path, device="cpu", dtype="float32", max_seq_len=48, max_batch=2, ntk_mode="fixed",
-                            progress=False, cuda_graph=False)
+    llm = fastinternlm.load(
+        path,
+        device="cpu",
+        dtype="float32",
+        max_seq_len=48,
+        max_batch=2,
+        ntk_mode="fixed",
+        progress=False,
+        cuda_graph=False,
+    )
     assert (llm.model.max_batch, llm.model.max_seq_len, llm.ntk_mode) == (2, 48, "fixed")
     assert llm.dtype == torch.float32 and llm.device == torch.device("cpu")

@@ -21,8 +21,11 @@ def load(path):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist; load takes a checkpoint folder "
-                                                r"\(with config.json\) or a .gguf file"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"nowhere does not exist; load takes a checkpoint folder "
+        r"\(with config.json\) or a .gguf file",
+    ):
         load(tmp_path / "nowhere")
 
 
@@ -40,8 +43,11 @@ def test_stray_file(tmp_path):
 def test_folder_without_config_json(tmp_path, tiny_internlm2):
     for f in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copy(tiny_internlm2.path / f, tmp_path / f)
-    with pytest.raises(FileNotFoundError, match=r"no config.json in .*: not a Hugging Face checkpoint folder "
-                                                r"\(it holds tokenizer.model, tokenizer_config.json\)") as e:
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no config.json in .*: not a Hugging Face checkpoint folder "
+        r"\(it holds tokenizer.model, tokenizer_config.json\)",
+    ) as e:
         load(tmp_path)
     assert "no tokenizer.model" not in str(e.value)
 
@@ -83,9 +89,11 @@ def test_quantize_wrong_paths(tmp_path, capsys, case):
     elif case == "no_config":
         src.mkdir()
         (src / "tokenizer.model").write_bytes(b"x")
-    expected = {"missing": "src does not exist; quantize takes a Hugging Face checkpoint folder",
-                "empty": "src is an empty folder; quantize takes a Hugging Face checkpoint folder",
-                "stray": "src is a file, neither a checkpoint folder nor a GGUF file; quantize takes a Hugging Face",
-                "no_config": "no config.json in"}[case]
+    expected = {
+        "missing": "src does not exist; quantize takes a Hugging Face checkpoint folder",
+        "empty": "src is an empty folder; quantize takes a Hugging Face checkpoint folder",
+        "stray": "src is a file, neither a checkpoint folder nor a GGUF file; quantize takes a Hugging Face",
+        "no_config": "no config.json in",
+    }[case]
     assert main(["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 2
     assert expected in capsys.readouterr().err

@@ -66,8 +66,14 @@ def test_one_million_tokens_on_one_80gb_gpu():
         mp.check_fits(fp16, usable, "an 80 GB GPU")
     msg = str(e.value)
     # The numbers, and what would fit.
-    for part in ("weights 14.41 GiB", "KV cache 128.00 GiB", "> 79.00 GiB free on an 80 GB GPU",
-                 "max_seq_len with kv_cache=int8", "max_seq_len with kv_cache=int4", "max_batch at this max_seq_len: 0"):
+    for part in (
+        "weights 14.41 GiB",
+        "KV cache 128.00 GiB",
+        "> 79.00 GiB free on an 80 GB GPU",
+        "max_seq_len with kv_cache=int8",
+        "max_seq_len with kv_cache=int4",
+        "max_batch at this max_seq_len: 0",
+    ):
         assert part in msg, msg
     alt = mp.alternatives(fp16, usable)
     assert alt["max_seq_len with kv_cache=int4"] >= m  # int4 fits the full million
@@ -94,11 +100,13 @@ def test_resolve_auto_and_refusal():
     assert p.max_seq_len == mp.largest_context(SHAPE_7B, free, kv_cache="int4", dtype="bf16")
     assert p.total <= free
     with pytest.raises(MemoryPlanError, match="does not fit"):
-        mp.resolve(SHAPE_7B, "cpu", max_seq_len=p.max_seq_len * 2, max_batch=1, kv_cache="int4", dtype="bf16",
-                   free=free)
+        mp.resolve(
+            SHAPE_7B, "cpu", max_seq_len=p.max_seq_len * 2, max_batch=1, kv_cache="int4", dtype="bf16", free=free
+        )
     # Weights already resident: only the cache, workspace and reserve count.
-    q = mp.resolve(SHAPE_7B, "cpu", max_seq_len="auto", max_batch=1, kv_cache="int4", dtype="bf16", free=free,
-                   weights=0)
+    q = mp.resolve(
+        SHAPE_7B, "cpu", max_seq_len="auto", max_batch=1, kv_cache="int4", dtype="bf16", free=free, weights=0
+    )
     assert q.weights == 0 and q.max_seq_len > p.max_seq_len
     with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
         mp.plan(SHAPE_7B, max_seq_len=5, max_batch=0)
@@ -108,9 +116,14 @@ def test_resolve_auto_and_refusal():
 
 def test_report_and_cli(tmp_path):
     from model_fixtures import write_tiny_internlm2
+
     text = mp.report(SHAPE_7B, dtype="bf16", quant="int4")
     assert "KV cache per token" in text and "1M tokens: 68.00 GiB" in text and "80 GB" in text
     ck = write_tiny_internlm2(tmp_path / "m", dtype=torch.float32, seed=3)
-    out = subprocess.run([sys.executable, "-m", "fastinternlm", "info", str(ck.path), "--plan"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fastinternlm", "info", str(ck.path), "--plan"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "memory plan for" in out and "largest context per GPU" in out and "int4" in out

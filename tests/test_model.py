@@ -61,6 +61,7 @@ def test_logits_match_hf_across_ntk(ckpt, device_name, dtype):
 
 def fastinternlm_unit(dtype):
     from conftest import UNIT_ROUNDOFF
+
     return UNIT_ROUNDOFF[dtype]
 
 
@@ -70,9 +71,14 @@ def test_greedy_tokens_equal_hf_generate_float32(ckpt):
     ours = llm.generate(prompt, max_new_tokens=40)
     hf = hf_llama_reference(ckpt, torch.float32)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
-                          eos_token_id=sorted(llm.stop_ids), pad_token_id=2)
-    assert ours.token_ids == out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=sorted(llm.stop_ids),
+            pad_token_id=2,
+        )
+    assert ours.token_ids == out[0, len(prompt) :].tolist()
     assert ours.finish_reason == ("stop" if ours.token_ids[-1] in llm.stop_ids else "length")
 
 
@@ -100,8 +106,7 @@ def test_batch_equals_each_alone(ckpt):
 
 def test_stream_equals_non_stream_and_seed_reproduces(ckpt):
     llm = load(ckpt)
-    kw = dict(max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.95, min_p=0.01,
-              repetition_penalty=1.1, seed=1234)
+    kw = dict(max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.1, seed=1234)
     full = llm.generate("Hello world", **kw)
     again = llm.generate("Hello world", **kw)
     streamed = list(llm.generate("Hello world", stream=True, **kw))
@@ -118,7 +123,7 @@ def test_stop_string(ckpt):
     text = base.text
     if len(text) < 8:
         pytest.skip("the random model stopped before producing text to cut")
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = llm.generate(prompt, max_new_tokens=30, stop=stop)
     assert cut.finish_reason == "stop_string"
     assert cut.text == text[: text.find(stop)]
@@ -137,7 +142,7 @@ def test_ntk_fixed_mode_keeps_the_prompt_base(ckpt):
     with torch.inference_mode():
         hidden = llm.model.prefill(torch.tensor(ids), 0, 0, base)
         logits = llm.model.logits(hidden)
-    predicted = logits[len(prompt) - 1: len(ids) - 1].argmax(-1).tolist()
+    predicted = logits[len(prompt) - 1 : len(ids) - 1].argmax(-1).tolist()
     assert predicted == out.token_ids
     # The "hf" mode rotates decoded tokens with their own, larger bases: different logits.
     hf_mode = load(ckpt, ntk_mode="hf")
@@ -152,8 +157,11 @@ def test_refusals_before_any_work(ckpt, monkeypatch):
 
     monkeypatch.setattr(llm.model, "prefill", no_work)
     # 50 prompt tokens + 16 new ones need 65 cache positions (the last new token is never run).
-    with pytest.raises(ValueError, match=r"prompt 0 has 50 tokens, and with max_new_tokens 16 needs 65 cache "
-                                         r"positions \(prompt \+ max_new_tokens - 1\) > max_seq_len 64"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 0 has 50 tokens, and with max_new_tokens 16 needs 65 cache "
+        r"positions \(prompt \+ max_new_tokens - 1\) > max_seq_len 64",
+    ):
         llm.generate(random_prompt(ckpt, 50), max_new_tokens=16)
     with pytest.raises(ValueError, match="prompt 1 has 65 tokens"):  # every prompt checked before any runs
         llm.generate([random_prompt(ckpt, 3), random_prompt(ckpt, 65)], max_new_tokens=1)
@@ -198,8 +206,11 @@ def test_chat_builds_the_documented_prompt(ckpt, monkeypatch):
             break
     assert result.text == response and result.finish_reason in ("stop", "length") and result.time_to_first_token > 0
     # OpenAI-style messages give the same prompt as query + history.
-    messages = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
-                {"role": "user", "content": "second question"}]
+    messages = [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+    ]
     assert llm.generate(messages, max_new_tokens=5).text == response
 
 
@@ -207,14 +218,29 @@ def test_cli_generate_and_chat(ckpt):
     llm = load(ckpt)
     expected = llm.generate("Hello", max_new_tokens=6).text
     base = [sys.executable, "-m", "fastinternlm"]
-    common = ["--model", str(ckpt.path), "--device", "cpu", "--dtype", "float32", "--max-seq-len", "128",
-              "--no-progress"]
-    run = subprocess.run(base + ["generate", *common, "--max-new-tokens", "6", "Hello"],
-                         capture_output=True, text=True, timeout=300)
+    common = [
+        "--model",
+        str(ckpt.path),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-seq-len",
+        "128",
+        "--no-progress",
+    ]
+    run = subprocess.run(
+        base + ["generate", *common, "--max-new-tokens", "6", "Hello"], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == expected + "\n"
-    chat = subprocess.run(base + ["chat", *common, "--max-new-tokens", "4", "--temperature", "0"],
-                          input="hello\n/reset\nagain\n/exit\n", capture_output=True, text=True, timeout=300)
+    chat = subprocess.run(
+        base + ["chat", *common, "--max-new-tokens", "4", "--temperature", "0"],
+        input="hello\n/reset\nagain\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("assistant> ") == 2 and "(conversation cleared)" in chat.stderr
     bad = subprocess.run(base + ["generate", "--model", "/nonexistent", "hi"], capture_output=True, text=True)

@@ -47,8 +47,7 @@ def chains(device, dtype, m):
     qw_attn = random_weight(n, kv * g * d, 128, device)
 
     def attn_chain(t):
-        out = ops.attention_decode(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["slots"], t["pos"],
-                                   check_indices=False)
+        out = ops.attention_decode(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["slots"], t["pos"], check_indices=False)
         x = out.view(m, kv * g * d)
         return x, ops.int4_gemm(x, qw_attn)
 
@@ -58,21 +57,31 @@ def chains(device, dtype, m):
 
     def qkv_chain(t):
         qkv = ops.int4_gemm(t["a"], qw_qkv)
-        out = ops.attention_decode_qkv(qkv.view(m, kv, g + 2, d), t["kc"], t["vc"], t["slots"], t["pos"], bases,
-                                       check_indices=False)
+        out = ops.attention_decode_qkv(
+            qkv.view(m, kv, g + 2, d), t["kc"], t["vc"], t["slots"], t["pos"], bases, check_indices=False
+        )
         return t["a"], qkv, out
 
     def inputs():
-        return {"a": rand(m, k, dtype=dtype, device=device), "res": rand(m, k, dtype=dtype, device=device),
-                "gu": rand(m, 2 * k, dtype=dtype, device=device),
-                "q": rand(m, kv * g, d, dtype=dtype, device=device), "k": rand(m, kv, d, dtype=dtype, device=device),
-                "v": rand(m, kv, d, dtype=dtype, device=device),
-                "kc": rand(m, kv, ctx, d, dtype=dtype, device=device), "vc": rand(m, kv, ctx, d, dtype=dtype, device=device),
-                "slots": torch.arange(m, dtype=torch.int32, device=device),
-                "pos": torch.full((m,), ctx - 1, dtype=torch.int32, device=device)}
+        return {
+            "a": rand(m, k, dtype=dtype, device=device),
+            "res": rand(m, k, dtype=dtype, device=device),
+            "gu": rand(m, 2 * k, dtype=dtype, device=device),
+            "q": rand(m, kv * g, d, dtype=dtype, device=device),
+            "k": rand(m, kv, d, dtype=dtype, device=device),
+            "v": rand(m, kv, d, dtype=dtype, device=device),
+            "kc": rand(m, kv, ctx, d, dtype=dtype, device=device),
+            "vc": rand(m, kv, ctx, d, dtype=dtype, device=device),
+            "slots": torch.arange(m, dtype=torch.int32, device=device),
+            "pos": torch.full((m,), ctx - 1, dtype=torch.int32, device=device),
+        }
 
-    return [("add_rms_norm", norm_chain, qw), ("silu_and_mul", silu_chain, qw),
-            ("attention_decode", attn_chain, qw_attn), ("int4_gemm -> attention_decode_qkv", qkv_chain, qw_qkv)], inputs
+    return [
+        ("add_rms_norm", norm_chain, qw),
+        ("silu_and_mul", silu_chain, qw),
+        ("attention_decode", attn_chain, qw_attn),
+        ("int4_gemm -> attention_decode_qkv", qkv_chain, qw_qkv),
+    ], inputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -20,14 +20,24 @@ from fastinternlm.weights.files import CheckpointError
 from fastinternlm.weights.hf import load_checkpoint
 from fastinternlm.weights.layout import concat_rows
 from fastinternlm.weights.quantize import quantize_checkpoint
-from model_fixtures import (TinyCheckpoint, hf_llama_reference, read_checkpoint, reference_forward,
-                            write_tiny_internlm2, write_tiny_llama)
+from model_fixtures import (
+    TinyCheckpoint,
+    hf_llama_reference,
+    read_checkpoint,
+    reference_forward,
+    write_tiny_internlm2,
+    write_tiny_llama,
+)
 
 FFN = 256  # a multiple of 128, so w2's input splits into whole groups of every size
 GROUP_SIZES = [32, 64, 128]
 # model.Layer's linears -> the checkpoint linears whose rows they stack.
-LAYER_NAMES = {"wqkv": ("attention.wqkv",), "wo": ("attention.wo",), "w13": ("feed_forward.w1", "feed_forward.w3"),
-               "w2": ("feed_forward.w2",)}
+LAYER_NAMES = {
+    "wqkv": ("attention.wqkv",),
+    "wo": ("attention.wo",),
+    "w13": ("feed_forward.w1", "feed_forward.w3"),
+    "w2": ("feed_forward.w2",),
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +71,18 @@ def nibbles(qw: Int4Weight) -> torch.Tensor:
 def dequant64(qw: Int4Weight) -> torch.Tensor:
     """q * s + m in float64 (exact)."""
     g = qw.group_size
-    return (nibbles(qw).double() * qw.scales.cpu().double().repeat_interleave(g, 1)
-            + qw.offsets.cpu().double().repeat_interleave(g, 1))
+    return nibbles(qw).double() * qw.scales.cpu().double().repeat_interleave(
+        g, 1
+    ) + qw.offsets.cpu().double().repeat_interleave(g, 1)
 
 
 def same_int4(a: Int4Weight, b: Int4Weight) -> bool:
-    return (a.group_size == b.group_size and torch.equal(a.qweight.cpu(), b.qweight.cpu())
-            and torch.equal(a.scales.cpu(), b.scales.cpu()) and torch.equal(a.offsets.cpu(), b.offsets.cpu()))
+    return (
+        a.group_size == b.group_size
+        and torch.equal(a.qweight.cpu(), b.qweight.cpu())
+        and torch.equal(a.scales.cpu(), b.scales.cpu())
+        and torch.equal(a.offsets.cpu(), b.offsets.cpu())
+    )
 
 
 def dense_checkpoint(ck: TinyCheckpoint, weights) -> TinyCheckpoint:
@@ -102,6 +117,7 @@ def assert_logits_like_hf(ours, dense_ck, ids, dtype):
 
 # ---- what quant="int4" builds ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_quant_at_load_weights(device, ck, group_size):
     """Every decoder linear is the Int4Weight of its checkpoint values; embeddings, norms
@@ -113,14 +129,18 @@ def test_quant_at_load_weights(device, ck, group_size):
         for field, names in LAYER_NAMES.items():
             w = getattr(layer, field)
             assert isinstance(w, Int4Weight) and w.device == device and w.group_size == group_size
-            expected = concat_rows(*(quantize_int4(src[f"model.layers.{i}.{name}.weight"].to(device), group_size)
-                                     for name in names))
+            expected = concat_rows(
+                *(quantize_int4(src[f"model.layers.{i}.{name}.weight"].to(device), group_size) for name in names)
+            )
             assert same_int4(w, expected), (i, field)
         for norm in ("attention_norm", "ffn_norm"):
             t = getattr(layer, norm)
             assert t.dtype == dtype and torch.equal(t.cpu(), src[f"model.layers.{i}.{norm}.weight"].to(dtype))
-    for field, name in (("tok_embeddings", "model.tok_embeddings.weight"), ("norm", "model.norm.weight"),
-                        ("output", "output.weight")):
+    for field, name in (
+        ("tok_embeddings", "model.tok_embeddings.weight"),
+        ("norm", "model.norm.weight"),
+        ("output", "output.weight"),
+    ):
         t = getattr(weights, field)
         assert isinstance(t, torch.Tensor) and t.dtype == dtype and torch.equal(t.cpu(), src[name].to(dtype))
     llm = load(ck.path, device, quant="int4", group_size=group_size)
@@ -163,8 +183,9 @@ def test_int4_model_computes_its_weights(device, ck, group_size):
     dequantized int4 weights (as exactly as HF computes that model in the same dtype)."""
     dtype = act_dtype(device)
     llm = load(ck.path, device, quant="int4", group_size=group_size, quant_head=True)
-    _, weights = load_checkpoint(ck.path, "cpu", torch.float32, progress=False, quant="int4",
-                                 group_size=group_size, quant_head=True)
+    _, weights = load_checkpoint(
+        ck.path, "cpu", torch.float32, progress=False, quant="int4", group_size=group_size, quant_head=True
+    )
     ids = random_ids(ck, 40)
     assert_logits_like_hf(llm.logits(ids), dense_checkpoint(ck, weights), ids, dtype)
 
@@ -176,9 +197,14 @@ def test_int4_greedy_tokens_equal_hf_on_dequantized_weights(ck):
     prompt = random_ids(ck, 20)
     ours = llm.generate(prompt, max_new_tokens=24)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                          eos_token_id=sorted(llm.stop_ids), pad_token_id=2)
-    assert ours.token_ids == out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=sorted(llm.stop_ids),
+            pad_token_id=2,
+        )
+    assert ours.token_ids == out[0, len(prompt) :].tolist()
 
 
 def test_int4_error_table(device, ck, capsys):
@@ -197,14 +223,22 @@ def test_int4_error_table(device, ck, capsys):
         llm = load(ck.path, device, quant="int4", group_size=g)
         q = llm.logits(ids).double().cpu()
         rel = ((q - fp).pow(2).mean() / fp.pow(2).mean()).sqrt().item()
-        step = sum((w.scales.double().pow(2) / 12).sum().item() * g for layer in llm.model.layers
-                   for w in (layer.wqkv, layer.wo, layer.w13, layer.w2))
-        size = sum(dequant64(w).pow(2).sum().item() for layer in llm.model.layers
-                   for w in (layer.wqkv, layer.wo, layer.w13, layer.w2))
+        step = sum(
+            (w.scales.double().pow(2) / 12).sum().item() * g
+            for layer in llm.model.layers
+            for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)
+        )
+        size = sum(
+            dequant64(w).pow(2).sum().item()
+            for layer in llm.model.layers
+            for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)
+        )
         rho = math.sqrt(step / size)
         top1 = (q.argmax(-1) == fp.argmax(-1)).double().mean().item()
-        rows.append(f"| {g} | {rel:.4f} | {(q - fp).abs().max().item():.4f} | {fp.abs().mean().item():.4f} | "
-                    f"{top1:.1%} | {rho:.4f} | {math.sqrt(4 * layers) * rho:.4f} |")
+        rows.append(
+            f"| {g} | {rel:.4f} | {(q - fp).abs().max().item():.4f} | {fp.abs().mean().item():.4f} | "
+            f"{top1:.1%} | {rho:.4f} | {math.sqrt(4 * layers) * rho:.4f} |"
+        )
         errors.append(rel)
         assert rel <= math.sqrt(4 * layers) * rho, (g, rel, rho)
     with capsys.disabled():
@@ -232,8 +266,9 @@ def test_quant_at_load_is_streamed(ck, monkeypatch):
     monkeypatch.setattr(files_module, "read_tensor", read)
     monkeypatch.setattr(hf_module, "quantize_int4", quantize)
     load_checkpoint(ck.path, "cpu", torch.float32, progress=False, quant="int4", group_size=128)
-    linears = [n for n in ck.tensors if n.startswith("model.layers.") and ".norm" not in n
-               and not n.endswith("norm.weight")]
+    linears = [
+        n for n in ck.tensors if n.startswith("model.layers.") and ".norm" not in n and not n.endswith("norm.weight")
+    ]
     assert len([e for e in events if e[0] == "quantize"]) == len(linears) == 5 * ck.config["num_hidden_layers"]
     for i, (kind, what) in enumerate(events):
         if kind == "read" and what in linears:
@@ -248,6 +283,7 @@ def test_progress_bar_names_int4(ck, capsys):
 
 # ---- arguments, checked before any work --------------------------------------------------
 
+
 @pytest.fixture
 def no_work(monkeypatch):
     def refuse(*args, **kwargs):
@@ -257,15 +293,18 @@ def no_work(monkeypatch):
     monkeypatch.setattr(hf_module, "load_tokenizer", refuse)
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    ({"quant": "int8"}, ValueError, "quant must be None or 'int4', got 'int8'"),
-    ({"quant": "int4", "group_size": 100}, ValueError, r"group_size must be one of \(32, 64, 128\), got 100"),
-    ({"quant": "int4", "group_size": "128"}, TypeError, "group_size must be an int, got str"),
-    ({"quant": "int4", "group_size": True}, TypeError, "group_size must be an int, got bool"),
-    ({"quant": "int4", "quant_head": 1}, TypeError, "quant_head must be True or False, got 1"),
-    ({"group_size": 64}, ValueError, "group_size and quant_head apply to quant='int4' only"),
-    ({"quant_head": True}, ValueError, "group_size and quant_head apply to quant='int4' only"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"quant": "int8"}, ValueError, "quant must be None or 'int4', got 'int8'"),
+        ({"quant": "int4", "group_size": 100}, ValueError, r"group_size must be one of \(32, 64, 128\), got 100"),
+        ({"quant": "int4", "group_size": "128"}, TypeError, "group_size must be an int, got str"),
+        ({"quant": "int4", "group_size": True}, TypeError, "group_size must be an int, got bool"),
+        ({"quant": "int4", "quant_head": 1}, TypeError, "quant_head must be True or False, got 1"),
+        ({"group_size": 64}, ValueError, "group_size and quant_head apply to quant='int4' only"),
+        ({"quant_head": True}, ValueError, "group_size and quant_head apply to quant='int4' only"),
+    ],
+)
 def test_bad_quant_arguments(ck, no_work, kwargs, error, message):
     with pytest.raises(error, match=message):
         fastinternlm.load(ck.path, device="cpu", progress=False, **kwargs)
@@ -275,9 +314,12 @@ def test_group_size_must_divide_inputs(tmp_path, monkeypatch):
     """The tiny fixture's default ffn 236 is no multiple of 32: named before any tensor is read."""
     c = write_tiny_internlm2(tmp_path, ffn=236)
     monkeypatch.setattr(files_module, "read_tensor", lambda h, n: pytest.fail(f"{n} was read"))
-    with pytest.raises(ValueError, match=r"int4 quantization with group_size=32 needs each quantized linear's input "
-                                         r"size to be a multiple of 32, but intermediate_size = 236 \(the input size "
-                                         r"of model\.layers\.0\.feed_forward\.w2"):
+    with pytest.raises(
+        ValueError,
+        match=r"int4 quantization with group_size=32 needs each quantized linear's input "
+        r"size to be a multiple of 32, but intermediate_size = 236 \(the input size "
+        r"of model\.layers\.0\.feed_forward\.w2",
+    ):
         fastinternlm.load(c.path, device="cpu", quant="int4", group_size=32, progress=False)
     c = write_tiny_internlm2(tmp_path / "b", ffn=FFN, heads=3, kv_heads=1)  # hidden 192: not a multiple of 128
     with pytest.raises(ValueError, match="but hidden_size = 192 .the input size of model.layers.0.attention.wqkv"):
@@ -288,31 +330,44 @@ def test_group_size_must_divide_inputs(tmp_path, monkeypatch):
 
 # ---- the quantize command ----------------------------------------------------------------
 
+
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastinternlm", "quantize", *map(str, args), "--no-progress"],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fastinternlm", "quantize", *map(str, args), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
-@pytest.mark.parametrize("arch,dtype,fmt,group_size,quant_head,tied", [
-    ("internlm2", torch.bfloat16, "safetensors", 128, False, False),
-    ("internlm2", torch.float32, "bin", 32, True, False),
-    ("llama", torch.float16, "bin", 64, True, True),
-    ("llama", torch.bfloat16, "safetensors", 128, False, True),
-])
+@pytest.mark.parametrize(
+    "arch,dtype,fmt,group_size,quant_head,tied",
+    [
+        ("internlm2", torch.bfloat16, "safetensors", 128, False, False),
+        ("internlm2", torch.float32, "bin", 32, True, False),
+        ("llama", torch.float16, "bin", 64, True, True),
+        ("llama", torch.bfloat16, "safetensors", 128, False, True),
+    ],
+)
 def test_quantize_cli_round_trip(device, tmp_path, arch, dtype, fmt, group_size, quant_head, tied):
     if arch == "internlm2":
         src = write_tiny_internlm2(tmp_path / "in", dtype=dtype, ffn=FFN, seed=9, fmt=fmt, shards=2)
     else:
-        src = write_tiny_llama(tmp_path / "in", dtype=dtype, ffn=FFN, seed=9, fmt=fmt, shards=3,
-                               tie_word_embeddings=tied)
+        src = write_tiny_llama(
+            tmp_path / "in", dtype=dtype, ffn=FFN, seed=9, fmt=fmt, shards=3, tie_word_embeddings=tied
+        )
     out = tmp_path / "out"
     args = [src.path, out, "--group-size", group_size, "--device", device.type]
     run = run_cli(*args, *(["--quant-head"] if quant_head else []))
     assert run.returncode == 0, run.stderr
     # config.json: the input's, plus our quantization_config.
     config = json.loads((out / "config.json").read_text())
-    assert config.pop("quantization_config") == {"quant_method": "fastinternlm-int4", "format_version": 1,
-                                                 "group_size": group_size, "quant_head": quant_head}
+    assert config.pop("quantization_config") == {
+        "quant_method": "fastinternlm-int4",
+        "format_version": 1,
+        "group_size": group_size,
+        "quant_head": quant_head,
+    }
     assert config == src.config
     for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (src.path / name).read_bytes(), name
@@ -343,8 +398,9 @@ def test_quantize_cli_round_trip(device, tmp_path, arch, dtype, fmt, group_size,
 
 
 def test_quantize_sharded_output(tmp_path, ck):
-    out = quantize_checkpoint(ck.path, tmp_path / "out", group_size=64, device="cpu", progress=False,
-                              max_shard_bytes=300_000)
+    out = quantize_checkpoint(
+        ck.path, tmp_path / "out", group_size=64, device="cpu", progress=False, max_shard_bytes=300_000
+    )
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
     files = sorted(set(index.values()))
     assert len(files) > 2 and all((tmp_path / "out" / f).is_file() for f in files)
@@ -382,10 +438,17 @@ def test_quantize_refusals(tmp_path, ck):
 
 # ---- a quantized checkpoint is validated like any other ----------------------------------
 
+
 @pytest.fixture(scope="module")
 def quantized(ck, tmp_path_factory):
-    return quantize_checkpoint(ck.path, tmp_path_factory.mktemp("q") / "out", group_size=64, device="cpu",
-                               progress=False, max_shard_bytes=2_000_000)
+    return quantize_checkpoint(
+        ck.path,
+        tmp_path_factory.mktemp("q") / "out",
+        group_size=64,
+        device="cpu",
+        progress=False,
+        max_shard_bytes=2_000_000,
+    )
 
 
 def _copy_edit(src, dst, mutate=None, config_change=None):
@@ -406,19 +469,39 @@ def _copy_edit(src, dst, mutate=None, config_change=None):
     return dst
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda t: t.pop("model.layers.1.feed_forward.w3.offsets", None),
-     r"missing tensor\(s\) model\.layers\.1\.feed_forward\.w3\.offsets"),
-    (lambda t: t.update({"model.layers.0.attention.wo.scales": torch.ones(384, 3, dtype=torch.float16)})
-     if "model.layers.0.attention.wo.scales" in t else None,
-     r"tensor model\.layers\.0\.attention\.wo\.scales has shape \(384, 3\), expected \(384, 6\)"),
-    (lambda t: t.update({"model.layers.0.attention.wo.qweight": torch.zeros(384, 48, dtype=torch.int64)})
-     if "model.layers.0.attention.wo.qweight" in t else None,
-     r"tensor model\.layers\.0\.attention\.wo\.qweight has dtype I64, expected int32"),
-    (lambda t: t.update({"model.layers.1.attention.wqkv.weight": torch.zeros(640, 384)})
-     if "model.layers.1.attention.wqkv.qweight" in t else None,
-     r"unexpected tensor\(s\) model\.layers\.1\.attention\.wqkv\.weight"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda t: t.pop("model.layers.1.feed_forward.w3.offsets", None),
+            r"missing tensor\(s\) model\.layers\.1\.feed_forward\.w3\.offsets",
+        ),
+        (
+            lambda t: (
+                t.update({"model.layers.0.attention.wo.scales": torch.ones(384, 3, dtype=torch.float16)})
+                if "model.layers.0.attention.wo.scales" in t
+                else None
+            ),
+            r"tensor model\.layers\.0\.attention\.wo\.scales has shape \(384, 3\), expected \(384, 6\)",
+        ),
+        (
+            lambda t: (
+                t.update({"model.layers.0.attention.wo.qweight": torch.zeros(384, 48, dtype=torch.int64)})
+                if "model.layers.0.attention.wo.qweight" in t
+                else None
+            ),
+            r"tensor model\.layers\.0\.attention\.wo\.qweight has dtype I64, expected int32",
+        ),
+        (
+            lambda t: (
+                t.update({"model.layers.1.attention.wqkv.weight": torch.zeros(640, 384)})
+                if "model.layers.1.attention.wqkv.qweight" in t
+                else None
+            ),
+            r"unexpected tensor\(s\) model\.layers\.1\.attention\.wqkv\.weight",
+        ),
+    ],
+)
 def test_bad_quantized_tensors_fail_before_reading(tmp_path, quantized, monkeypatch, mutate, message):
     path = _copy_edit(quantized, tmp_path / "bad", mutate)
     monkeypatch.setattr(files_module, "read_tensor", lambda h, n: pytest.fail(f"{n} was read"))
@@ -442,6 +525,10 @@ def test_int4_format_record_is_checked(tmp_path, quantized):
     def mutate(t):
         if name in t:
             t[name] = torch.tensor([1, 384, 512, 64])
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.feed_forward\.w2: int4_format records n, k = 384, "
-                                              r"512 but the tensors hold 384, 256"):
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.layers\.0\.feed_forward\.w2: int4_format records n, k = 384, "
+        r"512 but the tensors hold 384, 256",
+    ):
         load_checkpoint(_copy_edit(quantized, tmp_path / "a", mutate), progress=False)

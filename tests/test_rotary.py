@@ -18,10 +18,10 @@ def reference(x, positions, bases):
     tokens, _, dim = x.shape
     exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     inv_freq = 1.0 / (bases.float().double()[:, None] ** exponent[None, :]).float()  # [T, D/2]
-    angle = positions.float()[:, None] * inv_freq                                # float32, as HF
+    angle = positions.float()[:, None] * inv_freq  # float32, as HF
     cos, sin = angle.double().cos()[:, None, :], angle.double().sin()[:, None, :]
     x64 = x.double()
-    x1, x2 = x64[..., : dim // 2], x64[..., dim // 2:]
+    x1, x2 = x64[..., : dim // 2], x64[..., dim // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -54,8 +54,10 @@ def test_rotary_per_token_base(device, dtype):
     k = rand(tokens, 2, head_dim, dtype=dtype, device=device)
     positions = torch.randint(0, 300000, (tokens,), dtype=torch.int64)
     # One NTK base per token, as a batch of sequences of different lengths would carry.
-    bases = torch.tensor([ops.ntk_base(5e7, 2.5, 262144, int(p) + 1 + 100000 * (i % 3), head_dim)
-                          for i, p in enumerate(positions)], dtype=torch.float32)
+    bases = torch.tensor(
+        [ops.ntk_base(5e7, 2.5, 262144, int(p) + 1 + 100000 * (i % 3), head_dim) for i, p in enumerate(positions)],
+        dtype=torch.float32,
+    )
     q_ref, k_ref = reference(q.cpu(), positions, bases), reference(k.cpu(), positions, bases)
     ops.rotary_embedding(q, k, positions.to(device), bases.to(device))
     assert_close(q, q_ref, dtype, roundings=6, name="q")
@@ -74,13 +76,12 @@ def test_rotary_matches_hf_apply_rotary(device):
     k = rand(tokens, kv_heads, head_dim, dtype=dtype, device=device)
     positions = torch.randint(0, 5000, (tokens,))
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (base ** exponent)
+    inv_freq = 1.0 / (base**exponent)
     freqs = (inv_freq[:, None] @ positions[None, :].float()).t()
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
     # HF layout is [batch, heads, tokens, D].
-    q_hf, k_hf = llama.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                            cos[None], sin[None])
+    q_hf, k_hf = llama.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
     ops.rotary_embedding(q, k, positions.to(device), base)
     # Both sides run the same rounding chain, so in float16 they agree to the bit unless
     # two libraries' float32 sin/cos differ in the last place (then one rounding apart).
@@ -113,8 +114,13 @@ def test_ntk_base_matches_transformers(length):
     from transformers import LlamaConfig
 
     max_pos, dim, theta, factor = 4096, 128, 1e6, 2.0
-    config = LlamaConfig(hidden_size=dim * 4, num_attention_heads=4, max_position_embeddings=max_pos,
-                         rope_theta=theta, rope_scaling={"rope_type": "dynamic", "factor": factor})
+    config = LlamaConfig(
+        hidden_size=dim * 4,
+        num_attention_heads=4,
+        max_position_embeddings=max_pos,
+        rope_theta=theta,
+        rope_scaling={"rope_type": "dynamic", "factor": factor},
+    )
     inv_freq_hf, _ = rope_utils._compute_dynamic_ntk_parameters(config, "cpu", seq_len=length)
     base = ops.ntk_base(theta, factor, max_pos, max(length, 1), dim)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -142,8 +148,12 @@ def test_rotary_bad_input(device):
     with pytest.raises(TypeError, match="base must have dtype float32"):
         ops.rotary_embedding(q, k, pos, torch.ones(3, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="head_dim must be even"):
-        ops.rotary_embedding(rand(3, 4, 63, dtype=torch.float16, device=device),
-                             rand(3, 2, 63, dtype=torch.float16, device=device), pos, 1e4)
+        ops.rotary_embedding(
+            rand(3, 4, 63, dtype=torch.float16, device=device),
+            rand(3, 2, 63, dtype=torch.float16, device=device),
+            pos,
+            1e4,
+        )
     with pytest.raises(ValueError, match=f"positions must be on {device.type}"):
         ops.rotary_embedding(q, k, torch.empty(3, dtype=torch.int32, device="meta"), 1e4)
     with pytest.raises(ValueError, match="factor must be a finite number >= 1"):

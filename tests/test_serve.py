@@ -35,8 +35,28 @@ from fastinternlm.serve.app import create_app  # noqa: E402
 from model_fixtures import write_tiny_internlm2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["ocean", "river", "mountain", "forest", "desert", "island", "valley", "city", "garden", "winter",
-         "summer", "music", "science", "history", "language", "bread", "coffee", "train", "bridge", "library"]
+WORDS = [
+    "ocean",
+    "river",
+    "mountain",
+    "forest",
+    "desert",
+    "island",
+    "valley",
+    "city",
+    "garden",
+    "winter",
+    "summer",
+    "music",
+    "science",
+    "history",
+    "language",
+    "bread",
+    "coffee",
+    "train",
+    "bridge",
+    "library",
+]
 
 
 def _free_port() -> int:
@@ -60,10 +80,12 @@ class LiveServer:
 
     def __init__(self, app):
         import uvicorn
+
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=10)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=10
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -118,9 +140,11 @@ def _stats(server):
 
 # ---- models ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smol():
     from fastinternlm.weights.gguf import default_model_path
+
     try:
         path = default_model_path()
     except FileNotFoundError as e:
@@ -134,12 +158,15 @@ def tiny(tmp_path_factory):
     # (ffn 256: every linear's input is a multiple of the group size), whose GEMM computes
     # each row the same way at any batch, so a reply cannot depend on its neighbours.
     import torch
-    path = write_tiny_internlm2(tmp_path_factory.mktemp("tiny_serve"), max_position_embeddings=512, ffn=256,
-                                dtype=torch.float32, seed=7).path
+
+    path = write_tiny_internlm2(
+        tmp_path_factory.mktemp("tiny_serve"), max_position_embeddings=512, ffn=256, dtype=torch.float32, seed=7
+    ).path
     return fastinternlm.load(path, max_batch=8, progress=False, quant="int4", group_size=128)
 
 
 # ---- the openai client against SmolLM2 --------------------------------------------------------
+
 
 def test_openai_client_matches_generate(smol, seed):
     rng = random.Random(seed)
@@ -166,9 +193,16 @@ def test_openai_client_matches_generate(smol, seed):
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (chat_ref.prompt_tokens, len(chat_ref.token_ids))
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
-        chunks = list(client.chat.completions.create(model="test-model", messages=messages, max_tokens=n,
-                                                     temperature=0, stream=True,
-                                                     stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="test-model",
+                messages=messages,
+                max_tokens=n,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat_ref.text
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -176,27 +210,32 @@ def test_openai_client_matches_generate(smol, seed):
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(chat_ref.token_ids)
         assert len({c.id for c in chunks}) == 1
 
-        r = client.chat.completions.create(model="test-model", messages=messages, max_tokens=n, temperature=0,
-                                           stop=[stop_word])
+        r = client.chat.completions.create(
+            model="test-model", messages=messages, max_tokens=n, temperature=0, stop=[stop_word]
+        )
         assert r.choices[0].message.content == stop_ref.text and r.choices[0].finish_reason == "stop"
         assert stop_word not in r.choices[0].message.content
 
-        r = client.chat.completions.create(model="test-model", messages=messages, max_completion_tokens=3,
-                                           temperature=0)
+        r = client.chat.completions.create(
+            model="test-model", messages=messages, max_completion_tokens=3, temperature=0
+        )
         assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
         assert chat_ref.text.startswith(r.choices[0].message.content)
 
-        first = client.chat.completions.create(model="test-model", messages=messages, max_tokens=n,
-                                               temperature=0.9, seed=seed)
-        again = client.chat.completions.create(model="test-model", messages=messages, max_tokens=n,
-                                               temperature=0.9, seed=seed)
+        first = client.chat.completions.create(
+            model="test-model", messages=messages, max_tokens=n, temperature=0.9, seed=seed
+        )
+        again = client.chat.completions.create(
+            model="test-model", messages=messages, max_tokens=n, temperature=0.9, seed=seed
+        )
         assert first.choices[0].message.content == again.choices[0].message.content
 
         c = client.completions.create(model="test-model", prompt=prompt, max_tokens=n, temperature=0)
         assert c.object == "text_completion" and c.choices[0].text == text_ref.text
         assert c.usage.completion_tokens == len(text_ref.token_ids)
-        streamed = list(client.completions.create(model="test-model", prompt=prompt, max_tokens=n, temperature=0,
-                                                  stream=True))
+        streamed = list(
+            client.completions.create(model="test-model", prompt=prompt, max_tokens=n, temperature=0, stream=True)
+        )
         assert "".join(s.choices[0].text for s in streamed) == text_ref.text
         ids = smol.tokenizer.encode(prompt)
         c = client.completions.create(model="test-model", prompt=ids, max_tokens=n, temperature=0)
@@ -209,33 +248,40 @@ def test_openai_client_matches_generate(smol, seed):
 
 def test_tools_with_a_model_that_has_its_own_template(smol):
     with serving(smol, max_waiting=4) as (server, _):
-        body = {"messages": [{"role": "user", "content": "weather?"}],
-                "tools": [{"type": "function", "function": {"name": "get_weather"}}]}
+        body = {
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+        }
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
         assert "chat template of its own" in r.json()["error"]["message"]
         # tool_choice "none" keeps the tools out: a plain reply.
-        r = httpx.post(server.url + "/v1/chat/completions", json=dict(body, tool_choice="none", max_tokens=2),
-                       timeout=60)
+        r = httpx.post(
+            server.url + "/v1/chat/completions", json=dict(body, tool_choice="none", max_tokens=2), timeout=60
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 # ---- concurrency -----------------------------------------------------------------------------
 
+
 def test_32_concurrent_streams_each_equal_their_solo_run(tiny, seed):
     rng = random.Random(seed)
     jobs = []
     for k in range(32):
-        messages = [{"role": "system", "content": ""},
-                    {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9)))}]
+        messages = [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9)))},
+        ]
         jobs.append((messages, rng.randint(5, 23)))
     solo = [tiny.generate(m, max_new_tokens=n, temperature=0.0) for m, n in jobs]
     assert len({s.text for s in solo}) > 16  # the prompts really lead to different replies
 
     async def one(client, messages, n):
         text, finish = "", None
-        stream = await client.chat.completions.create(model="test-model", messages=messages, max_tokens=n,
-                                                      temperature=0, stream=True)
+        stream = await client.chat.completions.create(
+            model="test-model", messages=messages, max_tokens=n, temperature=0, stream=True
+        )
         async for chunk in stream:
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
@@ -253,22 +299,31 @@ def test_32_concurrent_streams_each_equal_their_solo_run(tiny, seed):
             assert text == ref.text
             assert finish == ("length" if ref.finish_reason == "length" else "stop")
         after = httpx.get(server.url + "/metrics", timeout=10).text
-        for name, labels in (("fastinternlm_requests_total", {"endpoint": "chat"}),
-                             ("fastinternlm_time_to_first_token_seconds_count", {}),
-                             ("fastinternlm_request_latency_seconds_count", {}),
-                             ("fastinternlm_engine_requests_finished_total", {})):
+        for name, labels in (
+            ("fastinternlm_requests_total", {"endpoint": "chat"}),
+            ("fastinternlm_time_to_first_token_seconds_count", {}),
+            ("fastinternlm_request_latency_seconds_count", {}),
+            ("fastinternlm_engine_requests_finished_total", {}),
+        ):
             assert _metric(after, name, **labels) - _metric(before, name, 0.0, **labels) == 32, name
         generated = sum(len(s.token_ids) for s in solo)
-        assert _metric(after, "fastinternlm_generation_tokens_total") - \
-            _metric(before, "fastinternlm_generation_tokens_total") == generated
+        assert (
+            _metric(after, "fastinternlm_generation_tokens_total")
+            - _metric(before, "fastinternlm_generation_tokens_total")
+            == generated
+        )
         itl = sum(len(s.token_ids) - 1 for s in solo)
-        assert _metric(after, "fastinternlm_inter_token_latency_seconds_count") - \
-            _metric(before, "fastinternlm_inter_token_latency_seconds_count") == itl
+        assert (
+            _metric(after, "fastinternlm_inter_token_latency_seconds_count")
+            - _metric(before, "fastinternlm_inter_token_latency_seconds_count")
+            == itl
+        )
         assert _metric(after, "fastinternlm_num_requests_running") == 0
         assert _metric(after, "fastinternlm_slots") == engine.stats()["slots"]
 
 
 # ---- errors ----------------------------------------------------------------------------------
+
 
 def _error(r, status):
     assert r.status_code == status, r.text
@@ -309,8 +364,10 @@ def test_errors_in_openai_shape(tiny):
         assert e["code"] == "context_length_exceeded"
         for number in (room, len(ids) + room, len(ids)):
             assert str(number) in e["message"]
-        e = _error(post(url_chat, json=dict(ok, messages=[{"role": "user", "content": "word " * 3 * room}],
-                                            max_tokens=None)), 400)
+        e = _error(
+            post(url_chat, json=dict(ok, messages=[{"role": "user", "content": "word " * 3 * room}], max_tokens=None)),
+            400,
+        )
         assert str(room) in e["message"]
         # Unknown fields are ignored, as OpenAI's server does.
         r = post(url_chat, json=dict(ok, frobnicate={"x": 1}, user="someone"))
@@ -324,13 +381,18 @@ def test_errors_in_openai_shape(tiny):
 
 def test_queue_full_429_and_disconnect_frees_the_slot(tmp_path):
     from fastinternlm.weights.gguf import default_model_path
+
     try:
         path = default_model_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
     llm = fastinternlm.load(path, max_batch=1, progress=False)
-    long = {"messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
-            "max_tokens": 400, "temperature": 0, "stream": True}
+    long = {
+        "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
     with serving(llm, max_waiting=1) as (server, engine):
         with httpx.Client(timeout=120) as a, httpx.Client(timeout=120) as b:
             with a.stream("POST", server.url + "/v1/chat/completions", json=long) as ra:
@@ -338,8 +400,11 @@ def test_queue_full_429_and_disconnect_frees_the_slot(tmp_path):
                 assert next(lines).startswith("data: ")  # the role chunk: A is admitted
                 with b.stream("POST", server.url + "/v1/chat/completions", json=long) as rb:
                     assert rb.status_code == 200
-                    _wait_for(lambda: (lambda s: s["running"] == 1 and s["waiting"] == 1)(_stats(server)), 60,
-                              "one running and one waiting request")
+                    _wait_for(
+                        lambda: (lambda s: s["running"] == 1 and s["waiting"] == 1)(_stats(server)),
+                        60,
+                        "one running and one waiting request",
+                    )
                     r = httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False), timeout=30)
                     e = _error(r, 429)
                     assert r.headers["Retry-After"] == "1" and e["code"] == "queue_full"
@@ -347,11 +412,15 @@ def test_queue_full_429_and_disconnect_frees_the_slot(tmp_path):
                     # A goes away mid-stream: its request is cancelled and B gets the slot.
                     ra.close()
                     _wait_for(lambda: _stats(server)["requests_cancelled"] > cancelled, 60, "A to be cancelled")
-                    _wait_for(lambda: (lambda s: s["running"] == 1 and s["waiting"] == 0)(_stats(server)), 60,
-                              "B to run")
+                    _wait_for(
+                        lambda: (lambda s: s["running"] == 1 and s["waiting"] == 0)(_stats(server)), 60, "B to run"
+                    )
                     next(rb.iter_lines())
-                _wait_for(lambda: (lambda s: s["running"] == 0 and s["free_slots"] == s["slots"])(_stats(server)),
-                          60, "every slot to be free after both clients left")
+                _wait_for(
+                    lambda: (lambda s: s["running"] == 0 and s["free_slots"] == s["slots"])(_stats(server)),
+                    60,
+                    "every slot to be free after both clients left",
+                )
         stats = _stats(server)
         assert stats["requests_cancelled"] >= cancelled + 2 and stats["waiting"] == 0
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
@@ -370,27 +439,53 @@ def test_queue_full_429_and_disconnect_frees_the_slot(tmp_path):
 
 # ---- the CLI: SIGTERM ------------------------------------------------------------------------
 
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(smol):
     # No MODEL argument: the quick start's SmolLM2 (the `smol` fixture skips when it is missing),
     # slow enough on a CPU (~10 tokens/s) that the signal lands mid-stream.
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "fastinternlm", "serve", "--port", str(port), "--max-batch", "2",
-                             "--graceful-timeout", "60", "--no-progress", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastinternlm",
+            "serve",
+            "--port",
+            str(port),
+            "--max-batch",
+            "2",
+            "--graceful-timeout",
+            "60",
+            "--no-progress",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up():
             assert proc.poll() is None, proc.stdout.read()
             try:
                 return httpx.get(url + "/health", timeout=2).status_code == 200
             except httpx.TransportError:
                 return False
+
         _wait_for(up, 180, "the server to come up", step=0.2)
         name = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         assert name == "SmolLM2-135M-Instruct.Q4_1"
-        body = {"model": name, "prompt": "Once upon a time, in a land far away,", "max_tokens": 40,
-                "temperature": 0, "stream": True}
+        body = {
+            "model": name,
+            "prompt": "Once upon a time, in a land far away,",
+            "max_tokens": 40,
+            "temperature": 0,
+            "stream": True,
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             lines = r.iter_lines()
             before = [next(lines)]
@@ -411,14 +506,17 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(smol):
 
 # ---- the page in headless Chromium --------------------------------------------------------------
 
+
 def _chromium():
     webdriver = pytest.importorskip("selenium.webdriver")
     import shutil
+
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not binary or not driver:
         pytest.skip("Debian's chromium and chromium-driver are not installed")
     from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
@@ -428,6 +526,7 @@ def _chromium():
 
 def test_chat_page_in_headless_chromium(smol, seed):
     from selenium.webdriver.common.by import By
+
     rng = random.Random(seed)
     question = f"What is a {rng.choice(WORDS)}?"
     n = rng.randint(8, 12)
@@ -443,8 +542,9 @@ def test_chat_page_in_headless_chromium(smol, seed):
                 box.send_keys(value)
             browser.find_element(By.ID, "input").send_keys(question)
             browser.find_element(By.ID, "send").click()
-            reply = _wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"), 120,
-                              "the streamed answer")[0]
+            reply = _wait_for(
+                lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"), 120, "the streamed answer"
+            )[0]
             assert reply.get_attribute("data-done") == ("length" if ref.finish_reason == "length" else "stop")
             assert reply.text == ref.text.strip()  # the DOM's innerText trims the edges
             assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == question
@@ -458,12 +558,20 @@ def test_chat_page_in_headless_chromium(smol, seed):
             box.send_keys("2000")
             browser.find_element(By.ID, "input").send_keys("Tell me a very long story.")
             browser.find_element(By.ID, "send").click()
-            _wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2 and
-                      browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1].text.strip(), 120,
-                      "the second answer to start")
+            _wait_for(
+                lambda: (
+                    len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
+                    and browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1].text.strip()
+                ),
+                120,
+                "the second answer to start",
+            )
             browser.find_element(By.ID, "stop").click()
-            _wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='stopped']"), 30,
-                      "the page to stop")
+            _wait_for(
+                lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='stopped']"),
+                30,
+                "the page to stop",
+            )
             _wait_for(lambda: engine.stats()["requests_cancelled"] > cancelled, 60, "the engine to cancel")
             browser.find_element(By.ID, "new-chat").click()
             assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
@@ -472,6 +580,7 @@ def test_chat_page_in_headless_chromium(smol, seed):
 
 
 # ---- tool calls end to end, on a model built to call a tool ------------------------------------
+
 
 def _write_caller_model(directory: Path, call_json: str) -> Path:
     """A real InternLM2 checkpoint whose greedy reply to any chat prompt is
@@ -493,28 +602,64 @@ def _write_caller_model(directory: Path, call_json: str) -> Path:
     out = io.BytesIO()
     corpus = [f"The {a} and the {b} are near the {c}." for a in WORDS for b in WORDS[:5] for c in WORDS[5:8]]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus + ["system", "user", "assistant", "environment name="]), model_writer=out,
-        model_type="bpe", vocab_size=400, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=1.0, num_threads=1, hard_vocab_limit=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, user_defined_symbols=specials + [call_json],
-        minloglevel=2)
+        sentence_iterator=iter(corpus + ["system", "user", "assistant", "environment name="]),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        user_defined_symbols=specials + [call_json],
+        minloglevel=2,
+    )
     (directory / "tokenizer.model").write_bytes(out.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=out.getvalue())
     vocab = sp.get_piece_size()
     ids = {s: sp.piece_to_id(s) for s in specials + [call_json]}
-    entry = lambda c: {"content": c, "lstrip": False, "normalized": False, "rstrip": False,  # noqa: E731
-                       "single_word": False, "special": True}
+    entry = lambda c: {
+        "content": c,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,  # noqa: E731
+        "single_word": False,
+        "special": True,
+    }
     table = {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>")}
     table.update({str(ids[s]): entry(s) for s in specials})
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": table}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": table})
+    )
     heads, head_dim, kv_heads, ffn = 4, 64, 2, 96
     hidden = heads * head_dim
-    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
-              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu", "hidden_size": hidden,
-              "intermediate_size": ffn, "max_position_embeddings": 2048, "num_attention_heads": heads,
-              "num_hidden_layers": 1, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5, "rope_scaling": None,
-              "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32", "vocab_size": vocab}
+    config = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "model_type": "internlm2",
+        "bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "max_position_embeddings": 2048,
+        "num_attention_heads": heads,
+        "num_hidden_layers": 1,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "vocab_size": vocab,
+    }
     (directory / "config.json").write_text(json.dumps(config))
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, ids["<|im_end|>"]]}))
 
@@ -529,27 +674,46 @@ def _write_caller_model(directory: Path, call_json: str) -> Path:
     for cur, nxt in zip(chain, chain[1:]):
         head[nxt] += unit[cur]  # logit `hidden` (256) for the successor, O(sqrt(hidden)) for the rest
     p = "model.layers.0."
-    tensors = {"model.tok_embeddings.weight": emb, "model.norm.weight": torch.ones(hidden), "output.weight": head,
-               p + "attention_norm.weight": torch.ones(hidden), p + "ffn_norm.weight": torch.ones(hidden),
-               p + "attention.wqkv.weight": torch.randn((heads + 2 * kv_heads) * head_dim, hidden, generator=gen),
-               p + "attention.wo.weight": torch.zeros(hidden, heads * head_dim),
-               p + "feed_forward.w1.weight": torch.randn(ffn, hidden, generator=gen),
-               p + "feed_forward.w3.weight": torch.randn(ffn, hidden, generator=gen),
-               p + "feed_forward.w2.weight": torch.zeros(hidden, ffn)}
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    tensors = {
+        "model.tok_embeddings.weight": emb,
+        "model.norm.weight": torch.ones(hidden),
+        "output.weight": head,
+        p + "attention_norm.weight": torch.ones(hidden),
+        p + "ffn_norm.weight": torch.ones(hidden),
+        p + "attention.wqkv.weight": torch.randn((heads + 2 * kv_heads) * head_dim, hidden, generator=gen),
+        p + "attention.wo.weight": torch.zeros(hidden, heads * head_dim),
+        p + "feed_forward.w1.weight": torch.randn(ffn, hidden, generator=gen),
+        p + "feed_forward.w3.weight": torch.randn(ffn, hidden, generator=gen),
+        p + "feed_forward.w2.weight": torch.zeros(hidden, ffn),
+    }
+    save_file(
+        {k: v.float().contiguous() for k, v in tensors.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return directory
 
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                   "required": ["city"]}}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
 
 
 def test_tool_calls_over_http(tmp_path, seed):
     from fastinternlm import toolcalls
+
     rng = random.Random(seed)
     args = {"city": rng.choice(WORDS).title(), "days": rng.randint(1, 9)}
     call_json = json.dumps({"name": "get_weather", "parameters": args}, separators=(",", ":"))
@@ -562,8 +726,9 @@ def test_tool_calls_over_http(tmp_path, seed):
 
     with serving(llm) as (server, _):
         client = _client(server)
-        r = client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS, temperature=0,
-                                           max_tokens=8)
+        r = client.chat.completions.create(
+            model="test-model", messages=messages, tools=TOOLS, temperature=0, max_tokens=8
+        )
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         (call,) = choice.message.tool_calls
@@ -571,30 +736,42 @@ def test_tool_calls_over_http(tmp_path, seed):
         assert json.loads(call.function.arguments) == args
         assert r.usage.prompt_tokens == len(toolcalls.encode_messages(llm.tokenizer, messages, TOOLS))
 
-        chunks = list(client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS,
-                                                     temperature=0, max_tokens=8, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="test-model", messages=messages, tools=TOOLS, temperature=0, max_tokens=8, stream=True
+            )
+        )
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.content or "" for d in deltas) == ""
         streamed = [tc for d in deltas for tc in (d.tool_calls or [])]
-        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in streamed] == \
-            [(0, "get_weather", args)]
+        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in streamed] == [
+            (0, "get_weather", args)
+        ]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
         # The second round: the call and its result go back as assistant tool_calls + a tool message.
         result_text = json.dumps({"temperature": rng.randint(-9, 30)})
         followup = messages + [
             {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-            {"role": "tool", "tool_call_id": call.id, "content": result_text}]
-        r2 = client.chat.completions.create(model="test-model", messages=followup, tools=TOOLS, temperature=0,
-                                            max_tokens=8)
+            {"role": "tool", "tool_call_id": call.id, "content": result_text},
+        ]
+        r2 = client.chat.completions.create(
+            model="test-model", messages=followup, tools=TOOLS, temperature=0, max_tokens=8
+        )
         want_prompt = toolcalls.encode_messages(llm.tokenizer, followup, TOOLS)
         assert r2.usage.prompt_tokens == len(want_prompt)
-        assert f"<|im_start|>environment name=<|plugin|>\n{result_text}<|im_end|>" in \
-            llm.tokenizer.decode(want_prompt)
+        assert f"<|im_start|>environment name=<|plugin|>\n{result_text}<|im_end|>" in llm.tokenizer.decode(want_prompt)
 
         # A named tool_choice that is not among the tools: 400, not 500.
-        r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
-            "messages": messages, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            timeout=30,
+            json={
+                "messages": messages,
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+        )
         assert _error(r, 400)["param"] == "messages" and "nope" in r.json()["error"]["message"]
 
 
@@ -606,12 +783,16 @@ def test_malformed_tool_call_is_returned_as_text(tmp_path, seed):
     raw = "<|action_start|><|plugin|>" + bad
     with serving(llm) as (server, _):
         client = _client(server)
-        r = client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS, temperature=0,
-                                           max_tokens=8)
+        r = client.chat.completions.create(
+            model="test-model", messages=messages, tools=TOOLS, temperature=0, max_tokens=8
+        )
         assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
         assert r.choices[0].message.content == raw
-        chunks = list(client.chat.completions.create(model="test-model", messages=messages, tools=TOOLS,
-                                                     temperature=0, max_tokens=8, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="test-model", messages=messages, tools=TOOLS, temperature=0, max_tokens=8, stream=True
+            )
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == raw
         assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
@@ -621,11 +802,36 @@ def test_bench_serve_http_runs(tmp_path):
     # The benchmark's mechanics only (its figures are measurements, not assertions): random
     # weights of the tiny shapes, both paths run every request to its full length.
     from fastinternlm.bench.__main__ import main
+
     out = tmp_path / "bench.json"
-    assert main(["serve", "--http", "--shapes", "tiny", "--requests", "5", "--clients", "2", "--new-tokens", "3",
-                 "--prompt-lens", "7", "--max-batch", "2", "--max-seq-len", "64", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--http",
+                "--shapes",
+                "tiny",
+                "--requests",
+                "5",
+                "--clients",
+                "2",
+                "--new-tokens",
+                "3",
+                "--prompt-lens",
+                "7",
+                "--max-batch",
+                "2",
+                "--max-seq-len",
+                "64",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     for key in ("in_process", "http"):
         assert result["results"][key]["tokens"] == 5 * 3 and result["results"][key]["requests"] == 5
     assert result["http_over_in_process"] == pytest.approx(
-        result["results"]["http"]["tok_per_s"] / result["results"]["in_process"]["tok_per_s"])
+        result["results"]["http"]["tok_per_s"] / result["results"]["in_process"]["tok_per_s"]
+    )

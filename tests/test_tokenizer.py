@@ -67,7 +67,7 @@ def test_encode_special_tokens(tiny):
     cases = [
         ["<|im_start|>", "user\nHello 世界", "<|im_end|>", "\n"],
         ["<|im_start|>", "<|im_end|>"],
-        ["text before", "<|action_start|>", "<|plugin|>", "\n{\"name\": \"search\"}", "<|action_end|>"],
+        ["text before", "<|action_start|>", "<|plugin|>", '\n{"name": "search"}', "<|action_end|>"],
         ["<|interpreter|>"],
         ["a", "<|im_end|>", "<|im_end|>", "b"],
     ]
@@ -116,7 +116,9 @@ def test_decode_segments_separately(tiny):
 
 def test_decode_out_of_range(tiny):
     info, raw, tok = tiny
-    with pytest.raises(ValueError, match=rf"token id {info.vocab_size} is outside the vocabulary \[0, {info.vocab_size}\)"):
+    with pytest.raises(
+        ValueError, match=rf"token id {info.vocab_size} is outside the vocabulary \[0, {info.vocab_size}\)"
+    ):
         tok.decode([5, info.vocab_size])
     with pytest.raises(ValueError, match="token id -1 is outside"):
         tok.stream().push(-1)
@@ -150,7 +152,8 @@ def test_internlm2_fallback_ids(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert INTERNLM2_SPECIAL_TOKENS == {t: 92538 + i for i, t in enumerate(SPECIAL_TOKENS)}
     assert tok.encode("<|im_start|>user\nhi<|im_end|>\n") == (
-        [1, 92543] + raw.encode("user\nhi") + [92542] + raw.encode("\n"))
+        [1, 92543] + raw.encode("user\nhi") + [92542] + raw.encode("\n")
+    )
     assert tok.token_to_id("<|im_end|>") == 92542 and tok.is_special(92540)
 
 
@@ -173,6 +176,7 @@ def test_bad_tokenizer_files(tmp_path):
 
 
 # ---- streaming -----------------------------------------------------------------------------
+
 
 def stream_all(tok, ids, skip):
     decoder = tok.stream(skip_special_tokens=skip)
@@ -203,15 +207,15 @@ def test_stream_holds_incomplete_characters(tiny):
     deltas = [decoder.push(i) for i in ids]
     emoji = [raw.piece_to_id(f"<0x{b:02X}>") for b in "🙂".encode()]
     start = ids.index(emoji[0])
-    assert ids[start:start + 4] == emoji
-    assert deltas[start:start + 3] == ["", "", ""] and deltas[start + 3].endswith("🙂")
+    assert ids[start : start + 4] == emoji
+    assert deltas[start : start + 3] == ["", "", ""] and deltas[start + 3].endswith("🙂")
     assert "".join(deltas) == tok.decode(ids)
     # Cut in the middle of a character: held back until flush, which gives what decode gives.
     decoder = tok.stream()
-    held = [decoder.push(i) for i in ids[:start + 2]]
+    held = [decoder.push(i) for i in ids[: start + 2]]
     assert "".join(held) == tok.decode(ids[:start])
     tail = decoder.flush()
-    assert "".join(held) + tail == tok.decode(ids[:start + 2]) and tail.endswith("\ufffd")
+    assert "".join(held) + tail == tok.decode(ids[: start + 2]) and tail.endswith("\ufffd")
     assert decoder.flush() == ""
 
 
@@ -222,8 +226,13 @@ def test_stream_leading_space(tiny):
     the = raw.piece_to_id("▁the")
     assert raw.id_to_piece(the) == "▁the"
     space = raw.piece_to_id("▁")
-    for ids in ([the, the, the], [space, the, space, space, the], [info.im_start, the, the],
-                [1, the, 1, 1, the], [info.im_end, space, the]):
+    for ids in (
+        [the, the, the],
+        [space, the, space, space, the],
+        [info.im_start, the, the],
+        [1, the, 1, 1, the],
+        [info.im_end, space, the],
+    ):
         for skip in (False, True):
             deltas, rest = stream_all(tok, ids, skip)
             assert "".join(deltas) + rest == tok.decode(ids, skip_special_tokens=skip), (ids, deltas)
@@ -246,8 +255,12 @@ def test_stream_random_ids(tiny, seed):
         elif pool == "bytes":
             ids = [rng.choice(bytes_ + utf8_leads) for _ in range(n)]
         else:
-            ids = [rng.choice([rng.randrange(tok.vocab_size), rng.choice(bytes_), 0, 1, 2, info.im_end,
-                               raw.piece_to_id("▁")]) for _ in range(n)]
+            ids = [
+                rng.choice(
+                    [rng.randrange(tok.vocab_size), rng.choice(bytes_), 0, 1, 2, info.im_end, raw.piece_to_id("▁")]
+                )
+                for _ in range(n)
+            ]
         for skip in (False, True):
             deltas, rest = stream_all(tok, ids, skip)
             assert "".join(deltas) + rest == tok.decode(ids, skip_special_tokens=skip), ids
@@ -269,8 +282,10 @@ def test_stream_control_pieces_in_text(tmp_path, seed, add_dummy_prefix):
     assert "".join(deltas) + rest == tok.decode(ids) == raw.decode(ids)
     rng = random.Random(seed)
     for _ in range(100):
-        ids = [rng.choice([rng.randrange(tok.vocab_size), control, control - 1, the, raw.piece_to_id("▁")])
-               for _ in range(rng.randint(1, 30))]
+        ids = [
+            rng.choice([rng.randrange(tok.vocab_size), control, control - 1, the, raw.piece_to_id("▁")])
+            for _ in range(rng.randint(1, 30))
+        ]
         for skip in (False, True):
             deltas, rest = stream_all(tok, ids, skip)
             assert "".join(deltas) + rest == tok.decode(ids, skip_special_tokens=skip), ids

@@ -12,9 +12,15 @@ def _gguf_meta():
     import test_gguf
 
     tok = test_gguf.TinyBPE("smollm")
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": tok.pre, "tokenizer.ggml.tokens": tok.tokens,
-            "tokenizer.ggml.token_type": tok.types, "tokenizer.ggml.merges": [f"{a} {b}" for a, b in tok.merges],
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": tok.pre,
+        "tokenizer.ggml.tokens": tok.tokens,
+        "tokenizer.ggml.token_type": tok.types,
+        "tokenizer.ggml.merges": [f"{a} {b}" for a, b in tok.merges],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+    }
 
 
 def test_both_tokenizers_provide_the_protocol(tiny_internlm2):

@@ -14,12 +14,26 @@ import sentencepiece as spm
 
 from fastinternlm import chat, toolcalls
 from fastinternlm.tokenizer import load_tokenizer
-from fastinternlm.toolcalls import (ACTION_END, ACTION_START, PLUGIN, ToolCallError, ToolCallParser,
-                                    encode_messages, parse_tool_calls, render_messages)
+from fastinternlm.toolcalls import (
+    ACTION_END,
+    ACTION_START,
+    PLUGIN,
+    ToolCallError,
+    ToolCallParser,
+    encode_messages,
+    parse_tool_calls,
+    render_messages,
+)
 from model_fixtures import train_tiny_tokenizer
 
-IDS = {"<|plugin|>": 92538, "<|interpreter|>": 92539, "<|action_end|>": 92540, "<|action_start|>": 92541,
-       "<|im_end|>": 92542, "<|im_start|>": 92543}
+IDS = {
+    "<|plugin|>": 92538,
+    "<|interpreter|>": 92539,
+    "<|action_end|>": 92540,
+    "<|action_start|>": 92541,
+    "<|im_end|>": 92542,
+    "<|im_start|>": 92543,
+}
 WORDS = ["Paris", "Zürich", "Shanghai", "上海", "Lyon", "Oslo", "Kyoto", "Lima", "Quito"]
 
 
@@ -32,10 +46,18 @@ def tok(tmp_path_factory):
 
 
 def _weather_tool(rng):
-    return {"type": "function", "function": {
-        "name": "get_weather", "description": f"Weather for a city, {rng.randint(1, 9)} days ahead",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                       "required": ["city"]}}}
+    return {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": f"Weather for a city, {rng.randint(1, 9)} days ahead",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
 
 
 def test_prompt_token_for_token(tok, seed):
@@ -47,24 +69,62 @@ def test_prompt_token_for_token(tok, seed):
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": question},
-        {"role": "assistant", "content": "Let me look.", "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "days": days})}}]},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "days": days})},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": temp})},
     ]
-    functions = json.dumps([{"name": "get_weather", "description": tool["function"]["description"],
-                             "parameters": tool["function"]["parameters"]}], ensure_ascii=False)
+    functions = json.dumps(
+        [
+            {
+                "name": "get_weather",
+                "description": tool["function"]["description"],
+                "parameters": tool["function"]["parameters"],
+            }
+        ],
+        ensure_ascii=False,
+    )
     call = json.dumps({"name": "get_weather", "parameters": {"city": city, "days": days}}, ensure_ascii=False)
     S, E = IDS["<|im_start|>"], IDS["<|im_end|>"]
     nl = sp.encode("\n")
-    want = ([1, S] + sp.encode("system\nYou are a helpful assistant.") + [E] + nl
-            + [S] + sp.encode("system name=") + [IDS["<|plugin|>"]] + sp.encode("\n" + functions) + [E] + nl
-            + [S] + sp.encode("user\n" + question) + [E] + nl
-            + [S] + sp.encode("assistant\nLet me look.") + [IDS["<|action_start|>"], IDS["<|plugin|>"]]
-            + sp.encode("\n" + call) + [IDS["<|action_end|>"], E] + nl
-            + [S] + sp.encode("environment name=") + [IDS["<|plugin|>"]]
-            + sp.encode("\n" + json.dumps({"temperature": temp})) + [E] + nl
-            + [S] + sp.encode("assistant\n"))
+    want = (
+        [1, S]
+        + sp.encode("system\nYou are a helpful assistant.")
+        + [E]
+        + nl
+        + [S]
+        + sp.encode("system name=")
+        + [IDS["<|plugin|>"]]
+        + sp.encode("\n" + functions)
+        + [E]
+        + nl
+        + [S]
+        + sp.encode("user\n" + question)
+        + [E]
+        + nl
+        + [S]
+        + sp.encode("assistant\nLet me look.")
+        + [IDS["<|action_start|>"], IDS["<|plugin|>"]]
+        + sp.encode("\n" + call)
+        + [IDS["<|action_end|>"], E]
+        + nl
+        + [S]
+        + sp.encode("environment name=")
+        + [IDS["<|plugin|>"]]
+        + sp.encode("\n" + json.dumps({"temperature": temp}))
+        + [E]
+        + nl
+        + [S]
+        + sp.encode("assistant\n")
+    )
     got = encode_messages(tokenizer, messages, tools=[tool])
     assert got == want
     # The special tokens appear exactly where the format puts them.
@@ -74,9 +134,11 @@ def test_prompt_token_for_token(tok, seed):
 def test_plain_messages_render_as_llm_chat(tok, seed):
     tokenizer, _ = tok
     rng = random.Random(seed)
-    messages = [{"role": "user", "content": rng.choice(WORDS) * rng.randint(1, 5)},
-                {"role": "assistant", "content": rng.choice(WORDS)},
-                {"role": "user", "content": "and " + rng.choice(WORDS)}]
+    messages = [
+        {"role": "user", "content": rng.choice(WORDS) * rng.randint(1, 5)},
+        {"role": "assistant", "content": rng.choice(WORDS)},
+        {"role": "user", "content": "and " + rng.choice(WORDS)},
+    ]
     for msgs in (messages, [{"role": "system", "content": "Be brief."}] + messages):
         want = chat.encode_chat(tokenizer, msgs)
         assert encode_messages(tokenizer, msgs) == want
@@ -89,35 +151,54 @@ def test_plain_messages_render_as_llm_chat(tok, seed):
 
 def test_named_tool_choice_renders_only_that_tool():
     tools = [{"type": "function", "function": {"name": n}} for n in ("a_fn", "b_fn", "c_fn")]
-    prompt = render_messages([{"role": "user", "content": "hi"}], tools,
-                             {"type": "function", "function": {"name": "b_fn"}})
+    prompt = render_messages(
+        [{"role": "user", "content": "hi"}], tools, {"type": "function", "function": {"name": "b_fn"}}
+    )
     assert '[{"name": "b_fn"}]' in prompt and "a_fn" not in prompt and "c_fn" not in prompt
 
 
-@pytest.mark.parametrize("tools, choice, match", [
-    ("get_weather", None, "tools must be a list"),
-    ([{"type": "function", "function": {"name": ""}}], None, r"tools\[0\].function.name"),
-    ([{"type": "retrieval"}], None, r"tools\[0\] must be"),
-    ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None, "JSON Schema"),
-    ([{"type": "function", "function": {"name": "f"}}] * 2, None, "appears twice"),
-    ([{"type": "function", "function": {"name": "f"}}], {"type": "function", "function": {"name": "g"}},
-     "'g', which is not in tools"),
-    ([{"type": "function", "function": {"name": "f"}}], "always", "tool_choice must be"),
-])
+@pytest.mark.parametrize(
+    "tools, choice, match",
+    [
+        ("get_weather", None, "tools must be a list"),
+        ([{"type": "function", "function": {"name": ""}}], None, r"tools\[0\].function.name"),
+        ([{"type": "retrieval"}], None, r"tools\[0\] must be"),
+        ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None, "JSON Schema"),
+        ([{"type": "function", "function": {"name": "f"}}] * 2, None, "appears twice"),
+        (
+            [{"type": "function", "function": {"name": "f"}}],
+            {"type": "function", "function": {"name": "g"}},
+            "'g', which is not in tools",
+        ),
+        ([{"type": "function", "function": {"name": "f"}}], "always", "tool_choice must be"),
+    ],
+)
 def test_bad_tools_are_refused(tools, choice, match):
     with pytest.raises(ToolCallError, match=match):
         render_messages([{"role": "user", "content": "hi"}], tools, choice)
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([{"role": "assistant", "content": "x"}], "end with a user or tool"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "may only come first"),
-    ([{"role": "wizard", "content": "a"}], "role must be one of"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
-      {"role": "tool", "content": "r"}], "arguments is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([{"role": "assistant", "content": "x"}], "end with a user or tool"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "may only come first"),
+        ([{"role": "wizard", "content": "a"}], "role must be one of"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text"),
+        (
+            [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}],
+                },
+                {"role": "tool", "content": "r"},
+            ],
+            "arguments is not valid JSON",
+        ),
+    ],
+)
 def test_bad_messages_are_refused(messages, match):
     with pytest.raises(ToolCallError, match=match):
         render_messages(messages)
@@ -125,11 +206,12 @@ def test_bad_messages_are_refused(messages, match):
 
 # ---- the parser ----------------------------------------------------------------------------
 
+
 def _reply(rng):
     city, days = rng.choice(WORDS), rng.randint(1, 17)
     args = {"city": city, "days": days}
     text = f"Sure, checking {city} now."
-    raw = f'{text}{ACTION_START}{PLUGIN}\n{json.dumps({"name": "get_weather", "parameters": args}, ensure_ascii=False)}{ACTION_END}'
+    raw = f"{text}{ACTION_START}{PLUGIN}\n{json.dumps({'name': 'get_weather', 'parameters': args}, ensure_ascii=False)}{ACTION_END}"
     return raw, text, args
 
 
@@ -165,7 +247,7 @@ def test_parser_at_every_token_and_char_boundary(tok, seed):
             # The stream decoder's deltas, not decode(ids[:k]): a cut inside a multi-byte
             # character decodes to U+FFFD, which no stream ever shows.
             head = "".join(deltas[:k])
-            assert _run([head, raw[len(head):]])[:2] == want, k
+            assert _run([head, raw[len(head) :]])[:2] == want, k
     for k in range(len(raw) + 1):  # and at every character
         assert _run([raw[:k], raw[k:]])[:2] == want, k
     assert _run(list(raw))[:2] == want
@@ -193,13 +275,16 @@ def test_marker_split_is_held_then_released_when_it_is_not_one():
     assert p.finish() == []
 
 
-@pytest.mark.parametrize("body", [
-    '{"name": "get_weather", "parameters": {"city": "Par',      # cut off (max_tokens)
-    '{"name": "get_weather", "parameters": {"city": "Paris"}',  # one brace short
-    '["get_weather", {"city": "Paris"}]',                       # JSON, not an object
-    '{"parameters": {"city": "Paris"}}',                        # no name
-    '{"name": "get_weather", "parameters": [1, 2]}',            # arguments not an object
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"name": "get_weather", "parameters": {"city": "Par',  # cut off (max_tokens)
+        '{"name": "get_weather", "parameters": {"city": "Paris"}',  # one brace short
+        '["get_weather", {"city": "Paris"}]',  # JSON, not an object
+        '{"parameters": {"city": "Paris"}}',  # no name
+        '{"name": "get_weather", "parameters": [1, 2]}',  # arguments not an object
+    ],
+)
 @pytest.mark.parametrize("ended", [True, False])
 def test_malformed_call_comes_back_as_text(tok, body, ended):
     tokenizer, _ = tok
@@ -207,16 +292,22 @@ def test_malformed_call_comes_back_as_text(tok, body, ended):
     ids = tokenizer.encode(raw, add_bos=False)
     for k in range(len(ids) + 1):
         head = tokenizer.decode(ids[:k])
-        assert _run([head, raw[len(head):]])[:2] == (raw, []), k
+        assert _run([head, raw[len(head) :]])[:2] == (raw, []), k
     assert parse_tool_calls(raw) == (raw, [])
 
 
 def test_two_calls_trailing_stop_text_and_variants(seed):
     rng = random.Random(seed)
     a, b = rng.choice(WORDS), rng.choice(WORDS)
-    raw = (f"{ACTION_START}{PLUGIN}\n" + json.dumps({"name": "f", "parameters": {"x": a}}) + ACTION_END
-           + f"\n{ACTION_START} {PLUGIN}\n" + json.dumps({"name": "g", "arguments": json.dumps({"y": b})})
-           + ACTION_END + "<|im_end|>")
+    raw = (
+        f"{ACTION_START}{PLUGIN}\n"
+        + json.dumps({"name": "f", "parameters": {"x": a}})
+        + ACTION_END
+        + f"\n{ACTION_START} {PLUGIN}\n"
+        + json.dumps({"name": "g", "arguments": json.dumps({"y": b})})
+        + ACTION_END
+        + "<|im_end|>"
+    )
     want = ("\n", [("f", {"x": a}), ("g", {"y": b})])
     for k in range(len(raw) + 1):
         assert _run([raw[:k], raw[k:]], drop=["<|im_end|>", "</s>"])[:2] == want, k
@@ -229,8 +320,10 @@ def test_two_calls_trailing_stop_text_and_variants(seed):
 
 
 def test_call_ids_and_openai_shape():
-    _, calls = parse_tool_calls(f'{ACTION_START}{PLUGIN}\n{{"name": "f", "parameters": {{"k": "v"}}}}{ACTION_END}'
-                                f'{ACTION_START}{PLUGIN}\n{{"name": "f", "parameters": {{}}}}{ACTION_END}')
+    _, calls = parse_tool_calls(
+        f'{ACTION_START}{PLUGIN}\n{{"name": "f", "parameters": {{"k": "v"}}}}{ACTION_END}'
+        f'{ACTION_START}{PLUGIN}\n{{"name": "f", "parameters": {{}}}}{ACTION_END}'
+    )
     assert len({c.id for c in calls}) == 2
     out = calls[0].to_openai(index=0)
     assert out["index"] == 0 and out["type"] == "function" and out["id"].startswith("call_")
@@ -242,6 +335,7 @@ def test_supports_tools(tok):
 
     class Fake:
         pass
+
     llm = Fake()
     llm.tokenizer, llm.chat_template = tokenizer, None
     assert toolcalls.supports_tools(llm)

@@ -22,13 +22,20 @@ DENSE_TENSORS = 6 * LAYERS + 3
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     # ffn a multiple of 32: the int4 test quantizes w2, whose input size it is.
-    return write_tiny_internlm2(tmp_path_factory.mktemp("model"), layers=LAYERS, ffn=224, dtype=torch.float32, shards=1,
-                                seed=11)
+    return write_tiny_internlm2(
+        tmp_path_factory.mktemp("model"), layers=LAYERS, ffn=224, dtype=torch.float32, shards=1, seed=11
+    )
 
 
 def load(ckpt, device, **kw):
-    return fastinternlm.load(ckpt.path, device=device, dtype=torch.float32 if device.type == "cpu" else torch.float16,
-                             max_seq_len=16, progress=False, **kw)
+    return fastinternlm.load(
+        ckpt.path,
+        device=device,
+        dtype=torch.float32 if device.type == "cpu" else torch.float16,
+        max_seq_len=16,
+        progress=False,
+        **kw,
+    )
 
 
 def poison(t: torch.Tensor, value: float) -> int:
@@ -53,8 +60,11 @@ def test_names_the_bad_tensor(ckpt, device, value):
     named = dict(llm.model.named_weights())
     name = random.choice(list(named))
     index = poison(named[name], value)
-    with pytest.raises(NonFiniteWeightError, match=rf"weight {name} \(.*\) holds 1 non-finite value\(s\).* "
-                                                   rf"flat index {index} is {value}"):
+    with pytest.raises(
+        NonFiniteWeightError,
+        match=rf"weight {name} \(.*\) holds 1 non-finite value\(s\).* "
+        rf"flat index {index} is {value}",
+    ):
         llm.model.check_finite()
 
 

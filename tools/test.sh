@@ -14,7 +14,7 @@
 #                                   (default transformers==4.57.6; "transformers" = newest)
 #   FASTINTERNLM_TORCH              a torch requirement to install first (default: none, so
 #                                   an installed torch is kept and pip picks one otherwise)
-#   FASTINTERNLM_LINT=1             run `ruff check` (pyproject.toml's rules) before pytest
+#   FASTINTERNLM_LINT=1             run `ruff check` and `ruff format --check` (pyproject.toml) before pytest
 #   FASTINTERNLM_CUDA_ARCHS, MAX_JOBS, ...  as for pip install . (README, Install)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,5 +55,6 @@ PY
 
 if [ "${FASTINTERNLM_LINT:-0}" = 1 ]; then
   python -m ruff check python tests
+  python -m ruff format --check python tests
 fi
 python -m pytest tests -q "$@"

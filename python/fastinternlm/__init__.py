@@ -28,5 +28,17 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["LLM", "Engine", "EngineOverloaded", "EngineUnhealthy", "Generation", "HFChat", "__version__", "build_info", "get_num_threads", "load", "ops",
-           "set_num_threads"]
+__all__ = [
+    "LLM",
+    "Engine",
+    "EngineOverloaded",
+    "EngineUnhealthy",
+    "Generation",
+    "HFChat",
+    "__version__",
+    "build_info",
+    "get_num_threads",
+    "load",
+    "ops",
+    "set_num_threads",
+]

@@ -77,8 +77,7 @@ def _chat_prompt(query: str, history: Sequence[Tuple[str, str]], system: Optiona
     return prompt
 
 
-def build_chat_prompt(query: str, history: Sequence[Tuple[str, str]] = (),
-                      system: Optional[str] = None) -> str:
+def build_chat_prompt(query: str, history: Sequence[Tuple[str, str]] = (), system: Optional[str] = None) -> str:
     """The prompt text of `model.chat(tokenizer, query, history, meta_instruction=system)`,
     without the BOS (the tokenizer adds it)."""
     return _chat_prompt(query, history, system).text()
@@ -123,8 +122,14 @@ def messages_to_prompt(messages: Sequence[Mapping[str, str]], system: Optional[s
     return _messages_prompt(messages, system).text()
 
 
-def encode_chat(tokenizer: Tokenizer, query_or_messages, history: Sequence[Tuple[str, str]] = (),
-                system: Optional[str] = None, *, allow_special_tokens: bool = True) -> List[int]:
+def encode_chat(
+    tokenizer: Tokenizer,
+    query_or_messages,
+    history: Sequence[Tuple[str, str]] = (),
+    system: Optional[str] = None,
+    *,
+    allow_special_tokens: bool = True,
+) -> List[int]:
     """Prompt ids: BOS (per add_bos_token, like the remote code, which writes the BOS
     string itself when the tokenizer does not add one) + the prompt. Accepts a query
     string (with `history`) or an OpenAI-style message list (then `history` must be empty).
@@ -139,8 +144,7 @@ def encode_chat(tokenizer: Tokenizer, query_or_messages, history: Sequence[Tuple
         if history:
             raise ValueError("history must be empty when a message list is given")
         prompt = _messages_prompt(query_or_messages, system)
-    ids = tokenizer.encode(prompt.text(), add_bos=False,
-                           plain_spans=None if allow_special_tokens else prompt.spans)
+    ids = tokenizer.encode(prompt.text(), add_bos=False, plain_spans=None if allow_special_tokens else prompt.spans)
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     return bos + ids
 

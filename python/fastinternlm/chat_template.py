@@ -46,7 +46,8 @@ class ChatTemplate:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+        )
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
@@ -66,8 +67,7 @@ class ChatTemplate:
         out.setdefault("eos_token", "")
         return out
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-               **extra: Any) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         """The prompt text for OpenAI-style messages."""
         import jinja2
 
@@ -75,15 +75,15 @@ class ChatTemplate:
         variables = self._special()
         variables.update(extra)
         try:
-            return self._template.render(messages=checked, add_generation_prompt=add_generation_prompt,
-                                         **variables)
+            return self._template.render(messages=checked, add_generation_prompt=add_generation_prompt, **variables)
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed to render: {e}") from None
 
-    def render_with_spans(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                          **extra: Any) -> Tuple[str, List[Tuple[int, int]]]:
+    def render_with_spans(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> Tuple[str, List[Tuple[int, int]]]:
         """(prompt text, [start, end) ranges where special-token strings taken from the
         messages' content landed). The template cannot be asked where it put the content,
         so each such string is swapped for a private-use character before rendering (one
@@ -97,7 +97,8 @@ class ChatTemplate:
         if any(_SENTINEL_FIRST <= ord(c) <= _SENTINEL_LAST for c in every):
             raise ChatTemplateError(
                 f"cannot keep special tokens as text in content that holds characters "
-                f"U+{_SENTINEL_FIRST:X}..U+{_SENTINEL_LAST:X} (private use, plane 15)")
+                f"U+{_SENTINEL_FIRST:X}..U+{_SENTINEL_LAST:X} (private use, plane 15)"
+            )
         originals: List[str] = []
 
         def swap(m) -> str:
@@ -124,8 +125,14 @@ class ChatTemplate:
                 length += 1
         return "".join(parts), spans
 
-    def encode(self, query_or_messages, history: Sequence[Tuple[str, str]] = (),
-               system: Optional[str] = None, *, allow_special_tokens: bool = True) -> List[int]:
+    def encode(
+        self,
+        query_or_messages,
+        history: Sequence[Tuple[str, str]] = (),
+        system: Optional[str] = None,
+        *,
+        allow_special_tokens: bool = True,
+    ) -> List[int]:
         """Prompt ids, with the arguments of chat.encode_chat: a query string with its
         (query, response) history and an optional system prompt, or a message list (then
         history must be empty). system=None adds no system message (the template's
@@ -145,8 +152,9 @@ class ChatTemplate:
             if history:
                 raise ValueError("history must be empty when a message list is given")
             messages = list(query_or_messages)
-            if system is not None and not (messages and isinstance(messages[0], Mapping)
-                                           and messages[0].get("role") == "system"):
+            if system is not None and not (
+                messages and isinstance(messages[0], Mapping) and messages[0].get("role") == "system"
+            ):
                 messages.insert(0, {"role": "system", "content": system})
         if allow_special_tokens:
             return self.tokenizer.encode(self.render(messages), add_bos=False)

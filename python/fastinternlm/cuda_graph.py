@@ -33,8 +33,13 @@ class DecodeGraph:
     pool: a memory pool handle shared with other graphs of the same model
     (torch.cuda.graph_pool_handle()), so graphs for several batch sizes reuse one pool."""
 
-    def __init__(self, model: Transformer, batch: int,
-                 bases_for: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, pool=None):
+    def __init__(
+        self,
+        model: Transformer,
+        batch: int,
+        bases_for: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        pool=None,
+    ):
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
         if not isinstance(batch, int) or not 1 <= batch <= model.max_batch:
@@ -86,8 +91,9 @@ class DecodeGraph:
             logits = step()
         return graph, logits
 
-    def run(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-            bases: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def run(
+        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, bases: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """One decode step: the same arguments as model.decode (device tensors of `batch`
         rows). Returns the static float32 logits [batch, vocab], valid until the next run."""
         for name, t in (("tokens", tokens), ("slots", slots), ("positions", positions)):

@@ -84,9 +84,18 @@ class Request:
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: "Engine", prompt: List[int], max_new_tokens: int, params: SamplingParams,
-                 stops: List[str], stop_ids: Set[int], deadline_s: Optional[float], skip_special_tokens: bool,
-                 kind: str = "generate"):
+    def __init__(
+        self,
+        engine: "Engine",
+        prompt: List[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        stops: List[str],
+        stop_ids: Set[int],
+        deadline_s: Optional[float],
+        skip_special_tokens: bool,
+        kind: str = "generate",
+    ):
         self.id = next(Request._ids)
         self._engine = engine
         self.prompt = prompt
@@ -101,12 +110,12 @@ class Request:
         self.deadline = None if deadline_s is None else self.t_submit + deadline_s
         self._lock = threading.Condition()
         self._chunks: List[str] = []
-        self._waiters: List[Any] = []   # (loop, future) of async iterators waiting for a delta
+        self._waiters: List[Any] = []  # (loop, future) of async iterators waiting for a delta
         self._listeners: List[Any] = []  # callables(delta) (LLM.generate's merged streams)
         self._result: Optional[Generation] = None
         self._logits: Optional[torch.Tensor] = None
         self._cancel_requested = False
-        self._seq: Optional[SequenceState] = None   # set by the scheduler on admission
+        self._seq: Optional[SequenceState] = None  # set by the scheduler on admission
         # perf_counter() when each token reached the host (TTFT / inter-token latency per request).
         self.token_times: List[float] = []
         self._t_first: Optional[float] = None
@@ -196,8 +205,9 @@ class Request:
                 listener(None)
         return True
 
-    def _finish_now(self, reason: str, error: Optional[str], seq: Optional[SequenceState] = None,
-                    t_first: Optional[float] = None) -> bool:
+    def _finish_now(
+        self, reason: str, error: Optional[str], seq: Optional[SequenceState] = None, t_first: Optional[float] = None
+    ) -> bool:
         # From another thread the sequence may be mid-step: report what was streamed, and
         # the ids that produced it.
         with self._lock:
@@ -215,8 +225,8 @@ def _resolve(fut) -> None:
 class _Slot:
     def __init__(self, index: int):
         self.index = index
-        self.tokens: List[int] = []   # tokens whose K/V this slot holds, positions 0..len-1
-        self.theta_only = True        # every cached key rotated with rope_theta (NTK reuse rule)
+        self.tokens: List[int] = []  # tokens whose K/V this slot holds, positions 0..len-1
+        self.theta_only = True  # every cached key rotated with rope_theta (NTK reuse rule)
         self.last_used = 0.0
         self.busy = False
 
@@ -239,7 +249,7 @@ class _Active:
         if not req.params.greedy:
             seed = req.params.seed
             if seed is None:
-                seed = int(torch.randint(0, 2 ** 62, ()).item())
+                seed = int(torch.randint(0, 2**62, ()).item())
             self.generator = torch.Generator(device=llm.device)
             self.generator.manual_seed(seed)
         self.t_first: Optional[float] = None
@@ -269,8 +279,7 @@ class Engine:
     False saves that padding (a 16-slot SmolLM2 head costs ~1.5x a 1-row one) at the price
     of last-bit differences between batch sizes. No effect on CUDA."""
 
-    def __init__(self, llm, max_waiting: int = 256, prefill_chunk: Optional[int] = None,
-                 batch_invariant: bool = True):
+    def __init__(self, llm, max_waiting: int = 256, prefill_chunk: Optional[int] = None, batch_invariant: bool = True):
         if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 0:
             raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
         cuda = llm.device.type == "cuda"
@@ -281,8 +290,7 @@ class Engine:
         with llm._engine_lock:
             # One scheduler per model: two would hand out the same KV slots.
             if llm._engine is not None and llm._engine.healthy:
-                raise ValueError("this LLM already has a running Engine (llm.engine); close it before "
-                                 "creating another")
+                raise ValueError("this LLM already has a running Engine (llm.engine); close it before creating another")
             llm._engine = self
         self.llm = llm
         self.model = llm.model
@@ -303,22 +311,47 @@ class Engine:
         self._head_rows = self.model.max_batch if (batch_invariant and not cuda) else None
         # Every key exists from the start: stats() copies the dict while the scheduler
         # thread increments, which is safe only while no key is added.
-        self._counters = collections.Counter({k: 0 for k in (
-            "reused_prefix_tokens", "prefill_tokens", "tokens_generated", "requests_finished",
-            "requests_cancelled", "requests_timed_out", "requests_failed", "steps")})
+        self._counters = collections.Counter(
+            {
+                k: 0
+                for k in (
+                    "reused_prefix_tokens",
+                    "prefill_tokens",
+                    "tokens_generated",
+                    "requests_finished",
+                    "requests_cancelled",
+                    "requests_timed_out",
+                    "requests_failed",
+                    "steps",
+                )
+            }
+        )
         self._ttft: Deque[float] = collections.deque(maxlen=4096)
         self._itl: Deque[float] = collections.deque(maxlen=16384)
-        self._thread = threading.Thread(target=_scheduler_main, args=(weakref.ref(self), self._wake),
-                                        name="fastinternlm-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=_scheduler_main, args=(weakref.ref(self), self._wake), name="fastinternlm-engine", daemon=True
+        )
         self._thread.start()
         _LIVE.add(self)
 
     # ---- public API --------------------------------------------------------------------
-    def submit(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-               seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None,
-               deadline_s: Optional[float] = None, stop_token_ids: Sequence[int] = (),
-               skip_special_tokens: bool = True, allow_special_tokens: bool = True, _listener=None) -> Request:
+    def submit(
+        self,
+        prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[None, str, Sequence[str]] = None,
+        deadline_s: Optional[float] = None,
+        stop_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+        allow_special_tokens: bool = True,
+        _listener=None,
+    ) -> Request:
         """Queue one request (a str, a list of token ids or a list of {"role", "content"}
         messages); returns its Request at once. Malformed or oversize requests raise
         ValueError/TypeError here; a full queue EngineOverloaded; a closed or failed
@@ -331,8 +364,12 @@ class Engine:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.llm._check_request([ids], max_new_tokens)
         stops = _stop_strings(stop)
-        if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and not isinstance(deadline_s, bool)
-                                           and deadline_s > 0 and math.isfinite(deadline_s)):
+        if deadline_s is not None and not (
+            isinstance(deadline_s, (int, float))
+            and not isinstance(deadline_s, bool)
+            and deadline_s > 0
+            and math.isfinite(deadline_s)
+        ):
             raise ValueError(f"deadline_s must be None or a finite number of seconds > 0, got {deadline_s!r}")
         if not isinstance(skip_special_tokens, bool):
             raise TypeError(f"skip_special_tokens must be a bool, got {type(skip_special_tokens).__name__}")
@@ -343,8 +380,16 @@ class Engine:
         for t in extra:
             if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab):
                 raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {t!r}")
-        req = Request(self, ids, max_new_tokens, params, stops, set(self.llm.stop_ids) | set(extra),
-                      deadline_s, skip_special_tokens)
+        req = Request(
+            self,
+            ids,
+            max_new_tokens,
+            params,
+            stops,
+            set(self.llm.stop_ids) | set(extra),
+            deadline_s,
+            skip_special_tokens,
+        )
         if _listener is not None:  # internal: LLM.generate's merged streams (delta, then None at the end)
             req._listeners.append(_listener)
         self._enqueue(req)
@@ -358,7 +403,10 @@ class Engine:
             ttft, itl = list(self._ttft), list(self._itl)
             c = dict(self._counters)
         return {
-            "running": running, "waiting": waiting, "free_slots": free, "slots": len(self._slots),
+            "running": running,
+            "waiting": waiting,
+            "free_slots": free,
+            "slots": len(self._slots),
             "reused_prefix_tokens": c.get("reused_prefix_tokens", 0),
             "prefill_tokens": c.get("prefill_tokens", 0),
             "tokens_generated": c.get("tokens_generated", 0),
@@ -369,7 +417,8 @@ class Engine:
             "steps": c.get("steps", 0),
             "healthy": self.healthy,
             "prefill_chunk": self.prefill_chunk,
-            "ttft_s": ttft, "itl_s": itl,
+            "ttft_s": ttft,
+            "itl_s": itl,
         }
 
     @property
@@ -408,8 +457,10 @@ class Engine:
             if not self.healthy:
                 raise EngineUnhealthy(self._unhealthy_message())
             if len(self._waiting) >= self.max_waiting and not self._has_free_slot_locked():
-                raise EngineOverloaded(f"{len(self._waiting)} requests are waiting (max_waiting={self.max_waiting}) "
-                                       f"and all {len(self._slots)} slots are busy")
+                raise EngineOverloaded(
+                    f"{len(self._waiting)} requests are waiting (max_waiting={self.max_waiting}) "
+                    f"and all {len(self._slots)} slots are busy"
+                )
             self._waiting.append(req)
         self._wake.set()
 
@@ -515,8 +566,9 @@ class Engine:
 
     def _mark_prompt_seen(self, a: _Active) -> None:
         if self._seen is None:
-            self._seen = torch.zeros(len(self._slots), self.llm.config.vocab_size, dtype=torch.bool,
-                                     device=self.llm.device)
+            self._seen = torch.zeros(
+                len(self._slots), self.llm.config.vocab_size, dtype=torch.bool, device=self.llm.device
+            )
         row = self._seen[a.slot.index]
         row.zero_()
         row[torch.tensor(a.req.prompt, device=self.llm.device)] = True
@@ -593,10 +645,10 @@ class Engine:
             while a.prefilling and budget > 0:
                 n = min(budget, solo_chunk, len(prompt) - a.prefilled)
                 start = a.prefilled
-                tokens = torch.tensor(prompt[start:start + n], dtype=torch.int64, device=dev)
+                tokens = torch.tensor(prompt[start : start + n], dtype=torch.int64, device=dev)
                 hidden = model.prefill(tokens, a.slot.index, start, a.base)
                 a.prefilled += n
-                a.slot.tokens.extend(prompt[start:start + n])
+                a.slot.tokens.extend(prompt[start : start + n])
                 if a.progress is not None:
                     a.progress.update(a.prefilled)
                 budget -= n
@@ -640,8 +692,7 @@ class Engine:
         seen = None
         if any(a.req.params.repetition_penalty != 1.0 for a in rows):
             seen = self._seen.index_select(0, torch.tensor([a.slot.index for a in rows], device=dev))
-        sampled = sample_rows(logits, [a.req.params for a in rows], [a.generator for a in rows], seen,
-                              llm._vocab_limit)
+        sampled = sample_rows(logits, [a.req.params for a in rows], [a.generator for a in rows], seen, llm._vocab_limit)
         host = sampled.tolist()  # the step's one host synchronisation
         now = time.perf_counter()
         for a, token in zip(rows, host):
@@ -670,8 +721,11 @@ class Engine:
         graph = self.llm._decode_graph(bucket)
         bases = None
         if self.llm.ntk_mode != "hf":
-            bases = torch.tensor([a.base for a in rows] + [float(self.llm.config.rope_theta)] * pad,
-                                 dtype=torch.float32, device=tokens.device)
+            bases = torch.tensor(
+                [a.base for a in rows] + [float(self.llm.config.rope_theta)] * pad,
+                dtype=torch.float32,
+                device=tokens.device,
+            )
         return graph.run(tokens, slots, positions, bases)[:batch]
 
     def _head(self, hidden_rows: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -685,7 +739,7 @@ class Engine:
         pad = -n % rows
         if pad:
             hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
-        return torch.cat([self.model.logits(hidden[i:i + rows]) for i in range(0, n + pad, rows)])[:n]
+        return torch.cat([self.model.logits(hidden[i : i + rows]) for i in range(0, n + pad, rows)])[:n]
 
     def _push(self, a: _Active, token: int, now: float) -> None:
         req = a.req
@@ -693,9 +747,13 @@ class Engine:
             self._release(a, "cancelled")
             return
         if token < 0:
-            self._end(a, "error", f"the model produced non-finite logits (NaN or Inf) at generated token "
-                                  f"{len(a.seq.ids) + 1} of request {req.id}: the weights or activations "
-                                  f"hold invalid values")
+            self._end(
+                a,
+                "error",
+                f"the model produced non-finite logits (NaN or Inf) at generated token "
+                f"{len(a.seq.ids) + 1} of request {req.id}: the weights or activations "
+                f"hold invalid values",
+            )
             return
         if a.t_first is None:
             a.t_first = a.t_decode_start = req._t_first = now
@@ -778,5 +836,12 @@ def _stop_strings(stop) -> List[str]:
     return stops
 
 
-__all__ = ["Engine", "EngineOverloaded", "EngineUnhealthy", "FINISH_REASONS", "PREFILL_BUDGET_CPU",
-           "PREFILL_BUDGET_CUDA", "Request"]
+__all__ = [
+    "Engine",
+    "EngineOverloaded",
+    "EngineUnhealthy",
+    "FINISH_REASONS",
+    "PREFILL_BUDGET_CPU",
+    "PREFILL_BUDGET_CUDA",
+    "Request",
+]

@@ -48,8 +48,10 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # Pre-tokenizer patterns (the regexes llama.cpp applies for each `tokenizer.ggml.pre`,
 # the same as the models' own tokenizer.json files). "gpt2" is GPT-2's.
 _GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-           r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_LLAMA3 = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 # name -> (patterns applied in order, each splitting the pieces of the previous, ignore_merges)
 PRE_TOKENIZERS = {
     "default": ([_GPT2], False),
@@ -109,7 +111,8 @@ class GGUFTokenizer:
         if model not in ("gpt2", "llama"):
             raise GGUFTokenizerError(
                 f"GGUF tokenizer.ggml.model {model!r} is not supported (supported: 'gpt2' byte-level BPE, "
-                f"'llama' SentencePiece-style)")
+                f"'llama' SentencePiece-style)"
+            )
         self.model = model
         tokens = list(_need(meta, "tokenizer.ggml.tokens"))
         if not tokens or not all(isinstance(t, str) for t in tokens):
@@ -122,7 +125,8 @@ class GGUFTokenizer:
         types = [int(t) for t in types]
         if len(types) != len(tokens):
             raise GGUFTokenizerError(
-                f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+                f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+            )
         bad = [t for t in types if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE)]
         if bad:
             raise GGUFTokenizerError(f"GGUF tokenizer.ggml.token_type holds unknown type {bad[0]}")
@@ -161,8 +165,9 @@ class GGUFTokenizer:
             self._by_content.setdefault(t.content, i)
         # Only control and user-defined strings are matched in text (an unknown piece's
         # text such as "<unk>" stays text, as in llama.cpp).
-        matched = sorted({t.content for i, t in self.added_tokens.items() if types[i] != UNKNOWN},
-                         key=len, reverse=True)
+        matched = sorted(
+            {t.content for i, t in self.added_tokens.items() if types[i] != UNKNOWN}, key=len, reverse=True
+        )
         self._split = re.compile("|".join(map(re.escape, matched))) if matched else None
 
         self._by_text: Dict[str, int] = {}
@@ -182,7 +187,8 @@ class GGUFTokenizer:
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZERS:
             raise GGUFTokenizerError(
-                f"GGUF tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+                f"GGUF tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})"
+            )
         self.pre_tokenizer = pre
         patterns, ignore_merges = PRE_TOKENIZERS[pre]
         merges_raw = list(_need(meta, "tokenizer.ggml.merges"))
@@ -190,7 +196,9 @@ class GGUFTokenizer:
         for n, m in enumerate(merges_raw):
             parts = m.split(" ") if isinstance(m, str) else []
             if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise GGUFTokenizerError(f"GGUF tokenizer.ggml.merges[{n}] must be two tokens joined by a space, got {m!r}")
+                raise GGUFTokenizerError(
+                    f"GGUF tokenizer.ggml.merges[{n}] must be two tokens joined by a space, got {m!r}"
+                )
             merges.append((parts[0], parts[1]))
         vocab: Dict[str, int] = {}
         for i, t in enumerate(self.tokens):
@@ -199,7 +207,8 @@ class GGUFTokenizer:
         splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
         # The regexes split; ByteLevel then only maps bytes to GPT-2's characters.
         bpe.pre_tokenizer = pre_tokenizers.Sequence(
-            splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
         self._bpe = bpe
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         self._bytes: List[bytes] = []
@@ -214,7 +223,9 @@ class GGUFTokenizer:
             raise GGUFTokenizerError("GGUF metadata has no tokenizer.ggml.scores (needed by a 'llama' vocabulary)")
         scores = [float(s) for s in scores]
         if len(scores) != self.vocab_size:
-            raise GGUFTokenizerError(f"GGUF tokenizer.ggml.scores has {len(scores)} entries for {self.vocab_size} tokens")
+            raise GGUFTokenizerError(
+                f"GGUF tokenizer.ggml.scores has {len(scores)} entries for {self.vocab_size} tokens"
+            )
         self.scores = scores
         self.pre_tokenizer = None
         self._pieces: Dict[str, int] = {}
@@ -311,14 +322,22 @@ class GGUFTokenizer:
                         out.append(self.unk_id)
                         break  # one unknown piece per symbol, as SentencePiece does
                     else:
-                        raise ValueError(f"text piece {piece!r} is not in the vocabulary, which has neither "
-                                         f"byte pieces nor an unknown piece")
+                        raise ValueError(
+                            f"text piece {piece!r} is not in the vocabulary, which has neither "
+                            f"byte pieces nor an unknown piece"
+                        )
             i = nxt[i]
         return out
 
-    def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
-               allow_special_tokens: bool = True,
-               plain_spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]:
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: Optional[bool] = None,
+        add_eos: Optional[bool] = None,
+        allow_special_tokens: bool = True,
+        plain_spans: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> List[int]:
         """Ids of `text`. add_bos/add_eos default to the GGUF's add_bos_token /
         add_eos_token. allow_special_tokens=False encodes the strings of special tokens as
         plain text (for untrusted text that must not inject `<|im_end|>`); plain_spans does

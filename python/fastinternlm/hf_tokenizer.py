@@ -46,8 +46,12 @@ class HFTokenizer:
     tokenizer_config.json (or None); `special_tokens_map`: the parsed
     special_tokens_map.json (or None)."""
 
-    def __init__(self, tokenizer_file: "os.PathLike[str] | str", tokenizer_config: Optional[dict] = None,
-                 special_tokens_map: Optional[dict] = None):
+    def __init__(
+        self,
+        tokenizer_file: "os.PathLike[str] | str",
+        tokenizer_config: Optional[dict] = None,
+        special_tokens_map: Optional[dict] = None,
+    ):
         from tokenizers import Tokenizer as RustTokenizer
 
         self.path = os.fspath(tokenizer_file)
@@ -90,10 +94,12 @@ class HFTokenizer:
         probe = "a"
         plain = self._tk.encode(probe, add_special_tokens=False).ids
         full = self._tk.encode(probe, add_special_tokens=True).ids
-        at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), None)
+        at = next((k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain), None)
         if at is None:
-            raise HFTokenizerError(f"{self.path}: the post-processor changes the text's own ids, which is not supported")
-        self._prefix, self._suffix = full[:at], full[at + len(plain):]
+            raise HFTokenizerError(
+                f"{self.path}: the post-processor changes the text's own ids, which is not supported"
+            )
+        self._prefix, self._suffix = full[:at], full[at + len(plain) :]
         self.add_bos_token: bool = bool(self._prefix)
         self.add_eos_token: bool = bool(self._suffix)
 
@@ -102,8 +108,11 @@ class HFTokenizer:
         path = os.fspath(path)
         if tokenizer_config is None:
             tokenizer_config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        return cls(os.path.join(path, "tokenizer.json"), tokenizer_config,
-                   _read_json(os.path.join(path, "special_tokens_map.json")))
+        return cls(
+            os.path.join(path, "tokenizer.json"),
+            tokenizer_config,
+            _read_json(os.path.join(path, "special_tokens_map.json")),
+        )
 
     # ---- ids of named tokens -------------------------------------------------------
     def token_to_id(self, token: str) -> int:
@@ -131,6 +140,7 @@ class HFTokenizer:
     def _plain_tokenizer(self):
         if self._plain_tk is None:
             from tokenizers import Tokenizer as RustTokenizer
+
             self._plain_tk = RustTokenizer.from_file(self.path)
             self._plain_tk.encode_special_tokens = True
         return self._plain_tk
@@ -144,7 +154,7 @@ class HFTokenizer:
             i = self._by_content[m.group()]
             if not self.added_tokens[i].special or plain(m.start(), m.end(), m.group()):
                 continue  # text: the library matches non-special ones itself
-            pieces += [text[start:m.start()], i]
+            pieces += [text[start : m.start()], i]
             start = m.end()
         pieces.append(text[start:])
         # lstrip / rstrip: the token swallows the whitespace on that side.
@@ -164,9 +174,15 @@ class HFTokenizer:
                 ids += tk.encode(piece, add_special_tokens=False).ids
         return ids
 
-    def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
-               allow_special_tokens: bool = True,
-               plain_spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]:
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: Optional[bool] = None,
+        add_eos: Optional[bool] = None,
+        allow_special_tokens: bool = True,
+        plain_spans: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> List[int]:
         """Ids of `text`. add_bos/add_eos None: what the tokenizer's post-processor adds
         (as transformers' tokenizer(text)); True/False: the BOS/EOS or nothing.
         allow_special_tokens=False encodes the strings of special tokens as plain text;
@@ -235,22 +251,22 @@ class HFStreamDecoder:
         return self.tokenizer._tk.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _emit(self, final: bool) -> str:
-        full = self._decode(self._ids[self._p:])
+        full = self._decode(self._ids[self._p :])
         if not final and full.endswith("\ufffd"):
             return ""
         if not full.startswith(self._prefix):
             # A decoder that rewrites across the window start: widen the window to the
             # whole stream, whose text the emitted text is a prefix of.
             self._p = 0
-            self._prefix = self._decode(self._ids[:self._r])
+            self._prefix = self._decode(self._ids[: self._r])
             full = self._decode(self._ids)
             if not full.startswith(self._prefix):
                 raise AssertionError(f"the tokenizer decoded {self._prefix!r}, then {full!r} for more ids")
-        delta = full[len(self._prefix):]
+        delta = full[len(self._prefix) :]
         self._r = len(self._ids)
         if self._p < self._last_plain < self._r:
             self._p = self._last_plain
-            self._prefix = self._decode(self._ids[self._p:self._r])
+            self._prefix = self._decode(self._ids[self._p : self._r])
         else:
             self._prefix = full
         return delta

@@ -36,12 +36,22 @@ from .sampling import SamplingParams
 from .tokenizer import TokenizerProtocol
 
 NTK_MODES = ("hf", "fixed")
+
+
 class LLM:
     # Prompts whose prefill takes seconds report their progress on stderr (PrefillProgress).
     prefill_progress = True
 
-    def __init__(self, model: Transformer, tokenizer: TokenizerProtocol, *, ntk_mode: str = "hf",
-                 stop_ids: Optional[Sequence[int]] = None, chat_template=None, cuda_graph: bool = True):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: TokenizerProtocol,
+        *,
+        ntk_mode: str = "hf",
+        stop_ids: Optional[Sequence[int]] = None,
+        chat_template=None,
+        cuda_graph: bool = True,
+    ):
         # GGUF hook: a model's own chat template (chat_template.ChatTemplate) replaces
         # InternLM2's prompt format for chat() and message prompts.
         self.chat_template = chat_template
@@ -74,6 +84,7 @@ class LLM:
         graph = self._graphs.get(batch)
         if graph is None:
             from .cuda_graph import DecodeGraph
+
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             bases_for = self._bases_for if self.ntk_mode == "hf" else None
@@ -93,10 +104,12 @@ class LLM:
     # ---- inputs ------------------------------------------------------------------------
     def _encode_chat(self, query_or_messages, history=(), system=None, allow_special_tokens: bool = True) -> List[int]:
         if self.chat_template is not None:
-            return self.chat_template.encode(query_or_messages, history, system,
-                                             allow_special_tokens=allow_special_tokens)
-        return encode_chat(self.tokenizer, query_or_messages, history, system,
-                           allow_special_tokens=allow_special_tokens)
+            return self.chat_template.encode(
+                query_or_messages, history, system, allow_special_tokens=allow_special_tokens
+            )
+        return encode_chat(
+            self.tokenizer, query_or_messages, history, system, allow_special_tokens=allow_special_tokens
+        )
 
     def _prompts(self, prompt, allow_special_tokens: bool = True) -> Tuple[List[List[int]], bool]:
         """-> (list of prompt ids, whether one prompt was given). allow_special_tokens=False
@@ -121,7 +134,9 @@ class LLM:
             return [encode(prompt)], True
         if isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1 or prompt.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"a token-id prompt tensor must be 1-D int32/int64, got {prompt.dtype} {tuple(prompt.shape)}")
+                raise ValueError(
+                    f"a token-id prompt tensor must be 1-D int32/int64, got {prompt.dtype} {tuple(prompt.shape)}"
+                )
             return [prompt.tolist()], True
         if is_ids(prompt):
             return [list(prompt)], True
@@ -137,11 +152,14 @@ class LLM:
                 elif is_messages(p):
                     out.append(encode_chat_(list(p)))
                 else:
-                    raise TypeError(f"prompt[{n}] must be a str, a list of token ids or a list of messages, "
-                                    f"got {type(p).__name__}")
+                    raise TypeError(
+                        f"prompt[{n}] must be a str, a list of token ids or a list of messages, got {type(p).__name__}"
+                    )
             return out, False
-        raise TypeError("prompt must be a str, a list of str, a list of token ids, or a list of "
-                        f"{{'role', 'content'}} messages, got {type(prompt).__name__}")
+        raise TypeError(
+            "prompt must be a str, a list of str, a list of token ids, or a list of "
+            f"{{'role', 'content'}} messages, got {type(prompt).__name__}"
+        )
 
     def _check_request(self, prompts: List[List[int]], max_new_tokens: int) -> None:
         """Everything a request needs is checked here, before any work. A sequence of L
@@ -158,9 +176,11 @@ class LLM:
                 raise ValueError(f"prompt {n} has token id {bad[0]} outside the vocabulary [0, {vocab})")
             need = len(ids) + max(max_new_tokens - 1, 0)
             if need > self.model.max_seq_len:
-                raise ValueError(f"prompt {n} has {len(ids)} tokens, and with max_new_tokens {max_new_tokens} needs "
-                                 f"{need} cache positions (prompt + max_new_tokens - 1) > max_seq_len "
-                                 f"{self.model.max_seq_len}")
+                raise ValueError(
+                    f"prompt {n} has {len(ids)} tokens, and with max_new_tokens {max_new_tokens} needs "
+                    f"{need} cache positions (prompt + max_new_tokens - 1) > max_seq_len "
+                    f"{self.model.max_seq_len}"
+                )
 
     # ---- public API --------------------------------------------------------------------
     @property
@@ -169,6 +189,7 @@ class LLM:
         scheduler thread owns the KV-cache slots: two callers never share a slot). With
         max_batch=1 concurrent requests queue; load(..., max_batch=N) runs N at once."""
         from .engine import Engine
+
         with self._engine_lock:
             engine = self._engine
         if engine is not None and engine.healthy:
@@ -178,10 +199,20 @@ class LLM:
         except ValueError:  # another thread created it first
             return self._engine
 
-    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None,
-                 stream: bool = False, **options: Any):
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[None, str, Sequence[str]] = None,
+        stream: bool = False,
+        **options: Any,
+    ):
         """Generate from a str, a list of str, token ids (a list or a 1-D tensor), a list of
         lists of ids, or OpenAI-style messages. Returns a Generation (one prompt) or a list
         of them; with stream=True an iterator of text deltas (one prompt) or of
@@ -199,8 +230,17 @@ class LLM:
         prompts, single = self._prompts(prompt, options.pop("allow_special_tokens", True))
         self._check_request(prompts, max_new_tokens)
         engine = self.engine
-        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, **options)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+            **options,
+        )
         if stream:
             return self._stream(engine, prompts, single, kwargs)
         requests = []
@@ -240,8 +280,13 @@ class LLM:
             for r in requests:
                 r.cancel()
 
-    def chat(self, query: str, history: Optional[Sequence[Tuple[str, str]]] = None,
-             system: Optional[str] = None, **sampling: Any) -> Tuple[str, List[Tuple[str, str]]]:
+    def chat(
+        self,
+        query: str,
+        history: Optional[Sequence[Tuple[str, str]]] = None,
+        system: Optional[str] = None,
+        **sampling: Any,
+    ) -> Tuple[str, List[Tuple[str, str]]]:
         """One chat turn with InternLM2's prompt format (see chat.py); returns the response
         and the history with this turn appended. Sampling defaults to the remote code's
         chat defaults (temperature 0.8, top_p 0.8, up to 1024 new tokens). The previous
@@ -251,8 +296,13 @@ class LLM:
         result = self.generate(ids, **kwargs)
         return result.text, list(history or []) + [(query, result.text)]
 
-    def stream_chat(self, query: str, history: Optional[Sequence[Tuple[str, str]]] = None,
-                    system: Optional[str] = None, **sampling: Any) -> Iterator[str]:
+    def stream_chat(
+        self,
+        query: str,
+        history: Optional[Sequence[Tuple[str, str]]] = None,
+        system: Optional[str] = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
         """Like chat, yielding the response as text deltas. For the remote code's shape
         (cumulative response and history), see `hf_chat()`."""
         ids, kwargs = self._chat_request(query, history, system, sampling)
@@ -309,8 +359,7 @@ class HFChat:
     def __init__(self, llm: "LLM"):
         self.llm = llm
 
-    def _kwargs(self, max_new_tokens=None, do_sample=True, temperature=0.8, top_p=0.8, meta_instruction=None,
-                **extra):
+    def _kwargs(self, max_new_tokens=None, do_sample=True, temperature=0.8, top_p=0.8, meta_instruction=None, **extra):
         unknown = set(extra) - {"top_k", "min_p", "repetition_penalty", "seed", "stop"}
         if unknown:
             raise TypeError(f"unsupported keyword arguments {sorted(unknown)}")

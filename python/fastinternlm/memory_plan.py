@@ -56,14 +56,26 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        return cls(config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-                   config.intermediate_size, config.vocab_size, bool(config.tie_word_embeddings))
+        return cls(
+            config.num_layers,
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.intermediate_size,
+            config.vocab_size,
+            bool(config.tie_word_embeddings),
+        )
 
     def linear_shapes(self):
         """(rows, inputs) of each decoder layer's linears: wqkv, wo, w13 (gate and up), w2."""
         d = self.head_dim
-        return [((self.heads + 2 * self.kv_heads) * d, self.hidden), (self.hidden, self.heads * d),
-                (2 * self.ffn, self.hidden), (self.hidden, self.ffn)]
+        return [
+            ((self.heads + 2 * self.kv_heads) * d, self.hidden),
+            (self.hidden, self.heads * d),
+            (2 * self.ffn, self.hidden),
+            (self.hidden, self.ffn),
+        ]
 
 
 def _act(dtype: str) -> int:
@@ -73,9 +85,15 @@ def _act(dtype: str) -> int:
 
 
 def dtype_name(dtype) -> str:
-    """"fp16" / "bf16" / "fp32" for a torch dtype or one of those names."""
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-             "float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+    """ "fp16" / "bf16" / "fp32" for a torch dtype or one of those names."""
+    names = {
+        torch.float16: "fp16",
+        torch.bfloat16: "bf16",
+        torch.float32: "fp32",
+        "float16": "fp16",
+        "bfloat16": "bf16",
+        "float32": "fp32",
+    }
     return names.get(dtype, dtype)
 
 
@@ -85,8 +103,9 @@ def int4_linear_bytes(rows: int, inputs: int, group_size: int) -> int:
     return rows * inputs // 2 + 2 * 2 * rows * (inputs // group_size)
 
 
-def weight_bytes(shape: ModelShape, dtype: str = "fp16", quant: Optional[str] = None, group_size: int = 128,
-                 quant_head: bool = False) -> int:
+def weight_bytes(
+    shape: ModelShape, dtype: str = "fp16", quant: Optional[str] = None, group_size: int = 128, quant_head: bool = False
+) -> int:
     act = _act(dtype)
     if quant not in (None, "int4"):
         raise ValueError(f"quant must be None or 'int4', got {quant!r}")
@@ -128,10 +147,12 @@ def workspace_bytes(shape: ModelShape, dtype: str, max_batch: int, chunk: int) -
     act = _act(dtype)
     d = shape.head_dim
     rows = max(chunk, max_batch)
-    per_row = (3 * shape.hidden  # residual, normed input, a linear's output
-               + 2 * (shape.heads + 2 * shape.kv_heads) * d  # fused qkv, and q/k/v split from it
-               + shape.heads * d  # attention output
-               + 3 * shape.ffn)  # w13 output, SwiGLU output
+    per_row = (
+        3 * shape.hidden  # residual, normed input, a linear's output
+        + 2 * (shape.heads + 2 * shape.kv_heads) * d  # fused qkv, and q/k/v split from it
+        + shape.heads * d  # attention output
+        + 3 * shape.ffn
+    )  # w13 output, SwiGLU output
     decode_scratch = max_batch * shape.heads * MAX_DECODE_SPLITS * (d + 2) * 4
     logits = max_batch * shape.vocab * 4 * 2  # float32 logits and a sampling copy
     return rows * per_row * act + decode_scratch + logits
@@ -155,18 +176,31 @@ class MemoryPlan:
         return self.weights + self.kv_cache_bytes + self.workspace + self.reserve
 
     def describe(self) -> str:
-        return (f"weights {gib(self.weights)} + KV cache {gib(self.kv_cache_bytes)} ({self.kv_cache}, "
-                f"{self.max_batch} x {self.max_seq_len} tokens, parameters {gib(self.kv_params)}) + workspace "
-                f"{gib(self.workspace)} + reserve {gib(self.reserve)} = {gib(self.total)}")
+        return (
+            f"weights {gib(self.weights)} + KV cache {gib(self.kv_cache_bytes)} ({self.kv_cache}, "
+            f"{self.max_batch} x {self.max_seq_len} tokens, parameters {gib(self.kv_params)}) + workspace "
+            f"{gib(self.workspace)} + reserve {gib(self.reserve)} = {gib(self.total)}"
+        )
 
 
 def gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def plan(shape: ModelShape, *, max_seq_len: int, max_batch: int = 1, kv_cache: str = "fp16", dtype: str = "fp16",
-         quant: Optional[str] = None, group_size: int = 128, quant_head: bool = False, chunk: int = 2048,
-         reserve: int = DEFAULT_RESERVE, weights: Optional[int] = None) -> MemoryPlan:
+def plan(
+    shape: ModelShape,
+    *,
+    max_seq_len: int,
+    max_batch: int = 1,
+    kv_cache: str = "fp16",
+    dtype: str = "fp16",
+    quant: Optional[str] = None,
+    group_size: int = 128,
+    quant_head: bool = False,
+    chunk: int = 2048,
+    reserve: int = DEFAULT_RESERVE,
+    weights: Optional[int] = None,
+) -> MemoryPlan:
     """weights: bytes to count for the weights instead of computing them (0 when they are
     already resident and the free memory was measured after loading them)."""
     dtype = dtype_name(dtype)
@@ -175,10 +209,18 @@ def plan(shape: ModelShape, *, max_seq_len: int, max_batch: int = 1, kv_cache: s
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     tokens = max_seq_len * max_batch
-    return MemoryPlan(shape, dtype, kv_cache, max_seq_len, max_batch,
-                      weight_bytes(shape, dtype, quant, group_size, quant_head) if weights is None else weights,
-                      kv_bytes_per_token(shape, kv_cache) * tokens, kv_param_bytes_per_token(shape, kv_cache) * tokens,
-                      workspace_bytes(shape, dtype, max_batch, min(chunk, max_seq_len)), reserve)
+    return MemoryPlan(
+        shape,
+        dtype,
+        kv_cache,
+        max_seq_len,
+        max_batch,
+        weight_bytes(shape, dtype, quant, group_size, quant_head) if weights is None else weights,
+        kv_bytes_per_token(shape, kv_cache) * tokens,
+        kv_param_bytes_per_token(shape, kv_cache) * tokens,
+        workspace_bytes(shape, dtype, max_batch, min(chunk, max_seq_len)),
+        reserve,
+    )
 
 
 def largest_context(shape: ModelShape, free: int, *, max_batch: int = 1, kv_cache: str = "fp16", **kw) -> int:
@@ -186,8 +228,9 @@ def largest_context(shape: ModelShape, free: int, *, max_batch: int = 1, kv_cach
     rounded down to a multiple of 64 above 64 tokens."""
     fixed = plan(shape, max_seq_len=1, max_batch=max_batch, kv_cache=kv_cache, **kw)
     # The workspace grows with the context up to one prefill chunk: plan at a full chunk.
-    fixed = plan(shape, max_seq_len=max(fixed.max_seq_len, kw.get("chunk", 2048)), max_batch=max_batch,
-                 kv_cache=kv_cache, **kw)
+    fixed = plan(
+        shape, max_seq_len=max(fixed.max_seq_len, kw.get("chunk", 2048)), max_batch=max_batch, kv_cache=kv_cache, **kw
+    )
     fixed_bytes = fixed.total - fixed.kv_cache_bytes
     per_seq_token = kv_bytes_per_token(shape, fixed.kv_cache) * max_batch
     n = max(0, (free - fixed_bytes) // per_seq_token)
@@ -210,21 +253,38 @@ def largest_batch(shape: ModelShape, free: int, *, max_seq_len: int, kv_cache: s
     return lo
 
 
-def alternatives(p: MemoryPlan, free: int, *, quant: Optional[str] = None, group_size: int = 128,
-                 quant_head: bool = False, chunk: int = 2048) -> Dict[str, int]:
+def alternatives(
+    p: MemoryPlan,
+    free: int,
+    *,
+    quant: Optional[str] = None,
+    group_size: int = 128,
+    quant_head: bool = False,
+    chunk: int = 2048,
+) -> Dict[str, int]:
     """What would fit in `free`: the longest context for each smaller cache type at this
     batch, the most slots at this context, the longest context at this batch."""
-    kw = dict(dtype=p.dtype, quant=quant, group_size=group_size, quant_head=quant_head, chunk=chunk, reserve=p.reserve,
-              weights=p.weights)
+    kw = dict(
+        dtype=p.dtype,
+        quant=quant,
+        group_size=group_size,
+        quant_head=quant_head,
+        chunk=chunk,
+        reserve=p.reserve,
+        weights=p.weights,
+    )
     out = {}
     for kv in ("int8", "int4"):
         if kv_row_bytes(p.shape, kv) < kv_row_bytes(p.shape, p.kv_cache):
-            out[f"max_seq_len with kv_cache={kv}"] = largest_context(p.shape, free, max_batch=p.max_batch,
-                                                                     kv_cache=kv, **kw)
-    out["max_batch at this max_seq_len"] = largest_batch(p.shape, free, max_seq_len=p.max_seq_len,
-                                                         kv_cache=p.kv_cache, **kw)
-    out["max_seq_len at this max_batch"] = largest_context(p.shape, free, max_batch=p.max_batch,
-                                                           kv_cache=p.kv_cache, **kw)
+            out[f"max_seq_len with kv_cache={kv}"] = largest_context(
+                p.shape, free, max_batch=p.max_batch, kv_cache=kv, **kw
+            )
+    out["max_batch at this max_seq_len"] = largest_batch(
+        p.shape, free, max_seq_len=p.max_seq_len, kv_cache=p.kv_cache, **kw
+    )
+    out["max_seq_len at this max_batch"] = largest_context(
+        p.shape, free, max_batch=p.max_batch, kv_cache=p.kv_cache, **kw
+    )
     return out
 
 
@@ -234,8 +294,9 @@ def check_fits(p: MemoryPlan, free: int, where: str = "the device", **kw) -> Non
         return
     alt = alternatives(p, free, **kw)
     options = "; ".join(f"{k}: {v}" for k, v in alt.items())
-    raise MemoryPlanError(f"the model does not fit: {p.describe()} > {gib(free)} free on {where}. "
-                          f"What would fit: {options}")
+    raise MemoryPlanError(
+        f"the model does not fit: {p.describe()} > {gib(free)} free on {where}. What would fit: {options}"
+    )
 
 
 def free_memory(device) -> int:
@@ -253,15 +314,35 @@ def free_memory(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def resolve(shape: ModelShape, device, *, max_seq_len, max_batch: int, kv_cache: str, dtype: str,
-            quant: Optional[str] = None, group_size: int = 128, quant_head: bool = False, chunk: int = 2048,
-            free: Optional[int] = None, reserve: int = DEFAULT_RESERVE, weights: Optional[int] = None) -> MemoryPlan:
+def resolve(
+    shape: ModelShape,
+    device,
+    *,
+    max_seq_len,
+    max_batch: int,
+    kv_cache: str,
+    dtype: str,
+    quant: Optional[str] = None,
+    group_size: int = 128,
+    quant_head: bool = False,
+    chunk: int = 2048,
+    free: Optional[int] = None,
+    reserve: int = DEFAULT_RESERVE,
+    weights: Optional[int] = None,
+) -> MemoryPlan:
     """The plan for a load: max_seq_len "auto" becomes the largest context that fits the free
     memory of `device`; an explicit one is checked against it. Raises MemoryPlanError.
     weights=0 when they are loaded already (free then counts what is left after them)."""
     free = free_memory(device) if free is None else free
-    kw = dict(dtype=dtype_name(dtype), quant=quant, group_size=group_size, quant_head=quant_head, chunk=chunk,
-              reserve=reserve, weights=weights)
+    kw = dict(
+        dtype=dtype_name(dtype),
+        quant=quant,
+        group_size=group_size,
+        quant_head=quant_head,
+        chunk=chunk,
+        reserve=reserve,
+        weights=weights,
+    )
     if max_seq_len == "auto":
         n = largest_context(shape, free, max_batch=max_batch, kv_cache=kv_cache, **kw)
         if n < 2:
@@ -275,31 +356,67 @@ def resolve(shape: ModelShape, device, *, max_seq_len, max_batch: int, kv_cache:
 
 # GPU sizes for the `info --plan` table: (name, usable bytes: the card's memory less what the
 # driver and a CUDA context keep, about 0.5-0.9 GiB).
-GPU_SIZES = (("24 GB", 23 * GiB), ("40 GB", 39 * GiB), ("48 GB", 47 * GiB), ("80 GB", 79 * GiB),
-             ("141 GB", 139 * GiB))
+GPU_SIZES = (("24 GB", 23 * GiB), ("40 GB", 39 * GiB), ("48 GB", 47 * GiB), ("80 GB", 79 * GiB), ("141 GB", 139 * GiB))
 
 
-def report(shape: ModelShape, *, dtype: str = "bf16", quant: Optional[str] = None, group_size: int = 128,
-           quant_head: bool = False, max_batch: int = 1) -> str:
+def report(
+    shape: ModelShape,
+    *,
+    dtype: str = "bf16",
+    quant: Optional[str] = None,
+    group_size: int = 128,
+    quant_head: bool = False,
+    max_batch: int = 1,
+) -> str:
     """The text of `fastinternlm info MODEL --plan`."""
-    lines = [f"weights: {gib(weight_bytes(shape, dtype_name(dtype), quant, group_size, quant_head))} "
-             f"({dtype_name(dtype)}{', int4 linears' if quant else ''})",
-             "KV cache per token (all layers, K and V):"]
+    lines = [
+        f"weights: {gib(weight_bytes(shape, dtype_name(dtype), quant, group_size, quant_head))} "
+        f"({dtype_name(dtype)}{', int4 linears' if quant else ''})",
+        "KV cache per token (all layers, K and V):",
+    ]
     kvs = [dtype_name(dtype), "int8", "int4"]
     for kv in kvs:
         per = kv_bytes_per_token(shape, kv)
         params = kv_param_bytes_per_token(shape, kv)
-        lines.append(f"  {kv:5s} {per / 1024:8.1f} KiB" + (f" (parameters {params / 1024:.1f} KiB)" if params else "")
-                     + f"; 1M tokens: {gib(per << 20)}")
+        lines.append(
+            f"  {kv:5s} {per / 1024:8.1f} KiB"
+            + (f" (parameters {params / 1024:.1f} KiB)" if params else "")
+            + f"; 1M tokens: {gib(per << 20)}"
+        )
     lines.append(f"largest context per GPU (max_batch {max_batch}, {dtype_name(dtype)} activations):")
     lines.append("  GPU      " + "".join(f"{kv:>12s}" for kv in kvs))
     for name, size in GPU_SIZES:
-        row = [largest_context(shape, size, max_batch=max_batch, kv_cache=kv, dtype=dtype_name(dtype), quant=quant,
-                               group_size=group_size, quant_head=quant_head) for kv in kvs]
+        row = [
+            largest_context(
+                shape,
+                size,
+                max_batch=max_batch,
+                kv_cache=kv,
+                dtype=dtype_name(dtype),
+                quant=quant,
+                group_size=group_size,
+                quant_head=quant_head,
+            )
+            for kv in kvs
+        ]
         lines.append(f"  {name:8s} " + "".join(f"{n:12d}" for n in row))
     return "\n".join(lines)
 
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "ModelShape", "alternatives", "check_fits", "free_memory",
-           "kv_bytes_per_token", "kv_row_bytes", "largest_batch", "largest_context", "plan", "report", "resolve",
-           "weight_bytes", "workspace_bytes"]
+__all__ = [
+    "MemoryPlan",
+    "MemoryPlanError",
+    "ModelShape",
+    "alternatives",
+    "check_fits",
+    "free_memory",
+    "kv_bytes_per_token",
+    "kv_row_bytes",
+    "largest_batch",
+    "largest_context",
+    "plan",
+    "report",
+    "resolve",
+    "weight_bytes",
+    "workspace_bytes",
+]

@@ -41,21 +41,23 @@ Weight = Union[torch.Tensor, "ops.Int4Weight"]
 class Layer:
     """One decoder layer's weights: the one weight form every loader returns (linears
     dense or ops.Int4Weight; row layouts in weights/layout.py)."""
+
     attention_norm: torch.Tensor
-    wqkv: Weight              # [(H + 2 KV) * D, hidden], grouped per KV head
-    wo: Weight                # [hidden, H * D]
+    wqkv: Weight  # [(H + 2 KV) * D, hidden], grouped per KV head
+    wo: Weight  # [hidden, H * D]
     ffn_norm: torch.Tensor
-    w13: Weight               # [2 * ffn, hidden]: gate (w1) rows, then up (w3) rows
-    w2: Weight                # [hidden, ffn]
+    w13: Weight  # [2 * ffn, hidden]: gate (w1) rows, then up (w3) rows
+    w2: Weight  # [hidden, ffn]
 
 
 @dataclasses.dataclass
 class ModelWeights:
     """Everything a Transformer is built from, as every loader returns it."""
+
     tok_embeddings: torch.Tensor  # [vocab, hidden]
     layers: List[Layer]
-    norm: torch.Tensor            # [hidden]
-    output: Weight                # [vocab, hidden]; `is tok_embeddings` when tied (and not quantized)
+    norm: torch.Tensor  # [hidden]
+    output: Weight  # [vocab, hidden]; `is tok_embeddings` when tied (and not quantized)
 
     def named_tensors(self) -> Iterator[Tuple[str, Weight]]:
         """Names as in Transformer ("layers.3.wqkv"); a tied output is listed once."""
@@ -72,8 +74,9 @@ class ModelWeights:
         check_finite(_floating(self.named_tensors()))
 
     def nbytes(self) -> int:
-        return sum(t.nbytes if isinstance(t, ops.Int4Weight) else t.numel() * t.element_size()
-                   for _, t in self.named_tensors())
+        return sum(
+            t.nbytes if isinstance(t, ops.Int4Weight) else t.numel() * t.element_size() for _, t in self.named_tensors()
+        )
 
 
 class NonFiniteWeightError(ValueError):
@@ -89,14 +92,20 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
     flat = t.reshape(-1)
     ok = torch.ones((), dtype=torch.bool, device=t.device)
     for i in range(0, flat.numel(), _FINITE_CHUNK):
-        ok &= torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()
+        ok &= torch.isfinite(flat[i : i + _FINITE_CHUNK]).all()
     return ok
 
 
 # kv_cache names: the activation dtypes (the cache must then be the model's own) and the
 # quantized formats.
-KV_CACHE_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-                  "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KV_CACHE_FLOAT = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
 KV_CACHE_TYPES = ("fp16", "bf16", "fp32", "int8", "int4")
 
 
@@ -110,8 +119,10 @@ def resolve_kv_cache(kv_cache: Optional[str], dtype: torch.dtype) -> str:
     if not isinstance(kv_cache, str) or (kv_cache not in KV_CACHE_FLOAT and kv_cache not in ops.KV_QUANT_FORMATS):
         raise ValueError(f"kv_cache must be one of {KV_CACHE_TYPES} or None, got {kv_cache!r}")
     if kv_cache in KV_CACHE_FLOAT and KV_CACHE_FLOAT[kv_cache] != dtype:
-        raise ValueError(f"kv_cache {kv_cache!r} must match the activation dtype {own} (a float cache is read in "
-                         f"the activation dtype); pass None, {own!r}, 'int8' or 'int4'")
+        raise ValueError(
+            f"kv_cache {kv_cache!r} must match the activation dtype {own} (a float cache is read in "
+            f"the activation dtype); pass None, {own!r}, 'int8' or 'int4'"
+        )
     return own if kv_cache in KV_CACHE_FLOAT else kv_cache
 
 
@@ -139,7 +150,8 @@ def check_finite(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
     count, first = int(bad.sum()), int(bad.nonzero()[0])
     raise NonFiniteWeightError(
         f"weight {name} {tuple(t.shape)} holds {count} non-finite value(s) (NaN or Inf); the first at "
-        f"flat index {first} is {float(t.reshape(-1)[first])}")
+        f"flat index {first} is {float(t.reshape(-1)[first])}"
+    )
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
@@ -150,9 +162,18 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, tok_embeddings: torch.Tensor, layers: List[Layer],
-                 norm: torch.Tensor, output: Weight, *, max_batch: int, max_seq_len: Union[int, str],
-                 kv_cache: Optional[str] = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tok_embeddings: torch.Tensor,
+        layers: List[Layer],
+        norm: torch.Tensor,
+        output: Weight,
+        *,
+        max_batch: int,
+        max_seq_len: Union[int, str],
+        kv_cache: Optional[str] = None,
+    ):
         """max_seq_len "auto": the longest context whose cache and workspace fit the free
         memory of the weights' device now (memory_plan.py). An explicit one is checked the
         same way first: a cache that does not fit is refused with the numbers and what
@@ -167,13 +188,23 @@ class Transformer:
         self.kv_cache = resolve_kv_cache(kv_cache, self.dtype)
         # The weights are resident already: the free memory is what the rest may use.
         self.memory_plan = memory_plan.resolve(
-            memory_plan.ModelShape.from_config(config), self.device, max_seq_len=max_seq_len, max_batch=max_batch,
-            kv_cache=self.kv_cache, dtype=self.dtype, weights=0)
+            memory_plan.ModelShape.from_config(config),
+            self.device,
+            max_seq_len=max_seq_len,
+            max_batch=max_batch,
+            kv_cache=self.kv_cache,
+            dtype=self.dtype,
+            weights=0,
+        )
         max_seq_len = self.memory_plan.max_seq_len
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        pairs = [ops.empty_kv_cache(self.kv_cache, max_batch, config.num_kv_heads, max_seq_len, config.head_dim,
-                                    self.dtype, self.device) for _ in layers]
+        pairs = [
+            ops.empty_kv_cache(
+                self.kv_cache, max_batch, config.num_kv_heads, max_seq_len, config.head_dim, self.dtype, self.device
+            )
+            for _ in layers
+        ]
         self.k_cache = [k for k, _ in pairs]
         self.v_cache = [v for _, v in pairs]
 
@@ -190,11 +221,12 @@ class Transformer:
 
     def cache_bytes(self) -> int:
         """Bytes of the KV cache, parameters of a quantized one included."""
-        return sum(c.nbytes() if isinstance(c, ops.QuantizedKV) else c.numel() * c.element_size()
-                   for c in self.k_cache + self.v_cache)
+        return sum(
+            c.nbytes() if isinstance(c, ops.QuantizedKV) else c.numel() * c.element_size()
+            for c in self.k_cache + self.v_cache
+        )
 
-    def _forward(self, tokens: torch.Tensor,
-                 attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Hidden states after the final norm for `tokens` [T]; attend(layer, qkv) takes the
         fused projection [T, kv_heads, G + 2, D], applies RoPE, writes k, v into the cache
         and returns the attention output [T, H, D]."""
@@ -236,8 +268,9 @@ class Transformer:
 
         return self._forward(tokens, attend)
 
-    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-               bases: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, bases: torch.Tensor
+    ) -> torch.Tensor:
         """One token per sequence: tokens [B] at positions [B] (int32) in slots [B] (int32),
         rotary bases [B] (float32), all on the device; returns float32 logits [B, vocab].
         The caller validates slots and positions once; nothing here syncs with the host.
@@ -245,17 +278,22 @@ class Transformer:
         (attention_decode_qkv): no split copies, no rotary launch."""
         return self.logits(self.decode_hidden(tokens, slots, positions, bases))
 
-    def decode_hidden(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                      bases: torch.Tensor) -> torch.Tensor:
+    def decode_hidden(
+        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, bases: torch.Tensor
+    ) -> torch.Tensor:
         """decode without the output head: the final hidden states [B, hidden] (the engine
         runs the head itself, over decode and prefill rows together). A row whose slot is
         out of range (-1) writes nothing into the cache; its output is meaningless."""
         c = self.config
-        workspace = torch.empty(ops.attention_decode_workspace_bytes(tokens.shape[0], c.num_heads, self.k_cache[0]),
-                                dtype=torch.uint8, device=self.device)
+        workspace = torch.empty(
+            ops.attention_decode_workspace_bytes(tokens.shape[0], c.num_heads, self.k_cache[0]),
+            dtype=torch.uint8,
+            device=self.device,
+        )
 
         def attend(i, qkv):
-            return ops.attention_decode_qkv(qkv, self.k_cache[i], self.v_cache[i], slots, positions, bases,
-                                            workspace=workspace, check_indices=False)
+            return ops.attention_decode_qkv(
+                qkv, self.k_cache[i], self.v_cache[i], slots, positions, bases, workspace=workspace, check_indices=False
+            )
 
         return self._forward(tokens, attend)

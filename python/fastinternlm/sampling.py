@@ -26,21 +26,22 @@ import torch
 MIN_TEMPERATURE = 1e-5
 # torch.Generator.manual_seed takes a 64-bit seed (negative ones wrap); outside that range
 # pybind reports "Overflow when unpacking long long", which names no argument.
-SEED_RANGE = (-(2 ** 63), 2 ** 64)
+SEED_RANGE = (-(2**63), 2**64)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0      # 0: greedy
-    top_k: int = 0                # 0: off
-    top_p: float = 1.0            # 1: off
-    min_p: float = 0.0            # 0: off
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
 
     def __post_init__(self):
         def bad(name, want):
             raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             bad("temperature", "a number >= 0")
         if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
@@ -51,8 +52,11 @@ class SamplingParams:
             bad("min_p", "in [0, 1)")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             bad("repetition_penalty", "a number > 0")
-        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                          and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+        if self.seed is not None and not (
+            isinstance(self.seed, int)
+            and not isinstance(self.seed, bool)
+            and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]
+        ):
             bad("seed", "None or an integer in [-2**63, 2**64)")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             if getattr(self, name) != getattr(self, name) or abs(getattr(self, name)) == float("inf"):
@@ -70,8 +74,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None,
-           seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: Optional[torch.Generator] = None,
+    seen: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """logits float32 [B, V] -> token ids int64 [B], on the logits' device."""
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -97,9 +105,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     return (probs / race).argmax(dim=-1)
 
 
-def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[Optional[torch.Generator]], seen: Optional[torch.Tensor] = None,
-                vocab_limit: Optional[int] = None) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[Optional[torch.Generator]],
+    seen: Optional[torch.Tensor] = None,
+    vocab_limit: Optional[int] = None,
+) -> torch.Tensor:
     """logits float32 [B, V] -> int64 ids [B] on the device; row b sampled with params[b]
     and generators[b] (None for greedy rows), seen[b] the tokens its repetition penalty
     applies to (only read when some row has a penalty). Ids >= vocab_limit are never
@@ -107,8 +119,9 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     No host synchronisation: which filters run is decided from the host-side params."""
     batch = logits.shape[0]
     if len(params) != batch or len(generators) != batch:
-        raise ValueError(f"need one SamplingParams and one generator per row ({batch}), "
-                         f"got {len(params)} and {len(generators)}")
+        raise ValueError(
+            f"need one SamplingParams and one generator per row ({batch}), got {len(params)} and {len(generators)}"
+        )
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits[:, :vocab_limit]
     dev = logits.device
@@ -118,7 +131,7 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
             raise ValueError("a row has a repetition penalty: pass seen")
         penalty = torch.tensor([float(p.repetition_penalty) for p in params], dtype=logits.dtype, device=dev)[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen[:, :logits.shape[-1]], penalised, logits)
+        logits = torch.where(seen[:, : logits.shape[-1]], penalised, logits)
     tokens = logits.argmax(dim=-1)
     rows: List[int] = [b for b, p in enumerate(params) if not p.greedy]
     if rows:
@@ -147,7 +160,8 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
             probs = probs.masked_fill(probs < probs.max(dim=-1, keepdim=True).values * min_p, 0.0)
         # Each row's noise from its own generator: what a seeded row draws cannot depend on
         # which rows share the step.
-        race = torch.stack([torch.empty(vocab, dtype=probs.dtype, device=dev).exponential_(1.0, generator=generators[b])
-                            for b in rows])
+        race = torch.stack(
+            [torch.empty(vocab, dtype=probs.dtype, device=dev).exponential_(1.0, generator=generators[b]) for b in rows]
+        )
         tokens = tokens.index_copy(0, index, (probs / race).argmax(dim=-1))
     return torch.where(bad, torch.full_like(tokens, -1), tokens)

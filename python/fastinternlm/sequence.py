@@ -28,7 +28,7 @@ PROGRESS_AFTER_S = 2.0
 
 
 class PrefillProgress:
-    """"prefill: done/total tokens, rate" on stderr for prefills that take seconds (a
+    """ "prefill: done/total tokens, rate" on stderr for prefills that take seconds (a
     1M-token prompt takes minutes). On CUDA the host runs ahead of the device, so the
     device is synchronised before each report (at most once a second: no measurable cost)."""
 
@@ -48,21 +48,26 @@ class PrefillProgress:
         self.last, self.shown = now, True
         elapsed = now - self.t0
         end = "\n" if done >= self.total else ""
-        print(f"\rprefill: {done}/{self.total} tokens, {elapsed:.1f} s, {done / elapsed:.0f} tokens/s", end=end,
-              file=self.stream, flush=True)
+        print(
+            f"\rprefill: {done}/{self.total} tokens, {elapsed:.1f} s, {done / elapsed:.0f} tokens/s",
+            end=end,
+            file=self.stream,
+            flush=True,
+        )
 
 
 @dataclasses.dataclass
 class Generation:
     """One prompt's result."""
+
     text: str
-    token_ids: List[int]            # generated ids (the stop token included when one ended it)
-    finish_reason: str              # "stop" (a stop token), "stop_string", "length", or from the
-                                    # engine "cancelled", "timeout", "error"
+    token_ids: List[int]  # generated ids (the stop token included when one ended it)
+    finish_reason: str  # "stop" (a stop token), "stop_string", "length", or from the
+    # engine "cancelled", "timeout", "error"
     prompt_tokens: int
-    time_to_first_token: float      # seconds from the call to the first sampled token
-    decode_tokens_per_s: float      # tokens after the first, per second of decoding
-    error: Optional[str] = None     # what went wrong, when finish_reason is "error"
+    time_to_first_token: float  # seconds from the call to the first sampled token
+    decode_tokens_per_s: float  # tokens after the first, per second of decoding
+    error: Optional[str] = None  # what went wrong, when finish_reason is "error"
 
 
 class SequenceState:
@@ -94,7 +99,7 @@ class SequenceState:
         # before it, so long generations do not rescan their whole text every token.
         hits = [at for s in self.stops for at in [self.text.find(s, max(0, before - len(s) + 1))] if at >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             self.finish_reason = "stop_string"
 
     def delta(self) -> str:
@@ -107,6 +112,6 @@ class SequenceState:
                     if self.text.endswith(s[:n]):
                         end = min(end, len(self.text) - n)
                         break
-        out = self.text[self.emitted:end]
+        out = self.text[self.emitted : end]
         self.emitted = max(self.emitted, end)
         return out

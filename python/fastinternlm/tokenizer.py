@@ -68,9 +68,15 @@ class TokenizerProtocol(Protocol):
 
     def is_special(self, token_id: int) -> bool: ...
 
-    def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
-               allow_special_tokens: bool = True,
-               plain_spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]: ...
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: Optional[bool] = None,
+        add_eos: Optional[bool] = None,
+        allow_special_tokens: bool = True,
+        plain_spans: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> List[int]: ...
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str: ...
 
@@ -90,7 +96,7 @@ def split_added_tokens(text: str, split, by_content: Dict[str, int], encode_text
         if plain is not None and plain(m.start(), m.end(), m.group()):
             continue
         if m.start() > start:
-            ids.extend(encode_text(text[start:m.start()]))
+            ids.extend(encode_text(text[start : m.start()]))
         ids.append(by_content[m.group()])
         start = m.end()
     if start < len(text):
@@ -98,8 +104,12 @@ def split_added_tokens(text: str, split, by_content: Dict[str, int], encode_text
     return ids
 
 
-def plain_tokens(added_tokens: Dict[int, "AddedToken"], by_content: Dict[str, int], allow_special_tokens: bool,
-                 plain_spans: Optional[Sequence[Tuple[int, int]]]):
+def plain_tokens(
+    added_tokens: Dict[int, "AddedToken"],
+    by_content: Dict[str, int],
+    allow_special_tokens: bool,
+    plain_spans: Optional[Sequence[Tuple[int, int]]],
+):
     """The `plain` test of split_added_tokens for encode's switches: with
     allow_special_tokens=False every special token's string is text; plain_spans (character
     ranges [start, end), e.g. the caller's content inside a chat prompt) makes a special
@@ -115,6 +125,7 @@ def plain_tokens(added_tokens: Dict[int, "AddedToken"], by_content: Dict[str, in
         if not allow_special_tokens:
             return True
         return any(a < end and start < b for a, b in spans)
+
     return plain
 
 
@@ -126,8 +137,10 @@ def check_text(text, name: str = "text") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name} contains a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
-                         f"(of {len(text)}): it is not valid Unicode and has no UTF-8 encoding") from None
+        raise ValueError(
+            f"{name} contains a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+            f"(of {len(text)}): it is not valid Unicode and has no UTF-8 encoding"
+        ) from None
     return text
 
 
@@ -168,7 +181,8 @@ class Tokenizer:
         if not isinstance(add_bos, bool) or not isinstance(add_eos, bool):
             raise ValueError(
                 f"tokenizer_config.json: add_bos_token and add_eos_token must be true or false, "
-                f"got {add_bos!r} and {add_eos!r}")
+                f"got {add_bos!r} and {add_eos!r}"
+            )
         self.add_bos_token: bool = add_bos
         self.add_eos_token: bool = add_eos
         self.added_tokens: Dict[int, AddedToken] = self._added_tokens(config)
@@ -198,7 +212,8 @@ class Tokenizer:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(
                     f"tokenizer_config.json: added token id {i} is outside the tokenizer.model vocabulary "
-                    f"[0, {self.vocab_size})")
+                    f"[0, {self.vocab_size})"
+                )
             content = entry.get("content") if isinstance(entry, dict) else None
             if not isinstance(content, str) or not content:
                 raise ValueError(f"tokenizer_config.json: added_tokens_decoder[{key!r}] needs a non-empty content")
@@ -227,9 +242,15 @@ class Tokenizer:
         return t is not None and t.special
 
     # ---- encode ------------------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: Optional[bool] = None, add_eos: Optional[bool] = None,
-               allow_special_tokens: bool = True,
-               plain_spans: Optional[Sequence[Tuple[int, int]]] = None) -> List[int]:
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: Optional[bool] = None,
+        add_eos: Optional[bool] = None,
+        allow_special_tokens: bool = True,
+        plain_spans: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> List[int]:
         """Ids of `text`. add_bos/add_eos default to tokenizer_config.json's flags.
         allow_special_tokens=False encodes the strings of special tokens as plain text (for
         untrusted text that must not inject `<|im_end|>`); plain_spans does so only inside
@@ -300,22 +321,24 @@ class StreamDecoder:
 
     def _plain(self, token_id: int) -> bool:
         sp = self.tokenizer.sp
-        return not (sp.is_byte(token_id) or sp.is_control(token_id) or sp.is_unknown(token_id)
-                    or sp.is_unused(token_id))
+        return not (
+            sp.is_byte(token_id) or sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id)
+        )
 
     def _emit_run(self, final: bool) -> str:
         sp = self.tokenizer.sp
-        full = sp.decode(self._run[self._p:])
+        full = sp.decode(self._run[self._p :])
         if not final and full.endswith("\ufffd"):
             return ""  # possibly an incomplete UTF-8 character: wait for its next byte
         if not full.startswith(self._prefix):
             raise AssertionError(
-                f"SentencePiece decoded a window inconsistently: {self._prefix!r} is not a prefix of {full!r}")
-        delta = full[len(self._prefix):]
+                f"SentencePiece decoded a window inconsistently: {self._prefix!r} is not a prefix of {full!r}"
+            )
+        delta = full[len(self._prefix) :]
         self._r = len(self._run)
         if self._last_plain > self._p and self._last_plain < self._r:
             self._p = self._last_plain
-            self._prefix = sp.decode(self._run[self._p:self._r])
+            self._prefix = sp.decode(self._run[self._p : self._r])
         else:
             self._prefix = full
         return delta
@@ -362,5 +385,13 @@ def load_tokenizer(path: "os.PathLike[str] | str") -> Tokenizer:
     return Tokenizer(model_file, config)
 
 
-__all__ = ["INTERNLM2_SPECIAL_TOKENS", "AddedToken", "StreamDecoder", "StreamDecoderProtocol", "Tokenizer",
-           "TokenizerProtocol", "check_text", "load_tokenizer"]
+__all__ = [
+    "INTERNLM2_SPECIAL_TOKENS",
+    "AddedToken",
+    "StreamDecoder",
+    "StreamDecoderProtocol",
+    "Tokenizer",
+    "TokenizerProtocol",
+    "check_text",
+    "load_tokenizer",
+]

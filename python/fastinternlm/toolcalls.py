@@ -48,6 +48,7 @@ class ToolCallError(ValueError):
 
 # ---- request checks ---------------------------------------------------------------------
 
+
 def check_tools(tools: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:
     """OpenAI `tools` -> the function list InternLM2.5 reads, [{"name", "description",
     "parameters"}] (description / parameters only when given)."""
@@ -75,8 +76,9 @@ def check_tools(tools: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:
             entry["description"] = fn["description"]
         if fn.get("parameters") is not None:
             if not isinstance(fn["parameters"], Mapping):
-                raise ToolCallError(f"tools[{n}].function.parameters must be a JSON Schema object, "
-                                    f"got {fn['parameters']!r}")
+                raise ToolCallError(
+                    f"tools[{n}].function.parameters must be a JSON Schema object, got {fn['parameters']!r}"
+                )
             entry["parameters"] = dict(fn["parameters"])
         out.append(entry)
     return out
@@ -91,16 +93,23 @@ def select_tools(functions: List[Dict[str, Any]], tool_choice: Any) -> List[Dict
         return functions
     if tool_choice == "none":
         return []
-    if isinstance(tool_choice, Mapping) and tool_choice.get("type", "function") == "function" \
-            and isinstance(tool_choice.get("function"), Mapping):
+    if (
+        isinstance(tool_choice, Mapping)
+        and tool_choice.get("type", "function") == "function"
+        and isinstance(tool_choice.get("function"), Mapping)
+    ):
         name = tool_choice["function"].get("name")
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
-            raise ToolCallError(f"tool_choice names function {name!r}, which is not in tools "
-                                f"({', '.join(f['name'] for f in functions) or 'none given'})")
+            raise ToolCallError(
+                f"tool_choice names function {name!r}, which is not in tools "
+                f"({', '.join(f['name'] for f in functions) or 'none given'})"
+            )
         return chosen
-    raise ToolCallError("tool_choice must be 'none', 'auto', 'required' or "
-                        f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}")
+    raise ToolCallError(
+        "tool_choice must be 'none', 'auto', 'required' or "
+        f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}"
+    )
 
 
 def message_text(content: Any, where: str) -> str:
@@ -113,8 +122,10 @@ def message_text(content: Any, where: str) -> str:
         texts = []
         for n, part in enumerate(content):
             if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ToolCallError(f"{where}[{n}] must be a {{'type': 'text', 'text': str}} part "
-                                    f"(only text is supported), got {part!r}")
+                raise ToolCallError(
+                    f"{where}[{n}] must be a {{'type': 'text', 'text': str}} part "
+                    f"(only text is supported), got {part!r}"
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise ToolCallError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
@@ -124,7 +135,9 @@ def _call_json(call: Any, where: str) -> str:
     """An assistant message's OpenAI tool call -> the JSON the model writes for it."""
     fn = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-        raise ToolCallError(f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}, got {call!r}")
+        raise ToolCallError(
+            f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}, got {call!r}"
+        )
     args = fn.get("arguments", "{}")
     if isinstance(args, str):
         try:
@@ -138,8 +151,13 @@ def _call_json(call: Any, where: str) -> str:
 
 # ---- prompt -----------------------------------------------------------------------------
 
-def render_messages(messages: Sequence[Mapping[str, Any]], tools: Optional[Sequence[Any]] = None,
-                    tool_choice: Any = None, system: Optional[str] = None) -> str:
+
+def render_messages(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Optional[Sequence[Any]] = None,
+    tool_choice: Any = None,
+    system: Optional[str] = None,
+) -> str:
     """The InternLM2.5 prompt text (without the BOS) for OpenAI messages and tools.
 
     Messages: an optional first system (or "developer") message, then user, assistant
@@ -168,8 +186,10 @@ def render_messages(messages: Sequence[Mapping[str, Any]], tools: Optional[Seque
         if calls:
             if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
                 raise ToolCallError(f"messages[{n}].tool_calls must be a list, got {calls!r}")
-            text += "".join(f"{ACTION_START}{PLUGIN}\n{_call_json(c, f'messages[{n}].tool_calls[{k}]')}{ACTION_END}"
-                            for k, c in enumerate(calls))
+            text += "".join(
+                f"{ACTION_START}{PLUGIN}\n{_call_json(c, f'messages[{n}].tool_calls[{k}]')}{ACTION_END}"
+                for k, c in enumerate(calls)
+            )
             plain = False
         if role == "tool":
             turns.append((f"environment name={PLUGIN}", text))
@@ -193,8 +213,7 @@ def render_messages(messages: Sequence[Mapping[str, Any]], tools: Optional[Seque
 def encode_messages(tokenizer, messages, tools=None, tool_choice=None, system=None) -> List[int]:
     """Prompt ids: BOS + render_messages(...) with the special-token strings as their ids
     (as chat.encode_chat encodes InternLM2 prompts)."""
-    return [tokenizer.bos_id] + tokenizer.encode(render_messages(messages, tools, tool_choice, system),
-                                                 add_bos=False)
+    return [tokenizer.bos_id] + tokenizer.encode(render_messages(messages, tools, tool_choice, system), add_bos=False)
 
 
 def supports_tools(llm) -> bool:
@@ -206,6 +225,7 @@ def supports_tools(llm) -> bool:
 
 # ---- output -----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class ToolCall:
     name: str
@@ -213,8 +233,11 @@ class ToolCall:
     id: str = dataclasses.field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
     def to_openai(self, index: Optional[int] = None) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"id": self.id, "type": "function",
-                               "function": {"name": self.name, "arguments": self.arguments}}
+        out: Dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
         if index is not None:
             out = {"index": index, **out}
         return out
@@ -226,7 +249,7 @@ def _parse_call(body: str) -> Optional[ToolCall]:
     if not head.startswith(PLUGIN):
         return None
     try:
-        obj = json.loads(head[len(PLUGIN):])
+        obj = json.loads(head[len(PLUGIN) :])
     except json.JSONDecodeError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -280,20 +303,20 @@ class ToolCallParser:
                 if end < 0:
                     break
                 events += self._close_call(self._buf[:end], True)
-                self._buf = self._buf[end + len(ACTION_END):]
+                self._buf = self._buf[end + len(ACTION_END) :]
                 self._in_call = False
                 continue
             hits = [(at, w) for w in self._watch for at in [self._buf.find(w)] if at >= 0]
             if not hits:
                 keep = self._partial_tail()
                 if len(self._buf) > keep:
-                    events.append(("text", self._buf[:len(self._buf) - keep]))
-                    self._buf = self._buf[len(self._buf) - keep:]
+                    events.append(("text", self._buf[: len(self._buf) - keep]))
+                    self._buf = self._buf[len(self._buf) - keep :]
                 break
             at, word = min(hits, key=lambda h: (h[0], -len(h[1])))
             if at:
                 events.append(("text", self._buf[:at]))
-            self._buf = self._buf[at + len(word):]
+            self._buf = self._buf[at + len(word) :]
             if word == ACTION_START:
                 self._in_call = True
         return [e for e in events if e[0] != "text" or e[1]]
@@ -334,14 +357,17 @@ def chat_with_tools(llm, messages, tools=None, tool_choice=None, system=None, **
     LLM.chat's; the Generation's finish_reason is the engine's (a caller reporting to
     OpenAI clients says "tool_calls" when calls came back)."""
     if not supports_tools(llm):
-        raise ToolCallError("tools need InternLM2's prompt format and its <|action_start|>/<|plugin|> tokens; "
-                            "this model has its own chat template")
+        raise ToolCallError(
+            "tools need InternLM2's prompt format and its <|action_start|>/<|plugin|> tokens; "
+            "this model has its own chat template"
+        )
     ids = encode_messages(llm.tokenizer, messages, tools, tool_choice, system)
     kwargs = {"temperature": 0.8, "top_p": 0.8}
     kwargs.update(sampling)
     kwargs.setdefault("max_new_tokens", max(1, min(1024, llm.model.max_seq_len - len(ids))))
-    result = llm.generate(ids, stop_token_ids=(llm.tokenizer.token_to_id(ACTION_END),), skip_special_tokens=False,
-                          **kwargs)
+    result = llm.generate(
+        ids, stop_token_ids=(llm.tokenizer.token_to_id(ACTION_END),), skip_special_tokens=False, **kwargs
+    )
     content, calls = parse_tool_calls(result.text, drop=reply_drop_strings(llm.tokenizer))
     return content, calls, result
 
@@ -353,6 +379,19 @@ def reply_drop_strings(tokenizer) -> List[str]:
     return [t.content for t in added.values() if t.special and t.content not in keep]
 
 
-__all__ = ["ACTION_END", "ACTION_START", "PLUGIN", "ToolCall", "ToolCallError", "ToolCallParser",
-           "chat_with_tools", "check_tools", "encode_messages", "parse_tool_calls", "render_messages",
-           "reply_drop_strings", "select_tools", "supports_tools"]
+__all__ = [
+    "ACTION_END",
+    "ACTION_START",
+    "PLUGIN",
+    "ToolCall",
+    "ToolCallError",
+    "ToolCallParser",
+    "chat_with_tools",
+    "check_tools",
+    "encode_messages",
+    "parse_tool_calls",
+    "render_messages",
+    "reply_drop_strings",
+    "select_tools",
+    "supports_tools",
+]

@@ -36,8 +36,13 @@ def _run_workers(device: str) -> Dict[str, dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1] / "python"), env.get("PYTHONPATH", "")])
     while pending:
-        proc = subprocess.Popen([sys.executable, str(HERE / "ops_cases.py"), device, *pending],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "ops_cases.py"), device, *pending],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             out, err = proc.communicate(timeout=CASE_TIMEOUT_S * len(pending))
             hung = False
@@ -56,8 +61,12 @@ def _run_workers(device: str) -> Dict[str, dict]:
         done = [i for i in pending if i in results]
         if running is not None:
             why = "hung (timeout)" if hung else f"crashed the worker (exit status {proc.returncode})"
-            results[running["start"]] = {"id": running["start"], "seed": running["seed"], "status": "crash",
-                                         "detail": f"{why}; stderr tail: {err[-2000:]}"}
+            results[running["start"]] = {
+                "id": running["start"],
+                "seed": running["seed"],
+                "status": "crash",
+                "detail": f"{why}; stderr tail: {err[-2000:]}",
+            }
             done.append(running["start"])
         elif len(done) < len(pending):
             raise RuntimeError(f"worker stopped without starting a case (exit {proc.returncode}): {err[-4000:]}")
@@ -69,8 +78,11 @@ def results_for(device: str) -> Dict[str, dict]:
     if device not in _results:
         _results[device] = _run_workers(device)
         counts = collections.Counter(CASES[i].op for i, r in _results[device].items() if r["status"] != "skip")
-        print(f"fuzz cases run on {device}: " + ", ".join(f"{op} {counts[op]}" for op in OPS) +
-              f"; total {sum(counts.values())}")
+        print(
+            f"fuzz cases run on {device}: "
+            + ", ".join(f"{op} {counts[op]}" for op in OPS)
+            + f"; total {sum(counts.values())}"
+        )
     return _results[device]
 
 
@@ -81,5 +93,6 @@ def test_op_fuzz(op, device):
     assert len(mine) == sum(1 for c in CASES.values() if c.op == op)
     bad = [r for r in mine.values() if r["status"] not in ("pass", "skip")]
     assert not bad, f"{len(bad)} of {len(mine)} {op} cases failed:\n" + "\n".join(
-        f"  {r['id']} [{r['status']}, FASTINTERNLM_TEST_SEED={r['seed']}]: {r['detail']}" for r in bad)
+        f"  {r['id']} [{r['status']}, FASTINTERNLM_TEST_SEED={r['seed']}]: {r['detail']}" for r in bad
+    )
     assert any(r["status"] == "pass" for r in mine.values())

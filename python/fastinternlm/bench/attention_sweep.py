@@ -43,21 +43,35 @@ def main() -> int:
             nbytes = 2 * batch * KV_HEADS * ctx * D * 2
             # SDPA over the same keys, the new token's k, v included (ours writes it at ctx - 1).
             kc[:, :, ctx - 1], vc[:, :, ctx - 1] = k, v
-            ref = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :ctx], vc[:, :, :ctx],
-                                                 enable_gqa=True)[:, :, 0].float()
+            ref = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :ctx], vc[:, :, :ctx], enable_gqa=True)[
+                :, :, 0
+            ].float()
             for mc in MIN_CHUNKS:
                 for tb in TARGET_BLOCKS:
                     _C._set_decode_split_tuning(mc, tb)
-                    ws = torch.empty(ops.attention_decode_workspace_bytes(batch, Q_HEADS, kc), dtype=torch.uint8,
-                                     device=dev)
-                    fn = lambda: ops.attention_decode(q, k, v, kc, vc, slots, pos, workspace=ws,  # noqa: E731
-                                                      check_indices=False)
+                    ws = torch.empty(
+                        ops.attention_decode_workspace_bytes(batch, Q_HEADS, kc), dtype=torch.uint8, device=dev
+                    )
+                    fn = lambda: ops.attention_decode(
+                        q,
+                        k,
+                        v,
+                        kc,
+                        vc,
+                        slots,
+                        pos,
+                        workspace=ws,  # noqa: E731
+                        check_indices=False,
+                    )
                     err = float((fn().float() - ref).norm() / ref.norm())
                     t = time_fn(fn, dev, 0.05, graph=True)
                     table[(batch, ctx, mc, tb)] = (t, err)
-                    print(f"B={batch:<3d} ctx={ctx:<6d} min_chunk={mc:<4d} target={tb:<5d} {t * 1e6:8.1f} us "
-                          f"{100 * nbytes / t / bw:5.1f}% copy  rel err vs SDPA {err:.1e}"
-                          + ("" if err < 1e-2 else "  FAIL"), flush=True)
+                    print(
+                        f"B={batch:<3d} ctx={ctx:<6d} min_chunk={mc:<4d} target={tb:<5d} {t * 1e6:8.1f} us "
+                        f"{100 * nbytes / t / bw:5.1f}% copy  rel err vs SDPA {err:.1e}"
+                        + ("" if err < 1e-2 else "  FAIL"),
+                        flush=True,
+                    )
             del kc, vc
             torch.cuda.empty_cache()
     finally:

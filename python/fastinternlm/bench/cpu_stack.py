@@ -26,12 +26,19 @@ LAYERS, HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, FFN, GROUP = 30, 576, 9, 3, 64, 153
 def build(dtype: torch.dtype, max_seq: int):
     dev = torch.device("cpu")
     qkv = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
-    return [dict(qkv=random_weight(qkv, HIDDEN, GROUP, dev), o=random_weight(HIDDEN, Q_HEADS * HEAD_DIM, GROUP, dev),
-                 gate_up=random_weight(2 * FFN, HIDDEN, GROUP, dev), down=random_weight(HIDDEN, FFN, GROUP, dev),
-                 norm1=(torch.rand(HIDDEN) + 0.5).to(dtype), norm2=(torch.rand(HIDDEN) + 0.5).to(dtype),
-                 k_cache=torch.randn(1, KV_HEADS, max_seq, HEAD_DIM, dtype=dtype),
-                 v_cache=torch.randn(1, KV_HEADS, max_seq, HEAD_DIM, dtype=dtype))
-            for _ in range(LAYERS)]
+    return [
+        dict(
+            qkv=random_weight(qkv, HIDDEN, GROUP, dev),
+            o=random_weight(HIDDEN, Q_HEADS * HEAD_DIM, GROUP, dev),
+            gate_up=random_weight(2 * FFN, HIDDEN, GROUP, dev),
+            down=random_weight(HIDDEN, FFN, GROUP, dev),
+            norm1=(torch.rand(HIDDEN) + 0.5).to(dtype),
+            norm2=(torch.rand(HIDDEN) + 0.5).to(dtype),
+            k_cache=torch.randn(1, KV_HEADS, max_seq, HEAD_DIM, dtype=dtype),
+            v_cache=torch.randn(1, KV_HEADS, max_seq, HEAD_DIM, dtype=dtype),
+        )
+        for _ in range(LAYERS)
+    ]
 
 
 def forward(layers, hidden: torch.Tensor, start: int) -> torch.Tensor:
@@ -44,14 +51,22 @@ def forward(layers, hidden: torch.Tensor, start: int) -> torch.Tensor:
         x = ops.add_rms_norm(hidden, residual, lw["norm1"], 1e-5)
         qkv = ops.int4_gemm(x, lw["qkv"])
         q = qkv[:, :q_dim].reshape(tokens, Q_HEADS, HEAD_DIM).contiguous()
-        k = qkv[:, q_dim:q_dim + kv_dim].reshape(tokens, KV_HEADS, HEAD_DIM).contiguous()
-        v = qkv[:, q_dim + kv_dim:].reshape(tokens, KV_HEADS, HEAD_DIM).contiguous()
+        k = qkv[:, q_dim : q_dim + kv_dim].reshape(tokens, KV_HEADS, HEAD_DIM).contiguous()
+        v = qkv[:, q_dim + kv_dim :].reshape(tokens, KV_HEADS, HEAD_DIM).contiguous()
         ops.rotary_embedding(q, k, positions, 100000.0)
         if tokens > 1:
             a = ops.attention_prefill(q, k, v, lw["k_cache"], lw["v_cache"], 0, start)
         else:
-            a = ops.attention_decode(q, k, v, lw["k_cache"], lw["v_cache"], torch.zeros(1, dtype=torch.int32),
-                                     positions.to(torch.int32), check_indices=False)
+            a = ops.attention_decode(
+                q,
+                k,
+                v,
+                lw["k_cache"],
+                lw["v_cache"],
+                torch.zeros(1, dtype=torch.int32),
+                positions.to(torch.int32),
+                check_indices=False,
+            )
         attn = ops.int4_gemm(a.reshape(tokens, q_dim), lw["o"])
         x = ops.add_rms_norm(attn, residual, lw["norm2"], 1e-5)
         hidden = ops.int4_gemm(ops.silu_and_mul(ops.int4_gemm(x, lw["gate_up"])), lw["down"])
@@ -59,8 +74,11 @@ def forward(layers, hidden: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench.cpu_stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastinternlm.bench.cpu_stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for our ops (0: the default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--prompt", type=int, default=256, help="prefill length, then the decode context")
@@ -81,9 +99,11 @@ def main(argv=None) -> int:
     for i in range(args.steps):
         forward(layers, token, args.prompt + i)
     decode = (time.perf_counter() - start) / args.steps
-    print(f"SmolLM2-135M-shaped stack, {args.dtype}, {cpu.get_num_threads()} thread(s), CPU tier {cpu.cpu_isa()}: "
-          f"prefill {args.prompt} tokens {prefill * 1e3:.0f} ms ({args.prompt / prefill:.0f} tokens/s); "
-          f"decode {decode * 1e3:.2f} ms/step ({1 / decode:.0f} steps/s) at context {args.prompt}")
+    print(
+        f"SmolLM2-135M-shaped stack, {args.dtype}, {cpu.get_num_threads()} thread(s), CPU tier {cpu.cpu_isa()}: "
+        f"prefill {args.prompt} tokens {prefill * 1e3:.0f} ms ({args.prompt / prefill:.0f} tokens/s); "
+        f"decode {decode * 1e3:.2f} ms/step ({1 / decode:.0f} steps/s) at context {args.prompt}"
+    )
     return 0
 
 

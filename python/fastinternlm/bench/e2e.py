@@ -42,13 +42,41 @@ from ._harness import copy_bandwidth, measure
 
 SHAPES = {
     # InternLM2.5-7B; dynamic NTK factor 2.5 so positions past 32K take a scaled base.
-    "7b": dict(vocab_size=92544, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-               intermediate_size=14336, rope_theta=1e6, ntk_factor=2.5, max_position_embeddings=32768,
-               contexts=[128, 2048, 8192, 32768], batches=[4, 16], batch_context=2048, prompt=2048, steps=32),
+    "7b": dict(
+        vocab_size=92544,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        rope_theta=1e6,
+        ntk_factor=2.5,
+        max_position_embeddings=32768,
+        contexts=[128, 2048, 8192, 32768],
+        batches=[4, 16],
+        batch_context=2048,
+        prompt=2048,
+        steps=32,
+    ),
     # Small enough for the CPU; max_position_embeddings 128 so the last context exercises NTK.
-    "tiny": dict(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                 intermediate_size=512, rope_theta=1e6, ntk_factor=2.5, max_position_embeddings=128,
-                 contexts=[16, 160], batches=[2, 4], batch_context=32, prompt=48, steps=4),
+    "tiny": dict(
+        vocab_size=1000,
+        hidden_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        rope_theta=1e6,
+        ntk_factor=2.5,
+        max_position_embeddings=128,
+        contexts=[16, 160],
+        batches=[2, 4],
+        batch_context=32,
+        prompt=48,
+        steps=4,
+    ),
 }
 GROUP_SIZE = 128
 IMPLS = ("ours", "hf", "torch")
@@ -56,12 +84,24 @@ IMPLS = ("ours", "hf", "torch")
 
 def make_config(shape: str) -> ModelConfig:
     s = SHAPES[shape]
-    return ModelConfig(architecture=INTERNLM2, vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                       num_layers=s["num_layers"], num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
-                       head_dim=s["head_dim"], intermediate_size=s["intermediate_size"], rms_norm_eps=1e-5,
-                       rope_theta=s["rope_theta"], rope_scaling=RopeScaling("dynamic", s["ntk_factor"]),
-                       max_position_embeddings=s["max_position_embeddings"], tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_ids=(2,), torch_dtype=torch.float16)
+    return ModelConfig(
+        architecture=INTERNLM2,
+        vocab_size=s["vocab_size"],
+        hidden_size=s["hidden_size"],
+        num_layers=s["num_layers"],
+        num_heads=s["num_heads"],
+        num_kv_heads=s["num_kv_heads"],
+        head_dim=s["head_dim"],
+        intermediate_size=s["intermediate_size"],
+        rms_norm_eps=1e-5,
+        rope_theta=s["rope_theta"],
+        rope_scaling=RopeScaling("dynamic", s["ntk_factor"]),
+        max_position_embeddings=s["max_position_embeddings"],
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        torch_dtype=torch.float16,
+    )
 
 
 class Weights:
@@ -91,8 +131,9 @@ class Weights:
     def model(self, precision: str, max_batch: int, max_seq: int) -> Transformer:
         """A Transformer on these tensors (shared, never copied) with its own KV cache."""
         self.layers_for(precision)
-        return build_model(self.config, self.int4 if precision == "int4" else self.fp16, max_batch=max_batch,
-                           max_seq_len=max_seq)
+        return build_model(
+            self.config, self.int4 if precision == "int4" else self.fp16, max_batch=max_batch, max_seq_len=max_seq
+        )
 
     def weight_bytes(self, precision: str) -> int:
         """Bytes one decode step reads from weights: decoder linears + output head."""
@@ -120,13 +161,13 @@ def prompt_base(config: ModelConfig, length: int) -> float:
 
 # ---- ours --------------------------------------------------------------------------------
 
+
 def fill_cache(tensors) -> None:
     for t in tensors:
         t.normal_()
 
 
-def ours_decode_rate(model: Transformer, batch: int, context: int, steps: int, reps: int,
-                     graph=None) -> float:
+def ours_decode_rate(model: Transformer, batch: int, context: int, steps: int, reps: int, graph=None) -> float:
     """tokens/s of the real per-token loop: (graph replay | eager decode) -> argmax ->
     positions += 1 -> the new tokens to the host."""
     dev, c = model.device, model.config
@@ -163,7 +204,7 @@ def ours_ttft(model: Transformer, prompt: int, reps: int) -> float:
         hidden = None
         chunk = prefill_chunk(model.device)
         for start in range(0, prompt, chunk):
-            hidden = model.prefill(tokens[start:start + chunk], 0, start, base)
+            hidden = model.prefill(tokens[start : start + chunk], 0, start, base)
         model.logits(hidden[-1:]).argmax(-1).item()
 
     return measure(run, dev, reps)
@@ -173,29 +214,51 @@ def ours_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """float32 logits of every position of one prompt (slot 0)."""
     base = prompt_base(model.config, tokens.shape[0])
     chunk = prefill_chunk(model.device)
-    out = [model.logits(model.prefill(tokens[s:s + chunk], 0, s, base))
-           for s in range(0, tokens.shape[0], chunk)]
+    out = [model.logits(model.prefill(tokens[s : s + chunk], 0, s, base)) for s in range(0, tokens.shape[0], chunk)]
     return torch.cat(out)
 
 
 # ---- HF transformers ---------------------------------------------------------------------
 
+
 def hf_config(config: ModelConfig):
     """(LlamaConfig, rope description): dynamic NTK when the installed version takes it."""
     from transformers import LlamaConfig
-    kw = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-              intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-              num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-              head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
-              rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-              hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+    kw = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     factor = config.rope_scaling.factor if config.rope_scaling else None
     attempts = []
     if factor is not None:
-        attempts += [("dynamic", dict(rope_theta=config.rope_theta,
-                                      rope_scaling={"rope_type": "dynamic", "type": "dynamic", "factor": factor})),
-                     ("dynamic", dict(rope_parameters={"rope_type": "dynamic", "factor": factor,
-                                                       "rope_theta": config.rope_theta}))]
+        attempts += [
+            (
+                "dynamic",
+                dict(
+                    rope_theta=config.rope_theta,
+                    rope_scaling={"rope_type": "dynamic", "type": "dynamic", "factor": factor},
+                ),
+            ),
+            (
+                "dynamic",
+                dict(rope_parameters={"rope_type": "dynamic", "factor": factor, "rope_theta": config.rope_theta}),
+            ),
+        ]
     attempts.append(("plain", dict(rope_theta=config.rope_theta)))
     last = None
     for rope, extra in attempts:
@@ -270,9 +333,12 @@ def build_hf(weights: Weights):
 
 def hf_static_cache(hfc, batch: int, max_len: int, device, dtype):
     from transformers import StaticCache
-    attempts = [dict(config=hfc, max_batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype),
-                dict(config=hfc, batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype),
-                dict(config=hfc, max_cache_len=max_len)]
+
+    attempts = [
+        dict(config=hfc, max_batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype),
+        dict(config=hfc, batch_size=batch, max_cache_len=max_len, device=device, dtype=dtype),
+        dict(config=hfc, max_cache_len=max_len),
+    ]
     last = None
     for kw in attempts:
         try:
@@ -293,8 +359,14 @@ def hf_cache_tensors(cache) -> Optional[list]:
 
 def hf_forward(model, tokens, cache, cache_position, **kw):
     b = tokens.shape[0]
-    return model(input_ids=tokens, past_key_values=cache, cache_position=cache_position,
-                 position_ids=cache_position[None].expand(b, -1), use_cache=True, **kw)
+    return model(
+        input_ids=tokens,
+        past_key_values=cache,
+        cache_position=cache_position,
+        position_ids=cache_position[None].expand(b, -1),
+        use_cache=True,
+        **kw,
+    )
 
 
 def hf_prepared_cache(model, hfc, batch: int, context: int, max_len: int, device, chunk: int = 2048):
@@ -357,6 +429,7 @@ def hf_ttft(model, hfc, prompt: int, reps: int, device) -> float:
 
 # ---- the benchmark -----------------------------------------------------------------------
 
+
 class Bench:
     def __init__(self, args, device: torch.device):
         self.args = args
@@ -393,11 +466,12 @@ class Bench:
                 torch.cuda.empty_cache()
             return None
 
-    def record(self, metric: str, precision: str, setting: str, impl: str, value: float, unit: str,
-               **extra) -> None:
+    def record(self, metric: str, precision: str, setting: str, impl: str, value: float, unit: str, **extra) -> None:
         key = (metric, precision, setting)
-        row = self.rows.setdefault(key, {"metric": metric, "precision": precision, "setting": setting,
-                                         "unit": unit, **{i: None for i in IMPLS}})
+        row = self.rows.setdefault(
+            key,
+            {"metric": metric, "precision": precision, "setting": setting, "unit": unit, **{i: None for i in IMPLS}},
+        )
         row[impl] = value
         row.update(extra)
         self.log(f"{impl:<5} {precision:<4} {metric} {setting}: {value:.4g} {unit}")
@@ -424,20 +498,31 @@ def run_ours(bench: Bench, w: Weights, precision: str, contexts: List[int], step
     graph = None
     if dev.type == "cuda":
         from ..cuda_graph import DecodeGraph
-        graph = bench.section(f"ours {precision} graph capture",
-                              lambda: DecodeGraph(model, 1, bases_function(c)))
+
+        graph = bench.section(f"ours {precision} graph capture", lambda: DecodeGraph(model, 1, bases_function(c)))
         if graph is not None:
-            bench.log(f"ours {precision} decode graph captured, programmatic launch "
-                      f"{'on' if graph.programmatic_launch else 'off'}")
+            bench.log(
+                f"ours {precision} decode graph captured, programmatic launch "
+                f"{'on' if graph.programmatic_launch else 'off'}"
+            )
             bench.info[f"ours_{precision}_graph_pdl"] = graph.programmatic_launch
     for ctx in contexts:
-        bench.section(f"ours {precision} decode b1 ctx {ctx}", lambda: bench.record(
-            "decode tok/s", precision, f"b1 ctx {ctx}", "ours",
-            ours_decode_rate(model, 1, ctx, steps, reps, graph), "tok/s",
-            graph=graph is not None))
+        bench.section(
+            f"ours {precision} decode b1 ctx {ctx}",
+            lambda: bench.record(
+                "decode tok/s",
+                precision,
+                f"b1 ctx {ctx}",
+                "ours",
+                ours_decode_rate(model, 1, ctx, steps, reps, graph),
+                "tok/s",
+                graph=graph is not None,
+            ),
+        )
     if precision == "int4" and dev.type == "cuda" and graph is not None:
         # What programmatic dependent launch buys: the same step captured with it off.
         from .. import _C
+
         ctx = args.eager_context
 
         def without_pdl():
@@ -448,15 +533,29 @@ def run_ours(bench: Bench, w: Weights, precision: str, contexts: List[int], step
                 _C.set_programmatic_launch(True)
             return ours_decode_rate(model, 1, ctx, steps, reps, off)
 
-        bench.section(f"ours int4 decode without PDL ctx {ctx}", lambda: bench.record(
-            "decode tok/s (no PDL)", precision, f"b1 ctx {ctx}", "ours", without_pdl(), "tok/s"))
+        bench.section(
+            f"ours int4 decode without PDL ctx {ctx}",
+            lambda: bench.record("decode tok/s (no PDL)", precision, f"b1 ctx {ctx}", "ours", without_pdl(), "tok/s"),
+        )
     if precision == "fp16" and dev.type == "cuda":
         ctx = args.eager_context
-        bench.section(f"ours fp16 eager decode ctx {ctx}", lambda: bench.record(
-            "decode tok/s (eager)", precision, f"b1 ctx {ctx}", "ours",
-            ours_decode_rate(model, 1, ctx, steps, reps, None), "tok/s"))
-    bench.section(f"ours {precision} TTFT {args.prompt}", lambda: bench.record(
-        "TTFT ms", precision, f"prompt {args.prompt}", "ours", 1e3 * ours_ttft(model, args.prompt, reps), "ms"))
+        bench.section(
+            f"ours fp16 eager decode ctx {ctx}",
+            lambda: bench.record(
+                "decode tok/s (eager)",
+                precision,
+                f"b1 ctx {ctx}",
+                "ours",
+                ours_decode_rate(model, 1, ctx, steps, reps, None),
+                "tok/s",
+            ),
+        )
+    bench.section(
+        f"ours {precision} TTFT {args.prompt}",
+        lambda: bench.record(
+            "TTFT ms", precision, f"prompt {args.prompt}", "ours", 1e3 * ours_ttft(model, args.prompt, reps), "ms"
+        ),
+    )
     del graph, model
     bench.free()
 
@@ -472,8 +571,11 @@ def run_ours_batches(bench: Bench, w: Weights, precisions: List[str], steps: int
         return
     fill_cache(big.k_cache + big.v_cache)
     for precision in precisions:
-        model = big if precision == precisions[0] else bench.section(
-            f"ours {precision} batch model", lambda: w.model(precision, 1, 2))
+        model = (
+            big
+            if precision == precisions[0]
+            else bench.section(f"ours {precision} batch model", lambda: w.model(precision, 1, 2))
+        )
         if model is None:
             continue
         if model is not big:  # share the KV cache: one 4 GB cache for both precisions
@@ -481,21 +583,39 @@ def run_ours_batches(bench: Bench, w: Weights, precisions: List[str], steps: int
             model.max_batch, model.max_seq_len = big.max_batch, big.max_seq_len
         pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         for b in args.batches:
+
             def one(b=b):
                 graph = None
                 if dev.type == "cuda":
                     from ..cuda_graph import DecodeGraph
+
                     graph = DecodeGraph(model, b, bases_function(w.config), pool)
-                bench.record("decode tok/s", precision, f"b{b} ctx {ctx}", "ours",
-                             ours_decode_rate(model, b, ctx, steps, reps, graph), "tok/s")
+                bench.record(
+                    "decode tok/s",
+                    precision,
+                    f"b{b} ctx {ctx}",
+                    "ours",
+                    ours_decode_rate(model, b, ctx, steps, reps, graph),
+                    "tok/s",
+                )
+
             bench.section(f"ours {precision} decode b{b}", one)
     del big, model
     bench.free()
 
 
-def run_torch(bench: Bench, w: Weights, precision: str, contexts: List[int], steps: int, reps: int,
-              reference_logits: Optional[torch.Tensor], check_tokens: Optional[torch.Tensor]) -> None:
+def run_torch(
+    bench: Bench,
+    w: Weights,
+    precision: str,
+    contexts: List[int],
+    steps: int,
+    reps: int,
+    reference_logits: Optional[torch.Tensor],
+    check_tokens: Optional[torch.Tensor],
+) -> None:
     from . import torch_ref
+
     dev, args, c = bench.device, bench.args, w.config
     int4 = precision == "int4"
     if int4 and not torch_ref.tinygemm_available(dev):
@@ -504,11 +624,28 @@ def run_torch(bench: Bench, w: Weights, precision: str, contexts: List[int], ste
 
     def build(max_batch, max_seq, layers=None):
         if layers is None:
-            return torch_ref.build_torch_model(c, w.tok_embeddings, w.layers_for(precision), w.norm, w.output,
-                                               int4=int4, max_batch=max_batch, max_seq=max_seq,
-                                               attention=args.torch_attention)
-        return torch_ref.TorchModel(c, w.tok_embeddings, layers, w.norm, w.output, dtype=layers_dtype,
-                                    max_batch=max_batch, max_seq=max_seq, attention=args.torch_attention)
+            return torch_ref.build_torch_model(
+                c,
+                w.tok_embeddings,
+                w.layers_for(precision),
+                w.norm,
+                w.output,
+                int4=int4,
+                max_batch=max_batch,
+                max_seq=max_seq,
+                attention=args.torch_attention,
+            )
+        return torch_ref.TorchModel(
+            c,
+            w.tok_embeddings,
+            layers,
+            w.norm,
+            w.output,
+            dtype=layers_dtype,
+            max_batch=max_batch,
+            max_seq=max_seq,
+            attention=args.torch_attention,
+        )
 
     layers_dtype = torch.bfloat16 if int4 else torch.float16
     first = bench.section(f"torch {precision} build", lambda: build(1, args.prompt + 8))
@@ -516,12 +653,14 @@ def run_torch(bench: Bench, w: Weights, precision: str, contexts: List[int], ste
         return
     layers = first.layers  # converted once (tinygemm), shared by every cache size below
     if reference_logits is not None:
+
         def check():
             t = check_tokens
             logits = first.logits(first.forward(t[None], torch.arange(t.shape[0], device=dev)))[0]
             rel = _rel(logits, reference_logits[precision])
             bench.checks[f"torch_{precision}_logits_rel_vs_ours"] = rel
             bench.log(f"check: torch {precision} logits vs ours, max rel diff {rel:.3g}")
+
         bench.section(f"torch {precision} logits check", check)
 
     def decode_rate(model, b, ctx):
@@ -544,16 +683,25 @@ def run_torch(bench: Bench, w: Weights, precision: str, contexts: List[int], ste
         return b * steps / measure(loop, dev, reps, setup=setup)
 
     for ctx in contexts:
+
         def one(ctx=ctx):
             # The cache sized to the request (gpt-fast sizes it to prompt + new tokens): the
             # masked SDPA reads the whole cache, so a 32K cache would slow short contexts.
             model = build(1, ctx + steps + 8, layers)
             try:
-                bench.record("decode tok/s", precision, f"b1 ctx {ctx}", "torch", decode_rate(model, 1, ctx),
-                             "tok/s", torch_graph=dev.type == "cuda")
+                bench.record(
+                    "decode tok/s",
+                    precision,
+                    f"b1 ctx {ctx}",
+                    "torch",
+                    decode_rate(model, 1, ctx),
+                    "tok/s",
+                    torch_graph=dev.type == "cuda",
+                )
             finally:
                 del model
                 bench.free()
+
         bench.section(f"torch {precision} decode b1 ctx {ctx}", one)
 
     def ttft():
@@ -566,28 +714,42 @@ def run_torch(bench: Bench, w: Weights, precision: str, contexts: List[int], ste
             model.logits(hidden[:, -1]).argmax(-1).item()
 
         bench.record("TTFT ms", precision, f"prompt {args.prompt}", "torch", 1e3 * measure(run, dev, reps), "ms")
+
     bench.section(f"torch {precision} TTFT", ttft)
     del first
     bench.free()
 
     if args.batches:
+
         def batches():
             ctx = args.batch_context
             model = build(max(args.batches), ctx + steps + 8, layers)
             try:
                 for b in args.batches:
-                    bench.section(f"torch {precision} decode b{b}", lambda: bench.record(
-                        "decode tok/s", precision, f"b{b} ctx {ctx}", "torch", decode_rate(model, b, ctx), "tok/s"))
+                    bench.section(
+                        f"torch {precision} decode b{b}",
+                        lambda: bench.record(
+                            "decode tok/s", precision, f"b{b} ctx {ctx}", "torch", decode_rate(model, b, ctx), "tok/s"
+                        ),
+                    )
             finally:
                 del model
                 bench.free()
+
         bench.section(f"torch {precision} batches", batches)
     del layers
     bench.free()
 
 
-def run_hf(bench: Bench, w: Weights, contexts: List[int], steps: int, reps: int,
-           reference_logits: Optional[Dict[str, torch.Tensor]], check_tokens: Optional[torch.Tensor]) -> None:
+def run_hf(
+    bench: Bench,
+    w: Weights,
+    contexts: List[int],
+    steps: int,
+    reps: int,
+    reference_logits: Optional[Dict[str, torch.Tensor]],
+    check_tokens: Optional[torch.Tensor],
+) -> None:
     dev, args = bench.device, bench.args
     built = bench.section("hf build", lambda: build_hf(w))
     if built is None:
@@ -601,49 +763,78 @@ def run_hf(bench: Bench, w: Weights, contexts: List[int], steps: int, reps: int,
         bench.info["hf_sdpa_cudnn"] = False
     bench.log(f"HF LlamaForCausalLM built (transformers {version}, rope {rope}, sdpa, static cache, eager)")
     if args.hf_compile:
+
         def compile_():
             model.forward = torch.compile(model.forward, mode="reduce-overhead")
             bench.info["hf_compile"] = True
+
         bench.section("hf compile", compile_)
     if reference_logits is not None:
+
         def check():
             t = check_tokens[None]
             logits = model(input_ids=t, use_cache=False).logits[0].float()
             rel = _rel(logits, reference_logits["fp16"])
             bench.checks["hf_fp16_logits_rel_vs_ours"] = rel
             bench.log(f"check: HF fp16 logits vs ours, max rel diff {rel:.3g}")
+
         bench.section("hf logits check", check)
     hf_steps = args.hf_steps or steps
     for ctx in contexts:
+
         def one(ctx=ctx):
             cache, how = hf_prepared_cache(model, hfc, 1, ctx, ctx + hf_steps + 8, dev)
             try:
-                bench.record("decode tok/s", "fp16", f"b1 ctx {ctx}", "hf",
-                             hf_decode_rate(model, cache, 1, ctx, hf_steps, args.hf_reps, dev), "tok/s",
-                             hf_cache=how)
+                bench.record(
+                    "decode tok/s",
+                    "fp16",
+                    f"b1 ctx {ctx}",
+                    "hf",
+                    hf_decode_rate(model, cache, 1, ctx, hf_steps, args.hf_reps, dev),
+                    "tok/s",
+                    hf_cache=how,
+                )
             finally:
                 del cache
                 bench.free()
+
         bench.section(f"hf decode b1 ctx {ctx}", one)
-    bench.section("hf TTFT", lambda: bench.record(
-        "TTFT ms", "fp16", f"prompt {args.prompt}", "hf", 1e3 * hf_ttft(model, hfc, args.prompt, args.hf_reps, dev),
-        "ms"))
+    bench.section(
+        "hf TTFT",
+        lambda: bench.record(
+            "TTFT ms",
+            "fp16",
+            f"prompt {args.prompt}",
+            "hf",
+            1e3 * hf_ttft(model, hfc, args.prompt, args.hf_reps, dev),
+            "ms",
+        ),
+    )
     for b in args.batches:
+
         def one(b=b):
             ctx = args.batch_context
             cache, how = hf_prepared_cache(model, hfc, b, ctx, ctx + hf_steps + 8, dev)
             try:
-                bench.record("decode tok/s", "fp16", f"b{b} ctx {ctx}", "hf",
-                             hf_decode_rate(model, cache, b, ctx, hf_steps, args.hf_reps, dev), "tok/s")
+                bench.record(
+                    "decode tok/s",
+                    "fp16",
+                    f"b{b} ctx {ctx}",
+                    "hf",
+                    hf_decode_rate(model, cache, b, ctx, hf_steps, args.hf_reps, dev),
+                    "tok/s",
+                )
             finally:
                 del cache
                 bench.free()
+
         bench.section(f"hf decode b{b}", one)
     del model, built
     bench.free()
 
 
 # ---- report ------------------------------------------------------------------------------
+
 
 def _batch_of(setting: str) -> Optional[int]:
     head = setting.split()[0]
@@ -687,22 +878,31 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     def f(v, spec="{:.1f}"):
         return "-" if v is None else spec.format(v)
 
-    header = (f"{'metric':<22} {'prec':<5} {'setting':<18} {'ours':>9} {'HF':>9} {'torch':>9} "
-              f"{'ours/HF':>8} {'ours/torch':>10} {'limit':>8} {'%limit':>7}")
+    header = (
+        f"{'metric':<22} {'prec':<5} {'setting':<18} {'ours':>9} {'HF':>9} {'torch':>9} "
+        f"{'ours/HF':>8} {'ours/torch':>10} {'limit':>8} {'%limit':>7}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['metric']:<22} {r['precision']:<5} {r['setting']:<18} {f(r['ours']):>9} {f(r['hf']):>9} "
-                     f"{f(r['torch']):>9} {f(speed_ratio(r, 'hf'), '{:.2f}x'):>8} "
-                     f"{f(speed_ratio(r, 'torch'), '{:.2f}x'):>10} {f(r.get('limit')):>8} "
-                     f"{f(r.get('ours_pct_limit'), '{:.0f}%'):>7}")
-    lines.append("ratios are speed-ups of ours (>1: ours faster; for TTFT: baseline ms / ours ms); limit: "
-                 "tok/s if every step only read weights + KV cache at the measured copy bandwidth")
+        lines.append(
+            f"{r['metric']:<22} {r['precision']:<5} {r['setting']:<18} {f(r['ours']):>9} {f(r['hf']):>9} "
+            f"{f(r['torch']):>9} {f(speed_ratio(r, 'hf'), '{:.2f}x'):>8} "
+            f"{f(speed_ratio(r, 'torch'), '{:.2f}x'):>10} {f(r.get('limit')):>8} "
+            f"{f(r.get('ours_pct_limit'), '{:.0f}%'):>7}"
+        )
+    lines.append(
+        "ratios are speed-ups of ours (>1: ours faster; for TTFT: baseline ms / ours ms); limit: "
+        "tok/s if every step only read weights + KV cache at the measured copy bandwidth"
+    )
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m fastinternlm.bench e2e", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastinternlm.bench e2e",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--shapes", choices=sorted(SHAPES), default="7b")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--contexts", type=int, nargs="+", default=None, help="batch-1 decode contexts")
@@ -715,20 +915,32 @@ def parse_args(argv):
     p.add_argument("--hf-steps", type=int, default=None, help="decode steps per HF loop (default --steps)")
     p.add_argument("--hf-reps", type=int, default=2, help="timed repetitions for HF (eager is slow)")
     p.add_argument("--precisions", nargs="+", choices=["fp16", "int4"], default=["fp16", "int4"])
-    p.add_argument("--torch-attention", choices=["auto", "sdpa", "grouped"], default="auto",
-                   help="torch baseline attention: SDPA with enable_gqa, or the G query heads of each KV "
-                        "head folded into query rows (no K/V repeat, whichever SDPA backend runs); auto: "
-                        "the faster of the two for one decode step at the largest context (CUDA; sdpa on "
-                        "the CPU)")
+    p.add_argument(
+        "--torch-attention",
+        choices=["auto", "sdpa", "grouped"],
+        default="auto",
+        help="torch baseline attention: SDPA with enable_gqa, or the G query heads of each KV "
+        "head folded into query rows (no K/V repeat, whichever SDPA backend runs); auto: "
+        "the faster of the two for one decode step at the largest context (CUDA; sdpa on "
+        "the CPU)",
+    )
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--hf-compile", action="store_true", help="torch.compile HF's forward (slow to compile)")
-    p.add_argument("--time-budget", type=float, default=200.0,
-                   help="seconds after which no new section starts (the summary is still printed)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=200.0,
+        help="seconds after which no new section starts (the summary is still printed)",
+    )
     p.add_argument("--json", default=None, help="also write everything to this file")
-    p.add_argument("--small-m-variant", type=int, default=None,
-                   help="CUDA: run our int4 GEMV (M <= 16) with this tuning variant, selected through the "
-                        "benchmarking hook fastinternlm._C._set_small_m_variant (see bench.int4_gemm_sweep)")
+    p.add_argument(
+        "--small-m-variant",
+        type=int,
+        default=None,
+        help="CUDA: run our int4 GEMV (M <= 16) with this tuning variant, selected through the "
+        "benchmarking hook fastinternlm._C._set_small_m_variant (see bench.int4_gemm_sweep)",
+    )
     args = p.parse_args(argv)
     s = SHAPES[args.shapes]
     for key in ("contexts", "batches", "batch_context", "prompt", "steps"):
@@ -756,8 +968,14 @@ def main(argv=None) -> int:
             rows = list(bench.rows.values())
     print(format_table(rows))
     if args.json:
-        out = {"info": bench.info, "args": vars(args), "checks": bench.checks, "errors": bench.errors,
-               "skipped": bench.skipped, "rows": rows}
+        out = {
+            "info": bench.info,
+            "args": vars(args),
+            "checks": bench.checks,
+            "errors": bench.errors,
+            "skipped": bench.skipped,
+            "rows": rows,
+        }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
         print(f"wrote {args.json}")
@@ -767,16 +985,21 @@ def main(argv=None) -> int:
 def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     try:
         import transformers
+
         tf_version = transformers.__version__
     except Exception as e:  # noqa: BLE001
         tf_version = f"unavailable ({type(e).__name__})"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     bench.info.update(device=name, torch=torch.__version__, transformers=tf_version, shapes=args.shapes)
-    print(f"fastinternlm e2e benchmark: {name}, torch {torch.__version__}, transformers {tf_version}, "
-          f"shapes {args.shapes}", flush=True)
+    print(
+        f"fastinternlm e2e benchmark: {name}, torch {torch.__version__}, transformers {tf_version}, "
+        f"shapes {args.shapes}",
+        flush=True,
+    )
     torch.manual_seed(0)
     if args.small_m_variant is not None:
         from .. import _C
+
         _C._set_small_m_variant(args.small_m_variant)
         bench.log(f"int4 GEMV (M <= 16) variant {args.small_m_variant} selected (benchmarking hook)")
     bench.info["small_m_variant"] = 0 if args.small_m_variant is None else args.small_m_variant
@@ -793,9 +1016,11 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
         return []
     bench.log(f"weights fp16: {w.weight_bytes('fp16') / 1e9:.2f} GB per step")
     if "int4" in args.precisions:
+
         def quantize():
             w.quantize()
             bench.log(f"weights int4 g{GROUP_SIZE}: {w.weight_bytes('int4') / 1e9:.2f} GB per step")
+
         bench.section("int4 quantize", quantize, always=True)
 
     # Logits of one short prompt from ours: the baselines are checked against them, so each
@@ -803,14 +1028,18 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     check_tokens = torch.randint(0, config.vocab_size, (16,), device=device)
     reference = {}
     for precision in args.precisions:
+
         def ref(precision=precision):
             model = w.model(precision, 1, 32)
             reference[precision] = ours_logits(model, check_tokens)
+
         bench.section(f"ours {precision} reference logits", ref, always=True)
 
     if "int4" in args.precisions and w.int4_layers is not None and not args.skip_torch:
+
         def tinygemm_check():
             from .torch_ref import check_tinygemm, tinygemm_available
+
             if not tinygemm_available(device):
                 bench.checks["tinygemm_verified"] = None
                 bench.log("tinygemm not available here: torch int4 baseline skipped")
@@ -818,8 +1047,11 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
             rel = check_tinygemm(w.int4_layers[0].w13)
             ok = rel < 3e-2
             bench.checks.update(tinygemm_rel_vs_ours=rel, tinygemm_verified=ok)
-            bench.log(f"check: tinygemm vs our int4_gemm on layer 0 w13: rel err {rel:.3g} "
-                      f"({'verified' if ok else 'MISMATCH: torch int4 rows are unverified'})")
+            bench.log(
+                f"check: tinygemm vs our int4_gemm on layer 0 w13: rel err {rel:.3g} "
+                f"({'verified' if ok else 'MISMATCH: torch int4 rows are unverified'})"
+            )
+
         bench.section("tinygemm check", tinygemm_check, always=True)
 
     for precision in args.precisions:
@@ -829,20 +1061,24 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
         if args.torch_attention == "auto":
             args.torch_attention = "sdpa"
             if device.type == "cuda":
+
                 def pick():
                     from .torch_ref import pick_attention
+
                     mode, times = pick_attention(config, device, torch.float16, max(args.contexts))
                     args.torch_attention = mode
                     bench.checks["torch_attention_us"] = {k: 1e6 * v for k, v in times.items()}
-                    bench.log("torch baseline attention at ctx %d: %s -> %s" % (
-                        max(args.contexts), ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in times.items()), mode))
+                    bench.log(
+                        "torch baseline attention at ctx %d: %s -> %s"
+                        % (max(args.contexts), ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in times.items()), mode)
+                    )
+
                 bench.section("torch attention choice", pick)
         bench.info["torch_attention"] = args.torch_attention
         for precision in args.precisions:
             run_torch(bench, w, precision, args.contexts, args.steps, args.reps, reference or None, check_tokens)
     if not args.skip_hf:
-        run_hf(bench, w, args.contexts, args.steps, args.reps, reference if "fp16" in reference else None,
-               check_tokens)
+        run_hf(bench, w, args.contexts, args.steps, args.reps, reference if "fp16" in reference else None, check_tokens)
     if bench.checks.get("tinygemm_verified") is False:
         for row in bench.rows.values():
             if row["precision"] == "int4" and row["torch"] is not None:
@@ -851,8 +1087,10 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     if device.type == "cuda":
         bench.info["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         bench.log(f"peak GPU memory allocated: {bench.info['peak_memory_gb']:.1f} GB")
-    bench.log(f"done in {time.perf_counter() - bench.start:.0f}s; {len(bench.errors)} failed, "
-              f"{len(bench.skipped)} skipped sections")
+    bench.log(
+        f"done in {time.perf_counter() - bench.start:.0f}s; {len(bench.errors)} failed, "
+        f"{len(bench.skipped)} skipped sections"
+    )
     return list(bench.rows.values())
 
 

@@ -25,17 +25,25 @@ from ._harness import Case, format_table, run_cases
 
 # (name, n = out_features, k = in_features, group_size)
 # InternLM2.5-7B
-CUDA_SHAPES = [("wqkv", 6144, 4096, 128), ("wo", 4096, 4096, 128), ("w1/w3", 14336, 4096, 128),
-               ("w2", 4096, 14336, 128)]
+CUDA_SHAPES = [
+    ("wqkv", 6144, 4096, 128),
+    ("wo", 4096, 4096, 128),
+    ("w1/w3", 14336, 4096, 128),
+    ("w2", 4096, 14336, 128),
+]
 CUDA_ROWS = [1, 16, 2048]
-CPU_SHAPES = [("small", 1024, 1024, 128), ("ffn-ish", 2816, 1024, 128),
-              ("smollm2 up", 1536, 576, 32), ("smollm2 down", 576, 1536, 32)]
+CPU_SHAPES = [
+    ("small", 1024, 1024, 128),
+    ("ffn-ish", 2816, 1024, 128),
+    ("smollm2 up", 1536, 576, 32),
+    ("smollm2 down", 576, 1536, 32),
+]
 CPU_ROWS = [1, 16, 128]
 ROTATE_BYTES = 128 << 20  # > 2x the H100's L2
 
 
 def random_weight(n: int, k: int, group_size: int, device: torch.device) -> Int4Weight:
-    qweight = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32, device=device)
+    qweight = torch.randint(-(2**31), 2**31, (n, k // 8), dtype=torch.int32, device=device)
     scales = (torch.rand(n, k // group_size, device=device) * 0.01 + 0.001).half()
     offsets = (-8 * scales.float() * (1 + 0.1 * torch.randn_like(scales.float()))).half()
     return Int4Weight.from_tensors(qweight, scales, offsets, group_size)
@@ -90,24 +98,30 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         copies = max(1, -(-rotate // first.nbytes))
         weights = [first] + [random_weight(n, k, group_size, device) for _ in range(copies - 1)]
         dense_bytes = n * k * torch.tensor([], dtype=dtype).element_size()
-        dense = [ops.dequantize_int4(w, dtype) for w in weights[:max(1, -(-rotate // dense_bytes))]]
+        dense = [ops.dequantize_int4(w, dtype) for w in weights[: max(1, -(-rotate // dense_bytes))]]
         for rows in rows_list:
             x = torch.randn(rows, k, dtype=dtype, device=device)
             es = x.element_size()
             nbytes = first.nbytes + (rows * k + rows * n) * es
             shape = f"{name} M={rows} N={n} K={k} g={group_size}"
             ours = rotating([lambda w=w, x=x: ops.int4_gemm(x, w) for w in weights])
-            out.append(Case("int4_gemm", shape, ours,
-                            rotating([lambda d=d, x=x: torch.matmul(x, d.t()) for d in dense]),
-                            f"torch.matmul (dense {str(dtype).replace('torch.', '')})",
-                            bytes=nbytes, flops=2 * rows * n * k))
+            out.append(
+                Case(
+                    "int4_gemm",
+                    shape,
+                    ours,
+                    rotating([lambda d=d, x=x: torch.matmul(x, d.t()) for d in dense]),
+                    f"torch.matmul (dense {str(dtype).replace('torch.', '')})",
+                    bytes=nbytes,
+                    flops=2 * rows * n * k,
+                )
+            )
             tiny = [_tinygemm(x, w) for w in weights]
             if all(t is not None for t in tiny):
                 label = "torch._weight_int4pack_mm (tinygemm)"
                 if not _agrees(tiny[0](), ops.int4_gemm(x, weights[0])):
                     label += " [outputs differ: layout not understood]"
-                out.append(Case("int4_gemm", shape, ours, rotating(tiny), label,
-                                bytes=nbytes, flops=2 * rows * n * k))
+                out.append(Case("int4_gemm", shape, ours, rotating(tiny), label, bytes=nbytes, flops=2 * rows * n * k))
     return out
 
 

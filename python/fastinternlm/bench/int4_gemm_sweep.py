@@ -29,8 +29,7 @@ from .int4_gemm import ROTATE_BYTES, random_weight, rotating, unpack
 
 # (name, n = out_features, k = in_features); group 128. w13 is the fused gate/up
 # projection the model runs, w1 one half of it.
-SHAPES = [("wqkv", 6144, 4096), ("wo", 4096, 4096), ("w13", 28672, 4096), ("w1", 14336, 4096),
-          ("w2", 4096, 14336)]
+SHAPES = [("wqkv", 6144, 4096), ("wo", 4096, 4096), ("w13", 28672, 4096), ("w1", 14336, 4096), ("w2", 4096, 14336)]
 ROWS = [1, 16]
 GROUP = 128
 MIN_TIME = 0.02  # seconds of calibration per timing: 60 timings must fit in a few seconds
@@ -64,11 +63,13 @@ def sweep(device: torch.device, dtype: torch.dtype) -> int:
     # Output rounding (2^-11 f16, 2^-8 bf16 relative) dominates; the float32 sums add far
     # less. A bound of 4 roundings of the norm flags a wrong kernel (errors of O(1)) without
     # flagging rounding noise.
-    tol = 4 * (2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8)
+    tol = 4 * (2.0**-11 if dtype == torch.float16 else 2.0**-8)
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"int4_gemm small-M sweep on {name} ({dtype}, g{GROUP}); "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; {variants} variants")
+    print(
+        f"int4_gemm small-M sweep on {name} ({dtype}, g{GROUP}); "
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; {variants} variants"
+    )
 
     # [shape][rows] -> (weights, x, bytes moved per call)
     setups: Dict[Tuple[str, int], Tuple[List, torch.Tensor, int]] = {}
@@ -117,8 +118,10 @@ def sweep(device: torch.device, dtype: torch.dtype) -> int:
     for key in keys:
         best = min(range(variants), key=lambda v: times[(v,) + key])
         t, t0 = times[(best,) + key], times[(0,) + key]
-        print(f"  {key[0]}/M{key[1]}: variant {best}, {t * 1e6:.1f} us "
-              f"({100 * setups[key][2] / t / bandwidth:.0f}% of copy), default {t0 * 1e6:.1f} us")
+        print(
+            f"  {key[0]}/M{key[1]}: variant {best}, {t * 1e6:.1f} us "
+            f"({100 * setups[key][2] / t / bandwidth:.0f}% of copy), default {t0 * 1e6:.1f} us"
+        )
     # One pick for a whole decode step: the least summed M = 1 time over one InternLM2.5-7B
     # layer's GEMVs (wqkv, wo, the fused gate/up, w2), among variants whose checks passed.
     layer = [key for key in keys if key[1] == 1 and key[0] in ("wqkv", "wo", "w13", "w2")]

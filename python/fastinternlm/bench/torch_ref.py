@@ -51,6 +51,7 @@ def rope_tables(config: ModelConfig, max_seq: int, device) -> Tuple[torch.Tensor
 
 # ---- int4 through tinygemm ------------------------------------------------------------
 
+
 def unpack_int4(qw: "ops.Int4Weight") -> torch.Tensor:
     """q [n, k] int32 in 0..15 from our packed format (nibble i of word j = column 8j + i)."""
     shifts = torch.arange(0, 32, 4, device=qw.device, dtype=torch.int32)
@@ -105,6 +106,7 @@ def check_tinygemm(qw: "ops.Int4Weight", rows: int = 4) -> float:
 
 # ---- the model -------------------------------------------------------------------------
 
+
 class TorchLayer:
     def __init__(self, attention_norm, wqkv, wo, ffn_norm, w13, w2):
         self.attention_norm, self.wqkv, self.wo = attention_norm, wqkv, wo
@@ -113,38 +115,44 @@ class TorchLayer:
 
 def _sdpa_has_gqa() -> bool:
     import inspect
+
     try:
         return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
     except (TypeError, ValueError):
         try:
-            F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8),
-                                           enable_gqa=True)
+            F.scaled_dot_product_attention(
+                torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), enable_gqa=True
+            )
             return True
         except Exception:
             return False
 
 
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, mode: str,
-           gqa: bool = True) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, mode: str, gqa: bool = True
+) -> torch.Tensor:
     """Causal GQA: q [B, H, T, D] against caches [B, KV, S, D] under mask [1, 1, T, S]."""
     b, h, t, d = q.shape
     kvh = k_cache.shape[1]
     g = h // kvh
     if mode == "grouped":
         # Query head h = kv * G + j: [B, H, T, D] -> [B, KV, G*T, D], rows (j, t).
-        y = F.scaled_dot_product_attention(q.reshape(b, kvh, g * t, d), k_cache, v_cache,
-                                           attn_mask=mask.repeat(1, 1, g, 1))
+        y = F.scaled_dot_product_attention(
+            q.reshape(b, kvh, g * t, d), k_cache, v_cache, attn_mask=mask.repeat(1, 1, g, 1)
+        )
         # SDPA may return a non-contiguous layout on CUDA (it did on the H100): reshape copies
         # only when it has to.
         return y.reshape(b, h, t, d)
     if gqa:
         return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k_cache.repeat_interleave(g, 1), v_cache.repeat_interleave(g, 1),
-                                          attn_mask=mask)
+    return F.scaled_dot_product_attention(
+        q, k_cache.repeat_interleave(g, 1), v_cache.repeat_interleave(g, 1), attn_mask=mask
+    )
 
 
-def pick_attention(config: ModelConfig, device: torch.device, dtype: torch.dtype, context: int,
-                   calls: int = 20) -> Tuple[str, dict]:
+def pick_attention(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, context: int, calls: int = 20
+) -> Tuple[str, dict]:
     """The faster of the ATTENTION_MODES for one batch-1 decode step's attention over a
     cache of `context` tokens (one layer; CUDA events, perf_counter on the CPU): SDPA's backend choice for GQA with
     a mask depends on the torch build, so the baseline takes whichever is stronger here."""
@@ -179,8 +187,19 @@ class TorchModel:
     whose embedding and fp16 output head are cast at the edges). Weights are shared with
     the caller, never copied (the int4 ones are converted once)."""
 
-    def __init__(self, config: ModelConfig, tok_embeddings, layers: List[TorchLayer], norm, output,
-                 *, dtype: torch.dtype, max_batch: int, max_seq: int, attention: str = "sdpa"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tok_embeddings,
+        layers: List[TorchLayer],
+        norm,
+        output,
+        *,
+        dtype: torch.dtype,
+        max_batch: int,
+        max_seq: int,
+        attention: str = "sdpa",
+    ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.attention = attention
@@ -289,8 +308,18 @@ class TorchDecodeGraph:
         return self.logits
 
 
-def build_torch_model(config: ModelConfig, tok_embeddings, layers, norm, output, *, int4: bool,
-                      max_batch: int, max_seq: int, attention: str = "sdpa") -> TorchModel:
+def build_torch_model(
+    config: ModelConfig,
+    tok_embeddings,
+    layers,
+    norm,
+    output,
+    *,
+    int4: bool,
+    max_batch: int,
+    max_seq: int,
+    attention: str = "sdpa",
+) -> TorchModel:
     """layers: fastinternlm model.Layer objects (dense fp16, or Int4Weight linears when int4)."""
     out = []
     for lw in layers:
@@ -299,10 +328,27 @@ def build_torch_model(config: ModelConfig, tok_embeddings, layers, norm, output,
         else:
             lin = [lw.wqkv, lw.wo, lw.w13, lw.w2]
         out.append(TorchLayer(lw.attention_norm, lin[0], lin[1], lw.ffn_norm, lin[2], lin[3]))
-    return TorchModel(config, tok_embeddings, out, norm, output,
-                      dtype=torch.bfloat16 if int4 else tok_embeddings.dtype, max_batch=max_batch, max_seq=max_seq,
-                      attention=attention)
+    return TorchModel(
+        config,
+        tok_embeddings,
+        out,
+        norm,
+        output,
+        dtype=torch.bfloat16 if int4 else tok_embeddings.dtype,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        attention=attention,
+    )
 
 
-__all__ = ["TinyGemmWeight", "TorchDecodeGraph", "TorchModel", "build_torch_model", "check_tinygemm",
-           "ntk_bases", "rope_tables", "tinygemm_available", "unpack_int4"]
+__all__ = [
+    "TinyGemmWeight",
+    "TorchDecodeGraph",
+    "TorchModel",
+    "build_torch_model",
+    "check_tinygemm",
+    "ntk_bases",
+    "rope_tables",
+    "tinygemm_available",
+    "unpack_int4",
+]

@@ -160,10 +160,12 @@ def check_no_overlap(written: Mapping[str, torch.Tensor], read: Mapping[str, tor
             if span is not None:
                 spans.append((name, is_written, t, span[0], span[1]))
     for i, (a, a_written, ta, lo_a, hi_a) in enumerate(spans):
-        for b, b_written, tb, lo_b, hi_b in spans[i + 1:]:
+        for b, b_written, tb, lo_b, hi_b in spans[i + 1 :]:
             if (a_written or b_written) and lo_a < hi_b and lo_b < hi_a and ta.device == tb.device:
-                raise ValueError(f"{a} and {b} must not overlap in memory, got {a} at bytes [{lo_a:#x}, {hi_a:#x}) "
-                                 f"and {b} at [{lo_b:#x}, {hi_b:#x})")
+                raise ValueError(
+                    f"{a} and {b} must not overlap in memory, got {a} at bytes [{lo_a:#x}, {hi_a:#x}) "
+                    f"and {b} at [{lo_b:#x}, {hi_b:#x})"
+                )
 
 
 def check_window(start_name: str, start: int, count_name: str, count: int, limit_name: str, limit: int) -> None:
@@ -171,8 +173,9 @@ def check_window(start_name: str, start: int, count_name: str, count: int, limit
     if start < 0:
         raise ValueError(f"{start_name} must be >= 0, got {start}")
     if start + count > limit:
-        raise ValueError(f"{start_name} + {count_name} must be <= {limit_name} ({limit}), got "
-                         f"{start} + {count} = {start + count}")
+        raise ValueError(
+            f"{start_name} + {count_name} must be <= {limit_name} ({limit}), got {start} + {count} = {start + count}"
+        )
 
 
 def context(device: torch.device) -> Tuple[int, int, int]:

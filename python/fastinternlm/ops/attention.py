@@ -46,8 +46,7 @@ class QuantizedKV:
     bits: int
 
     @classmethod
-    def empty(cls, num_slots: int, kv_heads: int, max_seq: int, head_dim: int, bits: int,
-              device=None) -> "QuantizedKV":
+    def empty(cls, num_slots: int, kv_heads: int, max_seq: int, head_dim: int, bits: int, device=None) -> "QuantizedKV":
         if bits not in (8, 4):
             raise ValueError(f"bits must be 8 or 4, got {bits!r}")
         codes = torch.empty(num_slots, kv_heads, max_seq, head_dim * bits // 8, dtype=torch.uint8, device=device)
@@ -94,8 +93,9 @@ class QuantizedKV:
 KVArray = Union[torch.Tensor, QuantizedKV]
 
 
-def empty_kv_cache(kv_cache: str, num_slots: int, kv_heads: int, max_seq: int, head_dim: int,
-                   dtype: torch.dtype, device=None) -> Tuple[KVArray, KVArray]:
+def empty_kv_cache(
+    kv_cache: str, num_slots: int, kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None
+) -> Tuple[KVArray, KVArray]:
     """An uninitialised (k_cache, v_cache) pair of one layer: kv_cache "int8" / "int4" for
     quantized arrays, anything else the activation dtype `dtype` (the caller has resolved
     names such as "fp16" against it)."""
@@ -127,8 +127,12 @@ def _check_kv_pair(dtype: torch.dtype, k_cache, v_cache) -> Tuple[int, int, int,
 def _cache_tensors(k_cache: KVArray, v_cache: KVArray) -> dict:
     """Every tensor of the pair, by argument name, for the device check."""
     if isinstance(k_cache, QuantizedKV):
-        return {"k_cache.codes": k_cache.codes, "k_cache.params": k_cache.params,
-                "v_cache.codes": v_cache.codes, "v_cache.params": v_cache.params}
+        return {
+            "k_cache.codes": k_cache.codes,
+            "k_cache.params": k_cache.params,
+            "v_cache.codes": v_cache.codes,
+            "v_cache.params": v_cache.params,
+        }
     return {"k_cache": k_cache, "v_cache": v_cache}
 
 
@@ -161,8 +165,16 @@ def _cache_shape(k_cache: KVArray) -> Tuple[int, int, int, int]:
     return tuple(k_cache.shape)
 
 
-def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slot: int, start: int, scale: Optional[float] = None) -> torch.Tensor:
+def attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: int,
+    start: int,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
     """Writes k, v [T, kv_heads, D] into `slot` at positions [start, start + T), then returns
     [T, q_heads, D] where query t attends causally to positions [0, start + t].
 
@@ -183,9 +195,21 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     out = torch.empty_like(q)
     if tokens == 0:
         return out
-    _C.attention_prefill(*context(device), dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(),
-                         v.data_ptr(), *_cache_args(k_cache, v_cache), tokens, q_heads, slot, start, scale,
-                         *_format_args(k_cache, v_cache))
+    _C.attention_prefill(
+        *context(device),
+        dtype_code(q.dtype),
+        out.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        *_cache_args(k_cache, v_cache),
+        tokens,
+        q_heads,
+        slot,
+        start,
+        scale,
+        *_format_args(k_cache, v_cache),
+    )
     return out
 
 
@@ -201,8 +225,11 @@ def attention_decode_workspace_bytes(batch: int, q_heads: int, k_cache: KVArray)
         device = same_device(k_cache=k_cache)
     # Only the device type matters to the size; no CUDA call is made.
     code = 1 if device.type == "cuda" else 0
-    return int(_C.attention_decode_workspace_bytes(code, device.index or 0, _host_int("batch", batch),
-                                                   _host_int("q_heads", q_heads), *_cache_shape(k_cache)))
+    return int(
+        _C.attention_decode_workspace_bytes(
+            code, device.index or 0, _host_int("batch", batch), _host_int("q_heads", q_heads), *_cache_shape(k_cache)
+        )
+    )
 
 
 def _check_distinct(slots: torch.Tensor, enabled: bool) -> None:
@@ -214,8 +241,9 @@ def _check_distinct(slots: torch.Tensor, enabled: bool) -> None:
         raise ValueError(f"slots must be distinct, got {slots.tolist()}")
 
 
-def _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads, k_cache,
-                                  workspace, check_indices, first_name, first):
+def _decode_indices_and_workspace(
+    device, slots, positions, num_slots, max_seq, batch, q_heads, k_cache, workspace, check_indices, first_name, first
+):
     """What both decode entry points do after their own shape checks: the optional host-side
     index checks on CUDA, and the split-softmax scratch (allocated here when not given)."""
     if device.type == "cuda":
@@ -231,10 +259,19 @@ def _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, 
     return workspace
 
 
-def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                     scale: Optional[float] = None, *, workspace: Optional[torch.Tensor] = None,
-                     check_indices: bool = True) -> torch.Tensor:
+def attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    scale: Optional[float] = None,
+    *,
+    workspace: Optional[torch.Tensor] = None,
+    check_indices: bool = True,
+) -> torch.Tensor:
     """One new token per sequence: q [B, q_heads, D], k, v [B, kv_heads, D], slots and positions
     int32 [B] on the same device. Writes each token's k, v at positions[b] in slots[b], then
     returns [B, q_heads, D] attending over [0, positions[b]].
@@ -255,20 +292,46 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
-                                              k_cache, workspace, check_indices, "q", q)
-    check_no_overlap({**_cache_tensors(k_cache, v_cache), "workspace": workspace},
-                     {"q": q, "k": k, "v": v, "slots": slots, "positions": positions})
+    workspace = _decode_indices_and_workspace(
+        device, slots, positions, num_slots, max_seq, batch, q_heads, k_cache, workspace, check_indices, "q", q
+    )
+    check_no_overlap(
+        {**_cache_tensors(k_cache, v_cache), "workspace": workspace},
+        {"q": q, "k": k, "v": v, "slots": slots, "positions": positions},
+    )
     ctx = context(device)
-    _C.attention_decode(*ctx, dtype_code(q.dtype), out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                        *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
-                        scale, workspace.data_ptr(), workspace.numel(), *_format_args(k_cache, v_cache))
+    _C.attention_decode(
+        *ctx,
+        dtype_code(q.dtype),
+        out.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        *_cache_args(k_cache, v_cache),
+        batch,
+        q_heads,
+        slots.data_ptr(),
+        positions.data_ptr(),
+        scale,
+        workspace.data_ptr(),
+        workspace.numel(),
+        *_format_args(k_cache, v_cache),
+    )
     return out
 
 
-def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                         positions: torch.Tensor, bases: torch.Tensor, scale: Optional[float] = None, *,
-                         workspace: Optional[torch.Tensor] = None, check_indices: bool = True) -> torch.Tensor:
+def attention_decode_qkv(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    bases: torch.Tensor,
+    scale: Optional[float] = None,
+    *,
+    workspace: Optional[torch.Tensor] = None,
+    check_indices: bool = True,
+) -> torch.Tensor:
     """attention_decode fed straight from InternLM2's fused projection, RoPE included:
     qkv [B, kv_heads, G + 2, D] (per KV head its G query rows, then k, then v: the wqkv
     GEMM's output viewed per group), bases float32 [B] (each sequence's rotary base).
@@ -287,23 +350,44 @@ def attention_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     check_tensor("slots", slots, dtypes=(torch.int32,), shape=(batch,))
     check_tensor("positions", positions, dtypes=(torch.int32,), shape=(batch,))
     check_tensor("bases", bases, dtypes=(torch.float32,), shape=(batch,))
-    device = same_device(qkv=qkv, **_cache_tensors(k_cache, v_cache), slots=slots, positions=positions,
-                         bases=bases)
+    device = same_device(qkv=qkv, **_cache_tensors(k_cache, v_cache), slots=slots, positions=positions, bases=bases)
     scale = _scale(scale, head_dim)
     out = torch.empty(batch, q_heads, head_dim, dtype=qkv.dtype, device=device)
     if batch == 0:
         return out
-    workspace = _decode_indices_and_workspace(device, slots, positions, num_slots, max_seq, batch, q_heads,
-                                              k_cache, workspace, check_indices, "qkv", qkv)
-    check_no_overlap({**_cache_tensors(k_cache, v_cache), "workspace": workspace},
-                     {"qkv": qkv, "slots": slots, "positions": positions, "bases": bases})
+    workspace = _decode_indices_and_workspace(
+        device, slots, positions, num_slots, max_seq, batch, q_heads, k_cache, workspace, check_indices, "qkv", qkv
+    )
+    check_no_overlap(
+        {**_cache_tensors(k_cache, v_cache), "workspace": workspace},
+        {"qkv": qkv, "slots": slots, "positions": positions, "bases": bases},
+    )
     ctx = context(device)
-    _C.attention_decode_qkv(*ctx, dtype_code(qkv.dtype), out.data_ptr(), qkv.data_ptr(),
-                            *_cache_args(k_cache, v_cache), batch, q_heads, slots.data_ptr(), positions.data_ptr(),
-                            bases.data_ptr(), scale, workspace.data_ptr(), workspace.numel(),
-                            *_format_args(k_cache, v_cache))
+    _C.attention_decode_qkv(
+        *ctx,
+        dtype_code(qkv.dtype),
+        out.data_ptr(),
+        qkv.data_ptr(),
+        *_cache_args(k_cache, v_cache),
+        batch,
+        q_heads,
+        slots.data_ptr(),
+        positions.data_ptr(),
+        bases.data_ptr(),
+        scale,
+        workspace.data_ptr(),
+        workspace.numel(),
+        *_format_args(k_cache, v_cache),
+    )
     return out
 
 
-__all__ = ["KV_QUANT_FORMATS", "QuantizedKV", "attention_decode", "attention_decode_qkv",
-           "attention_decode_workspace_bytes", "attention_prefill", "empty_kv_cache"]
+__all__ = [
+    "KV_QUANT_FORMATS",
+    "QuantizedKV",
+    "attention_decode",
+    "attention_decode_qkv",
+    "attention_decode_workspace_bytes",
+    "attention_prefill",
+    "empty_kv_cache",
+]

@@ -42,11 +42,19 @@ class Int4Weight:
 
     __slots__ = ("_qweight", "_scales", "_offsets", "_group_size", "_n", "_k", "_device")
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                 group_size: int, format_version: int = INT4_FORMAT_VERSION):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        offsets: torch.Tensor,
+        group_size: int,
+        format_version: int = INT4_FORMAT_VERSION,
+    ):
         if format_version != INT4_FORMAT_VERSION:
-            raise ValueError(f"format_version must be {INT4_FORMAT_VERSION} (the packed layout this "
-                             f"build reads), got {format_version}")
+            raise ValueError(
+                f"format_version must be {INT4_FORMAT_VERSION} (the packed layout this "
+                f"build reads), got {format_version}"
+            )
         group_size = _check_group_size(group_size)
         check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2)
         n, words = qweight.shape
@@ -66,20 +74,28 @@ class Int4Weight:
         """The tensors still match what was recorded at construction (dtype, shape, device,
         contiguity): what every op taking an Int4Weight checks before passing pointers on."""
         groups = self._k // self._group_size
-        for name, t, dtype, shape in (("qweight", self._qweight, torch.int32, (self._n, self._k // 8)),
-                                      ("scales", self._scales, torch.float16, (self._n, groups)),
-                                      ("offsets", self._offsets, torch.float16, (self._n, groups))):
-            if (t.dtype != dtype or tuple(t.shape) != shape or t.device != self._device
-                    or not t.is_contiguous()):
+        for name, t, dtype, shape in (
+            ("qweight", self._qweight, torch.int32, (self._n, self._k // 8)),
+            ("scales", self._scales, torch.float16, (self._n, groups)),
+            ("offsets", self._offsets, torch.float16, (self._n, groups)),
+        ):
+            if t.dtype != dtype or tuple(t.shape) != shape or t.device != self._device or not t.is_contiguous():
                 raise ValueError(
                     f"Int4Weight.{name} was changed after construction: recorded {str(dtype)[6:]} {shape} on "
                     f"{self._device}, contiguous; now {str(t.dtype)[6:]} {tuple(t.shape)} on {t.device}"
-                    f"{'' if t.is_contiguous() else ', not contiguous'}")
+                    f"{'' if t.is_contiguous() else ', not contiguous'}"
+                )
         return self
 
     @classmethod
-    def from_tensors(cls, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                     group_size: int, format_version: int = INT4_FORMAT_VERSION) -> "Int4Weight":
+    def from_tensors(
+        cls,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        offsets: torch.Tensor,
+        group_size: int,
+        format_version: int = INT4_FORMAT_VERSION,
+    ) -> "Int4Weight":
         """Wrap packed tensors (validated: dtypes, shapes, contiguity, one device)."""
         return cls(qweight, scales, offsets, group_size, format_version)
 
@@ -132,20 +148,24 @@ class Int4Weight:
         self.validate()
         if device == self.device:
             return self
-        return Int4Weight(self._qweight.to(device), self._scales.to(device), self._offsets.to(device),
-                          self._group_size)
+        return Int4Weight(self._qweight.to(device), self._scales.to(device), self._offsets.to(device), self._group_size)
 
     def state_dict(self, prefix: str = "") -> Dict[str, torch.Tensor]:
         """Tensors only (safetensors-friendly): the packed tensors plus an int64 tensor
         [format_version, n, k, group_size] under `prefix + "int4_format"`."""
         self.validate()
         meta = torch.tensor([INT4_FORMAT_VERSION, self.n, self.k, self._group_size], dtype=torch.int64)
-        return {prefix + "qweight": self._qweight, prefix + "scales": self._scales,
-                prefix + "offsets": self._offsets, prefix + "int4_format": meta}
+        return {
+            prefix + "qweight": self._qweight,
+            prefix + "scales": self._scales,
+            prefix + "offsets": self._offsets,
+            prefix + "int4_format": meta,
+        }
 
     @classmethod
-    def from_state_dict(cls, state: Dict[str, torch.Tensor], prefix: str = "",
-                        device: Optional[Union[torch.device, str]] = None) -> "Int4Weight":
+    def from_state_dict(
+        cls, state: Dict[str, torch.Tensor], prefix: str = "", device: Optional[Union[torch.device, str]] = None
+    ) -> "Int4Weight":
         """Inverse of state_dict; checks the recorded version and sizes against the tensors."""
         missing = [prefix + key for key in _STATE_KEYS if prefix + key not in state]
         if missing:
@@ -155,13 +175,14 @@ class Int4Weight:
         version, n, k, group_size = (int(v) for v in meta.tolist())
         weight = cls(*(state[prefix + key] for key in _STATE_KEYS[:3]), group_size, version)
         if (weight.n, weight.k) != (n, k):
-            raise ValueError(f"{prefix}int4_format records n, k = {n}, {k} but the tensors hold "
-                             f"{weight.n}, {weight.k}")
+            raise ValueError(f"{prefix}int4_format records n, k = {n}, {k} but the tensors hold {weight.n}, {weight.k}")
         return weight.to(device) if device is not None else weight
 
     def __repr__(self) -> str:
-        return (f"Int4Weight(n={self.n}, k={self.k}, group_size={self._group_size}, "
-                f"format_version={INT4_FORMAT_VERSION}, device={self.device})")
+        return (
+            f"Int4Weight(n={self.n}, k={self.k}, group_size={self._group_size}, "
+            f"format_version={INT4_FORMAT_VERSION}, device={self.device})"
+        )
 
 
 def _check_weight(qw) -> Int4Weight:
@@ -176,14 +197,17 @@ _DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in WEIGHT_DTYPES}
 def _out_dtype(dtype) -> torch.dtype:
     """A torch.dtype, or its name ("float16", "torch.float16")."""
     if isinstance(dtype, str):
-        name = dtype[len("torch."):] if dtype.startswith("torch.") else dtype
+        name = dtype[len("torch.") :] if dtype.startswith("torch.") else dtype
         if name not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPE_NAMES)} (a torch.dtype or its name), "
-                             f"got {dtype!r}")
+            raise ValueError(
+                f"dtype must be one of {', '.join(_DTYPE_NAMES)} (a torch.dtype or its name), got {dtype!r}"
+            )
         return _DTYPE_NAMES[name]
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype (float16, bfloat16 or float32) or its name, "
-                        f"got {type(dtype).__name__} {dtype!r}")
+        raise TypeError(
+            f"dtype must be a torch.dtype (float16, bfloat16 or float32) or its name, "
+            f"got {type(dtype).__name__} {dtype!r}"
+        )
     if dtype not in WEIGHT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {str(dtype)[6:]}")
     return dtype
@@ -204,8 +228,17 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> Int4Weight:
     qweight = torch.empty(n, k // 8, dtype=torch.int32, device=device)
     scales = torch.empty(n, k // group_size, dtype=torch.float16, device=device)
     offsets = torch.empty_like(scales)
-    _C.quantize_int4(*context(device), dtype_code(w.dtype), w.data_ptr(), n, k, group_size,
-                     qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr())
+    _C.quantize_int4(
+        *context(device),
+        dtype_code(w.dtype),
+        w.data_ptr(),
+        n,
+        k,
+        group_size,
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        offsets.data_ptr(),
+    )
     return Int4Weight(qweight, scales, offsets, group_size)
 
 
@@ -215,8 +248,17 @@ def dequantize_int4(qw: Int4Weight, dtype: Union[torch.dtype, str] = torch.float
     qw = _check_weight(qw)
     dtype = _out_dtype(dtype)
     out = torch.empty(qw.n, qw.k, dtype=dtype, device=qw.device)
-    _C.dequantize_int4(*context(qw.device), dtype_code(dtype), out.data_ptr(), qw.qweight.data_ptr(),
-                       qw.scales.data_ptr(), qw.offsets.data_ptr(), qw.n, qw.k, qw.group_size)
+    _C.dequantize_int4(
+        *context(qw.device),
+        dtype_code(dtype),
+        out.data_ptr(),
+        qw.qweight.data_ptr(),
+        qw.scales.data_ptr(),
+        qw.offsets.data_ptr(),
+        qw.n,
+        qw.k,
+        qw.group_size,
+    )
     return out
 
 
@@ -232,11 +274,20 @@ def int4_gemm(x: torch.Tensor, qw: Int4Weight) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], qw.n, dtype=x.dtype, device=device)
     rows = x.numel() // qw.k
     if rows:
-        _C.int4_gemm(*context(device), dtype_code(x.dtype), out.data_ptr(), x.data_ptr(), rows,
-                     qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.offsets.data_ptr(), qw.n, qw.k,
-                     qw.group_size)
+        _C.int4_gemm(
+            *context(device),
+            dtype_code(x.dtype),
+            out.data_ptr(),
+            x.data_ptr(),
+            rows,
+            qw.qweight.data_ptr(),
+            qw.scales.data_ptr(),
+            qw.offsets.data_ptr(),
+            qw.n,
+            qw.k,
+            qw.group_size,
+        )
     return out
 
 
-__all__ = ["GROUP_SIZES", "INT4_FORMAT_VERSION", "Int4Weight", "dequantize_int4", "int4_gemm",
-           "quantize_int4"]
+__all__ = ["GROUP_SIZES", "INT4_FORMAT_VERSION", "Int4Weight", "dequantize_int4", "int4_gemm", "quantize_int4"]

@@ -30,18 +30,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     out = torch.empty_like(x)
     if x.numel():
         hidden = x.shape[-1]
-        _C.rms_norm(*context(device), dtype_code(x.dtype), out.data_ptr(), x.data_ptr(),
-                    weight.data_ptr(), x.numel() // hidden, hidden, eps)
+        _C.rms_norm(
+            *context(device),
+            dtype_code(x.dtype),
+            out.data_ptr(),
+            x.data_ptr(),
+            weight.data_ptr(),
+            x.numel() // hidden,
+            hidden,
+            eps,
+        )
     return out
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float = 1e-5) -> torch.Tensor:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """residual += x in place, then return rms_norm(residual): the step between sub-layers."""
     device, eps = _check(x, weight, eps, residual=residual)
     out = torch.empty_like(x)
     if x.numel():
         hidden = x.shape[-1]
-        _C.add_rms_norm(*context(device), dtype_code(x.dtype), out.data_ptr(), residual.data_ptr(),
-                        x.data_ptr(), weight.data_ptr(), x.numel() // hidden, hidden, eps)
+        _C.add_rms_norm(
+            *context(device),
+            dtype_code(x.dtype),
+            out.data_ptr(),
+            residual.data_ptr(),
+            x.data_ptr(),
+            weight.data_ptr(),
+            x.numel() // hidden,
+            hidden,
+            eps,
+        )
     return out

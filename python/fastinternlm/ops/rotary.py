@@ -7,12 +7,24 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import (POSITION_DTYPES, _C, check_activation, check_no_overlap, check_nonempty, check_tensor,
-                      context, dtype_code, host_float, host_int, same_device)
+from ._checks import (
+    POSITION_DTYPES,
+    _C,
+    check_activation,
+    check_no_overlap,
+    check_nonempty,
+    check_tensor,
+    context,
+    dtype_code,
+    host_float,
+    host_int,
+    same_device,
+)
 
 
-def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                     base: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, base: Union[float, torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (half-split pairing) and return them.
 
     positions: int32/int64 [T]. base: one float for every token, or a float32 tensor [T]
@@ -40,14 +52,24 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     check_nonempty("k", k)
     # Both are rotated in place: a byte shared by q and k would be rotated twice.
     check_no_overlap({"q": q, "k": k}, {name: t for name, t in tensors.items() if name not in ("q", "k")})
-    _C.rotary_embedding(*context(device), dtype_code(q.dtype), q.data_ptr(), k.data_ptr(),
-                        positions.data_ptr(), dtype_code(positions.dtype), bases_ptr, base_value,
-                        tokens, q.shape[1], k.shape[1], head_dim)
+    _C.rotary_embedding(
+        *context(device),
+        dtype_code(q.dtype),
+        q.data_ptr(),
+        k.data_ptr(),
+        positions.data_ptr(),
+        dtype_code(positions.dtype),
+        bases_ptr,
+        base_value,
+        tokens,
+        q.shape[1],
+        k.shape[1],
+        head_dim,
+    )
     return q, k
 
 
-def ntk_base(theta: float, factor: Optional[float], max_position_embeddings: int, length: int,
-             head_dim: int) -> float:
+def ntk_base(theta: float, factor: Optional[float], max_position_embeddings: int, length: int, head_dim: int) -> float:
     """The dynamic-NTK rotary base for a sequence of `length` tokens: theta itself while
     length <= max_position_embeddings (or factor is None: no dynamic NTK), else
     theta * (factor * length / max_position_embeddings - (factor - 1)) ** (D / (D - 2)).
@@ -56,13 +78,23 @@ def ntk_base(theta: float, factor: Optional[float], max_position_embeddings: int
     would not fit the float32 the rotary kernels take is refused with the numbers."""
     if factor is None:
         return float(host_float("theta", theta))
-    return _C.ntk_base(host_float("theta", theta), host_float("factor", factor),
-                       host_int("max_position_embeddings", max_position_embeddings), host_int("length", length),
-                       host_int("head_dim", head_dim))
+    return _C.ntk_base(
+        host_float("theta", theta),
+        host_float("factor", factor),
+        host_int("max_position_embeddings", max_position_embeddings),
+        host_int("length", length),
+        host_int("head_dim", head_dim),
+    )
 
 
-def ntk_bases(lengths: torch.Tensor, theta: float, factor: Optional[float], max_position_embeddings: int,
-              head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ntk_bases(
+    lengths: torch.Tensor,
+    theta: float,
+    factor: Optional[float],
+    max_position_embeddings: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """ntk_base's formula on a tensor of sequence lengths, on its device, without a host
     sync (so a CUDA-graph decode step can compute its bases): theta where length <=
     max_position_embeddings or factor is None (no dynamic NTK), else

@@ -17,6 +17,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     ffn = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], ffn, dtype=x.dtype, device=x.device)
     if out.numel():
-        _C.silu_and_mul(*context(device), dtype_code(x.dtype), out.data_ptr(), x.data_ptr(),
-                        out.numel() // ffn, ffn)
+        _C.silu_and_mul(*context(device), dtype_code(x.dtype), out.data_ptr(), x.data_ptr(), out.numel() // ffn, ffn)
     return out

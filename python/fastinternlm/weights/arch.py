@@ -30,10 +30,11 @@ _DIM_SOURCE = {"hidden": "hidden_size", "q": "num_attention_heads * head_dim", "
 @dataclasses.dataclass(frozen=True)
 class Naming:
     """Where one architecture's tensors are, in one file format's naming."""
-    embedding: str       # tensor names without the ".weight" suffix
+
+    embedding: str  # tensor names without the ".weight" suffix
     norm: str
-    head: str            # the output head; absent from the file when the embedding is tied
-    layer: str           # per-layer prefix, with {i} for the layer index
+    head: str  # the output head; absent from the file when the embedding is tied
+    layer: str  # per-layer prefix, with {i} for the layer index
     # Per layer, in the file's order: (module, field in model.Layer or a part of one,
     # rows, columns); norms have columns None.
     layer_tensors: Tuple[Tuple[str, str, str, Optional[str]], ...]
@@ -43,39 +44,57 @@ class Naming:
 
 
 INTERNLM2_HF = Naming(
-    embedding="model.tok_embeddings", norm="model.norm", head="output", layer="model.layers.{i}.",
-    layer_tensors=(("attention_norm", "attention_norm", "hidden", None),
-                   ("attention.wqkv", "wqkv", "qkv", "hidden"),
-                   ("attention.wo", "wo", "hidden", "q"),
-                   ("ffn_norm", "ffn_norm", "hidden", None),
-                   ("feed_forward.w1", "w1", "ffn", "hidden"),
-                   ("feed_forward.w3", "w3", "ffn", "hidden"),
-                   ("feed_forward.w2", "w2", "hidden", "ffn")))
+    embedding="model.tok_embeddings",
+    norm="model.norm",
+    head="output",
+    layer="model.layers.{i}.",
+    layer_tensors=(
+        ("attention_norm", "attention_norm", "hidden", None),
+        ("attention.wqkv", "wqkv", "qkv", "hidden"),
+        ("attention.wo", "wo", "hidden", "q"),
+        ("ffn_norm", "ffn_norm", "hidden", None),
+        ("feed_forward.w1", "w1", "ffn", "hidden"),
+        ("feed_forward.w3", "w3", "ffn", "hidden"),
+        ("feed_forward.w2", "w2", "hidden", "ffn"),
+    ),
+)
 
 LLAMA_HF = Naming(
-    embedding="model.embed_tokens", norm="model.norm", head="lm_head", layer="model.layers.{i}.",
-    layer_tensors=(("input_layernorm", "attention_norm", "hidden", None),
-                   ("self_attn.q_proj", "q", "q", "hidden"),
-                   ("self_attn.k_proj", "k", "kv", "hidden"),
-                   ("self_attn.v_proj", "v", "kv", "hidden"),
-                   ("self_attn.o_proj", "wo", "hidden", "q"),
-                   ("post_attention_layernorm", "ffn_norm", "hidden", None),
-                   ("mlp.gate_proj", "w1", "ffn", "hidden"),
-                   ("mlp.up_proj", "w3", "ffn", "hidden"),
-                   ("mlp.down_proj", "w2", "hidden", "ffn")))
+    embedding="model.embed_tokens",
+    norm="model.norm",
+    head="lm_head",
+    layer="model.layers.{i}.",
+    layer_tensors=(
+        ("input_layernorm", "attention_norm", "hidden", None),
+        ("self_attn.q_proj", "q", "q", "hidden"),
+        ("self_attn.k_proj", "k", "kv", "hidden"),
+        ("self_attn.v_proj", "v", "kv", "hidden"),
+        ("self_attn.o_proj", "wo", "hidden", "q"),
+        ("post_attention_layernorm", "ffn_norm", "hidden", None),
+        ("mlp.gate_proj", "w1", "ffn", "hidden"),
+        ("mlp.up_proj", "w3", "ffn", "hidden"),
+        ("mlp.down_proj", "w2", "hidden", "ffn"),
+    ),
+)
 
 # llama.cpp's names for the llama architecture (GGUF files).
 LLAMA_GGUF = Naming(
-    embedding="token_embd", norm="output_norm", head="output", layer="blk.{i}.",
-    layer_tensors=(("attn_norm", "attention_norm", "hidden", None),
-                   ("attn_q", "q", "q", "hidden"),
-                   ("attn_k", "k", "kv", "hidden"),
-                   ("attn_v", "v", "kv", "hidden"),
-                   ("attn_output", "wo", "hidden", "q"),
-                   ("ffn_norm", "ffn_norm", "hidden", None),
-                   ("ffn_gate", "w1", "ffn", "hidden"),
-                   ("ffn_up", "w3", "ffn", "hidden"),
-                   ("ffn_down", "w2", "hidden", "ffn")))
+    embedding="token_embd",
+    norm="output_norm",
+    head="output",
+    layer="blk.{i}.",
+    layer_tensors=(
+        ("attn_norm", "attention_norm", "hidden", None),
+        ("attn_q", "q", "q", "hidden"),
+        ("attn_k", "k", "kv", "hidden"),
+        ("attn_v", "v", "kv", "hidden"),
+        ("attn_output", "wo", "hidden", "q"),
+        ("ffn_norm", "ffn_norm", "hidden", None),
+        ("ffn_gate", "w1", "ffn", "hidden"),
+        ("ffn_up", "w3", "ffn", "hidden"),
+        ("ffn_down", "w2", "hidden", "ffn"),
+    ),
+)
 
 HF_NAMINGS = {INTERNLM2: INTERNLM2_HF, LLAMA: LLAMA_HF}
 
@@ -85,24 +104,32 @@ def hf_naming(config: ModelConfig) -> Naming:
 
 
 def _dim(config: ModelConfig, dim: str) -> int:
-    return {"hidden": config.hidden_size, "qkv": config.qkv_rows, "q": config.q_size, "kv": config.kv_size,
-            "ffn": config.intermediate_size, "vocab": config.vocab_size}[dim]
+    return {
+        "hidden": config.hidden_size,
+        "qkv": config.qkv_rows,
+        "q": config.q_size,
+        "kv": config.kv_size,
+        "ffn": config.intermediate_size,
+        "vocab": config.vocab_size,
+    }[dim]
 
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
     """One linear layer of the checkpoint: its tensors are `name + ".weight"` (dense) or
     `name + "." + part` (quantized)."""
-    name: str       # module name in the checkpoint's naming, e.g. "model.layers.0.attention.wqkv"
-    n: int          # output features (rows of W)
-    k: int          # input features (columns of W)
-    k_source: str   # the config field k comes from, for messages
+
+    name: str  # module name in the checkpoint's naming, e.g. "model.layers.0.attention.wqkv"
+    n: int  # output features (rows of W)
+    k: int  # input features (columns of W)
+    k_source: str  # the config field k comes from, for messages
     head: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """What one checkpoint tensor must look like."""
+
     shape: Tuple[int, ...]
     dtypes: Tuple[str, ...] = ()  # exact dtypes allowed ("int32", ...); () means any floating dtype
     optional: bool = False
@@ -115,8 +142,11 @@ def linears(config: ModelConfig, naming: Optional[Naming] = None) -> List[Linear
     out = []
     for i in range(config.num_layers):
         p = naming.layer.format(i=i)
-        out += [Linear(p + module, _dim(config, rows), _dim(config, cols), _DIM_SOURCE[cols])
-                for module, _, rows, cols in naming.layer_tensors if cols is not None]
+        out += [
+            Linear(p + module, _dim(config, rows), _dim(config, cols), _DIM_SOURCE[cols])
+            for module, _, rows, cols in naming.layer_tensors
+            if cols is not None
+        ]
     out.append(Linear(naming.head, config.vocab_size, config.hidden_size, "hidden_size", head=True))
     return out
 
@@ -149,7 +179,7 @@ def destination(config: ModelConfig, name: str, naming: Optional[Naming] = None)
         return None, top[module]
     prefix, rest = naming.layer.split("{i}")
     if module.startswith(prefix):
-        index, _, suffix = module[len(prefix):].partition(rest)
+        index, _, suffix = module[len(prefix) :].partition(rest)
         for layer_module, field, _, _ in naming.layer_tensors:
             if suffix == layer_module and index.isdigit():
                 return int(index), field
@@ -159,15 +189,25 @@ def destination(config: ModelConfig, name: str, naming: Optional[Naming] = None)
 def int4_parts(method: str, n: int, k: int, group: int) -> Dict[str, TensorSpec]:
     """{part: spec} of one quantized linear W [n, k] with `group` input channels per group."""
     if method == FASTINTERNLM_INT4:
-        return {"qweight": TensorSpec((n, k // 8), ("int32",)), "scales": TensorSpec((n, k // group), ("float16",)),
-                "offsets": TensorSpec((n, k // group), ("float16",)), "int4_format": TensorSpec((4,), ("int64",))}
+        return {
+            "qweight": TensorSpec((n, k // 8), ("int32",)),
+            "scales": TensorSpec((n, k // group), ("float16",)),
+            "offsets": TensorSpec((n, k // group), ("float16",)),
+            "int4_format": TensorSpec((4,), ("int64",)),
+        }
     if method == "awq":
-        return {"qweight": TensorSpec((k, n // 8), ("int32",)), "qzeros": TensorSpec((k // group, n // 8), ("int32",)),
-                "scales": TensorSpec((k // group, n), ("float16",))}
+        return {
+            "qweight": TensorSpec((k, n // 8), ("int32",)),
+            "qzeros": TensorSpec((k // group, n // 8), ("int32",)),
+            "scales": TensorSpec((k // group, n), ("float16",)),
+        }
     if method == "gptq":
-        return {"qweight": TensorSpec((k // 8, n), ("int32",)), "qzeros": TensorSpec((k // group, n // 8), ("int32",)),
-                "scales": TensorSpec((k // group, n), ("float16",)),
-                "g_idx": TensorSpec((k,), ("int32", "int64"), optional=True)}
+        return {
+            "qweight": TensorSpec((k // 8, n), ("int32",)),
+            "qzeros": TensorSpec((k // group, n // 8), ("int32",)),
+            "scales": TensorSpec((k // group, n), ("float16",)),
+            "g_idx": TensorSpec((k,), ("int32", "int64"), optional=True),
+        }
     raise ValueError(f"unknown quantization method {method!r}")
 
 
@@ -213,11 +253,30 @@ def check_quantizable(config: ModelConfig, group_size: int, quant_head: bool) ->
             bad.setdefault(f"{lin.k_source} = {lin.k}", lin.name)
     if bad:
         listed = "; ".join(f"{size} (the input size of {name} and alike)" for size, name in bad.items())
-        raise ValueError(f"int4 quantization with group_size={group_size} needs each quantized linear's input "
-                         f"size to be a multiple of {group_size}, but {listed}; choose a group_size among "
-                         f"{GROUP_SIZES} that divides it")
+        raise ValueError(
+            f"int4 quantization with group_size={group_size} needs each quantized linear's input "
+            f"size to be a multiple of {group_size}, but {listed}; choose a group_size among "
+            f"{GROUP_SIZES} that divides it"
+        )
 
 
-__all__ = ["FASTINTERNLM_INT4", "HF_NAMINGS", "INTERNLM2_HF", "LLAMA_GGUF", "LLAMA_HF", "QUANT_METHODS", "Linear",
-           "Naming", "TensorSpec", "check_quantizable", "checkpoint_tensors", "dense_tensors", "destination",
-           "expected_tensors", "hf_naming", "ignorable_tensor", "int4_parts", "linears"]
+__all__ = [
+    "FASTINTERNLM_INT4",
+    "HF_NAMINGS",
+    "INTERNLM2_HF",
+    "LLAMA_GGUF",
+    "LLAMA_HF",
+    "QUANT_METHODS",
+    "Linear",
+    "Naming",
+    "TensorSpec",
+    "check_quantizable",
+    "checkpoint_tensors",
+    "dense_tensors",
+    "destination",
+    "expected_tensors",
+    "hf_naming",
+    "ignorable_tensor",
+    "int4_parts",
+    "linears",
+]

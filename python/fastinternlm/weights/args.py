@@ -24,9 +24,9 @@ GGUF = "gguf"
 
 @dataclasses.dataclass(frozen=True)
 class LoadArgs:
-    device: torch.device            # with its index on CUDA
-    dtype: Optional[torch.dtype]    # None: the format's default
-    max_seq_len: Optional[int]      # None: the default for the device and the model
+    device: torch.device  # with its index on CUDA
+    dtype: Optional[torch.dtype]  # None: the format's default
+    max_seq_len: Optional[int]  # None: the default for the device and the model
     max_batch: int
     ntk_mode: str
     quant: Optional[str]
@@ -34,7 +34,7 @@ class LoadArgs:
     quant_head: bool
     cuda_graph: bool
     progress: bool
-    kv_cache: Optional[str]         # None: the activation dtype (model.resolve_kv_cache checks it)
+    kv_cache: Optional[str]  # None: the activation dtype (model.resolve_kv_cache checks it)
     check_weights: bool
 
 
@@ -90,9 +90,20 @@ def _flag(name: str, value) -> bool:
     return value
 
 
-def check_load_args(device=None, dtype=None, max_seq_len=None, max_batch=1, ntk_mode="hf", quant=None,
-                    group_size=128, quant_head=False, cuda_graph=True, progress=True, kv_cache=None,
-                    check_weights=False) -> LoadArgs:
+def check_load_args(
+    device=None,
+    dtype=None,
+    max_seq_len=None,
+    max_batch=1,
+    ntk_mode="hf",
+    quant=None,
+    group_size=128,
+    quant_head=False,
+    cuda_graph=True,
+    progress=True,
+    kv_cache=None,
+    check_weights=False,
+) -> LoadArgs:
     check_quant_args(quant, group_size, quant_head)
     if ntk_mode not in NTK_MODES:
         raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {ntk_mode!r}")
@@ -102,14 +113,28 @@ def check_load_args(device=None, dtype=None, max_seq_len=None, max_batch=1, ntk_
         raise TypeError("dtype float32 runs on the CPU only; use float16 or bfloat16 on CUDA")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    if max_seq_len is not None and max_seq_len != "auto" and (
-            isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
+    if (
+        max_seq_len is not None
+        and max_seq_len != "auto"
+        and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2)
+    ):
         raise ValueError(f"max_seq_len must be an integer >= 2 or 'auto', got {max_seq_len!r}")
     if kv_cache is not None and kv_cache not in KV_CACHE_TYPES and kv_cache not in KV_CACHE_FLOAT:
         raise ValueError(f"kv_cache must be one of {KV_CACHE_TYPES} or None, got {kv_cache!r}")
-    return LoadArgs(device, dtype, max_seq_len, max_batch, ntk_mode, quant, group_size, quant_head,
-                    _flag("cuda_graph", cuda_graph), _flag("progress", progress), kv_cache,
-                    _flag("check_weights", check_weights))
+    return LoadArgs(
+        device,
+        dtype,
+        max_seq_len,
+        max_batch,
+        ntk_mode,
+        quant,
+        group_size,
+        quant_head,
+        _flag("cuda_graph", cuda_graph),
+        _flag("progress", progress),
+        kv_cache,
+        _flag("check_weights", check_weights),
+    )
 
 
 def default_max_seq_len(max_position_embeddings: int, device: torch.device) -> int:
@@ -150,14 +175,29 @@ def detect_format(path: Union[str, "os.PathLike[str]"], *, what: str = "load", a
         if not entries:
             raise FileNotFoundError(f"{path} is an empty folder; {what} takes {accepts}")
         ggufs = [e for e in entries if e.lower().endswith(".gguf")]
-        hint = f" (it holds {', '.join(ggufs[:3])}: pass that file's path)" if ggufs else \
-            f" (it holds {', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''})"
-        raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face checkpoint folder{hint}; "
-                                f"{what} takes {accepts}")
+        hint = (
+            f" (it holds {', '.join(ggufs[:3])}: pass that file's path)"
+            if ggufs
+            else f" (it holds {', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''})"
+        )
+        raise FileNotFoundError(
+            f"no config.json in {path}: not a Hugging Face checkpoint folder{hint}; {what} takes {accepts}"
+        )
     if path.lower().endswith(".gguf") or _is_gguf(path):
         return GGUF
     raise CheckpointError(f"{path} is a file, neither a checkpoint folder nor a GGUF file; {what} takes {accepts}")
 
 
-__all__ = ["GGUF", "HF", "LOAD_DTYPES", "QUANT_MODES", "LoadArgs", "check_device", "check_dtype", "check_load_args",
-           "check_quant_args", "default_max_seq_len", "detect_format"]
+__all__ = [
+    "GGUF",
+    "HF",
+    "LOAD_DTYPES",
+    "QUANT_MODES",
+    "LoadArgs",
+    "check_device",
+    "check_dtype",
+    "check_load_args",
+    "check_quant_args",
+    "default_max_seq_len",
+    "detect_format",
+]

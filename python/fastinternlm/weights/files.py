@@ -34,10 +34,23 @@ _SAFETENSORS_FLOAT = {"F16", "BF16", "F32", "F64"}
 _TORCH_FLOAT = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # safetensors' dtype codes -> (torch's name, bytes per element), so one message vocabulary
 # serves both formats.
-_SAFETENSORS_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-                       "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-                       "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
-                       "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+_SAFETENSORS_DTYPES = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_INDEX_FILES = (SAFETENSORS_INDEX, BIN_INDEX)
@@ -50,9 +63,9 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class TensorInfo:
-    file: str              # the shard's name inside the checkpoint directory
+    file: str  # the shard's name inside the checkpoint directory
     shape: Tuple[int, ...]
-    dtype: str             # as the file spells it, for messages
+    dtype: str  # as the file spells it, for messages
     floating: bool
     nbytes: int
     torch_dtype: str = ""  # torch's name for the dtype ("int32")
@@ -91,7 +104,8 @@ def checkpoint_files(path: str) -> Tuple[str, List[str]]:
         return "bin", ["pytorch_model.bin"]
     raise FileNotFoundError(
         f"no weights in {path}: expected model.safetensors, model.safetensors.index.json, "
-        f"pytorch_model.bin or pytorch_model.bin.index.json")
+        f"pytorch_model.bin or pytorch_model.bin.index.json"
+    )
 
 
 def _header_entry(file: str, name: str, entry, data_size: int) -> TensorInfo:
@@ -105,21 +119,26 @@ def _header_entry(file: str, name: str, entry, data_size: int) -> TensorInfo:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r} (expected one of {', '.join(_SAFETENSORS_DTYPES)})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape must be a list of integers >= 0, got {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise CheckpointError(f"{where}: data_offsets must be two integers [begin, end], got {offsets!r}")
     begin, end = offsets
     torch_name, itemsize = _SAFETENSORS_DTYPES[dtype]
     nbytes = math.prod(shape) * itemsize
     if not 0 <= begin <= end or end - begin != nbytes:
-        raise CheckpointError(f"{where}: data_offsets {offsets} do not hold its {dtype} {tuple(shape)} "
-                              f"({nbytes} bytes)")
+        raise CheckpointError(
+            f"{where}: data_offsets {offsets} do not hold its {dtype} {tuple(shape)} ({nbytes} bytes)"
+        )
     if end > data_size:
-        raise CheckpointError(f"{where}: data_offsets end at byte {end} of the data, but the file holds only "
-                              f"{data_size} bytes of data (the file is truncated or the header is wrong)")
+        raise CheckpointError(
+            f"{where}: data_offsets end at byte {end} of the data, but the file holds only "
+            f"{data_size} bytes of data (the file is truncated or the header is wrong)"
+        )
     return TensorInfo(os.path.basename(file), tuple(shape), dtype, dtype in _SAFETENSORS_FLOAT, nbytes, torch_name)
 
 
@@ -141,8 +160,9 @@ def read_safetensors_header(file: str) -> Dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: the safetensors header must be a JSON object, got {type(header).__name__}")
     data_size = size - 8 - length
-    return {name: _header_entry(file, name, entry, data_size) for name, entry in header.items()
-            if name != "__metadata__"}
+    return {
+        name: _header_entry(file, name, entry, data_size) for name, entry in header.items() if name != "__metadata__"
+    }
 
 
 def load_bin(file: str) -> Dict[str, torch.Tensor]:
@@ -158,8 +178,10 @@ def load_bin(file: str) -> Dict[str, torch.Tensor]:
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged pickle; name the file in one
-        raise CheckpointError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        raise CheckpointError(
+            f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} does not hold a state dict (got {type(state).__name__})")
     return state
@@ -172,8 +194,9 @@ def _read_bin_metadata(file: str) -> Dict[str, TensorInfo]:
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{file}: entry {name} is not a tensor ({type(t).__name__})")
         dtype = str(t.dtype).replace("torch.", "")
-        out[name] = TensorInfo(base, tuple(t.shape), dtype, t.dtype in _TORCH_FLOAT, t.numel() * t.element_size(),
-                               dtype)
+        out[name] = TensorInfo(
+            base, tuple(t.shape), dtype, t.dtype in _TORCH_FLOAT, t.numel() * t.element_size(), dtype
+        )
     return out
 
 
@@ -219,12 +242,21 @@ def progress_bar(total: int, desc: str, progress: bool):
     """The loading progress bar (bytes, on stderr) every reader shows; a context manager."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress,
-                desc=desc)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress, desc=desc
+    )
 
 
-def iter_tensors(path: str, kind: str, files: List[str], infos: Dict[str, TensorInfo], names: Iterable[str], *,
-                 desc: str, progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_tensors(
+    path: str,
+    kind: str,
+    files: List[str],
+    infos: Dict[str, TensorInfo],
+    names: Iterable[str],
+    *,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, CPU tensor) for each of `names`, shard by shard in `files` order, with a
     tqdm progress bar on stderr (bytes of the named tensors). A tensor is a view of the
     file's data (safetensors) or of a memory-mapped pickle: copy it before keeping it."""
@@ -246,5 +278,17 @@ def iter_tensors(path: str, kind: str, files: List[str], infos: Dict[str, Tensor
                     bar.update(infos[name].nbytes)
 
 
-__all__ = ["WEIGHT_INDEX_FILES", "CheckpointError", "TensorInfo", "checkpoint_files", "iter_tensors", "listing",
-           "load_bin", "open_shard", "progress_bar", "read_safetensors_header", "read_tensor", "scan"]
+__all__ = [
+    "WEIGHT_INDEX_FILES",
+    "CheckpointError",
+    "TensorInfo",
+    "checkpoint_files",
+    "iter_tensors",
+    "listing",
+    "load_bin",
+    "open_shard",
+    "progress_bar",
+    "read_safetensors_header",
+    "read_tensor",
+    "scan",
+]

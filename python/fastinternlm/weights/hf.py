@@ -38,8 +38,7 @@ from ..hf_tokenizer import HFTokenizer
 from ..tokenizer import load_tokenizer
 from . import files
 from .args import HF, HF_ACCEPTS, LOAD_DTYPES, LoadArgs, check_load_args, detect_format
-from .arch import (Linear, TensorSpec, check_quantizable, checkpoint_tensors, destination, ignorable_tensor,
-                   linears)
+from .arch import Linear, TensorSpec, check_quantizable, checkpoint_tensors, destination, ignorable_tensor, linears
 from .files import CheckpointError, TensorInfo, listing
 from .int4_import import import_linear
 from .layout import Int4Rows, Weight, place_qkv, stack_rows
@@ -95,8 +94,9 @@ def validate(path: str, config: ModelConfig, infos: Dict[str, TensorInfo]) -> No
     if extra:
         problems.append(f"unexpected tensor(s) {listing(sorted(extra))}")
         if config.quantization is None and any(n.endswith(".qweight") for n in extra):
-            problems.append("(tensors named *.qweight belong to a quantized checkpoint, but config.json has no "
-                            "quantization_config)")
+            problems.append(
+                "(tensors named *.qweight belong to a quantized checkpoint, but config.json has no quantization_config)"
+            )
     for name, info in infos.items():
         spec = specs.get(name)
         if spec is None and ignorable_tensor(config, name) and not name.endswith(".inv_freq"):
@@ -110,7 +110,8 @@ def validate(path: str, config: ModelConfig, infos: Dict[str, TensorInfo]) -> No
     if problems:
         raise CheckpointError(
             f"checkpoint {path} ({config.architecture}, {config.num_layers} layers) does not match its "
-            f"config.json: " + "; ".join(problems))
+            f"config.json: " + "; ".join(problems)
+        )
 
 
 def scan_checkpoint(path: str, config: ModelConfig) -> Tuple[str, List[str], Dict[str, TensorInfo]]:
@@ -122,9 +123,16 @@ def scan_checkpoint(path: str, config: ModelConfig) -> Tuple[str, List[str], Dic
     return kind, shards, infos
 
 
-def load_checkpoint(path: Union[str, "os.PathLike[str]"], device: Union[str, torch.device] = "cpu",
-                    dtype: Optional[torch.dtype] = None, progress: bool = True, *, quant: Optional[str] = None,
-                    group_size: int = 128, quant_head: bool = False) -> Tuple[ModelConfig, ModelWeights]:
+def load_checkpoint(
+    path: Union[str, "os.PathLike[str]"],
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    *,
+    quant: Optional[str] = None,
+    group_size: int = 128,
+    quant_head: bool = False,
+) -> Tuple[ModelConfig, ModelWeights]:
     """(config, weights) of the checkpoint directory `path`, every weight on `device` in
     `dtype` (None: the checkpoint's declared torch_dtype if it is float16, bfloat16 or
     float32, else float16). `progress` shows a tqdm bar on stderr.
@@ -133,11 +141,13 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], device: Union[str, tor
     round-to-nearest, asymmetric, `group_size` input channels per group, while loading.
     A pre-quantized checkpoint (quantization_config in config.json) loads its linears as
     Int4Weight with quant=None. `fastinternlm.load` is this plus the tokenizer and the model."""
-    args = check_load_args(device=device, dtype=dtype, quant=quant, group_size=group_size, quant_head=quant_head,
-                           progress=progress)
+    args = check_load_args(
+        device=device, dtype=dtype, quant=quant, group_size=group_size, quant_head=quant_head, progress=progress
+    )
     if detect_format(path, what="load_checkpoint", accepts=HF_ACCEPTS) != HF:
-        raise CheckpointError(f"{path} is a GGUF file; load_checkpoint takes {HF_ACCEPTS} (fastinternlm.load "
-                              f"reads GGUF files)")
+        raise CheckpointError(
+            f"{path} is a GGUF file; load_checkpoint takes {HF_ACCEPTS} (fastinternlm.load reads GGUF files)"
+        )
     path = os.fspath(path)
     return read_weights(path, load_config(path), args)
 
@@ -146,8 +156,10 @@ def read_weights(path: str, config: ModelConfig, args: LoadArgs) -> Tuple[ModelC
     """The weights of a checkpoint whose config is read and whose arguments are checked."""
     if args.quant is not None:
         if config.quantization is not None:
-            raise ValueError(f"checkpoint {path} is already quantized (quantization_config.quant_method "
-                             f"{config.quantization.method!r}); load it with quant=None")
+            raise ValueError(
+                f"checkpoint {path} is already quantized (quantization_config.quant_method "
+                f"{config.quantization.method!r}); load it with quant=None"
+            )
         check_quantizable(config, args.group_size, args.quant_head)
     dtype = args.dtype
     if dtype is None:
@@ -186,14 +198,22 @@ def _check_act_order(path: str, kind: str, config: ModelConfig, infos: Dict[str,
                     f"checkpoint {path}: {name} is not k // group_size ({group}): an act-order (desc_act=true) "
                     f"GPTQ checkpoint whose input channels are permuted across groups, which the int4 format "
                     f"(groups of consecutive channels) cannot hold; re-quantize with desc_act=false (or "
-                    f"static_groups=true), or load the unquantized model with quant='int4'")
+                    f"static_groups=true), or load the unquantized model with quant='int4'"
+                )
 
 
 class _Loader:
     """Turns checkpoint tensors, one at a time, into the one weight form."""
 
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                 infos: Dict[str, TensorInfo], group_size: Optional[int], quant_head: bool):
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        infos: Dict[str, TensorInfo],
+        group_size: Optional[int],
+        quant_head: bool,
+    ):
         self.config, self.device, self.dtype = config, device, dtype
         self.group_size = group_size  # quantize at load with this group size; None: no
         self.layers: List[Dict[str, object]] = [{} for _ in range(config.num_layers)]
@@ -267,8 +287,9 @@ class _Loader:
             if isinstance(value, Int4Weight):
                 wqkv = Int4Rows(self.config.qkv_rows, value)
             else:
-                wqkv = torch.empty((self.config.qkv_rows, self.config.hidden_size), dtype=self.dtype,
-                                   device=self.device)
+                wqkv = torch.empty(
+                    (self.config.qkv_rows, self.config.hidden_size), dtype=self.dtype, device=self.device
+                )
             self.layers[layer]["wqkv"] = wqkv
         if isinstance(wqkv, Int4Rows) != isinstance(value, Int4Weight):
             raise CheckpointError(f"layer {layer}: q, k and v projections must be all quantized or all dense")
@@ -294,5 +315,13 @@ class _Loader:
         return ModelWeights(self.globals["tok_embeddings"], layers, self.globals["norm"], self.globals["output"])
 
 
-__all__ = ["ConfigError", "CheckpointError", "load_checkpoint", "load_config", "read_tokenizer", "read_weights",
-           "scan_checkpoint", "validate"]
+__all__ = [
+    "ConfigError",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_config",
+    "read_tokenizer",
+    "read_weights",
+    "scan_checkpoint",
+    "validate",
+]

@@ -97,17 +97,19 @@ def _finish(qweight: torch.Tensor, z: torch.Tensor, s: torch.Tensor, g_source: i
     15 - q flips all four bits of every nibble, so B is the bitwise NOT of the group's
     words; q * s, -s and the exact m stay exact in the GEMM's float32 dequantization."""
     g = _our_group(g_source)
-    zs = z.to(torch.float64) * s.to(torch.float64)            # exact: 5 + 11 significant bits
+    zs = z.to(torch.float64) * s.to(torch.float64)  # exact: 5 + 11 significant bits
     rest = (15 - z).to(torch.float64) * s.to(torch.float64)
     m_a, m_b = (-zs).to(torch.float16), rest.to(torch.float16)
-    err_a = (m_a.to(torch.float64) + zs).abs()              # inf where m_a overflowed
+    err_a = (m_a.to(torch.float64) + zs).abs()  # inf where m_a overflowed
     err_b = (m_b.to(torch.float64) - rest).abs()
     flip = err_b < err_a
     m = torch.where(flip, m_b, m_a)
     s = torch.where(flip, -s, s)
     if not bool(torch.isfinite(m).all()):
-        raise ValueError("zero point * scale exceeds the float16 range (|z * s| > 65504), which the int4 "
-                         "format's offsets cannot hold")
+        raise ValueError(
+            "zero point * scale exceeds the float16 range (|z * s| > 65504), which the int4 "
+            "format's offsets cannot hold"
+        )
     n, words = qweight.shape
     per_group = g_source // 8
     grouped = qweight.view(n, words // per_group, per_group)
@@ -142,8 +144,13 @@ def awq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     return _finish(_pack_k(q.t().contiguous()), z.t(), scales.t(), g)
 
 
-def gptq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                 g_idx: Optional[torch.Tensor] = None, zero_offset: int = 1) -> Int4Weight:
+def gptq_to_int4(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: Optional[torch.Tensor] = None,
+    zero_offset: int = 1,
+) -> Int4Weight:
     """A GPTQ linear (qweight int32 [K/8, N], qzeros int32 [K/G, N/8], scales float16
     [K/G, N], optional g_idx [K]) as an Int4Weight [N, K]. zero_offset is added to the
     stored zero points: 1 for the "gptq" format, 0 for "gptq_v2". g_idx, when given, must
@@ -167,7 +174,8 @@ def gptq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
                 f"g_idx is not k // group_size ({g}): this is an act-order (desc_act=true) checkpoint whose "
                 f"input channels are permuted across groups, which the int4 format (groups of consecutive "
                 f"channels) cannot hold; re-quantize with desc_act=false (or static_groups=true), or load "
-                f"the unquantized model with quant='int4'")
+                f"the unquantized model with quant='int4'"
+            )
     z = _nibbles(qzeros).reshape(k // g, n).to(torch.int32) + zero_offset
     # Nibble i of GPTQ's row r is channel 8r + i of column n: the transpose is our layout.
     return _finish(qweight.t().contiguous(), z.t(), scales.t(), g)

@@ -80,8 +80,10 @@ class Int4Rows:
 
     def place(self, part: str, w: Int4Weight, config: ModelConfig) -> None:
         if (w.k, w.group_size) != (self.k, self.group_size):
-            raise CheckpointError(f"the {part} projection is {w}, but the other parts of wqkv have k={self.k}, "
-                              f"group_size={self.group_size}")
+            raise CheckpointError(
+                f"the {part} projection is {w}, but the other parts of wqkv have k={self.k}, "
+                f"group_size={self.group_size}"
+            )
         place_qkv(self.qweight, part, w.qweight, config)
         place_qkv(self.scales, part, w.scales, config)
         place_qkv(self.offsets, part, w.offsets, config)
@@ -99,8 +101,12 @@ def concat_rows(*weights: Int4Weight) -> Int4Weight:
     for w in weights[1:]:
         if (w.k, w.group_size, w.device) != (first.k, first.group_size, first.device):
             raise ValueError(f"cannot stack {w} under {first}: k, group_size and device must agree")
-    return Int4Weight.from_tensors(torch.cat([w.qweight for w in weights]), torch.cat([w.scales for w in weights]),
-                                   torch.cat([w.offsets for w in weights]), first.group_size)
+    return Int4Weight.from_tensors(
+        torch.cat([w.qweight for w in weights]),
+        torch.cat([w.scales for w in weights]),
+        torch.cat([w.offsets for w in weights]),
+        first.group_size,
+    )
 
 
 def stack_rows(*weights: Weight) -> Weight:

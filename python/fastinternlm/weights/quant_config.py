@@ -24,11 +24,12 @@ _MISSING = object()
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     """A pre-quantized checkpoint's quantization_config, validated."""
-    method: str                        # one of QUANT_METHODS
-    group_size: Optional[int]          # input channels per group; None: one group per row (-1)
-    quant_head: bool = False           # the output head is quantized too
-    zero_offset: int = 0               # added to stored zero points (GPTQ's "gptq" format stores z - 1)
-    desc_act: bool = False             # GPTQ act-order: g_idx may permute the input channels
+
+    method: str  # one of QUANT_METHODS
+    group_size: Optional[int]  # input channels per group; None: one group per row (-1)
+    quant_head: bool = False  # the output head is quantized too
+    zero_offset: int = 0  # added to stored zero points (GPTQ's "gptq" format stores z - 1)
+    desc_act: bool = False  # GPTQ act-order: g_idx may permute the input channels
     dense_modules: Tuple[str, ...] = ()  # AWQ modules_to_not_convert: module names containing one stay dense
     quantized_modules: Optional[Tuple[str, ...]] = None  # GPTQ modules_in_block_to_quantize, flattened
 
@@ -44,7 +45,6 @@ class QuantizationConfig:
         if self.quantized_modules is not None:
             return any(linear.name.endswith("." + m) for m in self.quantized_modules)
         return True
-
 
 
 def _q_value(q: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
@@ -66,8 +66,9 @@ def _q_bool(q: Mapping[str, Any], key: str, default: bool) -> bool:
 def _q_bits(q: Mapping[str, Any], method: str) -> None:
     bits = _q_value(q, "bits", 4)
     if bits != 4 or isinstance(bits, bool):
-        raise ConfigError(f"config.json: quantization_config.bits must be 4 (the int4 GEMM's width) for "
-                          f"{method}, got {bits!r}")
+        raise ConfigError(
+            f"config.json: quantization_config.bits must be 4 (the int4 GEMM's width) for {method}, got {bits!r}"
+        )
 
 
 def _q_group(q: Mapping[str, Any], default: int) -> Optional[int]:
@@ -79,9 +80,11 @@ def _q_group(q: Mapping[str, Any], default: int) -> Optional[int]:
     if g == -1:
         return None
     if g % min(GROUP_SIZES):
-        raise ConfigError(f"config.json: quantization_config.group_size {g} is not supported: it must be a "
-                          f"multiple of {min(GROUP_SIZES)} (or -1) so that it splits into the int4 format's "
-                          f"groups of {', '.join(map(str, GROUP_SIZES))}")
+        raise ConfigError(
+            f"config.json: quantization_config.group_size {g} is not supported: it must be a "
+            f"multiple of {min(GROUP_SIZES)} (or -1) so that it splits into the int4 format's "
+            f"groups of {', '.join(map(str, GROUP_SIZES))}"
+        )
     return g
 
 
@@ -107,8 +110,10 @@ def parse_quantization(value: Any) -> Optional[QuantizationConfig]:
     if method == FASTINTERNLM_INT4:
         version = _q_value(value, "format_version")
         if version != INT4_FORMAT_VERSION or isinstance(version, bool):
-            raise ConfigError(f"config.json: quantization_config.format_version must be {INT4_FORMAT_VERSION} "
-                              f"(the packed layout this build reads), got {version!r}")
+            raise ConfigError(
+                f"config.json: quantization_config.format_version must be {INT4_FORMAT_VERSION} "
+                f"(the packed layout this build reads), got {version!r}"
+            )
         g = _q_value(value, "group_size")
         if g not in GROUP_SIZES or isinstance(g, bool):
             raise ConfigError(f"config.json: quantization_config.group_size must be one of {GROUP_SIZES}, got {g!r}")
@@ -117,31 +122,47 @@ def parse_quantization(value: Any) -> Optional[QuantizationConfig]:
         _q_bits(value, method)
         version = str(_q_value(value, "version", "gemm")).lower()
         if version != "gemm":
-            raise ConfigError(f"config.json: quantization_config.version {version!r} is not supported; AWQ "
-                              f"checkpoints load in the 'gemm' layout only")
+            raise ConfigError(
+                f"config.json: quantization_config.version {version!r} is not supported; AWQ "
+                f"checkpoints load in the 'gemm' layout only"
+            )
         if not _q_bool(value, "zero_point", True):
-            raise ConfigError("config.json: quantization_config.zero_point=false (symmetric AWQ without qzeros) "
-                              "is not supported; AWQ checkpoints load with zero points only")
+            raise ConfigError(
+                "config.json: quantization_config.zero_point=false (symmetric AWQ without qzeros) "
+                "is not supported; AWQ checkpoints load with zero points only"
+            )
         backend = value.get("backend")
         if backend not in (None, "autoawq"):
-            raise ConfigError(f"config.json: quantization_config.backend {backend!r} is not supported (its packing "
-                              f"differs); AutoAWQ's ('autoawq') is")
-        return QuantizationConfig(method, _q_group(value, 128),
-                                  dense_modules=_q_names(value, "modules_to_not_convert", False) or ())
+            raise ConfigError(
+                f"config.json: quantization_config.backend {backend!r} is not supported (its packing "
+                f"differs); AutoAWQ's ('autoawq') is"
+            )
+        return QuantizationConfig(
+            method, _q_group(value, 128), dense_modules=_q_names(value, "modules_to_not_convert", False) or ()
+        )
     if method == "gptq":
         _q_bits(value, method)
         fmt = value.get("checkpoint_format", value.get("format", "gptq"))
         if fmt not in ("gptq", "gptq_v2"):
-            raise ConfigError(f"config.json: quantization_config.checkpoint_format {fmt!r} is not supported; GPTQ "
-                              f"checkpoints load in the 'gptq' and 'gptq_v2' formats")
+            raise ConfigError(
+                f"config.json: quantization_config.checkpoint_format {fmt!r} is not supported; GPTQ "
+                f"checkpoints load in the 'gptq' and 'gptq_v2' formats"
+            )
         pack = value.get("pack_dtype", "int32")
         if pack not in ("int32", "torch.int32"):
             raise ConfigError(f"config.json: quantization_config.pack_dtype must be int32, got {pack!r}")
-        return QuantizationConfig(method, _q_group(value, 128), quant_head=_q_bool(value, "lm_head", False),
-                                  zero_offset=1 if fmt == "gptq" else 0, desc_act=_q_bool(value, "desc_act", False),
-                                  quantized_modules=_q_names(value, "modules_in_block_to_quantize", True))
-    raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not supported; supported: "
-                      f"{', '.join(QUANT_METHODS)} (4-bit)")
+        return QuantizationConfig(
+            method,
+            _q_group(value, 128),
+            quant_head=_q_bool(value, "lm_head", False),
+            zero_offset=1 if fmt == "gptq" else 0,
+            desc_act=_q_bool(value, "desc_act", False),
+            quantized_modules=_q_names(value, "modules_in_block_to_quantize", True),
+        )
+    raise ConfigError(
+        f"config.json: quantization_config.quant_method {method!r} is not supported; supported: "
+        f"{', '.join(QUANT_METHODS)} (4-bit)"
+    )
 
 
 def _check_quantized_sizes(config: ModelConfig) -> None:
@@ -151,14 +172,19 @@ def _check_quantized_sizes(config: ModelConfig) -> None:
             continue
         g = q.group(lin.k)
         if lin.k % g:
-            raise ConfigError(f"config.json: quantization_config.group_size {g} does not divide {lin.k_source} "
-                              f"({lin.k}), the input size of {lin.name}")
+            raise ConfigError(
+                f"config.json: quantization_config.group_size {g} does not divide {lin.k_source} "
+                f"({lin.k}), the input size of {lin.name}"
+            )
         if lin.k % min(GROUP_SIZES):
-            raise ConfigError(f"config.json: {lin.k_source} ({lin.k}), the input size of {lin.name}, must be a "
-                              f"multiple of {min(GROUP_SIZES)} for the int4 format")
+            raise ConfigError(
+                f"config.json: {lin.k_source} ({lin.k}), the input size of {lin.name}, must be a "
+                f"multiple of {min(GROUP_SIZES)} for the int4 format"
+            )
         if q.method != FASTINTERNLM_INT4 and lin.n % 8:
-            raise ConfigError(f"config.json: {lin.name} has {lin.n} outputs, which {q.method} cannot pack "
-                              f"(a multiple of 8 is needed)")
+            raise ConfigError(
+                f"config.json: {lin.name} has {lin.n} outputs, which {q.method} cannot pack (a multiple of 8 is needed)"
+            )
 
 
 def with_quantization(config: ModelConfig, value: Any) -> ModelConfig:

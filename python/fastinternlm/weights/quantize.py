@@ -92,10 +92,15 @@ class _ShardWriter:
             json.dump(index, f, indent=2)
 
 
-def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os.PathLike[str]"],
-                        group_size: int = 128, quant_head: bool = False,
-                        device: Union[None, str, torch.device] = None, progress: bool = True,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+def quantize_checkpoint(
+    src: Union[str, "os.PathLike[str]"],
+    dst: Union[str, "os.PathLike[str]"],
+    group_size: int = 128,
+    quant_head: bool = False,
+    device: Union[None, str, torch.device] = None,
+    progress: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> str:
     """Quantize the checkpoint directory `src` (a Hugging Face checkpoint folder; GGUF
     files are refused with a message saying so) into the new directory `dst` (which must
     not exist or be empty); returns dst. device: where to quantize (None: CUDA when
@@ -107,16 +112,19 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     src, dst = os.fspath(src), os.fspath(dst)
     if detect_format(src, what="quantize", accepts=HF_ACCEPTS) != HF:
-        raise ValueError(f"{src} is a GGUF file; quantize takes {HF_ACCEPTS} (a GGUF file's Q4_0/Q4_1 tensors "
-                         f"load as int4 by themselves: pass the file to load, generate or chat as it is)")
+        raise ValueError(
+            f"{src} is a GGUF file; quantize takes {HF_ACCEPTS} (a GGUF file's Q4_0/Q4_1 tensors "
+            f"load as int4 by themselves: pass the file to load, generate or chat as it is)"
+        )
     if os.path.realpath(src) == os.path.realpath(dst):
         raise ValueError("the output directory must differ from the input directory")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ValueError(f"output directory {dst} exists and is not empty")
     config = load_config(src)
     if config.quantization is not None:
-        raise ValueError(f"checkpoint {src} is already quantized (quantization_config.quant_method "
-                         f"{config.quantization.method!r})")
+        raise ValueError(
+            f"checkpoint {src} is already quantized (quantization_config.quant_method {config.quantization.method!r})"
+        )
     check_quantizable(config, group_size, quant_head)
     kind, shards, infos = scan_checkpoint(src, config)
 
@@ -152,8 +160,12 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
         del t
     writer.close()
 
-    raw_config["quantization_config"] = {"quant_method": FASTINTERNLM_INT4, "format_version": INT4_FORMAT_VERSION,
-                                         "group_size": group_size, "quant_head": quant_head}
+    raw_config["quantization_config"] = {
+        "quant_method": FASTINTERNLM_INT4,
+        "format_version": INT4_FORMAT_VERSION,
+        "group_size": group_size,
+        "quant_head": quant_head,
+    }
     with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
         json.dump(raw_config, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -166,8 +178,14 @@ def quantize_checkpoint(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os
 
 def main_args(args) -> int:
     """The `fastinternlm quantize` subcommand (cli.py builds the parser)."""
-    out = quantize_checkpoint(args.input, args.output, group_size=args.group_size, quant_head=args.quant_head,
-                              device=args.device, progress=not args.no_progress)
+    out = quantize_checkpoint(
+        args.input,
+        args.output,
+        group_size=args.group_size,
+        quant_head=args.quant_head,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -11,8 +11,9 @@ from ..model import Layer, ModelWeights
 from ..ops.int4_gemm import quantize_int4
 
 
-def random_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float16,
-                   seed: int = 0) -> ModelWeights:
+def random_weights(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float16, seed: int = 0
+) -> ModelWeights:
     """ModelWeights of `config` drawn on `device` (an untied head of its own)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -25,18 +26,34 @@ def random_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype
         return torch.randn(c.hidden_size, generator=gen, device=device, dtype=dtype).mul_(0.1).add_(1)
 
     tok_embeddings = lin(c.vocab_size, c.hidden_size)
-    layers = [Layer(norm(), lin(c.qkv_rows, c.hidden_size), lin(c.hidden_size, c.q_size), norm(),
-                    lin(2 * c.intermediate_size, c.hidden_size), lin(c.hidden_size, c.intermediate_size))
-              for _ in range(c.num_layers)]
+    layers = [
+        Layer(
+            norm(),
+            lin(c.qkv_rows, c.hidden_size),
+            lin(c.hidden_size, c.q_size),
+            norm(),
+            lin(2 * c.intermediate_size, c.hidden_size),
+            lin(c.hidden_size, c.intermediate_size),
+        )
+        for _ in range(c.num_layers)
+    ]
     return ModelWeights(tok_embeddings, layers, norm(), lin(c.vocab_size, c.hidden_size))
 
 
 def quantize_linears(weights: ModelWeights, group_size: int) -> ModelWeights:
     """The same model with every decoder linear quantized to int4 (ops.quantize_int4, as
     quant="int4" at load does); embeddings, norms and the head are shared, not copied."""
-    layers = [Layer(layer.attention_norm, quantize_int4(layer.wqkv, group_size), quantize_int4(layer.wo, group_size),
-                    layer.ffn_norm, quantize_int4(layer.w13, group_size), quantize_int4(layer.w2, group_size))
-              for layer in weights.layers]
+    layers = [
+        Layer(
+            layer.attention_norm,
+            quantize_int4(layer.wqkv, group_size),
+            quantize_int4(layer.wo, group_size),
+            layer.ffn_norm,
+            quantize_int4(layer.w13, group_size),
+            quantize_int4(layer.w2, group_size),
+        )
+        for layer in weights.layers
+    ]
     return ModelWeights(weights.tok_embeddings, layers, weights.norm, weights.output)
 
 
