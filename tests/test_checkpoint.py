@@ -14,7 +14,7 @@ from fastinternlm.weights import files as files_module
 from fastinternlm.weights.files import CheckpointError
 from fastinternlm.weights.hf import load_checkpoint
 from fastinternlm.weights.layout import fuse_qkv, split_wqkv
-from model_fixtures import (
+from model_fixtures import (  # noqa: F401 (tiny_internlm2, tiny_llama: pytest fixtures)
     grouped_row,
     hf_llama_reference,
     read_checkpoint,
@@ -22,7 +22,7 @@ from model_fixtures import (
     split_by_formula,
     tiny_internlm2,
     tiny_llama,
-    write_tiny_internlm2,  # noqa: F401
+    write_tiny_internlm2,
     write_tiny_llama,
 )
 

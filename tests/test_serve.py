@@ -624,14 +624,17 @@ def _write_caller_model(directory: Path, call_json: str) -> Path:
     sp = spm.SentencePieceProcessor(model_proto=out.getvalue())
     vocab = sp.get_piece_size()
     ids = {s: sp.piece_to_id(s) for s in specials + [call_json]}
-    entry = lambda c: {
-        "content": c,
-        "lstrip": False,
-        "normalized": False,
-        "rstrip": False,  # noqa: E731
-        "single_word": False,
-        "special": True,
-    }
+
+    def entry(c):
+        return {
+            "content": c,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+
     table = {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>")}
     table.update({str(ids[s]): entry(s) for s in specials})
     (directory / "tokenizer_config.json").write_text(

@@ -52,17 +52,10 @@ def main() -> int:
                     ws = torch.empty(
                         ops.attention_decode_workspace_bytes(batch, Q_HEADS, kc), dtype=torch.uint8, device=dev
                     )
-                    fn = lambda: ops.attention_decode(
-                        q,
-                        k,
-                        v,
-                        kc,
-                        vc,
-                        slots,
-                        pos,
-                        workspace=ws,  # noqa: E731
-                        check_indices=False,
-                    )
+
+                    def fn(ws=ws):
+                        return ops.attention_decode(q, k, v, kc, vc, slots, pos, workspace=ws, check_indices=False)
+
                     err = float((fn().float() - ref).norm() / ref.norm())
                     t = time_fn(fn, dev, 0.05, graph=True)
                     table[(batch, ctx, mc, tb)] = (t, err)
