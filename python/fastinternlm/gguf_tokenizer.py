@@ -41,7 +41,7 @@ import heapq
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .tokenizer import AddedToken, check_text, check_token_ids, plain_tokens, split_added_tokens
+from .tokenizer import AddedToken, AddedTokenLookups, check_text, check_token_ids, plain_tokens, split_added_tokens
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -102,7 +102,7 @@ def _id(meta: Mapping, key: str, size: int) -> Optional[int]:
     return value
 
 
-class GGUFTokenizer:
+class GGUFTokenizer(AddedTokenLookups):
     """A tokenizer built from GGUF metadata (a mapping of key -> value, lists for
     arrays). See the module docstring."""
 
@@ -253,13 +253,6 @@ class GGUFTokenizer:
     def id_to_token(self, token_id: int) -> str:
         (token_id,) = self._check_ids([token_id])
         return self.tokens[token_id]
-
-    def is_added(self, token_id: int) -> bool:
-        return token_id in self.added_tokens
-
-    def is_special(self, token_id: int) -> bool:
-        t = self.added_tokens.get(token_id)
-        return t is not None and t.special
 
     # ---- encode ------------------------------------------------------------------------
     def _encode_text(self, text: str) -> List[int]:

@@ -27,7 +27,7 @@ import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .config import read_json
-from .tokenizer import AddedToken, check_text, check_token_ids, plain_tokens
+from .tokenizer import AddedToken, AddedTokenLookups, check_text, check_token_ids, plain_tokens
 
 
 class HFTokenizerError(ValueError):
@@ -41,7 +41,7 @@ def _token_text(value) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-class HFTokenizer:
+class HFTokenizer(AddedTokenLookups):
     """`tokenizer_file`: a tokenizer.json; `tokenizer_config`: the parsed
     tokenizer_config.json (or None); `special_tokens_map`: the parsed
     special_tokens_map.json (or None)."""
@@ -128,13 +128,6 @@ class HFTokenizer:
         if token is None:
             raise ValueError(f"token id {token_id} has no entry in {self.path}")
         return token
-
-    def is_added(self, token_id: int) -> bool:
-        return token_id in self.added_tokens
-
-    def is_special(self, token_id: int) -> bool:
-        t = self.added_tokens.get(token_id)
-        return t is not None and t.special
 
     # ---- encode ------------------------------------------------------------------------
     def _plain_tokenizer(self):

@@ -165,7 +165,21 @@ class AddedToken:
         return f"AddedToken(id={self.id}, content={self.content!r}, special={self.special})"
 
 
-class Tokenizer:
+class AddedTokenLookups:
+    """is_added / is_special over `self.added_tokens` (id -> AddedToken): the same for
+    every tokenizer (SentencePiece, tokenizer.json, GGUF)."""
+
+    added_tokens: Dict[int, AddedToken]
+
+    def is_added(self, token_id: int) -> bool:
+        return token_id in self.added_tokens
+
+    def is_special(self, token_id: int) -> bool:
+        t = self.added_tokens.get(token_id)
+        return t is not None and t.special
+
+
+class Tokenizer(AddedTokenLookups):
     """SentencePiece plus added tokens. `model_file`: a tokenizer.model;
     `tokenizer_config`: the parsed tokenizer_config.json (or None)."""
 
@@ -233,13 +247,6 @@ class Tokenizer:
         if i == self.unk_id and token != self.sp.id_to_piece(self.unk_id):
             raise KeyError(f"{token!r} is neither an added token nor a piece of the vocabulary")
         return i
-
-    def is_added(self, token_id: int) -> bool:
-        return token_id in self.added_tokens
-
-    def is_special(self, token_id: int) -> bool:
-        t = self.added_tokens.get(token_id)
-        return t is not None and t.special
 
     # ---- encode ------------------------------------------------------------------------
     def encode(
@@ -388,6 +395,7 @@ def load_tokenizer(path: "os.PathLike[str] | str") -> Tokenizer:
 __all__ = [
     "INTERNLM2_SPECIAL_TOKENS",
     "AddedToken",
+    "AddedTokenLookups",
     "StreamDecoder",
     "StreamDecoderProtocol",
     "Tokenizer",
