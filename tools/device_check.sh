@@ -44,8 +44,8 @@ if want tests; then
   stamp "tests (CUDA variants and the CUDA-graph tests), one process per group so a broken CUDA context stays in its group"
   : > "$OUT/pytest.log"
   test_line="tests:"
-  for group in "kernels:tests/test_programmatic_launch.py tests/test_attention.py tests/test_attention_decode_qkv.py tests/test_int4_gemm.py tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py" \
-               "model:tests/test_cuda_graph.py tests/test_engine.py tests/test_model.py tests/test_quantized_models.py tests/test_gguf.py tests/test_awq_gptq.py tests/test_accuracy_bench.py" \
+  for group in "kernels:tests/test_programmatic_launch.py tests/test_attention.py tests/test_attention_decode_qkv.py tests/test_attention_kv_quant.py tests/test_int4_gemm.py tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py" \
+               "model:tests/test_cuda_graph.py tests/test_engine.py tests/test_model.py tests/test_kv_cache_model.py tests/test_quantized_models.py tests/test_gguf.py tests/test_awq_gptq.py tests/test_accuracy_bench.py" \
                "e2e:tests/test_e2e_bench.py"; do
     name=${group%%:*}; files=${group#*:}
     [[ " ${TEST_GROUPS:-kernels model e2e} " == *" $name "* ]] || continue
@@ -100,7 +100,7 @@ if want memcheck && command -v compute-sanitizer >/dev/null; then
   stamp "compute-sanitizer memcheck on the CUDA tests of each kernel family (last: a timeout cuts only this)"
   timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 -m pytest tests/test_rms_norm.py tests/test_rotary.py tests/test_silu_and_mul.py \
-      tests/test_attention.py tests/test_attention_decode_qkv.py tests/test_int4_gemm.py -v -x -p no:cacheprovider \
+      tests/test_attention.py tests/test_attention_decode_qkv.py tests/test_attention_kv_quant.py tests/test_int4_gemm.py -v -x -p no:cacheprovider \
       -k "${SAN_K:-cuda and not long_context and not large_scores}" > "$BUILD/memcheck.log" 2>&1
   san_rc=$?
   san_line="memcheck: rc=$san_rc ($(grep -c 'Invalid' "$BUILD/memcheck.log") invalid accesses reported; 124 = timed out; $(grep -c PASSED "$BUILD/memcheck.log") tests passed under it) $(tail -1 "$BUILD/memcheck.log")"
