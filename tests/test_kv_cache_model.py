@@ -156,10 +156,13 @@ def test_long_prefill_reports_progress(ckpt, monkeypatch, capsys):
     expected = llm.logits(ids)[-1]
     capsys.readouterr()
     monkeypatch.setattr(sequence_module, "PROGRESS_AFTER_S", 0.0)  # every prefill "takes seconds"
+    monkeypatch.setattr(sequence_module, "PROGRESS_MIN_TOKENS", 100)
     out = llm.generate(ids, max_new_tokens=1)
     err = capsys.readouterr().err
     assert "prefill: 150/150 tokens" in err and err.endswith("\n")
     assert out.token_ids[0] == int(expected.argmax())
+    llm.generate(ids[:99], max_new_tokens=1)  # shorter than PROGRESS_MIN_TOKENS: never reported
+    assert "prefill" not in capsys.readouterr().err
     llm.prefill_progress = False
     llm.generate(ids, max_new_tokens=1)
     assert "prefill" not in capsys.readouterr().err

@@ -56,7 +56,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 
-from .sequence import Generation, PrefillProgress, SequenceState, prefill_chunk
+from .sequence import Generation, PrefillProgress, SequenceState, prefill_chunk, prefill_progress
 from .sampling import SamplingParams, sample_rows
 
 FINISH_REASONS = ("stop", "stop_string", "length", "cancelled", "timeout", "error")
@@ -241,8 +241,8 @@ class _Active:
         self.prefilled = reused
         self.base = llm._base(len(req.prompt))
         # Prefill is chunked, so a long prompt's activation memory does not grow with it;
-        # one that takes seconds says how far it got.
-        self.progress = PrefillProgress(len(req.prompt), llm.device) if llm.prefill_progress else None
+        # a long one that takes seconds says how far it got (timed from its first chunk).
+        self.progress: Optional[PrefillProgress] = None
         self.seq = SequenceState(llm, req.prompt, req.stops, skip_special_tokens=req.skip_special_tokens)
         req._seq = self.seq
         self.generator = None
@@ -645,6 +645,8 @@ class Engine:
             while a.prefilling and budget > 0:
                 n = min(budget, solo_chunk, len(prompt) - a.prefilled)
                 start = a.prefilled
+                if a.progress is None and start == 0 and llm.prefill_progress:
+                    a.progress = prefill_progress(len(prompt), dev)
                 tokens = torch.tensor(prompt[start : start + n], dtype=torch.int64, device=dev)
                 hidden = model.prefill(tokens, a.slot.index, start, a.base)
                 a.prefilled += n

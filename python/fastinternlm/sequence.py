@@ -23,8 +23,17 @@ def prefill_chunk(device: torch.device) -> int:
     return PREFILL_CHUNK_CUDA if device.type == "cuda" else PREFILL_CHUNK
 
 
-# A prompt whose prefill runs longer than this reports on stderr, at most once a second.
+# A prompt of at least PROGRESS_MIN_TOKENS tokens whose prefill runs longer than
+# PROGRESS_AFTER_S reports on stderr, at most once a second. Shorter prompts never do: in a
+# service their prefill is spread over many scheduler steps among other requests' work,
+# and a line per request would be noise.
 PROGRESS_AFTER_S = 2.0
+PROGRESS_MIN_TOKENS = 8192
+
+
+def prefill_progress(total: int, device: torch.device) -> Optional["PrefillProgress"]:
+    """A PrefillProgress for a prompt of `total` tokens, or None if it is too short to report."""
+    return PrefillProgress(total, device) if total >= PROGRESS_MIN_TOKENS else None
 
 
 class PrefillProgress:
