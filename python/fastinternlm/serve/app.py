@@ -57,6 +57,21 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _chunk(rid: str, obj: str, created: int, model: str, choice: Dict[str, Any], usage: bool) -> str:
+    """One streamed chunk as an event: a chat delta or a completion text piece. With
+    include_usage every chunk carries "usage": null, as OpenAI's do; the last one has it."""
+    out = {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, **choice, "logprobs": None}],
+    }
+    if usage:
+        out["usage"] = None
+    return _sse(out)
+
+
 def _finish_reason(engine_reason: str, has_calls: bool) -> str:
     if has_calls:
         return "tool_calls"
@@ -338,16 +353,8 @@ def create_app(
 
     async def _chat_stream(srv: Server, handle, rid, created, tools: bool, usage: bool, t0) -> AsyncIterator[str]:
         def chunk(delta, finish=None):
-            out = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-            if usage:
-                out["usage"] = None
-            return _sse(out)
+            choice = {"delta": delta, "finish_reason": finish}
+            return _chunk(rid, "chat.completion.chunk", created, model_name, choice, usage)
 
         parser = toolcalls.ToolCallParser(srv.tool_drop) if tools else None
         try:
@@ -416,16 +423,7 @@ def create_app(
 
     async def _completion_stream(handle, rid, created, prefix: str, usage: bool, t0) -> AsyncIterator[str]:
         def chunk(text, finish=None):
-            out = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            }
-            if usage:
-                out["usage"] = None
-            return _sse(out)
+            return _chunk(rid, "text_completion", created, model_name, {"text": text, "finish_reason": finish}, usage)
 
         try:
             if prefix:
