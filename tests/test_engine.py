@@ -162,10 +162,10 @@ def test_stream_deltas_join_to_the_text(llm, ckpt):
 
 
 class SlowSteps:
-    """Makes each decode step take at least `seconds` (so tests can act mid-request)."""
+    """Makes each model step take at least `seconds` (so tests can act mid-request)."""
 
     def __init__(self, llm, seconds):
-        self.model, self.real = llm.model, llm.model.decode_hidden
+        self.model, self.real = llm.model, llm.model.step
         self.seconds = seconds
 
     def __enter__(self):
@@ -173,11 +173,11 @@ class SlowSteps:
             time.sleep(self.seconds)
             return self.real(*a, **k)
 
-        self.model.decode_hidden = slow
+        self.model.step = slow
         return self
 
     def __exit__(self, *exc):
-        del self.model.decode_hidden
+        del self.model.step
 
 
 def test_cancel_half_way_frees_the_slot(ckpt):
@@ -330,11 +330,11 @@ def test_a_failing_forward_marks_the_engine_unhealthy(ckpt):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     reqs = [engine.submit(prompt_ids(ckpt, 5), max_new_tokens=10) for _ in range(3)]
-    llm.model.decode_hidden = poisoned
+    llm.model.step = poisoned
     try:
         results = [r.result(timeout=30) for r in reqs]
     finally:
-        del llm.model.decode_hidden
+        del llm.model.step
     assert {g.finish_reason for g in results} == {"error"}
     assert all("illegal memory access" in g.error for g in results)
     assert not engine.healthy and engine.stats()["healthy"] is False
@@ -461,14 +461,60 @@ def test_hf_chat_adapter_shapes(long_ckpt):
 # ---- scheduling -----------------------------------------------------------------------------
 
 
+def test_one_forward_for_decode_rows_and_chunks_equals_separate_forwards(ckpt):
+    """Transformer.step runs decode rows and prompt chunks of other slots in one forward:
+    with int4 linears (rows independent of the row count) its hidden states and every
+    cache row it writes are bitwise those of a decode forward and separate prefills."""
+    from fastinternlm.model import Chunk, DecodeRows
+
+    rng = random.Random(5)
+    fused, separate = load(ckpt, max_batch=5), load(ckpt, max_batch=5)
+    theta = float(ckpt.config["rope_theta"])
+    lens = [rng.randrange(3, 40) for _ in range(3)]  # slots 0-2 decode after these prompts
+    prompts = [prompt_ids(ckpt, n, rng) for n in lens]
+    with torch.inference_mode():
+        for llm in (fused, separate):
+            for slot, p in enumerate(prompts):
+                llm.model.prefill(torch.tensor(p), slot, 0, theta)
+        # Slot 3 continues a prompt at start 17; slot 4 starts one at 0.
+        head = prompt_ids(ckpt, 17, rng)
+        for llm in (fused, separate):
+            llm.model.prefill(torch.tensor(head), 3, 0, theta)
+        tokens = torch.tensor(prompt_ids(ckpt, 3, rng))
+        slots = torch.tensor([2, 0, 1], dtype=torch.int32)
+        positions = torch.tensor([lens[2], lens[0], lens[1]], dtype=torch.int32)
+        bases = torch.full((3,), theta)
+        chunks = [
+            Chunk(torch.tensor(prompt_ids(ckpt, 11, rng)), 3, 17, theta),
+            Chunk(torch.tensor(prompt_ids(ckpt, 7, rng)), 4, 0, theta),
+        ]
+        got = fused.model.step(DecodeRows(tokens, slots, positions, bases), chunks)
+        want = torch.cat(
+            [separate.model.decode_hidden(tokens, slots, positions, bases)]
+            + [separate.model.prefill(c.tokens, c.slot, c.start, c.base) for c in chunks]
+        )
+    assert got.shape == (3 + 11 + 7, ckpt.config["hidden_size"])
+    assert torch.equal(got, want)
+    written = [lens[0] + 1, lens[1] + 1, lens[2] + 1, 17 + 11, 7]  # positions per slot (the rest is unset memory)
+    for a, b in zip(fused.model.k_cache + fused.model.v_cache, separate.model.k_cache + separate.model.v_cache):
+        for slot, n in enumerate(written):
+            assert torch.equal(a[slot, :, :n], b[slot, :, :n])
+    with pytest.raises(ValueError, match="decode rows or at least one prompt chunk"):
+        fused.model.step(None, [])
+
+
 def test_prefill_budget_interleaves_with_decode(ckpt):
     llm = load(ckpt, max_batch=2)
     no_stop(llm)
     engine = Engine(llm, prefill_chunk=16)
-    events = []
-    real_prefill, real_decode = llm.model.prefill, llm.model.decode_hidden
-    llm.model.prefill = lambda tokens, *a: (events.append(("prefill", tokens.shape[0])), real_prefill(tokens, *a))[1]
-    llm.model.decode_hidden = lambda *a: (events.append(("decode", a[0].shape[0])), real_decode(*a))[1]
+    events = []  # per model step: (decode rows, [prompt chunk lengths])
+    real_step = llm.model.step
+
+    def step(decode, chunks=()):
+        events.append((0 if decode is None else decode.tokens.shape[0], [c.tokens.shape[0] for c in chunks]))
+        return real_step(decode, chunks)
+
+    llm.model.step = step
     try:
         short = engine.submit(prompt_ids(ckpt, 5), max_new_tokens=60)
         it = iter(short)
@@ -477,15 +523,16 @@ def test_prefill_budget_interleaves_with_decode(ckpt):
         long = engine.submit(long_prompt, max_new_tokens=5)
         long_gen, short_gen = long.result(timeout=60), short.result(timeout=60)
     finally:
-        del llm.model.prefill, llm.model.decode_hidden
+        del llm.model.step
     engine.close()
     # The short prompt is the first prefill; then, while it decodes, the long prompt comes
-    # in chunks of <= 16 tokens, each followed by a decode step of the running request.
-    assert events[0] == ("prefill", 5)
-    chunks = [(i, n) for i, (kind, n) in enumerate(events) if kind == "prefill" and i > 0]
-    assert sum(n for _, n in chunks) == len(long_prompt) and max(n for _, n in chunks) <= 16
-    for i, _ in chunks:
-        assert events[i + 1][0] == "decode"
+    # in chunks of <= 16 tokens, each in the same forward as a decode step of the running
+    # request (one pass over the weights for both).
+    assert events[0] == (0, [5])
+    chunks = [(decode, lens) for decode, lens in events[1:] if lens]
+    assert sum(sum(lens) for _, lens in chunks) == len(long_prompt)
+    assert all(len(lens) == 1 and lens[0] <= 16 for _, lens in chunks)
+    assert all(decode == 1 for decode, _ in chunks)
     expected = solo(ckpt, [(long_prompt, dict(max_new_tokens=5))])[0]
     assert long_gen.token_ids == expected.token_ids and len(short_gen.token_ids) == 60
 

@@ -10,13 +10,16 @@ queues requests and reads their results. Each step of the scheduler:
 
 1. drops cancelled and timed-out requests (their slots are free for this step), and
    admits waiting requests into free slots (first come, first served);
-2. prefills: up to `prefill_chunk` prompt tokens in total this step (the prefill token
-   budget), taken from the requests still prefilling in arrival order, so a long prompt
-   delays the running streams by at most one budget per step. When no request is
-   decoding there is nobody to delay, and a prompt is prefilled in PREFILL_CHUNK pieces
-   (the activation-memory bound) instead;
-3. decodes every running sequence in one batched forward (on CUDA through a captured
-   graph for the next power-of-two batch size, unused rows masked with slot -1);
+2. picks the step's prompt chunks: up to `prefill_chunk` prompt tokens in total (the
+   prefill token budget), taken from the requests still prefilling in arrival order, so
+   a long prompt delays the running streams by at most one budget per step. When no
+   request is decoding there is nobody to delay, and prompts are prefilled in
+   PREFILL_CHUNK pieces (the activation-memory bound) instead;
+3. runs one forward over the running sequences' next tokens and those chunks together
+   (Transformer.step): its linear layers read the weights once for all rows, attention
+   runs per part. With CUDA graphs the decode rows replay the captured graph for the
+   next power-of-two batch size instead (unused rows masked with slot -1) and the
+   chunks run as a second forward;
 4. runs the output head once over the decode rows and the rows of prompts that finished
    prefilling, samples every row with its own parameters and generator, and copies the
    new ids to the host: the one host synchronisation of the step, which also carries a
@@ -56,6 +59,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 
+from .model import Chunk, DecodeRows
 from .sequence import Generation, PrefillProgress, SequenceState, prefill_chunk, prefill_progress
 from .sampling import SamplingParams, sample_rows
 
@@ -633,42 +637,27 @@ class Engine:
         llm, model = self.llm, self.model
         dev = llm.device
         decoding = [a for a in self._active if not a.prefilling and a.req.kind == "generate"]
-        # ---- prefill under the token budget ----
+        # ---- the step's prompt chunks, under the token budget ----
         solo_chunk = prefill_chunk(dev)
         budget = self.prefill_chunk if decoding else solo_chunk
-        completed: List[_Active] = []
-        completed_hidden: List[torch.Tensor] = []
-        for a in [a for a in self._active if a.prefilling]:
+        planned: List[_Active] = []
+        chunks: List[Chunk] = []
+        for a in self._active:
             if budget <= 0:
                 break
-            prompt = a.req.prompt
-            while a.prefilling and budget > 0:
-                n = min(budget, solo_chunk, len(prompt) - a.prefilled)
-                start = a.prefilled
-                if a.progress is None and start == 0 and llm.prefill_progress:
-                    a.progress = prefill_progress(len(prompt), dev)
-                tokens = torch.tensor(prompt[start : start + n], dtype=torch.int64, device=dev)
-                hidden = model.prefill(tokens, a.slot.index, start, a.base)
-                a.prefilled += n
-                a.slot.tokens.extend(prompt[start : start + n])
-                if a.progress is not None:
-                    a.progress.update(a.prefilled)
-                budget -= n
-                self._counters["prefill_tokens"] += n
-                if a.req.kind == "logits":
-                    a.logits_parts.append(model.logits(hidden))
             if not a.prefilling:
-                if a.req.kind == "logits":
-                    a.req._logits = torch.cat(a.logits_parts)
-                    a.logits_parts = []
-                    self._end(a, "length")
-                else:
-                    completed.append(a)
-                    completed_hidden.append(hidden[-1:])
-        # ---- one batched decode step ----
-        rows: List[_Active] = []
-        hidden_rows: List[torch.Tensor] = []
-        decode_logits = None
+                continue
+            prompt = a.req.prompt
+            n = min(budget, solo_chunk, len(prompt) - a.prefilled)
+            start = a.prefilled
+            if a.progress is None and start == 0 and llm.prefill_progress:
+                a.progress = prefill_progress(len(prompt), dev)
+            tokens = torch.tensor(prompt[start : start + n], dtype=torch.int64, device=dev)
+            planned.append(a)
+            chunks.append(Chunk(tokens, a.slot.index, start, a.base))
+            budget -= n
+        # ---- one forward: the batched decode rows and the chunks together ----
+        decode_rows = None
         if decoding:
             for a in decoding:
                 if a.req.params.repetition_penalty != 1.0:
@@ -678,14 +667,39 @@ class Engine:
             positions = torch.tensor([a.position() for a in decoding], dtype=torch.int32, device=dev)
             for a in decoding:
                 a.slot.tokens.append(a.seq.ids[-1])
-            if llm.cuda_graph:
-                decode_logits = self._graph_decode(tokens, slots, positions, decoding)
-            else:
-                bases = self._bases(positions, decoding)
-                hidden_rows.append(model.decode_hidden(tokens, slots, positions, bases))
-            rows.extend(decoding)
-        rows.extend(completed)
-        hidden_rows.extend(completed_hidden)
+            decode_rows = DecodeRows(tokens, slots, positions, self._bases(positions, decoding))
+        decode_logits = None
+        hidden_rows: List[torch.Tensor] = []
+        row = 0  # rows of `hidden` consumed so far
+        if decode_rows is not None and llm.cuda_graph:
+            decode_logits = self._graph_decode(decode_rows, decoding)
+            decode_rows = None
+        if decode_rows is not None or chunks:
+            hidden = model.step(decode_rows, chunks)
+            if decode_rows is not None:
+                row = len(decoding)
+                hidden_rows.append(hidden[:row])
+        # ---- bookkeeping of the chunks ----
+        completed: List[_Active] = []
+        for a, chunk in zip(planned, chunks):
+            n = chunk.tokens.shape[0]
+            part = hidden[row : row + n]
+            row += n
+            a.prefilled += n
+            a.slot.tokens.extend(a.req.prompt[chunk.start : chunk.start + n])
+            if a.progress is not None:
+                a.progress.update(a.prefilled)
+            self._counters["prefill_tokens"] += n
+            if a.req.kind == "logits":
+                a.logits_parts.append(model.logits(part))
+                if not a.prefilling:
+                    a.req._logits = torch.cat(a.logits_parts)
+                    a.logits_parts = []
+                    self._end(a, "length")
+            elif not a.prefilling:
+                completed.append(a)
+                hidden_rows.append(part[-1:])
+        rows: List[_Active] = decoding + completed
         if not rows:
             return
         logits = self._head(hidden_rows)
@@ -705,10 +719,11 @@ class Engine:
             return self.llm._bases_for(positions)
         return torch.tensor([a.base for a in rows], dtype=torch.float32, device=positions.device)
 
-    def _graph_decode(self, tokens, slots, positions, rows) -> torch.Tensor:
+    def _graph_decode(self, decode: DecodeRows, rows) -> torch.Tensor:
         """CUDA: replay the graph of the smallest power-of-two batch (or max_batch) that
         holds these rows; the unused rows get slot -1, which the attention kernel skips, so
         they write nothing, and their logits are dropped."""
+        tokens, slots, positions = decode.tokens, decode.slots, decode.positions
         batch = len(rows)
         bucket = 1
         while bucket < batch:

@@ -25,7 +25,7 @@ the host, so a whole decode step can be captured as a CUDA graph and replayed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,28 @@ from .config import ModelConfig
 
 
 Weight = Union[torch.Tensor, "ops.Int4Weight"]
+
+
+@dataclasses.dataclass
+class DecodeRows:
+    """One new token per sequence for a decode step: tokens [B] at positions [B] (int32) in
+    slots [B] (int32) with rotary bases [B] (float32), all on the model's device."""
+
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+    bases: torch.Tensor
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Prompt tokens [n] of the sequence in `slot`, at positions start .. start+n-1,
+    rotated with rotary base `base`."""
+
+    tokens: torch.Tensor
+    slot: int
+    start: int
+    base: float
 
 
 @dataclasses.dataclass
@@ -253,20 +275,69 @@ class Transformer:
     def prefill(self, tokens: torch.Tensor, slot: int, start: int, base: float) -> torch.Tensor:
         """Run tokens [T] (positions start .. start+T-1) of the sequence in `slot`, filling
         its cache; returns the final hidden states [T, hidden]."""
+        return self.step(None, [Chunk(tokens, slot, start, base)])
+
+    def step(self, decode: Optional["DecodeRows"], chunks: Sequence["Chunk"] = ()) -> torch.Tensor:
+        """One forward over a batch of decode rows and prompt chunks of other sequences
+        together; returns the final hidden states [B + sum of chunk lengths, hidden], the
+        decode rows first, then each chunk's in order. The linear layers run once over all
+        rows: the weights (the bulk of what a step reads) are streamed once per step, not
+        once for the decode batch and again for each prompt chunk, and a chunk's rows add
+        only their arithmetic. Attention runs per part: the decode rows through the fused
+        decode kernel, each chunk through prefill attention over its own slot."""
         c = self.config
-        positions = torch.arange(start, start + tokens.shape[0], dtype=torch.int32, device=self.device)
+        parts = [decode.tokens] if decode is not None else []
+        parts += [ch.tokens for ch in chunks]
+        if not parts:
+            raise ValueError("step needs decode rows or at least one prompt chunk, got neither")
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts)
+        batch = decode.tokens.shape[0] if decode is not None else 0
+        workspace = None
+        if decode is not None:
+            workspace = torch.empty(
+                ops.attention_decode_workspace_bytes(batch, c.num_heads, self.k_cache[0]),
+                dtype=torch.uint8,
+                device=self.device,
+            )
+        positions = [
+            torch.arange(ch.start, ch.start + ch.tokens.shape[0], dtype=torch.int32, device=self.device)
+            for ch in chunks
+        ]
 
         def attend(i, qkv):
-            n = qkv.shape[0]
-            # With one KV head the reshape is a strided view, not a copy: rotary works in
-            # place on contiguous rows.
-            q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim).contiguous()
-            k = qkv[:, :, c.group_size].contiguous()
-            v = qkv[:, :, c.group_size + 1].contiguous()
-            ops.rotary_embedding(q, k, positions, base)
-            return ops.attention_prefill(q, k, v, self.k_cache[i], self.v_cache[i], slot, start)
+            outs = []
+            if decode is not None:
+                outs.append(
+                    ops.attention_decode_qkv(
+                        qkv[:batch],
+                        self.k_cache[i],
+                        self.v_cache[i],
+                        decode.slots,
+                        decode.positions,
+                        decode.bases,
+                        workspace=workspace,
+                        check_indices=False,
+                    )
+                )
+            row = batch
+            for ch, pos in zip(chunks, positions):
+                n = ch.tokens.shape[0]
+                outs.append(self._prefill_attend(i, qkv[row : row + n], ch, pos))
+                row += n
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         return self._forward(tokens, attend)
+
+    def _prefill_attend(self, i: int, qkv: torch.Tensor, chunk: "Chunk", positions: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        n = qkv.shape[0]
+        # With one KV head the reshape is a strided view, not a copy: rotary works in
+        # place on contiguous rows.
+        q = qkv[:, :, : c.group_size].reshape(n, c.num_heads, c.head_dim).contiguous()
+        k = qkv[:, :, c.group_size].contiguous()
+        v = qkv[:, :, c.group_size + 1].contiguous()
+        ops.rotary_embedding(q, k, positions, chunk.base)
+        return ops.attention_prefill(q, k, v, self.k_cache[i], self.v_cache[i], chunk.slot, chunk.start)
 
     def decode(
         self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, bases: torch.Tensor
@@ -284,16 +355,4 @@ class Transformer:
         """decode without the output head: the final hidden states [B, hidden] (the engine
         runs the head itself, over decode and prefill rows together). A row whose slot is
         out of range (-1) writes nothing into the cache; its output is meaningless."""
-        c = self.config
-        workspace = torch.empty(
-            ops.attention_decode_workspace_bytes(tokens.shape[0], c.num_heads, self.k_cache[0]),
-            dtype=torch.uint8,
-            device=self.device,
-        )
-
-        def attend(i, qkv):
-            return ops.attention_decode_qkv(
-                qkv, self.k_cache[i], self.v_cache[i], slots, positions, bases, workspace=workspace, check_indices=False
-            )
-
-        return self._forward(tokens, attend)
+        return self.step(DecodeRows(tokens, slots, positions, bases))
