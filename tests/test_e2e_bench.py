@@ -202,3 +202,98 @@ def test_pick_attention_times_both_modes(device):
     mode, times = torch_ref.pick_attention(e2e.make_config("tiny"), device, torch.float16, 100, calls=2)
     assert mode in torch_ref.ATTENTION_MODES and set(times) == set(torch_ref.ATTENTION_MODES)
     assert all(math.isfinite(t) and t > 0 for t in times.values()) and times[mode] == min(times.values())
+
+
+# ---- the long-context mode (--kv-cache) -----------------------------------------------------
+
+
+def _tiny_weight_bytes(c, precision: str) -> int:
+    """Decoder linears + output head, by hand: fp16 values, or int4 g128 (half a byte per
+    value, a float16 scale and offset per 128 inputs)."""
+    linears = [
+        (c.qkv_rows, c.hidden_size),
+        (c.hidden_size, c.q_size),
+        (2 * c.intermediate_size, c.hidden_size),
+        (c.hidden_size, c.intermediate_size),
+    ]
+    if precision == "int4":
+        per_layer = sum(r * k // 2 + 2 * 2 * r * (k // 128) for r, k in linears)
+    else:
+        per_layer = sum(2 * r * k for r, k in linears)
+    return c.num_layers * per_layer + 2 * c.vocab_size * c.hidden_size
+
+
+def _tiny_kv_per_token(c, kv: str) -> int:
+    row = {"fp16": 2 * c.head_dim, "int8": c.head_dim + 8, "int4": c.head_dim // 2 + 8}[kv]
+    return c.num_layers * 2 * c.num_kv_heads * row
+
+
+def test_kv_cache_mode_tiny(device, tmp_path, capsys):
+    from fastinternlm import memory_plan
+
+    config = e2e.make_config("tiny")
+    steps, prefill = 2, 21
+    # A context whose smallest cache (int4) alone is twice the free memory: the plan must
+    # refuse it for every cache type before anything is allocated.
+    unfit = 2 * memory_plan.free_memory(device) // _tiny_kv_per_token(config, "int4") + 2
+    assert unfit < memory_plan.MAX_SEQ_LIMIT
+    fits = [prefill, 77]
+    out = tmp_path / "kv.json"
+    rc = e2e.main(
+        ["--shapes", "tiny", "--device", str(device), "--kv-cache", "fp16,int8", "int4"]
+        + ["--contexts", ",".join(map(str, fits)), str(unfit), "--precisions", "fp16", "int4"]
+        + ["--steps", str(steps), "--reps", "1", "--prefill", str(prefill), "--json", str(out)]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "%limit" in printed and "refused by the memory plan (below)" in printed
+    data = json.loads(out.read_text())
+    assert data["errors"] == [] and data["skipped"] == []
+    bandwidth = data["info"]["copy_bandwidth"]
+    assert math.isfinite(bandwidth) and bandwidth > 0
+    rows = {(r["precision"], r["kv_cache"], r["context"]): r for r in data["rows"]}
+    assert set(rows) == {(p, k, c) for p in ("fp16", "int4") for k in e2e.KV_CACHES for c in fits + [unfit]}
+    for (precision, kv, ctx), r in rows.items():
+        if ctx == unfit:
+            assert r["ours"] is None and r["refused"].startswith("the model does not fit: weights ")
+            assert f"({kv}, 1 x {unfit + steps + 8} tokens" in r["refused"] and "What would fit:" in r["refused"]
+            continue
+        assert r["refused"] is None
+        for key in ("ours", "limit", "pct_limit", "peak_memory_bytes", "planned_bytes"):
+            assert math.isfinite(r[key]) and r[key] > 0, (precision, kv, ctx, key, r[key])
+        per_token = _tiny_kv_per_token(config, kv)
+        # The cache holds the context and the decode steps, parameters included.
+        assert r["cache_bytes"] == per_token * (ctx + steps + 8)
+        assert r["peak_memory_bytes"] >= r["cache_bytes"] and r["planned_bytes"] >= r["cache_bytes"]
+        # A step at position p reads p + 1 rows: ctx + (steps + 1) / 2 on average.
+        expected = _tiny_weight_bytes(config, precision) + per_token * (ctx + (steps + 1) / 2)
+        assert r["bytes_per_token"] == pytest.approx(expected, rel=1e-12)
+        assert r["limit"] == pytest.approx(bandwidth / expected, rel=1e-12)
+        assert r["pct_limit"] == pytest.approx(100 * r["ours"] / r["limit"], rel=1e-12)
+        if ctx <= prefill:
+            assert r["fill"] == "prefilled" and math.isfinite(r["ttft_s"]) and r["ttft_s"] > 0
+        else:
+            assert r["fill"] == "written" and r["ttft_s"] is None
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+@torch.inference_mode()
+def test_written_quantized_cache_spans_a_normal_row(device, kv):
+    config = e2e.make_config("tiny")
+    model = e2e.build_model(config, e2e.random_weights(config, device), max_batch=2, max_seq_len=37, kv_cache=kv)
+    e2e.fill_kv_cache(model)
+    for c in model.k_cache + model.v_cache:
+        values = c.dequantize(torch.float64)
+        # zero in [-2, -1.5] and (2^bits - 1) * scale in [3, 4]: every value in [-2, 2.5].
+        assert float(values.min()) >= -2 and float(values.max()) <= 2.5
+        assert float(values.std()) > 0.5  # random codes over the whole range, not a constant
+
+
+def test_kv_mode_arguments():
+    args = e2e.parse_args(["--shapes", "tiny", "--kv-cache", "int8,int4", "fp16", "--prefill"])
+    assert args.kv_cache == ["int8", "int4", "fp16"] and args.contexts == e2e.SHAPES["tiny"]["kv_contexts"]
+    assert args.prefill == max(args.contexts)
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--kv-cache", "int2"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--prefill", "64"])  # without --kv-cache

@@ -127,3 +127,91 @@ def test_report_and_cli(tmp_path):
         check=True,
     ).stdout
     assert "memory plan for" in out and "largest context per GPU" in out and "int4" in out
+
+
+# ---- GGUF: the plan from the header, before any tensor data is read -------------------------
+
+
+@pytest.fixture(scope="module", params=["all_q4_tied", "mixed_untied"])
+def tiny_gguf(request, tmp_path_factory):
+    test_gguf = pytest.importorskip("test_gguf")
+    types = test_gguf.ALL_Q4_TIED if request.param == "all_q4_tied" else test_gguf.MIXED_UNTIED
+    seed = int(torch.randint(0, 2**31, ()))
+    return test_gguf.write_tiny_gguf(
+        tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", test_gguf.TinyBPE("smollm"), types, seed=seed
+    ).path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gguf_weight_bytes_from_the_header_equal_the_loaded_weights(tiny_gguf, dtype):
+    from fastinternlm.weights import gguf as gguf_loader
+    from fastinternlm.weights.args import check_load_args
+
+    meta, tensors = gguf_loader._open(str(tiny_gguf), check_data=False)
+    config = gguf_loader.config_from_metadata(meta, tensors, gguf_loader.GGUFTokenizer(meta))
+    predicted = gguf_loader.weight_bytes(config, tensors, dtype)
+    _, _, _, weights = gguf_loader.read_gguf(tiny_gguf, check_load_args("cpu", dtype, max_seq_len=64, progress=False))
+    assert predicted == weights.nbytes()
+
+
+def _unfit_context(shape: ModelShape, kv_cache: str, dtype: str) -> int:
+    """A context whose KV cache alone is twice this machine's free memory (capped at the
+    kernels' position limit, which is past any CPU's memory for these shapes)."""
+    per_token = mp.kv_bytes_per_token(shape, kv_cache if kv_cache else dtype)
+    n = min(mp.MAX_SEQ_LIMIT, 2 * mp.free_memory("cpu") // per_token + 2)
+    assert mp.plan(shape, max_seq_len=n, kv_cache=kv_cache, dtype=dtype).total > mp.free_memory("cpu")
+    return n
+
+
+@pytest.mark.parametrize("kv_cache", [None, "int8", "int4"])
+def test_gguf_context_that_cannot_fit_is_refused_before_tensor_data(tmp_path, monkeypatch, kv_cache):
+    """The plan runs from the header: a file whose tensor data would be refused when read
+    (a Q4_0 block scale too large for float16) gets the memory refusal instead, and no
+    tensor is converted before it."""
+    import numpy as np
+
+    import fastinternlm
+    from fastinternlm.weights import gguf as gguf_loader
+    from fastinternlm.weights.args import check_load_args
+    from fastinternlm.weights.gguf import GGUFError
+
+    test_gguf = pytest.importorskip("test_gguf")
+    tokenizer = test_gguf.TinyBPE("smollm")
+    seed = int(torch.randint(0, 2**31, ()))
+    good = test_gguf.write_tiny_gguf(tmp_path / "good.gguf", tokenizer, test_gguf.ALL_Q4_TIED, seed=seed).path
+    # float32 on the CPU (GGUF's default there), as the refused load below would build them.
+    args = check_load_args("cpu", None, max_seq_len=64, progress=False)
+    loaded_bytes = gguf_loader.read_gguf(good, args)[3].nbytes()
+
+    def huge_first_scale(raw):
+        raw = raw.copy()
+        raw[0, 0:2] = np.array([10000.0], dtype=np.float16).view(np.uint8)
+        return raw
+
+    bad = test_gguf.write_tiny_gguf(
+        tmp_path / "bad.gguf",
+        tokenizer,
+        test_gguf.ALL_Q4_TIED,
+        seed=seed,
+        raw_override={"blk.1.attn_v.weight": huge_first_scale},
+    ).path
+    meta, tensors = gguf_loader._open(str(bad))
+    shape = ModelShape.from_config(gguf_loader.config_from_metadata(meta, tensors, gguf_loader.GGUFTokenizer(meta)))
+    n = _unfit_context(shape, kv_cache, "fp32")
+    # A context that fits reaches the data, whose conversion refuses the block.
+    with pytest.raises(GGUFError, match=r"blk\.1\.attn_v\.weight \(Q4_0\).*10000"):
+        fastinternlm.load(bad, device="cpu", max_seq_len=64, kv_cache=kv_cache, progress=False)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("tensor data was read before the memory plan")
+
+    monkeypatch.setattr(gguf_loader, "int4_parts", no_reads)
+    monkeypatch.setattr(gguf_loader, "dense", no_reads)
+    with pytest.raises(MemoryPlanError) as e:
+        fastinternlm.load(bad, device="cpu", max_seq_len=n, kv_cache=kv_cache, progress=False)
+    message = str(e.value)
+    # The plan's message: the weights as they would load (the header's count equals what a
+    # real load of the same tensors built), the cache at this context, and what would fit.
+    assert message.startswith(f"the model does not fit: weights {mp.gib(loaded_bytes)} + KV cache ")
+    assert f"({kv_cache or 'fp32'}, 1 x {n} tokens" in message and "free on cpu. What would fit:" in message
+    assert "max_seq_len at this max_batch" in message

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build for the local card, run the CUDA variants of the test suite
 # (correctness before speed), optionally a memcheck pass, the kernel benchmark, tuning
-# sweeps and the end-to-end benchmark, and print a short summary last. Logs and JSON land
-# in $OUT (default device-out/), at most 8 files (the device tool returns no more).
-# Budget: about 5 minutes on an H100 with the default stages.
+# sweeps, the end-to-end benchmark and its long-context KV-cache run, and print a short
+# summary last. Logs and JSON land in $OUT (default device-out/), at most 8 files (the
+# device tool returns no more). Budget: about 6.5 minutes on an H100 with the default
+# stages (kv: about 1.5 of them; cut at 3).
 #
-#   bash tools/device_check.sh                                  # build tests kernels e2e
+#   bash tools/device_check.sh                                  # build tests kernels e2e kv
 #   STAGES="build tests memcheck kernels sweep e2e" bash tools/device_check.sh
 #   E2E_ARGS="--skip-hf" bash tools/device_check.sh
+#   KV_ARGS="--contexts 1048576 --precisions int4" STAGES="build kv" bash tools/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
-STAGES=${STAGES:-"build tests kernels e2e"}
+STAGES=${STAGES:-"build tests kernels e2e kv"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -95,6 +97,22 @@ if want e2e; then
   e2e_line="e2e: rc=$?"
 fi
 
+kv_line="kv: skipped"
+if want kv; then
+  # 7B shapes, random weights; fp16 then int4 weights x fp16/int8/int4 cache x 32K, 128K, 1M:
+  # decode tok/s against the bandwidth limit and peak memory, the cache written directly
+  # (a real 1M prefill takes minutes), TTFT from a real chunked prefill at 32K. On 80 GB the
+  # plan refuses the fp16 cache at 1M and fp16 weights + int8 cache at 1M (its message is
+  # the row). About 90 s: 15 rows of 32 decode steps (<= 25 ms each at 1M) with a graph
+  # capture each, 6 prefills of 32K (~4 s each), random weights and int4 quantization.
+  stamp "long-context benchmark: KV cache fp16/int8/int4 up to 1M tokens"
+  echo "==== long context (--kv-cache)" >> "$OUT/e2e.txt"
+  timeout ${KV_TIMEOUT:-180} python3 -m fastinternlm.bench e2e --shapes 7b --kv-cache fp16,int8,int4 \
+    --precisions fp16 int4 --contexts 32768,131072,1048576 --prefill 32768 --steps 8 --reps 3 \
+    --time-budget 120 --json "$OUT/e2e_kv.json" ${KV_ARGS:-} >> "$OUT/e2e.txt" 2>&1
+  kv_line="kv: rc=$?"
+fi
+
 san_line="memcheck: skipped"
 if want memcheck && command -v compute-sanitizer >/dev/null; then
   stamp "compute-sanitizer memcheck on the CUDA tests of each kernel family (last: a timeout cuts only this)"
@@ -120,4 +138,6 @@ echo "$sweep_line"
 [ -f "$OUT/sweep.txt" ] && grep -E "^  B=|^  [a-z0-9]+/M|^OVERALL|check: .*FAIL" "$OUT/sweep.txt" | cut -c1-200 | head -30
 [ -f "$OUT/bench.txt" ] && grep -E "^(measured|timing)|^attention|^int4|^rms_norm|^add_rms|^rotary|^silu" "$OUT/bench.txt" | cut -c1-150
 echo "$e2e_line ${pick:+(int4 GEMV variant $pick)}"
-[ -f "$OUT/e2e.txt" ] && tail -40 "$OUT/e2e.txt"
+[ -f "$OUT/e2e.txt" ] && sed '/^==== long context/,$d' "$OUT/e2e.txt" | tail -40
+echo "$kv_line"
+[ -f "$OUT/e2e.txt" ] && sed -n '/^==== long context/,$p' "$OUT/e2e.txt" | grep -E "^(weights|fp16|int4|refused|  )|FAILED" | cut -c1-420

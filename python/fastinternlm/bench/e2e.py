@@ -18,6 +18,17 @@ eager once, time to first token of a prompt (prefill + last row's logits + argma
 .item()), and decode throughput at larger batches. Each section is wrapped: a failure
 prints one line and the run goes on; --time-budget stops starting new sections.
 
+`--kv-cache fp16,int8,int4` runs the long-context mode instead (ours only: the baselines
+have no quantized cache): for each weight precision, cache type and context, a model whose
+cache holds exactly that context (+ the decode steps) is built, its cache filled, and
+batch-1 decode measured with the bandwidth limit (bytes read per token: weights + cache
+rows incl. their (scale, zero) parameters, over the copy bandwidth measured in the same
+run), the share of it reached and the peak memory. The cache is written directly (random
+rows: codes and parameters for a quantized cache), so decode runs at any context in
+seconds; `--prefill N` prefills contexts up to N tokens for real, chunk by chunk as LLM
+does, and reports that as time to first token. A context the memory plan refuses is
+reported with the plan's message (memory_plan.py) instead of reaching the allocator.
+
 `--shapes tiny --device cpu` runs a 2-layer toy model eagerly on the CPU (what the test uses)."""
 
 from __future__ import annotations
@@ -25,15 +36,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .. import ops
+from .. import memory_plan, ops
 from ..config import INTERNLM2, ModelConfig, RopeScaling
-from ..sequence import prefill_chunk
+from ..memory_plan import MemoryPlanError
+from ..sequence import prefill_chunk, prefill_progress
 from ..model import Layer, Transformer
 from ..weights import build_model
 from ..weights.layout import split_wqkv
@@ -54,6 +67,7 @@ SHAPES = {
         ntk_factor=2.5,
         max_position_embeddings=32768,
         contexts=[128, 2048, 8192, 32768],
+        kv_contexts=[4096, 32768, 131072, 1048576],
         batches=[4, 16],
         batch_context=2048,
         prompt=2048,
@@ -72,6 +86,7 @@ SHAPES = {
         ntk_factor=2.5,
         max_position_embeddings=128,
         contexts=[16, 160],
+        kv_contexts=[16, 160, 1024],
         batches=[2, 4],
         batch_context=32,
         prompt=48,
@@ -126,13 +141,34 @@ class Weights:
             if self.int4_layers is None:
                 self.quantize()
             return self.int4_layers
+        if self.layers is None:
+            raise RuntimeError("the fp16 linears were dropped (drop_fp16_linears) after quantizing")
         return self.layers
 
-    def model(self, precision: str, max_batch: int, max_seq: int) -> Transformer:
-        """A Transformer on these tensors (shared, never copied) with its own KV cache."""
+    def drop_fp16_linears(self) -> None:
+        """Free the fp16 decoder linears once the int4 twin exists (embeddings, norms and
+        head are shared): 7B's 13 GB of fp16 linears would otherwise sit beside the cache."""
+        if self.int4 is None:
+            self.quantize()
+        self.fp16 = None
+        self.layers = None
+
+    def resident_bytes(self) -> int:
+        """Bytes of every weight tensor held now (shared ones once; both twins while both exist)."""
+        held = {id(t): t for m in (self.fp16, self.int4) if m is not None for _, t in m.named_tensors()}
+        return sum(t.nbytes if isinstance(t, ops.Int4Weight) else t.numel() * t.element_size() for t in held.values())
+
+    def model(self, precision: str, max_batch: int, max_seq: int, kv_cache: Optional[str] = None) -> Transformer:
+        """A Transformer on these tensors (shared, never copied) with its own KV cache
+        (kv_cache None: the activation dtype). Raises MemoryPlanError, before allocating
+        the cache, when it does not fit the free memory."""
         self.layers_for(precision)
         return build_model(
-            self.config, self.int4 if precision == "int4" else self.fp16, max_batch=max_batch, max_seq_len=max_seq
+            self.config,
+            self.int4 if precision == "int4" else self.fp16,
+            max_batch=max_batch,
+            max_seq_len=max_seq,
+            kv_cache=kv_cache,
         )
 
     def weight_bytes(self, precision: str) -> int:
@@ -833,6 +869,211 @@ def run_hf(
     bench.free()
 
 
+# ---- long context: KV cache types (--kv-cache) -------------------------------------------
+
+KV_CACHES = ("fp16", "int8", "int4")
+
+
+def fill_kv_cache(model: Transformer) -> None:
+    """Random rows in every cache array, without running the model (the kernels read every
+    byte the same way whatever the values): a float cache N(0, 1); a quantized one random
+    codes, each row's (scale, zero) drawn so that it spans about what an N(0, 1) row of
+    head_dim values spans: zero in [-2, -1.5], (2^bits - 1) * scale in [3, 4]."""
+    for c in model.k_cache + model.v_cache:
+        if isinstance(c, ops.QuantizedKV):
+            c.codes.random_(0, 256)
+            c.params[..., 0].uniform_(3.0, 4.0).div_((1 << c.bits) - 1)
+            c.params[..., 1].uniform_(-2.0, -1.5)
+        else:
+            fill_cache([c])
+
+
+def prefill_ttft(model: Transformer, context: int) -> float:
+    """Seconds of one real prefill of `context` random tokens into slot 0, chunk by chunk
+    as LLM runs a prompt (the rotary base of the whole prompt), + the last row's logits,
+    argmax and .item(); the cache then holds the prompt. One chunk runs first, untimed
+    (first-call costs); progress on stderr for prompts that take seconds."""
+    dev, c = model.device, model.config
+    tokens = torch.randint(0, c.vocab_size, (context,), device=dev)
+    base = prompt_base(c, context)
+    chunk = prefill_chunk(dev)
+    model.prefill(tokens[:chunk], 0, 0, base)
+    progress = prefill_progress(context, dev)
+
+    def run():
+        hidden = None
+        for start in range(0, context, chunk):
+            hidden = model.prefill(tokens[start : start + chunk], 0, start, base)
+            if progress is not None:
+                progress.update(min(start + chunk, context))
+        model.logits(hidden[-1:]).argmax(-1).item()
+
+    return measure(run, dev, 1, warmup=0)
+
+
+def process_rss() -> int:
+    """Resident bytes of this process now (Linux: /proc/self/statm; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def kv_step_bytes(w: Weights, precision: str, kv_cache: str, context: int, steps: int) -> float:
+    """Bytes one decode step reads, averaged over `steps` steps from position `context`:
+    the weights (decoder linears + head) and the cache rows up to the position, their
+    (scale, zero) parameters included (a step at position p reads p + 1 rows)."""
+    per_token = memory_plan.kv_bytes_per_token(memory_plan.ModelShape.from_config(w.config), kv_cache)
+    return w.weight_bytes(precision) + per_token * (context + (steps + 1) / 2)
+
+
+def run_kv_case(bench: Bench, w: Weights, precision: str, kv: str, ctx: int, bandwidth: Optional[float]) -> None:
+    """One row: a model whose cache holds ctx + steps tokens, filled (written or prefilled),
+    then batch-1 decode from position ctx; a context the memory plan refuses is recorded
+    with the plan's message."""
+    dev, args, c = bench.device, bench.args, w.config
+    row: Dict[str, Any] = {
+        "metric": "decode tok/s",
+        "precision": precision,
+        "kv_cache": kv,
+        "context": ctx,
+        "setting": f"b1 ctx {ctx}",
+        "unit": "tok/s",
+        "ours": None,
+        "ttft_s": None,
+        "fill": None,
+        "refused": None,
+    }
+    bench.rows[(precision, kv, ctx)] = row
+    bench.free()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        model = w.model(precision, 1, ctx + args.steps + 8, kv_cache=kv)
+    except MemoryPlanError as e:
+        row["refused"] = str(e)
+        bench.log(f"ours {precision:<4} {kv} cache ctx {ctx}: refused by the memory plan: {e}")
+        return
+    graph = None
+    try:
+        if args.prefill and ctx <= args.prefill:
+            row["ttft_s"], row["fill"] = prefill_ttft(model, ctx), "prefilled"
+            bench.log(f"ours {precision:<4} {kv} cache TTFT prompt {ctx}: {row['ttft_s']:.3f} s")
+        else:
+            fill_kv_cache(model)
+            row["fill"] = "written"
+        if dev.type == "cuda":
+            from ..cuda_graph import DecodeGraph
+
+            graph = DecodeGraph(model, 1, bases_function(c))
+        row["ours"] = ours_decode_rate(model, 1, ctx, args.steps, args.reps, graph)
+        row["graph"] = graph is not None
+        if dev.type == "cuda":
+            row["peak_memory_bytes"], row["memory_measure"] = torch.cuda.max_memory_allocated(dev), "cuda allocated"
+        else:
+            row["peak_memory_bytes"], row["memory_measure"] = process_rss(), "process RSS"
+        plan = model.memory_plan
+        step = kv_step_bytes(w, precision, kv, ctx, args.steps)
+        row.update(
+            weight_bytes=w.weight_bytes(precision),
+            kv_bytes_per_token=memory_plan.kv_bytes_per_token(memory_plan.ModelShape.from_config(c), kv),
+            bytes_per_token=step,
+            cache_bytes=model.cache_bytes(),
+            # What the plan predicts is allocated: the resident weights, the cache and the
+            # activation workspace (its reserve is headroom, not an allocation).
+            planned_bytes=w.resident_bytes() + plan.kv_cache_bytes + plan.workspace,
+        )
+        if bandwidth:
+            row["limit"] = bandwidth / step
+            row["pct_limit"] = 100 * row["ours"] / row["limit"]
+        bench.log(
+            f"ours {precision:<4} {kv} cache decode b1 ctx {ctx}: {row['ours']:.4g} tok/s"
+            + (f" ({row['pct_limit']:.0f}% of {row['limit']:.4g})" if bandwidth else "")
+            + f", peak {row['peak_memory_bytes'] / 1e9:.2f} GB ({row['memory_measure']})"
+        )
+    finally:
+        del model, graph
+        bench.free()
+
+
+def run_kv(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    bench.info.update(device=name, torch=torch.__version__, shapes=args.shapes, mode="kv-cache")
+    print(
+        f"fastinternlm e2e long-context benchmark: {name}, torch {torch.__version__}, shapes {args.shapes}, "
+        f"KV caches {','.join(args.kv_cache)}, weights {','.join(args.precisions)}",
+        flush=True,
+    )
+    torch.manual_seed(0)
+    config = make_config(args.shapes)
+    bandwidth = bench.section("copy bandwidth", lambda: copy_bandwidth(device), always=True)
+    if bandwidth:
+        bench.log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    bench.info["copy_bandwidth"] = bandwidth
+    w = bench.section("random weights", lambda: Weights(config, device), always=True)
+    if w is None:
+        return []
+    # fp16 weights first: their linears are freed once quantized, so the int4 rows get the
+    # memory a long cache needs (7B: 13 GB).
+    for precision in [p for p in ("fp16", "int4") if p in args.precisions]:
+        if precision == "int4":
+            bench.section("int4 quantize", w.drop_fp16_linears, always=True)
+            if w.int4 is None:
+                break
+        bench.info[f"weights_{precision}_resident_bytes"] = w.resident_bytes()
+        bench.log(
+            f"weights {precision}: {w.weight_bytes(precision) / 1e9:.2f} GB read per step, "
+            f"{w.resident_bytes() / 1e9:.2f} GB resident"
+        )
+        for kv in args.kv_cache:
+            for ctx in args.contexts:
+                bench.section(
+                    f"ours {precision} {kv} cache ctx {ctx}",
+                    lambda: run_kv_case(bench, w, precision, kv, ctx, bandwidth),
+                )
+    bench.log(
+        f"done in {time.perf_counter() - bench.start:.0f}s; {len(bench.errors)} failed, "
+        f"{len(bench.skipped)} skipped sections"
+    )
+    return list(bench.rows.values())
+
+
+def format_kv_table(rows: List[Dict[str, Any]]) -> str:
+    def f(v, spec="{:.1f}"):
+        return "-" if v is None else spec.format(v)
+
+    header = (
+        f"{'weights':<7} {'cache':<5} {'context':>8} {'fill':<9} {'TTFT s':>8} {'tok/s':>9} {'limit':>9} "
+        f"{'%limit':>6} {'MB/token':>9} {'peak GB':>8} {'plan GB':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    refused = []
+    for r in rows:
+        head = f"{r['precision']:<7} {r['kv_cache']:<5} {r['context']:>8} "
+        if r.get("refused"):
+            refused.append(f"  {r['precision']} weights, {r['kv_cache']} cache, context {r['context']}: {r['refused']}")
+            lines.append(head + "refused by the memory plan (below)")
+            continue
+        mb, peak, planned = (r.get(k) for k in ("bytes_per_token", "peak_memory_bytes", "planned_bytes"))
+        lines.append(
+            head + f"{r['fill'] or '-':<9} {f(r['ttft_s'], '{:.3f}'):>8} {f(r['ours']):>9} {f(r.get('limit')):>9} "
+            f"{f(r.get('pct_limit'), '{:.0f}%'):>6} {f(mb and mb / 1e6, '{:.2f}'):>9} "
+            f"{f(peak and peak / 1e9, '{:.2f}'):>8} {f(planned and planned / 1e9, '{:.2f}'):>8}"
+        )
+    lines.append(
+        "batch-1 decode; limit: tok/s if a step only read its bytes (weights + cache rows with their "
+        "parameters) at the measured copy bandwidth; peak: CUDA max allocated (CPU: process RSS); plan: "
+        "resident weights + cache + workspace as memory_plan.py counts them"
+    )
+    if refused:
+        lines.append("refused:")
+        lines.extend(refused)
+    return "\n".join(lines)
+
+
 # ---- report ------------------------------------------------------------------------------
 
 
@@ -897,6 +1138,21 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _kv_caches(text: str) -> List[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in KV_CACHES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"KV cache types must be among {', '.join(KV_CACHES)}, got {text!r}")
+    return names
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m fastinternlm.bench e2e",
@@ -905,7 +1161,33 @@ def parse_args(argv):
     )
     p.add_argument("--shapes", choices=sorted(SHAPES), default="7b")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--contexts", type=int, nargs="+", default=None, help="batch-1 decode contexts")
+    p.add_argument(
+        "--contexts",
+        type=_ints,
+        nargs="+",
+        default=None,
+        help="batch-1 decode contexts (space or comma separated; with --kv-cache default "
+        + ", ".join(f"{k}: {','.join(map(str, v['kv_contexts']))}" for k, v in SHAPES.items())
+        + ")",
+    )
+    p.add_argument(
+        "--kv-cache",
+        type=_kv_caches,
+        nargs="+",
+        default=None,
+        help=f"long-context mode: these cache types ({', '.join(KV_CACHES)}; comma separated) x --contexts x "
+        "--precisions (weights), ours only",
+    )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        nargs="?",
+        const=-1,
+        default=0,
+        metavar="N",
+        help="with --kv-cache: fill the cache of contexts up to N tokens (every context without N) by a real "
+        "chunked prefill, timed as time to first token, instead of writing it directly",
+    )
     p.add_argument("--batches", type=int, nargs="*", default=None, help="decode throughput batch sizes")
     p.add_argument("--batch-context", type=int, default=None, help="context of the batched decode rows")
     p.add_argument("--prompt", type=int, default=None, help="TTFT prompt length")
@@ -943,6 +1225,16 @@ def parse_args(argv):
     )
     args = p.parse_args(argv)
     s = SHAPES[args.shapes]
+    if args.contexts is not None:
+        args.contexts = [c for group in args.contexts for c in group]
+    if args.kv_cache is not None:
+        args.kv_cache = list(dict.fromkeys(k for group in args.kv_cache for k in group))
+        if args.contexts is None:
+            args.contexts = list(s["kv_contexts"])
+        if args.prefill == -1:
+            args.prefill = max(args.contexts)
+    elif args.prefill:
+        p.error("--prefill applies to the long-context mode (--kv-cache)")
     for key in ("contexts", "batches", "batch_context", "prompt", "steps"):
         if getattr(args, key) is None:
             setattr(args, key, s[key])
@@ -961,12 +1253,12 @@ def main(argv=None) -> int:
     bench = Bench(args, device)
     with torch.inference_mode():
         try:
-            rows = run(bench, args, device)
+            rows = run_kv(bench, args, device) if args.kv_cache else run(bench, args, device)
         except Exception as e:  # noqa: BLE001 - still print what was measured
             bench.errors.append({"section": "run", "error": f"{type(e).__name__}: {e}"})
             bench.log(f"FAILED run: {type(e).__name__}: {str(e)[:300]}")
             rows = list(bench.rows.values())
-    print(format_table(rows))
+    print(format_kv_table(rows) if args.kv_cache else format_table(rows))
     if args.json:
         out = {
             "info": bench.info,

@@ -27,11 +27,10 @@ from typing import Optional, Sequence, Union
 from ..chat_template import ChatTemplate
 import torch
 
-from .. import memory_plan
 from ..llm import LLM
-from ..model import ModelWeights, Transformer, resolve_kv_cache
+from ..model import ModelWeights, Transformer
 from . import gguf, hf
-from .args import GGUF, LOAD_DTYPES, check_load_args, default_max_seq_len, detect_format
+from .args import GGUF, LOAD_DTYPES, check_load_args, check_memory, default_max_seq_len, detect_format
 from .files import CheckpointError
 
 
@@ -92,22 +91,16 @@ def _check_memory(config, args) -> None:
     """Refuse a KV cache that cannot fit before any weight is read: the memory plan for
     the weights as they will be loaded (dtype, int4 or not), the cache and the activation
     workspace against the device's free memory (memory_plan.py; Transformer checks again,
-    with the real free memory, once the weights are resident)."""
+    with the real free memory, once the weights are resident). GGUF files run the same
+    check from their header (gguf.read_gguf)."""
     q = config.quantization
     dtype = args.dtype or (config.torch_dtype if config.torch_dtype in LOAD_DTYPES else torch.float16)
-    max_seq_len = args.max_seq_len
-    if max_seq_len is None:
-        max_seq_len = default_max_seq_len(config.max_position_embeddings, args.device)
-    quant = args.quant or ("int4" if q is not None else None)
     group_size = args.group_size if args.quant else ((q.group_size or 128) if q is not None else 128)
-    memory_plan.resolve(
-        memory_plan.ModelShape.from_config(config),
-        args.device,
-        max_seq_len=max_seq_len,
-        max_batch=args.max_batch,
-        kv_cache=resolve_kv_cache(args.kv_cache, dtype),
-        dtype=dtype,
-        quant=quant,
+    check_memory(
+        config,
+        args,
+        dtype,
+        quant=args.quant or ("int4" if q is not None else None),
         group_size=min(group_size, 128),
         quant_head=args.quant_head or bool(q and q.quant_head),
     )

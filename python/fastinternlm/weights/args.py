@@ -10,8 +10,9 @@ from typing import Optional, Union
 
 import torch
 
+from .. import memory_plan
 from ..llm import NTK_MODES
-from ..model import KV_CACHE_FLOAT, KV_CACHE_TYPES
+from ..model import KV_CACHE_FLOAT, KV_CACHE_TYPES, resolve_kv_cache
 from ..ops.int4_gemm import GROUP_SIZES
 from .files import CheckpointError
 
@@ -139,6 +140,26 @@ def check_load_args(
 
 def default_max_seq_len(max_position_embeddings: int, device: torch.device) -> int:
     return min(max_position_embeddings, 32768 if device.type == "cuda" else 4096)
+
+
+def check_memory(config, args: LoadArgs, dtype: torch.dtype, **weights) -> memory_plan.MemoryPlan:
+    """The memory plan of a load (memory_plan.resolve) before any weight is read: the
+    weights as they will be loaded, the KV cache for args' max_seq_len, max_batch and
+    kv_cache, and the workspace, against the free memory of args.device; raises
+    MemoryPlanError with the numbers and what would fit. `weights`: memory_plan.plan's
+    weight keywords (quant, group_size, quant_head, or weights=bytes counted by the reader)."""
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None:
+        max_seq_len = default_max_seq_len(config.max_position_embeddings, args.device)
+    return memory_plan.resolve(
+        memory_plan.ModelShape.from_config(config),
+        args.device,
+        max_seq_len=max_seq_len,
+        max_batch=args.max_batch,
+        kv_cache=resolve_kv_cache(args.kv_cache, dtype),
+        dtype=dtype,
+        **weights,
+    )
 
 
 def _is_gguf(path: str) -> bool:

@@ -36,8 +36,9 @@ attention.layer_norm_rms_epsilon, vocab_size), checked by config.py's rules (hea
 or 128, ...). Tensor names: arch.LLAMA_GGUF.
 
 The file is checked before its tensors are read: the header's tensor and key counts
-against what the file's size can hold, and every tensor's data inside the file; a
-truncated or damaged file raises GGUFError naming it. Refused: other architectures, mixture-of-experts (llama.expert_count),
+against what the file's size can hold, the memory plan of load's context from the header's
+config and tensor sizes (MemoryPlanError, as for a checkpoint folder), and every tensor's
+data inside the file; a truncated or damaged file raises GGUFError naming it. Refused: other architectures, mixture-of-experts (llama.expert_count),
 RoPE scaling (llama.rope.scaling.type), partial rotary, rope_freqs tensors.
 
 Tokenizer and chat template from the metadata (gguf_tokenizer.py, chat_template.py).
@@ -58,12 +59,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import ops
+from .. import memory_plan, ops
 from ..chat_template import ChatTemplate
 from ..config import LLAMA, ConfigError, ModelConfig
 from ..gguf_tokenizer import GGUFTokenizer
 from ..model import Layer, ModelWeights
-from .args import LoadArgs
+from .args import LoadArgs, check_memory
 from .arch import LLAMA_GGUF, dense_tensors
 from .files import progress_bar
 from .layout import fuse_qkv
@@ -123,7 +124,9 @@ class _Tensor:
     handle: Any  # gguf.ReaderTensor
 
 
-def _open(path: str):
+def _open(path: str, check_data: bool = True):
+    """(metadata, tensors) of a GGUF file from its header; check_data: also check that every
+    tensor's data lies inside the file (read_gguf does that after the memory plan)."""
     import gguf
 
     if not os.path.isfile(path):
@@ -144,16 +147,24 @@ def _open(path: str):
             continue
         meta[key] = field.contents()
     tensors: Dict[str, _Tensor] = {}
-    size = os.path.getsize(path)
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(list(t.shape)))
-        if int(t.data_offset) + int(t.n_bytes) > size or np.asarray(t.data).nbytes != int(t.n_bytes):
-            raise GGUFError(
-                f"{path}: tensor {t.name} ends at byte {int(t.data_offset) + int(t.n_bytes)}, past the "
-                f"end of the file ({size} bytes): the file is truncated"
-            )
         tensors[t.name] = _Tensor(t.name, t.tensor_type.name, shape, int(t.n_bytes), t)
+    if check_data:
+        _check_data(path, tensors)
     return meta, tensors
+
+
+def _check_data(path: str, tensors: Dict[str, _Tensor]) -> None:
+    """Every tensor's data lies inside the file (the header's offsets against its size)."""
+    size = os.path.getsize(path)
+    for t in tensors.values():
+        end = int(t.handle.data_offset) + t.nbytes
+        if end > size or np.asarray(t.handle.data).nbytes != t.nbytes:
+            raise GGUFError(
+                f"{path}: tensor {t.name} ends at byte {end}, past the end of the file ({size} bytes): "
+                f"the file is truncated"
+            )
 
 
 # Smallest possible encodings: a key is a length-prefixed name (8 bytes + at least 1) and a
@@ -392,6 +403,29 @@ def _combine(parts: List[_Weight], join, device, dtype):
     return join([p.as_dense().to(dtype) for p in parts]).to(device)
 
 
+def weight_bytes(config: ModelConfig, tensors: Dict[str, _Tensor], dtype: torch.dtype) -> int:
+    """Bytes of the weights read_gguf builds from these tensors (the header's types and
+    shapes): a linear is int4 (group 32) when all its parts are Q4_0/Q4_1, else dense in
+    dtype, like every other tensor; a tied head shares the embeddings."""
+    act = torch.empty((), dtype=dtype).element_size()
+
+    def linear(names: List[str]) -> int:
+        rows = sum(tensors[n].shape[0] for n in names)
+        inputs = tensors[names[0]].shape[1]
+        if all(tensors[n].type in INT4_TYPES for n in names):
+            return memory_plan.int4_linear_bytes(rows, inputs, GROUP_SIZE)
+        return rows * inputs * act
+
+    total = (config.vocab_size + 1) * config.hidden_size * act  # embeddings, final norm
+    for i in range(config.num_layers):
+        n = _layer_names(i)
+        total += 2 * config.hidden_size * act  # attention_norm, ffn_norm
+        total += linear([n["q"], n["k"], n["v"]]) + linear([n["wo"]]) + linear([n["w1"], n["w3"]]) + linear([n["w2"]])
+    if not config.tie_word_embeddings:
+        total += linear([LLAMA_GGUF.name(LLAMA_GGUF.head)])
+    return total
+
+
 def _layer_names(i: int) -> Dict[str, str]:
     """{field or part of model.Layer: GGUF tensor name} of layer i."""
     p = LLAMA_GGUF.layer.format(i=i)
@@ -400,14 +434,20 @@ def _layer_names(i: int) -> Dict[str, str]:
 
 def read_gguf(path, args: LoadArgs):
     """(config, tokenizer, chat template or None, ModelWeights) of a GGUF file; `args`
-    are load's, checked (dtype None: float32 on the CPU, float16 on CUDA)."""
+    are load's, checked (dtype None: float32 on the CPU, float16 on CUDA). The memory plan
+    for args' context (memory_plan.py) runs from the header before any tensor data is
+    read, as load does for a checkpoint folder (MemoryPlanError)."""
     device = args.device
     dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = os.fspath(path)
-    meta, tensors = _open(path)
+    meta, tensors = _open(path, check_data=False)
     tokenizer = GGUFTokenizer(meta)
     config = config_from_metadata(meta, tensors, tokenizer)
     _validate(path, config, tensors)
+    # The memory plan from the header alone, as for a checkpoint folder: a context that
+    # cannot fit is refused before any tensor data is touched.
+    check_memory(config, args, dtype, weights=weight_bytes(config, tensors, dtype))
+    _check_data(path, tensors)
     template_source = meta.get("tokenizer.chat_template")
     template = (
         ChatTemplate(template_source, tokenizer)
@@ -466,4 +506,5 @@ __all__ = [
     "read_gguf_metadata",
     "rope_unpermutation",
     "stop_ids",
+    "weight_bytes",
 ]
