@@ -10,6 +10,7 @@
 #   STAGES="build tests memcheck kernels sweep e2e" bash tools/device_check.sh
 #   E2E_ARGS="--skip-hf" bash tools/device_check.sh
 #   KV_ARGS="--contexts 1048576 --precisions int4" STAGES="build kv" bash tools/device_check.sh
+#   STAGES="build serve" bash tools/device_check.sh             # the engine at 7B int4 shapes (issue 10)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -113,6 +114,18 @@ if want kv; then
   kv_line="kv: rc=$?"
 fi
 
+serve_line="serve: skipped"
+if want serve; then
+  # Issue 10's GPU target: 16 concurrent requests at 7B int4 shapes (random weights) against
+  # the same requests one by one, and the streams' latency while a long prompt arrives.
+  # About a minute on an H100; its text goes after e2e's (the 8-file limit of $OUT).
+  stamp "engine under load: bench serve at 7B int4 shapes"
+  echo "==== bench serve --shapes 7b" >> "$OUT/e2e.txt"
+  timeout ${SERVE_TIMEOUT:-150} python3 -m fastinternlm.bench serve --shapes 7b --skip chat ${SERVE_ARGS:-} \
+    >> "$OUT/e2e.txt" 2>&1
+  serve_line="serve: rc=$?"
+fi
+
 san_line="memcheck: skipped"
 if want memcheck && command -v compute-sanitizer >/dev/null; then
   stamp "compute-sanitizer memcheck on the CUDA tests of each kernel family (last: a timeout cuts only this)"
@@ -140,4 +153,5 @@ echo "$sweep_line"
 echo "$e2e_line ${pick:+(int4 GEMV variant $pick)}"
 [ -f "$OUT/e2e.txt" ] && sed '/^==== long context/,$d' "$OUT/e2e.txt" | tail -40
 echo "$kv_line"
+echo "$serve_line"
 [ -f "$OUT/e2e.txt" ] && sed -n '/^==== long context/,$p' "$OUT/e2e.txt" | grep -E "^(weights|fp16|int4|refused|  )|FAILED" | cut -c1-420
