@@ -185,6 +185,18 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
   const float* k_heads = convert ? kf : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slot, 0, 0));
   const float* v_heads = convert ? vf : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slot, 0, 0));
   const int64_t head_stride = convert ? len * d : c.max_seq * d;  // floats between KV heads
+  if (tokens == 1) {
+    // One token has only `group` rows per KV head to share the keys: transposing them
+    // would cost more than it saves, so each row goes through attend_row (decode's
+    // kernel, the same arithmetic).
+    const AttendRow<T> attend = select_attend_row<T>(d);
+    parallel_for_slots(q_heads, len * d * 4, threads, [&](int64_t r0, int64_t r1, int slot_index) {
+      for (int64_t r = r0; r < r1; ++r)
+        attend(out + r * d, q + r * d, k_heads + r / group * head_stride, v_heads + r / group * head_stride, len,
+               scale, scratch.data() + slot_index * per_slot);
+    });
+    return Status::Ok();
+  }
   const int64_t blocks = (tokens + block - 1) / block;
   const int64_t w = lanes;
   const auto transpose = FIL_TIER_SELECT_V4(transpose_keys);
