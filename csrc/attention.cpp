@@ -14,7 +14,11 @@
 // float32 already; quantized rows are dequantized, fma(q, scale, zero), the CUDA kernels'
 // arithmetic too) and shared by the group's query heads; rows of queries are spread over
 // threads, each row computed whole by one thread, so results do not depend on the thread
-// count or on the CPU tier (the vectors hold the lanes above).
+// count or on the CPU tier (the vectors hold the lanes above). Decode computes one row at
+// a time (attend_row); prefill computes the rows of a block of tokens and one KV head
+// together (attend_rows: its vectors hold one partial sum of several keys, or several
+// channels of one row), performing for each row the same operations in the same order,
+// so a prefill row is bit for bit the decode step at its position.
 #include "fastinternlm/attention.h"
 #include "fastinternlm/rotary.h"
 
@@ -185,15 +189,17 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
   const float* k_heads = convert ? kf : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slot, 0, 0));
   const float* v_heads = convert ? vf : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slot, 0, 0));
   const int64_t head_stride = convert ? len * d : c.max_seq * d;  // floats between KV heads
-  if (tokens == 1) {
-    // One token has only `group` rows per KV head to share the keys: transposing them
-    // would cost more than it saves, so each row goes through attend_row (decode's
-    // kernel, the same arithmetic).
+  if (tokens == 1 || len <= 32) {
+    // One token has only `group` rows per KV head to share the keys, and a few keys are
+    // few to share: transposing them would cost more than it saves, so each row goes
+    // through attend_row (decode's kernel, the same arithmetic).
     const AttendRow<T> attend = select_attend_row<T>(d);
-    parallel_for_slots(q_heads, len * d * 4, threads, [&](int64_t r0, int64_t r1, int slot_index) {
-      for (int64_t r = r0; r < r1; ++r)
-        attend(out + r * d, q + r * d, k_heads + r / group * head_stride, v_heads + r / group * head_stride, len,
+    parallel_for_slots(tokens * q_heads, len * d * 4, threads, [&](int64_t r0, int64_t r1, int slot_index) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r / q_heads, h = r % q_heads / group;
+        attend(out + r * d, q + r * d, k_heads + h * head_stride, v_heads + h * head_stride, start + t + 1,
                scale, scratch.data() + slot_index * per_slot);
+      }
     });
     return Status::Ok();
   }

@@ -17,7 +17,9 @@
 //     #include "cpu_tiers.inc"
 // into namespaces fastinternlm::cpu_generic and (on x86 with GCC or Clang)
 // fastinternlm::cpu_x86_v3, and called through FIL_TIER_SELECT(function), a pointer to the
-// tier this CPU runs.
+// tier this CPU runs. A kernel that gains from 16-lane vectors (attention's prefill) also
+// has an x86-64-v4 (AVX-512) tier, FIL_TIER_SELECT_V4 (cpu_tiers.inc); its lanes perform
+// the same scalar operations too.
 #pragma once
 
 #include "fastinternlm/common.h"
