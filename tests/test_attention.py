@@ -250,7 +250,13 @@ def test_attention_prefill_rows_equal_decode_bitwise(device, dtype, kv_cache, gr
         # Decoding token t rewrites its own K/V row with the same values, then attends to
         # positions [0, start + t] like prefill row t.
         step = ops.attention_decode(
-            q[t : t + 1], k[t : t + 1], v[t : t + 1], k_cache, v_cache, slots, torch.tensor([start + t], dtype=torch.int32)
+            q[t : t + 1],
+            k[t : t + 1],
+            v[t : t + 1],
+            k_cache,
+            v_cache,
+            slots,
+            torch.tensor([start + t], dtype=torch.int32),
         )
         int_type = torch.int16 if dtype != torch.float32 else torch.int32
         differ = (step[0].view(int_type) != out[t].view(int_type)).nonzero()
