@@ -14,7 +14,11 @@
 // float32 already; quantized rows are dequantized, fma(q, scale, zero), the CUDA kernels'
 // arithmetic too) and shared by the group's query heads; rows of queries are spread over
 // threads, each row computed whole by one thread, so results do not depend on the thread
-// count or on the CPU tier (the vectors hold the lanes above).
+// count or on the CPU tier (the vectors hold the lanes above). Decode computes one row at
+// a time (attend_row); prefill computes the rows of a block of tokens and one KV head
+// together (attend_rows: its vectors hold one partial sum of several keys, or several
+// channels of one row), performing for each row the same operations in the same order,
+// so a prefill row is bit for bit the decode step at its position.
 #include "fastinternlm/attention.h"
 #include "fastinternlm/rotary.h"
 
@@ -34,7 +38,9 @@
 #include "parallel.h"
 
 #define FIL_TIER_KERNELS "attention_cpu.inc"
+#define FIL_TIER_WITH_V4 1
 #include "cpu_tiers.inc"
+#undef FIL_TIER_WITH_V4
 #undef FIL_TIER_KERNELS
 
 namespace fastinternlm {
@@ -155,9 +161,16 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
   const int64_t len = start + tokens;
   const bool convert = !std::is_same<T, float>::value || quantized(c);
   const int threads = get_num_threads();
-  Scratch<float> kv, scratch;
+  const int64_t lanes = FIL_TIER_SELECT_V4(prefill_lanes)(), key_blocks = (len + lanes - 1) / lanes;
+  // Items are (block of tokens, kv head): all group x block query rows of one KV head
+  // go through attend_rows together, which reads each key and value once for them all.
+  // Blocks of about 24 rows keep a thread's rows, keys and values in L1/L2 and leave
+  // several items per thread; a row's result does not depend on the block it is in.
+  const int64_t block = std::max<int64_t>(1, std::min(tokens, (24 + group - 1) / group));
+  const int64_t per_slot = FIL_TIER_SELECT_V4(attend_rows_scratch)(block * group, len, d);
+  Scratch<float> kv, kt, scratch;
   Scratch<int64_t> pairs;  // slot, head, length of each (slot, head) pair converted
-  if (!scratch.allocate(threads * (d + len)) ||
+  if (!scratch.allocate(threads * per_slot) || !kt.allocate(hkv * key_blocks * lanes * d) ||
       (convert && (!kv.allocate(2 * hkv * len * d) || !pairs.allocate(3 * hkv))))
     return invalid_value("attention_prefill: cannot allocate CPU scratch for ", len, " positions");
   float* kf = kv.data();
@@ -173,22 +186,46 @@ Status prefill_cpu(T* out, const T* q, const T* k, const T* v, const KVCache& c,
     }
     convert_heads<T>(c, pair_slots, pair_heads, pair_lens, hkv, len, kf, vf);
   }
-  const AttendRow<T> attend = select_attend_row<T>(d);
-  // Items are (token, kv head) pairs, all `group` query heads of one. Tokens are taken in
-  // folded order (0, T-1, 1, T-2, ...) so that every chunk mixes short and long causal
-  // rows and the threads finish together.
-  parallel_for_slots(tokens * hkv, group * (start + tokens / 2 + 1) * d * 4, threads,
+  const float* k_heads = convert ? kf : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slot, 0, 0));
+  const float* v_heads = convert ? vf : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slot, 0, 0));
+  const int64_t head_stride = convert ? len * d : c.max_seq * d;  // floats between KV heads
+  if (tokens == 1 || len <= 32) {
+    // One token has only `group` rows per KV head to share the keys, and a few keys are
+    // few to share: transposing them would cost more than it saves, so each row goes
+    // through attend_row (decode's kernel, the same arithmetic).
+    const AttendRow<T> attend = select_attend_row<T>(d);
+    parallel_for_slots(tokens * q_heads, len * d * 4, threads, [&](int64_t r0, int64_t r1, int slot_index) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r / q_heads, h = r % q_heads / group;
+        attend(out + r * d, q + r * d, k_heads + h * head_stride, v_heads + h * head_stride, start + t + 1,
+               scale, scratch.data() + slot_index * per_slot);
+      }
+    });
+    return Status::Ok();
+  }
+  const int64_t blocks = (tokens + block - 1) / block;
+  const int64_t w = lanes;
+  const auto transpose = FIL_TIER_SELECT_V4(transpose_keys);
+  parallel_for(hkv * key_blocks, 2 * w * d, [&](int64_t i0, int64_t i1) {
+    while (i0 < i1) {
+      const int64_t h = i0 / key_blocks, b0 = i0 % key_blocks, b1 = std::min(key_blocks, b0 + (i1 - i0));
+      transpose(k_heads + h * head_stride, len, d, b0, b1, kt.data() + h * key_blocks * w * d);
+      i0 += b1 - b0;
+    }
+  });
+  const auto attend = d == 64 ? FIL_TIER_SELECT_V4(attend_rows<T, 64>) : FIL_TIER_SELECT_V4(attend_rows<T, 128>);
+  // Later blocks attend to more keys: items are taken in folded order (first, last,
+  // second, ...) so that every chunk of items mixes short and long ones.
+  parallel_for_slots(blocks * hkv, group * block * (start + tokens / 2 + 1) * d * 4, threads,
                      [&](int64_t i0, int64_t i1, int slot_index) {
-    float* scr = scratch.data() + slot_index * (d + len);
+    float* scr = scratch.data() + slot_index * per_slot;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t u = i / hkv, h = i % hkv;
-      const int64_t t = (u % 2 == 0) ? u / 2 : tokens - 1 - u / 2;
-      const float* kh = convert ? kf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.k, c, slot, h, 0));
-      const float* vh = convert ? vf + h * len * d : reinterpret_cast<const float*>(cache_row<T>(c.v, c, slot, h, 0));
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t row = t * q_heads + h * group + g;
-        attend(out + row * d, q + row * d, kh, vh, start + t + 1, scale, scr);
-      }
+      const int64_t tb = (u % 2 == 0) ? u / 2 : blocks - 1 - u / 2;
+      const int64_t t0 = tb * block, nt = std::min(tokens, t0 + block) - t0;
+      const int64_t row = t0 * q_heads + h * group;
+      attend(out + row * d, q + row * d, q_heads * d, nt, group, kt.data() + h * key_blocks * w * d,
+             v_heads + h * head_stride, start + t0 + 1, scale, scr);
     }
   });
   return Status::Ok();

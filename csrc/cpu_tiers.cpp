@@ -20,6 +20,18 @@ bool detect_x86_v3() {
 #endif
 }
 
+bool detect_x86_v4() {
+#if FIL_CPU_HAVE_X86_V3
+  const char* env = std::getenv("FASTINTERNLM_CPU_ISA");
+  if (env != nullptr && std::strcmp(env, "x86-64-v3") == 0) return false;
+  // libgcc / compiler-rt also check that the OS saves the mask and zmm registers.
+  return cpu_use_x86_v3() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 bool cpu_use_x86_v3() {
@@ -27,6 +39,11 @@ bool cpu_use_x86_v3() {
   return use;
 }
 
-const char* cpu_isa() { return cpu_use_x86_v3() ? "x86-64-v3" : "generic"; }
+bool cpu_use_x86_v4() {
+  static const bool use = detect_x86_v4();
+  return use;
+}
+
+const char* cpu_isa() { return cpu_use_x86_v4() ? "x86-64-v4" : cpu_use_x86_v3() ? "x86-64-v3" : "generic"; }
 
 }  // namespace fastinternlm

@@ -17,7 +17,9 @@
 //     #include "cpu_tiers.inc"
 // into namespaces fastinternlm::cpu_generic and (on x86 with GCC or Clang)
 // fastinternlm::cpu_x86_v3, and called through FIL_TIER_SELECT(function), a pointer to the
-// tier this CPU runs.
+// tier this CPU runs. A kernel that gains from 16-lane vectors (attention's prefill) also
+// has an x86-64-v4 (AVX-512) tier, FIL_TIER_SELECT_V4 (cpu_tiers.inc); its lanes perform
+// the same scalar operations too.
 #pragma once
 
 #include "fastinternlm/common.h"
@@ -35,11 +37,19 @@ namespace fastinternlm {
 // "generic" (read once; for testing that both tiers agree). cpu_isa() (common.h) names it.
 bool cpu_use_x86_v3();
 
+// The AVX-512 tier (x86-64-v4) of the kernels that have one (FIL_TIER_WITH_V4 in
+// cpu_tiers.inc) runs: v3 runs, the CPU and OS support AVX-512 F/BW/DQ/VL, and
+// FASTINTERNLM_CPU_ISA is not "x86-64-v3" (which caps the tiers at v3).
+bool cpu_use_x86_v4();
+
 }  // namespace fastinternlm
 
 #if FIL_CPU_HAVE_X86_V3
 #define FIL_TIER_SELECT(...) \
   (::fastinternlm::cpu_use_x86_v3() ? &cpu_x86_v3::__VA_ARGS__ : &cpu_generic::__VA_ARGS__)
+#define FIL_TIER_SELECT_V4(...) \
+  (::fastinternlm::cpu_use_x86_v4() ? &cpu_x86_v4::__VA_ARGS__ : FIL_TIER_SELECT(__VA_ARGS__))
 #else
 #define FIL_TIER_SELECT(...) (&cpu_generic::__VA_ARGS__)
+#define FIL_TIER_SELECT_V4(...) (&cpu_generic::__VA_ARGS__)
 #endif

@@ -202,6 +202,70 @@ def test_attention_prefill_chunked_equals_one_shot(device, dtype, group):
     )
 
 
+@pytest.mark.parametrize("kv_cache", ["activation", "int8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+# Sizes around the CPU kernel's blocking: token blocks of ceil(24 / group) tokens, tiles of
+# 3 and 4 rows, keys in blocks of 8 or 16 and values in blocks of 32 or 64, causal lengths
+# that end inside and across those blocks, two tokens; and the single-row path (one token,
+# or 32 positions or fewer).
+@pytest.mark.parametrize(
+    "group,head_dim,tokens,start",
+    [
+        (3, 64, 37, 517),
+        (1, 64, 29, 70),
+        (4, 128, 23, 301),
+        (8, 128, 11, 45),
+        (5, 64, 50, 0),
+        (2, 64, 20, 15),
+        (2, 128, 2, 999),
+        (7, 64, 1, 33),
+        (3, 64, 9, 13),
+    ],
+)
+def test_attention_prefill_rows_equal_decode_bitwise(device, dtype, kv_cache, group, head_dim, tokens, start):
+    # On the CPU every query row of a prefill performs exactly the operations a decode step
+    # at that position performs (csrc/attention.cpp), though the prefill kernel computes a
+    # block of rows together and the decode kernel one row at a time: the results must be
+    # the same bits, with every cache format.
+    if device.type != "cpu":
+        pytest.skip("the CUDA prefill and decode kernels round differently (tests above bound both)")
+    kv_heads, slot = 2, 1
+    k_cache, v_cache = ops.empty_kv_cache(kv_cache, 2, kv_heads, start + tokens + 5, head_dim, dtype)
+    if start > 0:  # the history, written the way the engine writes it
+        ops.attention_prefill(
+            rand(start, kv_heads * group, head_dim, dtype=dtype),
+            rand(start, kv_heads, head_dim, dtype=dtype, scale=1.5),
+            rand(start, kv_heads, head_dim, dtype=dtype, scale=1.5),
+            k_cache,
+            v_cache,
+            slot,
+            0,
+        )
+    q = rand(tokens, kv_heads * group, head_dim, dtype=dtype, scale=1.5)
+    k = rand(tokens, kv_heads, head_dim, dtype=dtype, scale=1.5)
+    v = rand(tokens, kv_heads, head_dim, dtype=dtype)
+    out = ops.attention_prefill(q, k, v, k_cache, v_cache, slot, start)
+    slots = torch.tensor([slot], dtype=torch.int32)
+    for t in range(tokens):
+        # Decoding token t rewrites its own K/V row with the same values, then attends to
+        # positions [0, start + t] like prefill row t.
+        step = ops.attention_decode(
+            q[t : t + 1],
+            k[t : t + 1],
+            v[t : t + 1],
+            k_cache,
+            v_cache,
+            slots,
+            torch.tensor([start + t], dtype=torch.int32),
+        )
+        int_type = torch.int16 if dtype != torch.float32 else torch.int32
+        differ = (step[0].view(int_type) != out[t].view(int_type)).nonzero()
+        assert differ.numel() == 0, (
+            f"token {t}: prefill and decode differ at (head, channel) {differ[0].tolist()}: "
+            f"{out[t][tuple(differ[0])]} vs {step[0][tuple(differ[0])]}"
+        )
+
+
 def run_decode_and_check(q, k, v, k_cache, v_cache, slots, positions, scale=None, **kwargs):
     dtype, head_dim = q.dtype, q.shape[2]
     ek, ev = k_cache.clone(), v_cache.clone()

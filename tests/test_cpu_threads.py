@@ -1,8 +1,8 @@
 """The CPU paths' thread count and instruction-set tier never change results.
 
 Every output element is computed by one thread with the same float32 operations in the
-same order, and the AVX2/FMA tier and the generic one perform the same roundings, so the
-outputs must be bit-for-bit equal, not merely close. The one documented exception
+same order, and the tiers (AVX-512 for attention, AVX2/FMA, generic) perform the same
+roundings, so the outputs must be bit-for-bit equal, not merely close. The one documented exception
 (csrc/cpu_tiers.h): int4_gemm accumulates with fused multiply-adds where the instruction
 set has them, and the generic tier on x86 has none. The sizes are large enough that the
 ops really split their work (above the inline threshold of csrc/parallel.h)."""
@@ -131,7 +131,7 @@ def test_num_threads_setting(device, cpu_only):
     assert cpu.get_num_threads() == 1
     cpu.set_num_threads(0)  # back to the default: at least one thread
     assert cpu.get_num_threads() >= 1
-    assert cpu.cpu_isa() in ("x86-64-v3", "generic")
+    assert cpu.cpu_isa() in ("x86-64-v4", "x86-64-v3", "generic")
     with pytest.raises(ValueError, match=r"num_threads must be in \[0, 1024\].*got -1"):
         cpu.set_num_threads(-1)
     with pytest.raises(ValueError, match="got 5000"):
@@ -164,19 +164,23 @@ torch.save({{"isa": cpu.cpu_isa(), "threads": cpu.get_num_threads(), "out": run_
 """
 
 
+@pytest.mark.parametrize("isa", ["generic", "x86-64-v3"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtype, seed, tmp_path):
-    # A child process with the generic tier forced and two threads from the environment
-    # (both are read once per process) against this process's default tier, one thread.
-    path = tmp_path / "generic.pt"
-    env = dict(os.environ, FASTINTERNLM_CPU_ISA="generic", FASTINTERNLM_NUM_THREADS="2")
+def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtype, isa, seed, tmp_path):
+    # A child process with a lower tier forced (generic, or at most x86-64-v3 where this
+    # process runs the AVX-512 kernels) and two threads from the environment (both are
+    # read once per process) against this process's default tier, one thread.
+    if isa != "generic" and cpu.cpu_isa() != "x86-64-v4":
+        pytest.skip("this CPU has no AVX-512 tier to compare with x86-64-v3")
+    path = tmp_path / "child.pt"
+    env = dict(os.environ, FASTINTERNLM_CPU_ISA=isa, FASTINTERNLM_NUM_THREADS="2")
     code = CHILD.format(
         tests=str(ROOT / "tests"), seed=seed, dtype=f"torch.{str(dtype).split('.')[-1]}", path=str(path)
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     child = torch.load(path)
-    assert child["isa"] == "generic" and child["threads"] == 2
+    assert child["isa"] == isa and child["threads"] == 2
     cpu.set_num_threads(1)
     torch.manual_seed(seed)
     bounds = {}
@@ -184,7 +188,7 @@ def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtyp
     generic_has_fma = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
     for name, expected in ours.items():
         theirs = child["out"][name]
-        if name in bounds and cpu.cpu_isa() != "generic" and not generic_has_fma:
+        if name in bounds and isa == "generic" and cpu.cpu_isa() != "generic" and not generic_has_fma:
             # A rounded product and sum instead of an FMA per term: both accumulations lie
             # within the bound B of the exact value, then each rounds once to dtype, so
             # they differ by at most 2 B + u (|a| + |b|) <= 2 B (1 + u) + u (2 |a| + 2 B).
@@ -196,7 +200,7 @@ def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtyp
             assert bool(((theirs.double() - e).abs() <= tol).all()), f"{name} ({dtype})"
             continue
         assert torch.equal(bits(theirs), bits(expected)), (
-            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the generic one"
+            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the {isa} one"
         )
 
 

@@ -26,8 +26,9 @@ def get_num_threads() -> int:
 
 
 def cpu_isa() -> str:
-    """ "x86-64-v3" (AVX2 + FMA kernels, picked at run time) or "generic"; set
-    FASTINTERNLM_CPU_ISA=generic before the first CPU op to force the latter."""
+    """ "x86-64-v4" (AVX-512 attention prefill, AVX2 + FMA elsewhere), "x86-64-v3" (AVX2 +
+    FMA kernels) or "generic", picked at run time; set FASTINTERNLM_CPU_ISA=generic (or
+    x86-64-v3) before the first CPU op to force the generic tier (or cap at v3)."""
     return _C.cpu_isa()
 
 

@@ -56,9 +56,10 @@ struct Context {
 Status set_num_threads(int64_t n);
 int get_num_threads();
 
-// The instruction-set tier the CPU kernels run: "x86-64-v3" (AVX2, FMA, F16C; chosen at
-// run time where the CPU has them) or "generic". Both give bit-identical results;
-// FASTINTERNLM_CPU_ISA=generic forces the latter.
+// The instruction-set tier the CPU kernels run: "x86-64-v4" (AVX-512 for the kernels that
+// have such a tier, x86-64-v3 for the others), "x86-64-v3" (AVX2, FMA, F16C; chosen at
+// run time where the CPU has them) or "generic". All give bit-identical results;
+// FASTINTERNLM_CPU_ISA=generic forces the last, FASTINTERNLM_CPU_ISA=x86-64-v3 caps at v3.
 const char* cpu_isa();
 
 // Programmatic dependent launch on Hopper (sm_90+): the decode step's int4 GEMVs launch

@@ -52,7 +52,47 @@ def cases(device: torch.device, dtype: torch.dtype) -> List[Case]:
         _cases(device, dtype, 8, 2, 128, [(1, 512), (1, 2048), (4, 512)], [128, 512])
         + _cases(device, dtype, 9, 3, 64, [(1, 512)], [256])
         + _quantized_cases(device, dtype, 8, 2, 128, [(1, 2048)], [512])
+        # The engine's chunked prefill: a chunk of a long prompt over the cache its
+        # earlier chunks wrote (SmolLM2's layout, then InternLM2's D = 128 with group 4
+        # and 8).
+        + _chunk_cases(device, dtype, 9, 3, 64, [(16, 500), (32, 2000), (64, 4000)])
+        + _chunk_cases(device, dtype, 32, 8, 128, [(32, 2000)])
+        + _chunk_cases(device, dtype, 32, 4, 128, [(32, 2000)])
     )
+
+
+def _chunk_cases(device, dtype, q_heads, kv_heads, head_dim, chunks) -> List[Case]:
+    """attention_prefill of `tokens` new tokens at position `start` of a cache holding the
+    positions before; the baseline is SDPA over the same K/V with the chunk's causal mask
+    (token t sees positions [0, start + t])."""
+    elt = torch.empty(0, dtype=dtype).element_size()
+    out = []
+    for tokens, start in chunks:
+        length = start + tokens
+        q = torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
+        k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=device)
+        v = torch.randn_like(k)
+        k_cache = torch.randn(1, kv_heads, length, head_dim, dtype=dtype, device=device)
+        v_cache = torch.randn_like(k_cache)
+        k_cache[0, :, start:] = k.transpose(0, 1)
+        v_cache[0, :, start:] = v.transpose(0, 1)
+        qt = q.transpose(0, 1).unsqueeze(0).contiguous()
+        bk, bv, name = _baseline_kv(k_cache, v_cache, q_heads)
+        mask = torch.arange(length, device=device)[None, :] <= start + torch.arange(tokens, device=device)[:, None]
+        out.append(
+            Case(
+                "attention_prefill chunk",
+                f"T={tokens} start={start} H={q_heads}/{kv_heads} D={head_dim}",
+                lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache, s=start: ops.attention_prefill(q, k, v, kc, vc, 0, s),
+                lambda qt=qt, bk=bk, bv=bv, m=mask: F.scaled_dot_product_attention(
+                    qt, bk, bv, attn_mask=m, **({"enable_gqa": True} if bk.shape[1] != qt.shape[1] else {})
+                ),
+                f"{name}, chunk mask",
+                bytes=2 * kv_heads * length * head_dim * elt,
+                flops=4 * tokens * (start + (tokens + 1) // 2) * head_dim * q_heads,
+            )
+        )
+    return out
 
 
 def _random_quantized(batch, kv_heads, ctx, head_dim, bits, device) -> ops.QuantizedKV:
