@@ -533,6 +533,17 @@ def test_prefill_budget_interleaves_with_decode(ckpt):
     assert sum(sum(lens) for _, lens in chunks) == len(long_prompt)
     assert all(len(lens) == 1 and lens[0] <= 16 for _, lens in chunks)
     assert all(decode == 1 for decode, _ in chunks)
+    # The budget counts work: each chunk is the longest whose cost (a token at position p
+    # costs 1 + p / span) fits 16, so the chunks shrink as the prompt's context grows.
+    span = engine._attention_span
+    start = 0
+    for _, (n,) in chunks:
+        cost = sum(1 + p / span for p in range(start, start + n))
+        assert cost <= 16 + 1e-9 or n == 1
+        if start + n < len(long_prompt):
+            assert cost + 1 + (start + n) / span > 16
+        start += n
+    assert chunks[0][1][0] > chunks[-2][1][0]
     expected = solo(ckpt, [(long_prompt, dict(max_new_tokens=5))])[0]
     assert long_gen.token_ids == expected.token_ids and len(short_gen.token_ids) == 60
 

@@ -10,11 +10,16 @@ queues requests and reads their results. Each step of the scheduler:
 
 1. drops cancelled and timed-out requests (their slots are free for this step), and
    admits waiting requests into free slots (first come, first served);
-2. picks the step's prompt chunks: up to `prefill_chunk` prompt tokens in total (the
-   prefill token budget), taken from the requests still prefilling in arrival order, so
-   a long prompt delays the running streams by at most one budget per step. When no
-   request is decoding there is nobody to delay, and prompts are prefilled in
-   PREFILL_CHUNK pieces (the activation-memory bound) instead;
+2. picks the step's prompt chunks under the prefill budget (`prefill_chunk`), taken from
+   the requests still prefilling in arrival order, so a long prompt delays the running
+   streams by at most one budget of work per step. The budget counts work, not tokens:
+   a prompt token at position p costs 1 + p / attention_span, where the attention span
+   is the context at which a token's attention does as many multiply-adds as its linear
+   layers (weights per layer / (2 * heads * head_dim): 3072 for SmolLM2-135M, 26.6K for
+   InternLM2.5-7B). Near position 0 the budget is that many tokens; deep into a long
+   prompt, fewer (at least one per step), so the step stays about as long as the prompt
+   grows. When no request is decoding there is nobody to delay, and prompts are
+   prefilled in PREFILL_CHUNK pieces (the activation-memory bound) instead;
 3. runs one forward over the running sequences' next tokens and those chunks together
    (Transformer.step): its linear layers read the weights once for all rows, attention
    runs per part. With CUDA graphs the decode rows replay the captured graph for the
@@ -276,8 +281,9 @@ class Engine:
     then run through it); creating a second while the first runs raises ValueError.
 
     max_waiting: requests that may wait for a slot; past it submit raises EngineOverloaded.
-    prefill_chunk: the prefill token budget per step while others decode (default
-    PREFILL_BUDGET_CPU / PREFILL_BUDGET_CUDA).
+    prefill_chunk: the prefill budget per step while others decode, in tokens at position
+    0 (deeper tokens cost more, module docs; default PREFILL_BUDGET_CPU /
+    PREFILL_BUDGET_CUDA).
     batch_invariant: on the CPU, run the output head at a fixed row count (the slot
     count) so a row's logits do not depend on how many rows share the step (module docs);
     False saves that padding (a 16-slot SmolLM2 head costs ~1.5x a 1-row one) at the price
@@ -300,6 +306,11 @@ class Engine:
         self.model = llm.model
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
+        c = self.llm.config
+        # The context length at which a token's attention does as many multiply-adds as
+        # its linear layers: 2 * weights per layer against 4 * heads * head_dim * context.
+        linear = c.hidden_size * (c.qkv_rows + c.q_size + 3 * c.intermediate_size)
+        self._attention_span = linear / (2 * c.num_heads * c.head_dim)
         self._slots = [_Slot(i) for i in range(self.model.max_batch)]
         self._waiting: Deque[Request] = collections.deque()
         self._active: List[_Active] = []
@@ -639,7 +650,7 @@ class Engine:
         decoding = [a for a in self._active if not a.prefilling and a.req.kind == "generate"]
         # ---- the step's prompt chunks, under the token budget ----
         solo_chunk = prefill_chunk(dev)
-        budget = self.prefill_chunk if decoding else solo_chunk
+        budget = float(self.prefill_chunk if decoding else solo_chunk)
         planned: List[_Active] = []
         chunks: List[Chunk] = []
         for a in self._active:
@@ -648,14 +659,16 @@ class Engine:
             if not a.prefilling:
                 continue
             prompt = a.req.prompt
-            n = min(budget, solo_chunk, len(prompt) - a.prefilled)
             start = a.prefilled
+            n = min(solo_chunk, len(prompt) - start)
+            if decoding:
+                n = min(n, self._chunk_tokens(budget, start))
             if a.progress is None and start == 0 and llm.prefill_progress:
                 a.progress = prefill_progress(len(prompt), dev)
             tokens = torch.tensor(prompt[start : start + n], dtype=torch.int64, device=dev)
             planned.append(a)
             chunks.append(Chunk(tokens, a.slot.index, start, a.base))
-            budget -= n
+            budget -= self._chunk_cost(start, n) if decoding else n
         # ---- one forward: the batched decode rows and the chunks together ----
         decode_rows = None
         if decoding:
@@ -713,6 +726,22 @@ class Engine:
         now = time.perf_counter()
         for a, token in zip(rows, host):
             self._push(a, token, now)
+
+    def _chunk_cost(self, start: int, n: int) -> float:
+        """Cost of prompt positions start .. start+n-1 in budget units (module docs): a
+        token at position p counts 1 + p / attention_span."""
+        return n + (n * start + n * (n - 1) / 2) / self._attention_span
+
+    def _chunk_tokens(self, budget: float, start: int) -> int:
+        """The most tokens from position `start` whose cost fits `budget`, at least one (a
+        prompt always advances): the positive root of n^2 / 2s + n (1 + (start - 1/2) / s)
+        = budget, s the attention span."""
+        s = self._attention_span
+        b = 1 + (start - 0.5) / s
+        n = int((math.sqrt(b * b + 2 * budget / s) - b) * s)
+        while n > 1 and self._chunk_cost(start, n) > budget:  # float rounding at the root
+            n -= 1
+        return max(1, n)
 
     def _bases(self, positions: torch.Tensor, rows: List[_Active]) -> torch.Tensor:
         if self.llm.ntk_mode == "hf":
