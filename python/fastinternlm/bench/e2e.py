@@ -1041,10 +1041,13 @@ def run_kv(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     return list(bench.rows.values())
 
 
-def format_kv_table(rows: List[Dict[str, Any]]) -> str:
-    def f(v, spec="{:.1f}"):
-        return "-" if v is None else spec.format(v)
+def _cell(v, spec="{:.1f}") -> str:
+    """A table cell: the value formatted, or "-" where there is none."""
+    return "-" if v is None else spec.format(v)
 
+
+def format_kv_table(rows: List[Dict[str, Any]]) -> str:
+    f = _cell
     header = (
         f"{'weights':<7} {'cache':<5} {'context':>8} {'fill':<9} {'TTFT s':>8} {'tok/s':>9} {'limit':>9} "
         f"{'%limit':>6} {'MB/token':>9} {'peak GB':>8} {'plan GB':>8}"
@@ -1116,9 +1119,7 @@ def speed_ratio(row: Dict[str, Any], other: str) -> Optional[float]:
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    def f(v, spec="{:.1f}"):
-        return "-" if v is None else spec.format(v)
-
+    f = _cell
     header = (
         f"{'metric':<22} {'prec':<5} {'setting':<18} {'ours':>9} {'HF':>9} {'torch':>9} "
         f"{'ours/HF':>8} {'ours/torch':>10} {'limit':>8} {'%limit':>7}"
