@@ -61,29 +61,35 @@ bool quantized(const KVCache& c) { return c.format != KVCacheFormat::kActivation
 // Bytes of codes per row of a quantized cache.
 int64_t code_bytes(const KVCache& c) { return c.head_dim * kv_cache_bits(c.format) / 8; }
 
-// The format of attention.h, version 1: one row x [d] to codes and (scale, zero).
+// (scale, zero) pairs per row of a quantized cache.
+int64_t param_pairs(const KVCache& c) { return c.head_dim / kv_cache_group(c.format, c.head_dim); }
+
+// The format of attention.h, version 2: one row x [d] to codes and a (scale, zero) pair per
+// group of `group` channels.
 template <typename T>
-void quantize_row(const T* x, int64_t d, int bits, uint8_t* codes, float* params) {
-  float lo = to_float(x[0]), hi = lo;
-  for (int64_t i = 1; i < d; ++i) {
-    const float f = to_float(x[i]);
-    lo = std::min(lo, f);
-    hi = std::max(hi, f);
-  }
+void quantize_row(const T* x, int64_t d, int bits, int64_t group, uint8_t* codes, float* params) {
   const float qmax = static_cast<float>((1 << bits) - 1);
-  const float scale = (hi - lo) / qmax;
-  // Below FLT_MIN 1 / scale could overflow; such a row is constant to within 1e-35.
-  const float inv = scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f;
-  params[0] = scale;
-  params[1] = lo;
   if (bits == 4) std::memset(codes, 0, static_cast<size_t>(d / 2));
-  for (int64_t i = 0; i < d; ++i) {
-    const float q = std::min(qmax, std::nearbyint((to_float(x[i]) - lo) * inv));
-    const auto code = static_cast<uint8_t>(q);
-    if (bits == 8)
-      codes[i] = code;
-    else
-      codes[i / 2] = static_cast<uint8_t>(codes[i / 2] | (code << (4 * (i % 2))));
+  for (int64_t g0 = 0; g0 < d; g0 += group, params += 2) {
+    float lo = to_float(x[g0]), hi = lo;
+    for (int64_t i = g0 + 1; i < g0 + group; ++i) {
+      const float f = to_float(x[i]);
+      lo = std::min(lo, f);
+      hi = std::max(hi, f);
+    }
+    const float scale = (hi - lo) / qmax;
+    // Below FLT_MIN 1 / scale could overflow; such a group is constant to within 1e-35.
+    const float inv = scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f;
+    params[0] = scale;
+    params[1] = lo;
+    for (int64_t i = g0; i < g0 + group; ++i) {
+      const float q = std::min(qmax, std::nearbyint((to_float(x[i]) - lo) * inv));
+      const auto code = static_cast<uint8_t>(q);
+      if (bits == 8)
+        codes[i] = code;
+      else
+        codes[i / 2] = static_cast<uint8_t>(codes[i / 2] | (code << (4 * (i % 2))));
+    }
   }
 }
 
@@ -91,10 +97,10 @@ void quantize_row(const T* x, int64_t d, int bits, uint8_t* codes, float* params
 // exactly what the CUDA kernels compute (attention_cpu.inc, every tier).
 void dequantize_rows(const KVCache& c, const void* codes, const void* params, int64_t r, int64_t n,
                      float* dst) {
-  const int64_t row_bytes = code_bytes(c);
+  const int64_t row_bytes = code_bytes(c), pairs = param_pairs(c);
   FIL_TIER_SELECT(dequantize_codes)(static_cast<const uint8_t*>(codes) + r * row_bytes, row_bytes,
-                                    static_cast<const float*>(params) + 2 * r, n, c.head_dim,
-                                    kv_cache_bits(c.format), dst);
+                                    static_cast<const float*>(params) + 2 * pairs * r, n, c.head_dim,
+                                    kv_cache_group(c.format, c.head_dim), kv_cache_bits(c.format), dst);
 }
 
 // Stores the new rows of one token and KV head, src_k/src_v [head_dim], at (slot, head, pos).
@@ -107,8 +113,9 @@ void write_row(const KVCache& c, int64_t slot, int64_t head, int64_t pos, const 
     return;
   }
   const int64_t r = row_index(c, slot, head, pos), bits = kv_cache_bits(c.format);
-  quantize_row(src_k, d, bits, static_cast<uint8_t*>(c.k) + r * code_bytes(c), static_cast<float*>(c.k_params) + 2 * r);
-  quantize_row(src_v, d, bits, static_cast<uint8_t*>(c.v) + r * code_bytes(c), static_cast<float*>(c.v_params) + 2 * r);
+  const int64_t group = kv_cache_group(c.format, d), p = 2 * param_pairs(c) * r;
+  quantize_row(src_k, d, bits, group, static_cast<uint8_t*>(c.k) + r * code_bytes(c), static_cast<float*>(c.k_params) + p);
+  quantize_row(src_v, d, bits, group, static_cast<uint8_t*>(c.v) + r * code_bytes(c), static_cast<float*>(c.v_params) + p);
 }
 
 template <typename T>

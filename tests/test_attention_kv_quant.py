@@ -1,4 +1,5 @@
-"""int8 / int4 KV cache (format v1 of csrc/include/fastinternlm/attention.h): quantize on
+"""int8 / int4 KV cache (format v2 of csrc/include/fastinternlm/attention.h: a (scale, zero)
+pair per row for int8, per 16 channels for int4): quantize on
 write in prefill, decode and the fused decode_qkv, dequantize on read in their attention.
 
 Three kinds of checks:
@@ -35,18 +36,27 @@ def f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def ref_quantize(x: torch.Tensor, bits: int):
-    """The format on rows x [..., D]: (codes uint8 [..., D * bits / 8], params float32 [..., 2]),
-    on x's device (float64 there too: a million rows take seconds on a GPU, minutes here)."""
+    """The format on rows x [..., D]: (codes uint8 [..., D * bits / 8], params float32
+    [..., D / group, 2]), on x's device (float64 there too: a million rows take seconds on a
+    GPU, minutes here)."""
     qmax = float(2**bits - 1)
-    xf = x.to(torch.float64)
+    d = x.shape[-1]
+    g = ops.kv_quant_group(bits, d)
+    xf = x.to(torch.float64).reshape(*x.shape[:-1], d // g, g)
     lo = xf.amin(-1, keepdim=True)
     hi = xf.amax(-1, keepdim=True)
     scale = f32(f32(hi - lo) / qmax)
     inv = torch.where(scale >= 2.0**-126, f32(1.0 / scale), torch.zeros_like(scale))
-    q = torch.clamp(torch.round(f32(f32(xf - lo) * inv)), max=qmax)  # round: ties to even, like rint
+    q = torch.clamp(torch.round(f32(f32(xf - lo) * inv)), max=qmax).flatten(-2)  # round: ties to even, like rint
     if bits == 4:
         q = q[..., 0::2] + 16 * q[..., 1::2]
     return q.to(torch.uint8), torch.cat([scale, lo], dim=-1).to(torch.float32)
+
+
+def steps(params: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Each value's step (its group's scale), float64: params [..., groups, 2] -> [..., D]."""
+    p = params[..., 0].to(torch.float64)
+    return p.repeat_interleave(head_dim // p.shape[-1], dim=-1)
 
 
 def poisoned_cache(num_slots, kv_heads, max_seq, head_dim, bits, device) -> QuantizedKV:
@@ -54,8 +64,9 @@ def poisoned_cache(num_slots, kv_heads, max_seq, head_dim, bits, device) -> Quan
     and rows an earlier chunk would have written hold them as data."""
     c = QuantizedKV.empty(num_slots, kv_heads, max_seq, head_dim, bits, device)
     c.codes.copy_(torch.randint(0, 256, c.codes.shape, dtype=torch.uint8))
-    scale = torch.rand(num_slots, kv_heads, max_seq, 1, dtype=torch.float64) * 0.04 + 0.01
-    zero = -torch.rand(num_slots, kv_heads, max_seq, 1, dtype=torch.float64) * 2
+    groups = c.params.shape[3]
+    scale = torch.rand(num_slots, kv_heads, max_seq, groups, 1, dtype=torch.float64) * 0.04 + 0.01
+    zero = -torch.rand(num_slots, kv_heads, max_seq, groups, 1, dtype=torch.float64) * 2
     c.params.copy_(torch.cat([scale * 15 / (2**bits - 1), zero], -1).float())
     return c
 
@@ -82,13 +93,15 @@ def assert_cache_equal(actual: QuantizedKV, expected: QuantizedKV, name: str):
 
 
 def assert_within_half_step(c: QuantizedKV, slot, pos, x, name):
-    """|dequantized - x| <= scale / 2 plus the float32 roundings of the format's arithmetic:
+    """|dequantized - x| <= scale / 2 (its group's scale) plus the float32 roundings of the
+    format's arithmetic:
     x - zero, times 1/scale (itself rounded), the scale's own rounding times q <= qmax, and
     the final fma; 8 u32 of |x| + |zero| + qmax * scale covers them."""
     xf = x.to("cpu", torch.float64)  # [heads, tokens, D]
     back = c.dequantize(torch.float64)[slot, :, pos].cpu()
     p = c.params[slot, :, pos].cpu().to(torch.float64)
-    scale, zero = p[..., :1], p[..., 1:]
+    g = c.group
+    scale, zero = p[..., 0].repeat_interleave(g, -1), p[..., 1].repeat_interleave(g, -1)
     slack = 8 * U32 * (xf.abs() + zero.abs() + (2**c.bits - 1) * scale)
     err = (back - xf).abs()
     assert bool((err <= scale / 2 + slack).all()), f"{name}: error {float((err - scale / 2).max()):.3e} past scale/2"
@@ -97,18 +110,18 @@ def assert_within_half_step(c: QuantizedKV, slot, pos, x, name):
 def quantization_bound(q, k_orig, v_orig, k_params, v_params, scale, bits):
     """Per output element, how far attention over the quantized cache may be from attention
     over the original rows, for one query row q [D] over keys/values [L, D] with their
-    (scale, zero) [L, 2]. Each key element errs by at most step/2 (step: its row's scale), so
-    score j moves by at most delta_j = scale * sum_i |q_i| step_j / 2, and with
+    (scale, zero) [L, groups, 2]. Each key element errs by at most step/2 (step: its group's
+    scale), so score j moves by at most delta_j = scale * sum_i |q_i| step_ji / 2, and with
     delta = max_j delta_j every weight p_j moves by a factor in [e^-2delta, e^2delta]:
     |sum_j (p'_j - p_j) v_j| <= (e^(2 delta) - 1) * (max_j v_j - min_j v_j) / 2. The values
-    themselves err by at most max_j vstep_j / 2. Float64 throughout (a few float32 ulps of
+    themselves err by at most max_j vstep_ji / 2 in channel i. Float64 throughout (a few float32 ulps of
     slack are added by the caller's rounding budget)."""
-    qa = q.to(torch.float64).abs().sum()
-    half_step_k = k_params[:, 0].to(torch.float64) / 2 * (1 + 16 * U32)
-    delta = float((scale * qa * half_step_k).max())
+    d = q.shape[-1]
+    half_step_k = steps(k_params, d) / 2 * (1 + 16 * U32)  # [L, D]
+    delta = float((scale * (q.to(torch.float64).abs() * half_step_k).sum(-1)).max())
     vv = v_orig.to(torch.float64)
     spread = (vv.amax(0) - vv.amin(0)) / 2
-    return math.expm1(2 * delta) * spread + float(v_params[:, 0].max()) / 2 * (1 + 16 * U32)
+    return math.expm1(2 * delta) * spread + steps(v_params, d).amax(0) / 2 * (1 + 16 * U32)
 
 
 def check_against_original(out, q, k_rows, v_rows, kc, vc, slot_of_row, last_of_row, scale, dtype):
@@ -335,7 +348,13 @@ def test_quantize_constant_and_extreme_rows(device):
         ops.attention_prefill(q, k, k.clone(), kc, vc, 0, 0)
         codes, params = ref_quantize(k.transpose(0, 1), bits)
         assert torch.equal(kc.codes[0].cpu(), codes.cpu()) and torch.equal(kc.params[0].cpu(), params.cpu())
-        assert float(kc.params[0, 0, 0, 0]) == 0.0
+        assert bool((kc.params[0, 0, 0, :, 0] == 0).all())
+        # The outlier coarsens only its own group: int4's other groups keep the fine steps
+        # of unit-normal values (int8's one group is the whole row).
+        outlier_step = float(kc.params[0, 0, 1, 0, 0])
+        assert outlier_step >= 2900 / (2**bits - 1)
+        if kc.params.shape[3] > 1:
+            assert float(kc.params[0, 0, 1, 1:, 0].max()) < outlier_step / 100
         assert torch.equal(kc.dequantize()[0, 0, 0].cpu(), k[0, 0].float().cpu())
         assert_within_half_step(kc, 0, slice(0, 3), k.transpose(0, 1), "k_cache")
         assert int(kc.dequantize()[0, 0, 2].argmin()) == int(k[2, 0].float().argmin())
@@ -400,7 +419,7 @@ def test_needle(device, cache_type, where):
         torch.full((1,), n - 1, dtype=torch.int32, device=device),
     )
     del kc, vc
-    # Bound: every score may move by delta_j = scale * sum|q| * step_j / 2 (step 0 for
+    # Bound: every score may move by delta_j = scale * sum_i |q_i| step_ji / 2 (step 0 for
     # float caches, whose keys are stored exactly), so the needle's weight is at least
     # p = 1 / (1 + sum_{j != needle} exp(s_j + delta_j - s_needle + delta_needle)), and the
     # output is within (1 - p) * max_j |v_j - v_needle| of the stored needle value, itself
@@ -408,12 +427,13 @@ def test_needle(device, cache_type, where):
     # output's rounding.
     s = (keys @ qd) * scale
     if bits:
-        qmax = 2**bits - 1
-        step_k = f32(f32(keys.amax(1) - keys.amin(1)) / qmax)
-        step_v = float(f32(f32(values[at].max() - values[at].min()) / qmax))
+        qmax, g = 2**bits - 1, ops.kv_quant_group(bits, d)
+        kg, vg = keys.view(n, d // g, g), values[at].view(d // g, g)
+        step_k = f32(f32(kg.amax(-1) - kg.amin(-1)) / qmax).repeat_interleave(g, -1)  # [n, D]
+        step_v = float(f32(f32(vg.amax(-1) - vg.amin(-1)) / qmax).max())
     else:
-        step_k, step_v = torch.zeros(n, dtype=torch.float64), 0.0
-    delta = scale * qd.abs().sum() * step_k / 2 * (1 + 16 * U32)
+        step_k, step_v = torch.zeros(n, d, dtype=torch.float64), 0.0
+    delta = scale * (qd.abs() * step_k).sum(1) / 2 * (1 + 16 * U32)
     others = torch.ones(n, dtype=torch.bool)
     others[at] = False
     lse = torch.logsumexp(s[others] + delta[others] - (s[at] - delta[at]), 0)

@@ -12,7 +12,8 @@ Sizes (bytes, exact for what this package allocates):
   output head too unless quant_head.
 - KV cache per token: layers x 2 (K, V) x kv_heads x row, a row being head_dim values of
   the activation dtype, or head_dim * bits / 8 bytes of codes plus 8 bytes of (scale, zero)
-  for int8 / int4 (attention.h, format v1).
+  per group of channels for int8 / int4 (attention.h, format v2: one group per row for
+  int8, groups of 16 for int4).
 - workspace: the largest set of activations alive at once in one prefill chunk (residual,
   normed input, attention output, the fused projections, the SwiGLU output), the decode
   split scratch for max_batch, float32 logits; plus `reserve` for the allocator's rounding
@@ -26,6 +27,8 @@ import os
 from typing import Dict, Optional
 
 import torch
+
+from .ops.attention import KV_QUANT_FORMATS, kv_quant_group
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -123,12 +126,17 @@ def weight_bytes(
     return shape.layers * per_layer + embed + head + shape.hidden * act
 
 
+def kv_param_row_bytes(shape: ModelShape, kv_cache: str) -> int:
+    """Bytes of one cached row's (scale, zero) pairs, float32 (0 for a float cache)."""
+    if kv_cache not in KV_QUANT_FORMATS:
+        return 0
+    return 8 * (shape.head_dim // kv_quant_group(KV_QUANT_FORMATS[kv_cache][1], shape.head_dim))
+
+
 def kv_row_bytes(shape: ModelShape, kv_cache: str, dtype: str = "fp16") -> int:
     """Bytes of one cached row (a token of one KV head, K or V), parameters included."""
-    if kv_cache == "int8":
-        return shape.head_dim + 8
-    if kv_cache == "int4":
-        return shape.head_dim // 2 + 8
+    if kv_cache in KV_QUANT_FORMATS:
+        return shape.head_dim * KV_QUANT_FORMATS[kv_cache][1] // 8 + kv_param_row_bytes(shape, kv_cache)
     if kv_cache not in ACT_BYTES:
         raise ValueError(f"kv_cache must be one of {KV_TYPES}, got {kv_cache!r}")
     return shape.head_dim * ACT_BYTES[kv_cache]
@@ -140,7 +148,7 @@ def kv_bytes_per_token(shape: ModelShape, kv_cache: str) -> int:
 
 def kv_param_bytes_per_token(shape: ModelShape, kv_cache: str) -> int:
     """The (scale, zero) share of kv_bytes_per_token (0 for a float cache)."""
-    return shape.layers * 2 * shape.kv_heads * 8 if kv_cache in ("int8", "int4") else 0
+    return shape.layers * 2 * shape.kv_heads * kv_param_row_bytes(shape, kv_cache)
 
 
 def workspace_bytes(shape: ModelShape, dtype: str, max_batch: int, chunk: int) -> int:

@@ -26,29 +26,44 @@ namespace fastinternlm {
 // an affine pair per row, quantized when the row is written and dequantized where it is read
 // (inside the attention kernels: no separate pass, no activation-dtype copy of the cache).
 //
-// Quantized format, version 1. A row is one token of one KV head: head_dim values x.
+// Quantized format, version 2. A row is one token of one KV head: head_dim values x, cut
+// into groups of g consecutive channels, g = kv_cache_group(format, head_dim): the whole row
+// (g = head_dim) for int8, 16 channels for int4.
 //   k, v:               uint8 [num_slots, kv_heads, max_seq, head_dim * bits / 8]
-//   k_params, v_params: float32 [num_slots, kv_heads, max_seq, 2], per row (scale, zero)
-// (bits = 8 or 4; qmax = 2^bits - 1 = 255 or 15). Each row, of K and of V separately:
+//   k_params, v_params: float32 [num_slots, kv_heads, max_seq, head_dim / g, 2], per group
+//                       (scale, zero)
+// (bits = 8 or 4; qmax = 2^bits - 1 = 255 or 15). Each group, of K and of V separately:
 //   zero  = min_i x_i                      (x_i converted exactly from the activation dtype)
 //   scale = (max_i x_i - zero) / qmax      (float32, each operation rounded once)
 //   q_i   = min(qmax, rint((x_i - zero) * (1 / scale)))   (ties to even; all 0 if scale == 0)
 //   x_i  ~= q_i * scale + zero             (float32; |error| <= scale / 2 + float32 roundings)
 // int4 packs two codes per byte: value 2j in the low nibble of byte j, 2j + 1 in the high one.
-// Unsigned codes with zero = the row minimum make it asymmetric (a row that is all positive
-// still uses every code), like lmdeploy's online KV quantization; the per-row parameters
+// Unsigned codes with zero = the group minimum make it asymmetric (a group that is all
+// positive still uses every code), like lmdeploy's online KV quantization; the parameters
 // follow each token's own range, so one outlier token does not coarsen the others.
+// Why groups of 16 for int4 (version 1 had one pair per row for both): after RoPE a few key
+// channels carry outliers, and a row's 16 levels spread over their range left SmolLM2-135M
+// 15 % above the float cache's perplexity; groups of 16 bring it within 5 % (int8, with 256
+// levels, stays within 0.1 % per row). docs/accuracy.md has the candidates measured (groups,
+// Hadamard rotation, clipping) and their cost. A group of 16 is two 8-value lanes of the
+// CUDA kernels, so its minimum and maximum take one shuffle.
 // Why float32 parameters and not half: bfloat16 activations can exceed half's range
-// (65504), a half scale would add a relative error of 2^-11 times q (up to 0.12 steps at
-// q = 255) to every value, and 8 bytes per row is 6% of an int8 row of 128 (12% of int4).
+// (65504), and a half scale would add a relative error of 2^-11 times q (up to 0.12 steps at
+// q = 255) to every value. The price is memory: at head_dim 128 an int4 row takes 64 bytes
+// of codes and 64 of parameters (int8: 128 + 8).
 // The rows must be finite. Offsets into the cache are 64-bit on every path (a 1M-token cache
 // of a few slots has more than 2^31 elements per layer).
 enum class KVCacheFormat : int { kActivation = 0, kInt8 = 1, kInt4 = 2 };
 
-// Bits per cached value (16/32 for kActivation is the dtype's; this returns 8 or 4, else 0)
-// and bytes of one row of codes.
+// Bits per cached value (16/32 for kActivation is the dtype's; this returns 8 or 4, else 0).
 constexpr int kv_cache_bits(KVCacheFormat f) {
   return f == KVCacheFormat::kInt8 ? 8 : f == KVCacheFormat::kInt4 ? 4 : 0;
+}
+
+// Channels per (scale, zero) group of a quantized format: head_dim for int8, 16 for int4
+// (0 for kActivation). head_dim / group pairs per row.
+constexpr int64_t kv_cache_group(KVCacheFormat f, int64_t head_dim) {
+  return f == KVCacheFormat::kInt8 ? head_dim : f == KVCacheFormat::kInt4 ? 16 : 0;
 }
 
 struct KVCache {
@@ -59,8 +74,8 @@ struct KVCache {
   int64_t max_seq = 0;
   int64_t head_dim = 0;
   KVCacheFormat format = KVCacheFormat::kActivation;
-  void* k_params = nullptr;  // quantized formats only: float32 [num_slots, kv_heads, max_seq, 2]
-  void* v_params = nullptr;
+  void* k_params = nullptr;  // quantized formats only: float32
+  void* v_params = nullptr;  // [num_slots, kv_heads, max_seq, head_dim / group, 2]
 };
 
 // Prefill a chunk of one sequence: writes k, v [tokens, kv_heads, head_dim] into `slot` at

@@ -70,7 +70,7 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
     over the activation-dtype cache of the same shape (what the quantized cache replaces)."""
     out = []
     for bits in (8, 4):
-        row = head_dim * bits // 8 + 8  # codes + (scale, zero)
+        row = head_dim * bits // 8 + 8 * (head_dim // ops.kv_quant_group(bits, head_dim))  # codes + (scale, zero)
         for batch, ctx in decode_shapes:
             kc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device)
             vc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device)

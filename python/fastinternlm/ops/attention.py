@@ -3,7 +3,7 @@ csrc/include/fastinternlm/attention.h).
 
 A layer's cache is two tensors k_cache, v_cache of shape [slots, kv_heads, max_seq, head_dim]
 in the activation dtype, or two QuantizedKV (int8 or int4 codes with a (scale, zero) pair per
-token and KV head, format v1 of attention.h); a sequence owns one slot. head_dim is 64 or
+group of channels of each token and KV head, format v2 of attention.h); a sequence owns one slot. head_dim is 64 or
 128, q_heads a multiple of kv_heads with a group size of 1 to 8. Scores, softmax and the
 weighted sum are float32."""
 
@@ -33,12 +33,20 @@ def _scale(scale, head_dim: int) -> float:
 KV_QUANT_FORMATS = {"int8": (1, 8), "int4": (2, 4)}
 
 
+def kv_quant_group(bits: int, head_dim: int) -> int:
+    """Channels per (scale, zero) pair of a quantized cache row (attention.h kv_cache_group):
+    the whole row for int8, 16 for int4."""
+    return head_dim if bits == 8 else 16
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedKV:
-    """One quantized cache array of a layer (its K or its V), format v1 of attention.h:
+    """One quantized cache array of a layer (its K or its V), format v2 of attention.h:
     codes uint8 [slots, kv_heads, max_seq, head_dim * bits // 8] (int4: value 2j in the low
-    nibble of byte j) and params float32 [slots, kv_heads, max_seq, 2], the (scale, zero) of
-    each row; a row x is stored as q = rint((x - zero) / scale) with zero = min(x),
+    nibble of byte j) and params float32 [slots, kv_heads, max_seq, head_dim // group, 2],
+    the (scale, zero) of each group of `group` consecutive channels of a row (group =
+    kv_quant_group(bits, head_dim): the whole row for int8, 16 for int4); a group x is
+    stored as q = rint((x - zero) / scale) with zero = min(x),
     scale = (max(x) - min(x)) / (2^bits - 1), and read as q * scale + zero."""
 
     codes: torch.Tensor
@@ -50,7 +58,8 @@ class QuantizedKV:
         if bits not in (8, 4):
             raise ValueError(f"bits must be 8 or 4, got {bits!r}")
         codes = torch.empty(num_slots, kv_heads, max_seq, head_dim * bits // 8, dtype=torch.uint8, device=device)
-        params = torch.empty(num_slots, kv_heads, max_seq, 2, dtype=torch.float32, device=device)
+        groups = head_dim // kv_quant_group(bits, head_dim)
+        params = torch.empty(num_slots, kv_heads, max_seq, groups, 2, dtype=torch.float32, device=device)
         return cls(codes, params, bits)
 
     @property
@@ -58,6 +67,11 @@ class QuantizedKV:
         """(slots, kv_heads, max_seq, head_dim): the shape of the values it stands for."""
         s, h, m, b = self.codes.shape
         return (s, h, m, b * 8 // self.bits)
+
+    @property
+    def group(self) -> int:
+        """Channels per (scale, zero) pair."""
+        return kv_quant_group(self.bits, self.shape[3])
 
     @property
     def device(self) -> torch.device:
@@ -74,8 +88,9 @@ class QuantizedKV:
         if self.bits not in (8, 4):
             raise ValueError(f"{name}.bits must be 8 or 4, got {self.bits!r}")
         check_tensor(f"{name}.codes", self.codes, dtypes=(torch.uint8,), ndim=4)
-        s, h, m, _ = self.codes.shape
-        check_tensor(f"{name}.params", self.params, dtypes=(torch.float32,), shape=(s, h, m, 2))
+        s, h, m, d = self.shape
+        groups = d // kv_quant_group(self.bits, d)
+        check_tensor(f"{name}.params", self.params, dtypes=(torch.float32,), shape=(s, h, m, groups, 2))
         same_device(**{f"{name}.codes": self.codes, f"{name}.params": self.params})
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -86,8 +101,8 @@ class QuantizedKV:
         else:
             c = self.codes.to(torch.int16)
             q = torch.stack([c & 15, c >> 4], dim=-1).flatten(-2).to(torch.float64)
-        p = self.params.to(torch.float64)
-        return (q * p[..., :1] + p[..., 1:]).to(dtype)
+        p = self.params.to(torch.float64).repeat_interleave(self.group, dim=-2)  # [..., head_dim, 2]
+        return (q * p[..., 0] + p[..., 1]).to(dtype)
 
 
 KVArray = Union[torch.Tensor, QuantizedKV]
