@@ -131,6 +131,9 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
   using Elem = CacheElem<T, F>;
   constexpr int kRow = F == 0 ? D : D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8;
   constexpr int kLane = kRow / (D / 8);
+  // (scale, zero) pairs per row, and the one of this lane's 8 values (kv_quant.cuh).
+  constexpr int kPairs = F == 0 ? 1 : CacheLaneQuantized<T, F == 0 ? 1 : F>::template kGroups<D>;
+  constexpr int kPairLanes = (D / 8) / kPairs;
   // With one split there is no merge: the wo GEMV follows this kernel directly and may
   // launch now (cuda_common.cuh, PDL); with a merge after it this has no effect.
   pdl_trigger();
@@ -225,9 +228,9 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
       if (rg == 0) {
         *reinterpret_cast<Raw*>(k_cache + (head + pos) * kRow + lane * kLane) = knq;
         *reinterpret_cast<Raw*>(v_cache + (head + pos) * kRow + lane * kLane) = vnq;
-        if (lane == 0) {
-          k_params[head + pos] = knp;
-          v_params[head + pos] = vnp;
+        if (lane % kPairLanes == 0) {
+          k_params[(head + pos) * kPairs + lane / kPairLanes] = knp;
+          v_params[(head + pos) * kPairs + lane / kPairLanes] = vnp;
         }
       }
       __syncthreads();
@@ -269,8 +272,8 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
         kr[u] = *reinterpret_cast<const Raw*>(kc + int64_t{t} * kRow);
         vr[u] = *reinterpret_cast<const Raw*>(vc + int64_t{t} * kRow);
         if constexpr (F != 0) {
-          kp[u] = k_params[head + t];
-          vp[u] = v_params[head + t];
+          kp[u] = k_params[(head + t) * kPairs + lane / kPairLanes];
+          vp[u] = v_params[(head + t) * kPairs + lane / kPairLanes];
         }
       }
     }

@@ -121,8 +121,8 @@ prefill_write_kv_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const 
 }
 
 // The quantized cache's write: a row group of L = D/8 lanes per (token, KV head) row, each
-// lane 8 values (16 bytes) of k and of v; the row's minimum and maximum come from shuffles
-// within the row group (kv_quant.cuh). Rows and offsets in int64.
+// lane 8 values (16 bytes) of k and of v; each group's minimum and maximum come from
+// shuffles within its lanes (kv_quant.cuh). Rows and offsets in int64.
 template <typename T, int D, int F>
 __global__ void __launch_bounds__(256)
 prefill_write_kv_quant_kernel(uint8_t* __restrict__ k_cache, uint8_t* __restrict__ v_cache,
@@ -133,6 +133,7 @@ prefill_write_kv_quant_kernel(uint8_t* __restrict__ k_cache, uint8_t* __restrict
   using Raw = typename C::Raw;
   constexpr int L = D / 8, kRowsPerBlock = 256 / L;
   constexpr int kRow = D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8, kLane = kRow / L;
+  constexpr int kPairs = C::template kGroups<D>, kPairLanes = L / kPairs;
   const int64_t rows = tokens * kv_heads;
   const int lane = threadIdx.x % L;
   // The trip count is uniform over the block (the shuffles need whole warps).
@@ -155,9 +156,9 @@ prefill_write_kv_quant_kernel(uint8_t* __restrict__ k_cache, uint8_t* __restrict
       const int64_t dst = (slot * kv_heads + h) * max_seq + start + t;  // cache row
       *reinterpret_cast<Raw*>(k_cache + dst * kRow + lane * kLane) = kq;
       *reinterpret_cast<Raw*>(v_cache + dst * kRow + lane * kLane) = vq;
-      if (lane == 0) {
-        k_params[dst] = kp;
-        v_params[dst] = vp;
+      if (lane % kPairLanes == 0) {
+        k_params[dst * kPairs + lane / kPairLanes] = kp;
+        v_params[dst * kPairs + lane / kPairLanes] = vp;
       }
     }
   }
@@ -257,6 +258,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
     using C = CacheLane<T, F == 0 ? 1 : F>;
     using Raw = typename C::Raw;
     constexpr int kLane = LQ::kCodeRow / (D / 8);  // bytes of codes per 8 values
+    constexpr int kPairs = C::template kGroups<D>, kPairLanes = (D / 8) / kPairs;
     const int k0 = tile_idx * kTileKeys;
     const uint8_t* const cs = reinterpret_cast<const uint8_t*>(smem_raw) + LQ::kCodes + stage * LQ::kCodeStage;
 #pragma unroll
@@ -264,8 +266,9 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
       const int j = idx / (D / 8), c = idx % (D / 8);
       // Past kv_end: zero codes (zero-filled) and zero parameters give exact zeros.
       const bool valid = k0 + j < kv_end;
-      const float2 kp = valid ? k_params[head + k0 + j] : make_float2(0.0f, 0.0f);
-      const float2 vp = valid ? v_params[head + k0 + j] : make_float2(0.0f, 0.0f);
+      const int64_t pair = (head + k0 + j) * kPairs + c / kPairLanes;  // of these 8 values
+      const float2 kp = valid ? k_params[pair] : make_float2(0.0f, 0.0f);
+      const float2 vp = valid ? v_params[pair] : make_float2(0.0f, 0.0f);
       float f[8];
       uint4 packed;
       C::unpack(f, *reinterpret_cast<const Raw*>(cs + j * LQ::kCodeRow + c * kLane), kp);

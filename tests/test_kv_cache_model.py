@@ -21,14 +21,18 @@ MAX_POS = 64
 
 
 def format_round_trip(bits):
-    """The format (attention.h) in float64 on rows [..., D]."""
+    """The format (attention.h, v2) in float64 on rows [..., D]: a (scale, zero) pair per
+    row for int8, per 16 channels for int4."""
     qmax = 2**bits - 1
 
     def f(x):
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        d = x.shape[-1]
+        g = d if bits == 8 else 16
+        xg = x.reshape(*x.shape[:-1], d // g, g)
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
         scale = (hi - lo) / qmax
-        q = torch.where(scale > 0, torch.round((x - lo) / torch.where(scale > 0, scale, 1)), 0).clamp(0, qmax)
-        return q * scale + lo
+        q = torch.where(scale > 0, torch.round((xg - lo) / torch.where(scale > 0, scale, 1)), 0).clamp(0, qmax)
+        return (q * scale + lo).reshape(x.shape)
 
     return f
 
@@ -90,7 +94,8 @@ def test_kv_cache_argument(ckpt):
     c = plain.config
     rows = c.num_layers * 2 * c.num_kv_heads * 96
     assert plain.model.cache_bytes() == rows * c.head_dim * 4
-    for kind, row in (("int8", c.head_dim + 8), ("int4", c.head_dim // 2 + 8)):
+    # Codes plus 8 bytes of (scale, zero) per row (int8) or per 16 channels (int4).
+    for kind, row in (("int8", c.head_dim + 8), ("int4", c.head_dim // 2 + 8 * (c.head_dim // 16))):
         assert load(ckpt, max_seq_len=96, kv_cache=kind).model.cache_bytes() == rows * row
     assert load(ckpt, kv_cache="fp32").model.kv_cache == "fp32"
     with pytest.raises(ValueError, match="kv_cache 'fp16' must match the activation dtype fp32"):

@@ -1086,6 +1086,64 @@ add(
 )
 
 
+# ---- quantized KV cache (format v2 of attention.h): QuantizedKV codes and params ---------------
+
+from test_attention_kv_quant import assert_cache_equal, clone, poisoned_cache, ref_quantize  # noqa: E402
+
+
+def _quant_args(device, bits, head_dim=64, tokens=5, dtype=None):
+    """Prefill arguments over a QuantizedKV pair (3 slots, 2 KV heads, 16 positions)."""
+    a = _prefill_args(device, tokens=tokens, head_dim=head_dim, dtype=dtype)
+    a["k_cache"], a["v_cache"] = (poisoned_cache(3, 2, 16, head_dim, bits, device) for _ in range(2))
+    return a
+
+
+def _quant_prefill_ok(bits, head_dim):
+    def fn(device):
+        a = _quant_args(device, bits, head_dim)
+        expected = {n: clone(a[n]) for n in ("k_cache", "v_cache")}
+        _prefill(**a)
+        # Exactly the format's codes and per-group pairs at the written rows, the rest
+        # untouched.
+        for n, x in (("k_cache", a["k"]), ("v_cache", a["v"])):
+            codes, params = ref_quantize(x.transpose(0, 1), bits)
+            expected[n].codes[1, :, 2:7] = codes.to(device)
+            expected[n].params[1, :, 2:7] = params.to(device)
+            assert_cache_equal(a[n], expected[n], n)
+
+    return fn
+
+
+for _bits in (8, 4):
+    for _hd in (64, 128):
+        add("attention_prefill", f"quantized-ok-int{_bits}-D{_hd}", _quant_prefill_ok(_bits, _hd))
+
+
+@case("attention_prefill", ValueError, r"k_cache.params must be 5-D, got shape \(3, 2, 16, 2\)")
+def quantized_int4_params_of_format_v1(device):
+    # int4 keeps a pair per 16 channels: the one-pair-per-row shape of format v1 is refused.
+    a = _quant_args(device, 4)
+    kc = a["k_cache"]
+    a["k_cache"] = ops.QuantizedKV(kc.codes, kc.params[..., 0, :].contiguous(), 4)
+    _prefill(**a)
+
+
+@case("attention_prefill", ValueError, r"v_cache.params must have shape \(3, 2, 16, 1, 2\), got \(3, 2, 16, 4, 2\)")
+def quantized_int8_params_of_int4(device):
+    a = _quant_args(device, 8)
+    a["v_cache"] = ops.QuantizedKV(a["v_cache"].codes, poisoned_cache(3, 2, 16, 64, 4, device).params, 8)
+    _prefill(**a)
+
+
+@case("attention_decode", TypeError, r"k_cache.params must have dtype float32, got float16")
+def quantized_params_float16(device):
+    a = _decode_args(device)
+    kc, vc = (poisoned_cache(4, 2, 16, 64, 4, device) for _ in range(2))
+    a["k_cache"] = ops.QuantizedKV(kc.codes, kc.params.half(), 4)
+    a["v_cache"] = vc
+    _decode(**a)
+
+
 # ---- int4: quantize_int4, dequantize_int4, int4_gemm, Int4Weight -------------------------------
 
 from test_int4_gemm import assert_gemm_matches, random_weight, reconstruct, reference_quantize  # noqa: E402
@@ -1480,3 +1538,4 @@ def main(argv: List[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
