@@ -179,10 +179,13 @@ def test_accuracy_bench_kv_cache_copy(ckpt):
     from fastinternlm.bench.accuracy import main, with_kv_cache
 
     llm = load(ckpt)
+    ids = prompt(ckpt, 40)
+    plain = llm.logits(ids)  # as the bench does: the original's engine exists before the copy
     q = with_kv_cache(llm, "int8")
     assert q.model.kv_cache == "int8" and llm.model.kv_cache == "fp32"
     assert q.model.layers is llm.model.layers and q.model.k_cache is not llm.model.k_cache
-    ids = prompt(ckpt, 40)
-    assert torch.equal(q.logits(ids), load(ckpt, kv_cache="int8").logits(ids))
+    quantized = q.logits(ids)
+    assert torch.equal(quantized, load(ckpt, kv_cache="int8").logits(ids))
+    assert not torch.equal(quantized, plain)
     with pytest.raises(SystemExit):
         main(["--kv-cache", "int2"])

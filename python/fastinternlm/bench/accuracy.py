@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -121,6 +122,9 @@ def with_kv_cache(llm, kv_cache: str):
 
     m = llm.model
     other = copy.copy(llm)
+    # Its own engine: the original's, once created, runs the original model (and its cache).
+    other._engine = None
+    other._engine_lock = threading.Lock()
     other.model = Transformer(
         m.config,
         m.tok_embeddings,
