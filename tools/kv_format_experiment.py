@@ -131,8 +131,7 @@ def main(names):
             ppl = perplexity(lambda c: model(torch.tensor([c])).logits[0], chunks)
         if base is None:
             base = ppl
-        print(f"| {name} | {bytes_per_token(*spec)} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f} % |",
-              flush=True)
+        print(f"| {name} | {bytes_per_token(*spec)} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f} % |", flush=True)
 
 
 if __name__ == "__main__":
