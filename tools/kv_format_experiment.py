@@ -96,6 +96,7 @@ FORMATS = {
     "int4 K g32, V row": (4, 4, 32, False, False, None),
     "int4 K g16, V g32": (4, 4, 16, False, False, 32),
     "int4 g16, float16 params": (4, 4, 16, False, False, 0, True),
+    "int4 Hadamard g32, float16 params": (4, 4, 32, True, False, 0, True),
     "int8 Hadamard": (8, 8, None, True, False),
     "int8 g32": (8, 8, 32, False, False),
 }
