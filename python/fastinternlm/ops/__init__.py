@@ -3,6 +3,7 @@ stream). One module per kernel family, named like its C++ files."""
 
 from .attention import (
     KV_QUANT_FORMATS,
+    kv_params_dtype,
     kv_quant_group,
     QuantizedKV,
     attention_decode,
@@ -20,6 +21,7 @@ __all__ = [
     "INT4_FORMAT_VERSION",
     "Int4Weight",
     "KV_QUANT_FORMATS",
+    "kv_params_dtype",
     "kv_quant_group",
     "QuantizedKV",
     "add_rms_norm",
