@@ -110,7 +110,9 @@ class QuantizedKV:
         check_tensor(f"{name}.params", self.params, dtypes=(torch.float16, torch.float32), shape=(s, h, m, groups, 2))
         if dtype is not None and self.params.dtype != kv_params_dtype(dtype):
             want, act, got = (str(t).replace("torch.", "") for t in (kv_params_dtype(dtype), dtype, self.params.dtype))
-            raise TypeError(f"{name}.params must have dtype {want} for {act} activations (attention.h format v3), got {got}")
+            raise TypeError(
+                f"{name}.params must have dtype {want} for {act} activations (attention.h format v3), got {got}"
+            )
         same_device(**{f"{name}.codes": self.codes, f"{name}.params": self.params})
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
