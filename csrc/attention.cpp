@@ -11,8 +11,8 @@
 //   acc[i] = p_0 * v_0[i] + p_1 * v_1[i] + ... in order (products rounded, then sums)
 //   out[i] = dtype(acc[i] * (1 / sum))
 // The cache rows are converted to float32 once per call (read in place when they are
-// float32 already; quantized rows are dequantized, fma(q, scale, zero), the CUDA kernels'
-// arithmetic too) and shared by the group's query heads; rows of queries are spread over
+// float32 already; quantized rows are dequantized, fma(q, scale, zero) in float32 from
+// parameters of either storage type, the CUDA kernels' arithmetic too) and shared by the group's query heads; rows of queries are spread over
 // threads, each row computed whole by one thread, so results do not depend on the thread
 // count or on the CPU tier (the vectors hold the lanes above). Decode computes one row at
 // a time (attend_row); prefill computes the rows of a block of tokens and one KV head
@@ -67,40 +67,65 @@ bool quantized(const KVCache& c) { return c.format != KVCacheFormat::kActivation
 // Bytes of codes per row of a quantized cache.
 int64_t code_bytes(const KVCache& c) { return c.head_dim * kv_cache_bits(c.format) / 8; }
 
-// The format of attention.h, version 1: one row x [d] to codes and (scale, zero).
+// (scale, zero) pairs per row of a quantized cache.
+int64_t param_pairs(const KVCache& c) { return c.head_dim / kv_cache_group(c.format, c.head_dim); }
+
+// The storage type of a quantized cache's (scale, zero) parameters for activations T
+// (attention.h kv_cache_params_dtype): float16 for float16, float32 otherwise.
 template <typename T>
-void quantize_row(const T* x, int64_t d, int bits, uint8_t* codes, float* params) {
-  float lo = to_float(x[0]), hi = lo;
-  for (int64_t i = 1; i < d; ++i) {
-    const float f = to_float(x[i]);
-    lo = std::min(lo, f);
-    hi = std::max(hi, f);
-  }
+using KVParam = typename std::conditional<std::is_same<T, half_t>::value, half_t, float>::type;
+
+// The stored scale of format v3: s itself in float32, the least float16 >= s in float16
+// (s >= 0 and below float16's maximum, attention.h). Rounding up keeps (max - zero) / scale
+// within qmax, so the group's largest value still gets a code.
+inline float stored_scale(float s, float*) { return s; }
+inline half_t stored_scale(float s, half_t*) {
+  half_t h = from_float<half_t>(s);
+  if (to_float(h) < s) ++h.bits;  // s > 0: the next float16 up is the next bit pattern
+  return h;
+}
+
+// The format of attention.h, version 3: one row x [d] to codes and a (scale, zero) pair per
+// group of `group` channels, the pair of type P = KVParam<T>.
+template <typename T, typename P>
+void quantize_row(const T* x, int64_t d, int bits, int64_t group, uint8_t* codes, P* params) {
   const float qmax = static_cast<float>((1 << bits) - 1);
-  const float scale = (hi - lo) / qmax;
-  // Below FLT_MIN 1 / scale could overflow; such a row is constant to within 1e-35.
-  const float inv = scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f;
-  params[0] = scale;
-  params[1] = lo;
   if (bits == 4) std::memset(codes, 0, static_cast<size_t>(d / 2));
-  for (int64_t i = 0; i < d; ++i) {
-    const float q = std::min(qmax, std::nearbyint((to_float(x[i]) - lo) * inv));
-    const auto code = static_cast<uint8_t>(q);
-    if (bits == 8)
-      codes[i] = code;
-    else
-      codes[i / 2] = static_cast<uint8_t>(codes[i / 2] | (code << (4 * (i % 2))));
+  for (int64_t g0 = 0; g0 < d; g0 += group, params += 2) {
+    float lo = to_float(x[g0]), hi = lo;
+    for (int64_t i = g0 + 1; i < g0 + group; ++i) {
+      const float f = to_float(x[i]);
+      lo = std::min(lo, f);
+      hi = std::max(hi, f);
+    }
+    params[0] = stored_scale((hi - lo) / qmax, params);
+    params[1] = from_float<P>(lo);  // exact: lo is a value of T, and P holds every T value
+    // The codes use the stored parameters, which dequantization reads.
+    const float scale = to_float(params[0]);
+    // Below FLT_MIN 1 / scale could overflow; such a group is constant to within 1e-35.
+    const float inv = scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f;
+    for (int64_t i = g0; i < g0 + group; ++i) {
+      const float q = std::min(qmax, std::nearbyint((to_float(x[i]) - lo) * inv));
+      const auto code = static_cast<uint8_t>(q);
+      if (bits == 8)
+        codes[i] = code;
+      else
+        codes[i / 2] = static_cast<uint8_t>(codes[i / 2] | (code << (4 * (i % 2))));
+    }
   }
 }
 
-// Rows [r, r + n) of a quantized cache array to float32: fma(q, scale, zero), one rounding,
-// exactly what the CUDA kernels compute (attention_cpu.inc, every tier).
+// Rows [r, r + n) of a quantized cache array with activations T to float32:
+// fma(q, scale, zero), one rounding, exactly what the CUDA kernels compute
+// (attention_cpu.inc, every tier).
+template <typename T>
 void dequantize_rows(const KVCache& c, const void* codes, const void* params, int64_t r, int64_t n,
                      float* dst) {
-  const int64_t row_bytes = code_bytes(c);
-  FIL_TIER_SELECT(dequantize_codes)(static_cast<const uint8_t*>(codes) + r * row_bytes, row_bytes,
-                                    static_cast<const float*>(params) + 2 * r, n, c.head_dim,
-                                    kv_cache_bits(c.format), dst);
+  const int64_t row_bytes = code_bytes(c), pairs = param_pairs(c);
+  FIL_TIER_SELECT(dequantize_codes<KVParam<T>>)(static_cast<const uint8_t*>(codes) + r * row_bytes, row_bytes,
+                                                static_cast<const KVParam<T>*>(params) + 2 * pairs * r, n,
+                                                c.head_dim, kv_cache_group(c.format, c.head_dim),
+                                                kv_cache_bits(c.format), dst);
 }
 
 // Stores the new rows of one token and KV head, src_k/src_v [head_dim], at (slot, head, pos).
@@ -113,8 +138,9 @@ void write_row(const KVCache& c, int64_t slot, int64_t head, int64_t pos, const 
     return;
   }
   const int64_t r = row_index(c, slot, head, pos), bits = kv_cache_bits(c.format);
-  quantize_row(src_k, d, bits, static_cast<uint8_t*>(c.k) + r * code_bytes(c), static_cast<float*>(c.k_params) + 2 * r);
-  quantize_row(src_v, d, bits, static_cast<uint8_t*>(c.v) + r * code_bytes(c), static_cast<float*>(c.v_params) + 2 * r);
+  const int64_t group = kv_cache_group(c.format, d), p = 2 * param_pairs(c) * r;
+  quantize_row(src_k, d, bits, group, static_cast<uint8_t*>(c.k) + r * code_bytes(c), static_cast<KVParam<T>*>(c.k_params) + p);
+  quantize_row(src_v, d, bits, group, static_cast<uint8_t*>(c.v) + r * code_bytes(c), static_cast<KVParam<T>*>(c.v_params) + p);
 }
 
 template <typename T>
@@ -141,8 +167,8 @@ void convert_heads(const KVCache& c, const int64_t* slots, const int64_t* heads,
       const int64_t off = (p * stride + r0) * d;
       if (quantized(c)) {
         const int64_t r = row_index(c, slots[p], heads[p], r0);
-        dequantize_rows(c, c.k, c.k_params, r, r1 - r0, kf + off);
-        dequantize_rows(c, c.v, c.v_params, r, r1 - r0, vf + off);
+        dequantize_rows<T>(c, c.k, c.k_params, r, r1 - r0, kf + off);
+        dequantize_rows<T>(c, c.v, c.v_params, r, r1 - r0, vf + off);
         continue;
       }
       convert(cache_row<T>(c.k, c, slots[p], heads[p], r0), (r1 - r0) * d, kf + off);
@@ -330,9 +356,10 @@ Status check_common(const Context& ctx, DType dtype, const void* out, const void
     FIL_RETURN_IF_ERROR(check_aligned("v", v, 16));
     FIL_RETURN_IF_ERROR(check_aligned("k_cache", cache.k, 16));
     FIL_RETURN_IF_ERROR(check_aligned("v_cache", cache.v, 16));
-    if (quantized(cache)) {  // read as float2, one (scale, zero) pair per load
-      FIL_RETURN_IF_ERROR(check_aligned("k_params", cache.k_params, 8));
-      FIL_RETURN_IF_ERROR(check_aligned("v_params", cache.v_params, 8));
+    if (quantized(cache)) {  // one (scale, zero) pair per load: float2 or half2
+      const int64_t pair = 2 * dtype_size(kv_cache_params_dtype(dtype));
+      FIL_RETURN_IF_ERROR(check_aligned("k_params", cache.k_params, pair));
+      FIL_RETURN_IF_ERROR(check_aligned("v_params", cache.v_params, pair));
     }
   }
   return Status::Ok();

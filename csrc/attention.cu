@@ -125,12 +125,15 @@ __global__ void __launch_bounds__(kDecodeThreads, G <= 4 ? 4 : 2)
 decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __restrict__ ws_acc,
                     const DecodeRows<T> in, CacheElem<T, F>* k_cache, CacheElem<T, F>* v_cache, int num_slots, int kv_heads, int max_seq,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
-                    float scale_log2, int splits, int min_chunk, float2* k_params, float2* v_params) {
+                    float scale_log2, int splits, int min_chunk, KVParam<T>* k_params, KVParam<T>* v_params) {
   using C = CacheLane<T, F>;
   using Raw = typename C::Raw;
   using Elem = CacheElem<T, F>;
   constexpr int kRow = F == 0 ? D : D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8;
   constexpr int kLane = kRow / (D / 8);
+  // (scale, zero) pairs per row, and the one of this lane's 8 values (kv_quant.cuh).
+  constexpr int kPairs = F == 0 ? 1 : CacheLaneQuantized<T, F == 0 ? 1 : F>::template kGroups<D>;
+  constexpr int kPairLanes = (D / 8) / kPairs;
   // With one split there is no merge: the wo GEMV follows this kernel directly and may
   // launch now (cuda_common.cuh, PDL); with a merge after it this has no effect.
   pdl_trigger();
@@ -225,9 +228,9 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
       if (rg == 0) {
         *reinterpret_cast<Raw*>(k_cache + (head + pos) * kRow + lane * kLane) = knq;
         *reinterpret_cast<Raw*>(v_cache + (head + pos) * kRow + lane * kLane) = vnq;
-        if (lane == 0) {
-          k_params[head + pos] = knp;
-          v_params[head + pos] = vnp;
+        if (lane % kPairLanes == 0) {
+          k_params[(head + pos) * kPairs + lane / kPairLanes] = param_store<T>(knp);
+          v_params[(head + pos) * kPairs + lane / kPairLanes] = param_store<T>(vnp);
         }
       }
       __syncthreads();
@@ -269,8 +272,8 @@ decode_split_kernel(T* __restrict__ out, float2* __restrict__ ws_ml, float* __re
         kr[u] = *reinterpret_cast<const Raw*>(kc + int64_t{t} * kRow);
         vr[u] = *reinterpret_cast<const Raw*>(vc + int64_t{t} * kRow);
         if constexpr (F != 0) {
-          kp[u] = k_params[head + t];
-          vp[u] = v_params[head + t];
+          kp[u] = param_to_float2(k_params[(head + t) * kPairs + lane / kPairLanes]);
+          vp[u] = param_to_float2(v_params[(head + t) * kPairs + lane / kPairLanes]);
         }
       }
     }
@@ -457,8 +460,8 @@ Status launch_decode(const Context& ctx, T* out, const DecodeRows<T>& rows, cons
             decode_split_kernel<T, D, G, F>, grid, dim3(kDecodeThreads), 0, ctx, "attention_decode (split)",
             out, ws_ml, ws_acc, rows, static_cast<CacheElem<T, F>*>(cache.k),
             static_cast<CacheElem<T, F>*>(cache.v), num_slots, kv_heads, max_seq, slots, positions,
-            scale * kLog2e, splits, min_chunk, static_cast<float2*>(cache.k_params),
-            static_cast<float2*>(cache.v_params)));
+            scale * kLog2e, splits, min_chunk, static_cast<KVParam<T>*>(cache.k_params),
+            static_cast<KVParam<T>*>(cache.v_params)));
         if (splits == 1) return Status::Ok();
         const dim3 merge_grid(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
         decode_merge_kernel<T, D><<<merge_grid, D, 0, stream>>>(

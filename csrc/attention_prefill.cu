@@ -121,18 +121,19 @@ prefill_write_kv_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const 
 }
 
 // The quantized cache's write: a row group of L = D/8 lanes per (token, KV head) row, each
-// lane 8 values (16 bytes) of k and of v; the row's minimum and maximum come from shuffles
-// within the row group (kv_quant.cuh). Rows and offsets in int64.
+// lane 8 values (16 bytes) of k and of v; each group's minimum and maximum come from
+// shuffles within its lanes (kv_quant.cuh). Rows and offsets in int64.
 template <typename T, int D, int F>
 __global__ void __launch_bounds__(256)
 prefill_write_kv_quant_kernel(uint8_t* __restrict__ k_cache, uint8_t* __restrict__ v_cache,
-                              float2* __restrict__ k_params, float2* __restrict__ v_params,
+                              KVParam<T>* __restrict__ k_params, KVParam<T>* __restrict__ v_params,
                               const T* __restrict__ k, const T* __restrict__ v, int64_t tokens, int kv_heads,
                               int64_t max_seq, int64_t slot, int64_t start) {
   using C = CacheLane<T, F>;
   using Raw = typename C::Raw;
   constexpr int L = D / 8, kRowsPerBlock = 256 / L;
   constexpr int kRow = D * kv_cache_bits(static_cast<KVCacheFormat>(F)) / 8, kLane = kRow / L;
+  constexpr int kPairs = C::template kGroups<D>, kPairLanes = L / kPairs;
   const int64_t rows = tokens * kv_heads;
   const int lane = threadIdx.x % L;
   // The trip count is uniform over the block (the shuffles need whole warps).
@@ -155,9 +156,9 @@ prefill_write_kv_quant_kernel(uint8_t* __restrict__ k_cache, uint8_t* __restrict
       const int64_t dst = (slot * kv_heads + h) * max_seq + start + t;  // cache row
       *reinterpret_cast<Raw*>(k_cache + dst * kRow + lane * kLane) = kq;
       *reinterpret_cast<Raw*>(v_cache + dst * kRow + lane * kLane) = vq;
-      if (lane == 0) {
-        k_params[dst] = kp;
-        v_params[dst] = vp;
+      if (lane % kPairLanes == 0) {
+        k_params[dst * kPairs + lane / kPairLanes] = param_store<T>(kp);
+        v_params[dst * kPairs + lane / kPairLanes] = param_store<T>(vp);
       }
     }
   }
@@ -182,8 +183,8 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
                          const T* __restrict__ v_cache, int tokens, int q_heads, int group,
                          int tile_tokens, int kv_heads, int64_t max_seq, int64_t slot,
                          int64_t start, float scale_log2, const uint8_t* __restrict__ k_codes,
-                         const uint8_t* __restrict__ v_codes, const float2* __restrict__ k_params,
-                         const float2* __restrict__ v_params) {
+                         const uint8_t* __restrict__ v_codes, const KVParam<T>* __restrict__ k_params,
+                         const KVParam<T>* __restrict__ v_params) {
   using L = PrefillLayout<D>;
   using LQ = PrefillQuantLayout<D, F == 0 ? 1 : F>;
   constexpr int P = L::kPitch;
@@ -257,6 +258,7 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
     using C = CacheLane<T, F == 0 ? 1 : F>;
     using Raw = typename C::Raw;
     constexpr int kLane = LQ::kCodeRow / (D / 8);  // bytes of codes per 8 values
+    constexpr int kPairs = C::template kGroups<D>, kPairLanes = (D / 8) / kPairs;
     const int k0 = tile_idx * kTileKeys;
     const uint8_t* const cs = reinterpret_cast<const uint8_t*>(smem_raw) + LQ::kCodes + stage * LQ::kCodeStage;
 #pragma unroll
@@ -264,8 +266,9 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
       const int j = idx / (D / 8), c = idx % (D / 8);
       // Past kv_end: zero codes (zero-filled) and zero parameters give exact zeros.
       const bool valid = k0 + j < kv_end;
-      const float2 kp = valid ? k_params[head + k0 + j] : make_float2(0.0f, 0.0f);
-      const float2 vp = valid ? v_params[head + k0 + j] : make_float2(0.0f, 0.0f);
+      const int64_t pair = (head + k0 + j) * kPairs + c / kPairLanes;  // of these 8 values
+      const float2 kp = valid ? param_to_float2(k_params[pair]) : make_float2(0.0f, 0.0f);
+      const float2 vp = valid ? param_to_float2(v_params[pair]) : make_float2(0.0f, 0.0f);
       float f[8];
       uint4 packed;
       C::unpack(f, *reinterpret_cast<const Raw*>(cs + j * LQ::kCodeRow + c * kLane), kp);
@@ -467,7 +470,7 @@ Status launch_prefill(const Context& ctx, T* out, const T* q, const T* kc, const
       out, q, kc, vc, static_cast<int>(tokens), static_cast<int>(q_heads), static_cast<int>(group),
       tile_tokens, static_cast<int>(cache.kv_heads), cache.max_seq, slot, start, scale * kLog2e,
       static_cast<const uint8_t*>(F == 0 ? nullptr : cache.k), static_cast<const uint8_t*>(F == 0 ? nullptr : cache.v),
-      static_cast<const float2*>(cache.k_params), static_cast<const float2*>(cache.v_params));
+      static_cast<const KVParam<T>*>(cache.k_params), static_cast<const KVParam<T>*>(cache.v_params));
   return launch_status("attention_prefill");
 }
 
@@ -513,8 +516,8 @@ Status attention_prefill(const Context& ctx, DType dtype, void* out, const void*
       constexpr int kRowsPerBlock = 256 / (D / 8);
       const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
       prefill_write_kv_quant_kernel<T, D, F><<<static_cast<unsigned>(blocks < 8192 ? blocks : 8192), 256, 0, stream>>>(
-          static_cast<uint8_t*>(cache.k), static_cast<uint8_t*>(cache.v), static_cast<float2*>(cache.k_params),
-          static_cast<float2*>(cache.v_params), static_cast<const T*>(k), static_cast<const T*>(v), tokens,
+          static_cast<uint8_t*>(cache.k), static_cast<uint8_t*>(cache.v), static_cast<KVParam<T>*>(cache.k_params),
+          static_cast<KVParam<T>*>(cache.v_params), static_cast<const T*>(k), static_cast<const T*>(v), tokens,
           static_cast<int>(cache.kv_heads), cache.max_seq, slot, start);
       FIL_RETURN_IF_ERROR(launch_status("attention_prefill (quantized cache write)"));
       return launch_prefill<T, D, F>(ctx, o, qq, nullptr, nullptr, cache, tokens, q_heads, slot, start, scale);

@@ -1,6 +1,8 @@
 // The KV cache formats of attention.h as the CUDA kernels read and write them: 16-byte
-// vectors of the activation dtype, and the int8 / int4 codes with their per-row
-// (scale, zero), quantized and dequantized with exactly the CPU reference's arithmetic.
+// vectors of the activation dtype, and the int8 / int4 codes with their (scale, zero) per
+// group of channels (format v3: the row for int8, 16 channels for int4; the pair float16
+// for float16 activations, float32 for bfloat16), quantized and dequantized with exactly
+// the CPU reference's arithmetic.
 // Shared by decode (attention.cu) and prefill (attention_prefill.cu).
 #pragma once
 
@@ -33,6 +35,26 @@ __device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float a, fl
   return __floats2bfloat162_rn(a, b);
 }
 
+// A quantized cache's (scale, zero) pair as stored (attention.h kv_cache_params_dtype):
+// half2 for __half activations, float2 for bfloat16 (whose values exceed half's range).
+template <typename T> struct KVParamOf { using type = float2; };
+template <> struct KVParamOf<__half> { using type = __half2; };
+template <typename T>
+using KVParam = typename KVParamOf<T>::type;
+
+__device__ __forceinline__ float2 param_to_float2(float2 p) { return p; }
+__device__ __forceinline__ float2 param_to_float2(__half2 p) { return __half22float2(p); }
+
+// The stored pair of (scale, zero) as quantize() returns them: both are float16 values
+// already for __half (exact conversion).
+template <typename T>
+__device__ __forceinline__ KVParam<T> param_store(float2 p) {
+  if constexpr (std::is_same<T, __half>::value)
+    return __floats2half2_rn(p.x, p.y);
+  else
+    return p;
+}
+
 template <int N> struct RawVec;
 template <> struct RawVec<8> { using type = uint4; };
 template <> struct RawVec<4> { using type = uint2; };
@@ -50,9 +72,11 @@ __device__ __forceinline__ void unpack(float (&f)[N], const typename RawVec<N>::
 
 // How one lane of a row group reads and writes its 8 dims of a cached row, per cache format
 // (attention.h). F = 0: 16 bytes of T. F = 1 (int8): 8 bytes of codes; F = 2 (int4): 4
-// bytes, value 2j in the low nibble of byte j; both with the row's (scale, zero) as one
-// float2. Dequantization is one fma per value into float32 registers, where the math
-// needs it anyway: no separate pass and no T copy of the cache.
+// bytes, value 2j in the low nibble of byte j; both with the (scale, zero) of the lane's
+// group as one float2 (converted from the stored KVParam<T>). A group is a whole number of lanes (kGroupLanes: D/8 for int8, 2 for
+// int4's 16 channels), so a lane's 8 values share one pair: pair lane / kGroupLanes of the
+// row. Dequantization is one fma per value into float32 registers, where the math needs it
+// anyway: no separate pass and no T copy of the cache.
 template <typename T, int F> struct CacheLane;
 
 template <typename T>
@@ -64,6 +88,11 @@ struct CacheLane<T, 0> {
 template <typename T, int F>
 struct CacheLaneQuantized {
   static constexpr int kBits = F == 1 ? 8 : 4;
+  // Lanes per (scale, zero) group and groups per row (attention.h kv_cache_group).
+  template <int D>
+  static constexpr int kGroupLanes = static_cast<int>(kv_cache_group(static_cast<KVCacheFormat>(F), D)) / 8;
+  template <int D>
+  static constexpr int kGroups = D / 8 / kGroupLanes<D>;
   using Raw = typename std::conditional<F == 1, uint2, uint32_t>::type;
   __device__ static int code(const Raw& raw, int e) {
     if constexpr (F == 1) {
@@ -79,11 +108,13 @@ struct CacheLaneQuantized {
   }
   // Quantizes the row whose 8 dims this lane holds in `x` (the L = D/8 lanes of a row group
   // hold one row; all 32 lanes of the warp must call): the format's arithmetic, each step
-  // rounded as the CPU reference rounds it. Returns the lane's codes and the row's
-  // (scale, zero) in p.
+  // rounded as the CPU reference rounds it. Returns the lane's codes and its group's
+  // (scale, zero) in p as float values of KVParam<T> (the same in every lane of the group;
+  // lane % kGroupLanes == 0 stores param_store<T>(p)).
   template <int D>
   __device__ static Raw quantize(const float (&x)[8], float2& p) {
-    constexpr int L = D / 8;
+    constexpr int L = kGroupLanes<D>;  // a group's lanes are adjacent and aligned: xor
+                                       // offsets below L stay inside it
     float lo = x[0], hi = x[0];
 #pragma unroll
     for (int e = 1; e < 8; ++e) {
@@ -96,7 +127,10 @@ struct CacheLaneQuantized {
       hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
     }
     constexpr float qmax = static_cast<float>((1 << kBits) - 1);
-    const float scale = __fdiv_rn(__fsub_rn(hi, lo), qmax);
+    float scale = __fdiv_rn(__fsub_rn(hi, lo), qmax);
+    // Float16 parameters: the least float16 >= scale, so that the largest value's code stays
+    // <= qmax; the codes are computed from the stored scale (and lo, a half already).
+    if constexpr (std::is_same<T, __half>::value) scale = __half2float(__float2half_ru(scale));
     // Below FLT_MIN 1 / scale could overflow; such a row is constant to within 1e-35.
     const float inv = scale >= 1.17549435e-38f ? __frcp_rn(scale) : 0.0f;
     p = make_float2(scale, lo);

@@ -39,3 +39,18 @@ def test_nll_and_perplexity_match_cross_entropy():
 def test_evaluation_text_is_english_prose_of_the_stdlib():
     text = evaluation_text()
     assert len(text) > 100_000 and "the" in text
+
+
+def test_dtype_needs_kv_cache(capsys):
+    # --dtype other than float32 only for the cache comparison (the HF reference runs in
+    # float32); refused before any model is loaded.
+    import pytest
+
+    from fastinternlm.bench.accuracy import main
+
+    with pytest.raises(SystemExit):
+        main(["--dtype", "float16"])
+    assert "--dtype float16 needs --kv-cache" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--dtype", "float8", "--kv-cache", "int4"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err

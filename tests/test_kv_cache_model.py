@@ -21,14 +21,19 @@ MAX_POS = 64
 
 
 def format_round_trip(bits):
-    """The format (attention.h) in float64 on rows [..., D]."""
+    """The format (attention.h, v3, float32 parameters: these models run in float32) in
+    float64 on rows [..., D]: a (scale, zero) pair per row for int8, per 16 channels for
+    int4."""
     qmax = 2**bits - 1
 
     def f(x):
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        d = x.shape[-1]
+        g = d if bits == 8 else 16
+        xg = x.reshape(*x.shape[:-1], d // g, g)
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
         scale = (hi - lo) / qmax
-        q = torch.where(scale > 0, torch.round((x - lo) / torch.where(scale > 0, scale, 1)), 0).clamp(0, qmax)
-        return q * scale + lo
+        q = torch.where(scale > 0, torch.round((xg - lo) / torch.where(scale > 0, scale, 1)), 0).clamp(0, qmax)
+        return (q * scale + lo).reshape(x.shape)
 
     return f
 
@@ -40,7 +45,8 @@ def ckpt(tmp_path_factory):
 
 def load(ckpt, **kw):
     kw.setdefault("max_seq_len", 128)
-    return fastinternlm.load(ckpt.path, device="cpu", dtype=torch.float32, progress=False, **kw)
+    kw.setdefault("dtype", torch.float32)
+    return fastinternlm.load(ckpt.path, device="cpu", progress=False, **kw)
 
 
 def prompt(ckpt, n):
@@ -90,8 +96,13 @@ def test_kv_cache_argument(ckpt):
     c = plain.config
     rows = c.num_layers * 2 * c.num_kv_heads * 96
     assert plain.model.cache_bytes() == rows * c.head_dim * 4
-    for kind, row in (("int8", c.head_dim + 8), ("int4", c.head_dim // 2 + 8)):
-        assert load(ckpt, max_seq_len=96, kv_cache=kind).model.cache_bytes() == rows * row
+    # Codes plus a (scale, zero) per row (int8) or per 16 channels (int4): 8 bytes (float32)
+    # with float32 activations, 4 (float16) with float16 ones.
+    for dtype, pair in ((torch.float32, 8), (torch.float16, 4)):
+        for kind, row in (("int8", c.head_dim + pair), ("int4", c.head_dim // 2 + pair * (c.head_dim // 16))):
+            m = load(ckpt, max_seq_len=96, kv_cache=kind, dtype=dtype).model
+            assert m.cache_bytes() == rows * row
+            assert m.k_cache[0].params.dtype == m.v_cache[-1].params.dtype == ops.kv_params_dtype(dtype)
     assert load(ckpt, kv_cache="fp32").model.kv_cache == "fp32"
     with pytest.raises(ValueError, match="kv_cache 'fp16' must match the activation dtype fp32"):
         load(ckpt, kv_cache="fp16")
@@ -174,10 +185,13 @@ def test_accuracy_bench_kv_cache_copy(ckpt):
     from fastinternlm.bench.accuracy import main, with_kv_cache
 
     llm = load(ckpt)
+    ids = prompt(ckpt, 40)
+    plain = llm.logits(ids)  # as the bench does: the original's engine exists before the copy
     q = with_kv_cache(llm, "int8")
     assert q.model.kv_cache == "int8" and llm.model.kv_cache == "fp32"
     assert q.model.layers is llm.model.layers and q.model.k_cache is not llm.model.k_cache
-    ids = prompt(ckpt, 40)
-    assert torch.equal(q.logits(ids), load(ckpt, kv_cache="int8").logits(ids))
+    quantized = q.logits(ids)
+    assert torch.equal(quantized, load(ckpt, kv_cache="int8").logits(ids))
+    assert not torch.equal(quantized, plain)
     with pytest.raises(SystemExit):
         main(["--kv-cache", "int2"])

@@ -31,14 +31,33 @@ def test_weight_bytes_7b_by_hand():
 
 def test_kv_per_token_7b_by_hand():
     # 32 layers x (K, V) x 8 KV heads x one row.
-    assert mp.kv_bytes_per_token(SHAPE_7B, "fp16") == 32 * 2 * 8 * 128 * 2 == 128 * 1024
-    assert mp.kv_bytes_per_token(SHAPE_7B, "int8") == 32 * 2 * 8 * (128 + 8) == 69_632
-    assert mp.kv_bytes_per_token(SHAPE_7B, "int4") == 32 * 2 * 8 * (64 + 8) == 36_864
-    assert mp.kv_param_bytes_per_token(SHAPE_7B, "int4") == 32 * 2 * 8 * 8
-    # 1M tokens: 128 GiB, 68 GiB, 36 GiB.
+    rows = 32 * 2 * 8
+    for dtype in ("fp16", "bf16"):
+        assert mp.kv_bytes_per_token(SHAPE_7B, dtype, dtype) == rows * 128 * 2 == 128 * 1024
+    assert mp.kv_bytes_per_token(SHAPE_7B, "fp32", "fp32") == rows * 128 * 4
+    # Format v3: codes plus a (scale, zero) pair per row (int8) or per 16 channels (int4),
+    # float32 (8 bytes) with bf16 / fp32 activations, float16 (4 bytes) with fp16 ones.
+    for dtype in ("bf16", "fp32"):
+        assert mp.kv_bytes_per_token(SHAPE_7B, "int8", dtype) == rows * (128 + 8) == 68 * 1024
+        assert mp.kv_bytes_per_token(SHAPE_7B, "int4", dtype) == rows * (64 + 8 * 128 // 16) == 64 * 1024
+        assert mp.kv_param_bytes_per_token(SHAPE_7B, "int8", dtype) == rows * 8
+        assert mp.kv_param_bytes_per_token(SHAPE_7B, "int4", dtype) == rows * 64
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int8", "fp16") == rows * (128 + 4) == 66 * 1024
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int4", "fp16") == rows * (64 + 4 * 128 // 16) == 48 * 1024
+    assert mp.kv_param_bytes_per_token(SHAPE_7B, "int8", "fp16") == rows * 4
+    assert mp.kv_param_bytes_per_token(SHAPE_7B, "int4", "fp16") == rows * 32
+    assert mp.kv_param_bytes_per_token(SHAPE_7B, "fp16", "fp16") == 0
+    # The torch names work too, and the default is fp16.
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int4", torch.float16) == mp.kv_bytes_per_token(SHAPE_7B, "int4")
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int4", torch.bfloat16) == 64 * 1024
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        mp.kv_bytes_per_token(SHAPE_7B, "int4", "fp8")
+    # 1M tokens: 128 GiB, 68 / 66 GiB, 64 / 48 GiB.
     assert mp.kv_bytes_per_token(SHAPE_7B, "fp16") << 20 == 128 * GiB
-    assert mp.kv_bytes_per_token(SHAPE_7B, "int8") << 20 == 68 * GiB
-    assert mp.kv_bytes_per_token(SHAPE_7B, "int4") << 20 == 36 * GiB
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int8", "bf16") << 20 == 68 * GiB
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int8", "fp16") << 20 == 66 * GiB
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int4", "bf16") << 20 == 64 * GiB
+    assert mp.kv_bytes_per_token(SHAPE_7B, "int4", "fp16") << 20 == 48 * GiB
 
 
 def test_workspace_7b_by_hand():
@@ -58,8 +77,8 @@ def test_one_million_tokens_on_one_80gb_gpu():
     int4_w_int8_kv = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int8", dtype="bf16", quant="int4")
     assert int4_w_int8_kv.kv_cache_bytes == 68 * GiB
     assert int4_w_int8_kv.total <= usable, int4_w_int8_kv.describe()
-    bf16_w_int4_kv = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int4", dtype="bf16")
-    assert bf16_w_int4_kv.total <= usable, bf16_w_int4_kv.describe()
+    int4_w_int4_kv = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int4", dtype="bf16", quant="int4")
+    assert int4_w_int4_kv.total <= usable, int4_w_int4_kv.describe()
     fp16 = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="bf16", dtype="bf16")
     assert fp16.total > 2 * usable - 30 * GiB  # 128 GiB of cache alone
     with pytest.raises(MemoryPlanError) as e:
@@ -76,8 +95,22 @@ def test_one_million_tokens_on_one_80gb_gpu():
     ):
         assert part in msg, msg
     alt = mp.alternatives(fp16, usable)
-    assert alt["max_seq_len with kv_cache=int4"] >= m  # int4 fits the full million
+    # bf16 weights with an int4 cache: float32 parameters (half of int4's bytes) leave it
+    # just short of the million on this budget, though above int8.
+    assert alt["max_seq_len with kv_cache=int8"] < alt["max_seq_len with kv_cache=int4"] < m
     assert 0 < alt["max_seq_len at this max_batch"] < m
+    bf16_int4 = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int4", dtype="bf16")
+    assert bf16_int4.kv_cache_bytes == 64 * GiB and bf16_int4.total > usable, bf16_int4.describe()
+    # fp16 weights with an int4 cache (an issue 12 target): float16 parameters (format v3)
+    # make the cache 48 GiB, and the million fits with room to spare; fp16 + int8 (66 GiB)
+    # does not.
+    fp16_int4 = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int4", dtype="fp16")
+    assert fp16_int4.kv_cache_bytes == 48 * GiB and fp16_int4.kv_params == 16 * GiB  # a third: 32 of 96 bytes
+    assert fp16_int4.total <= usable - 10 * GiB, fp16_int4.describe()
+    assert mp.largest_context(SHAPE_7B, usable, kv_cache="int4", dtype="fp16") >= m
+    mp.check_fits(fp16_int4, usable, "an 80 GB GPU")
+    fp16_int8 = mp.plan(SHAPE_7B, max_seq_len=m, kv_cache="int8", dtype="fp16")
+    assert fp16_int8.kv_cache_bytes == 66 * GiB and fp16_int8.total > usable, fp16_int8.describe()
 
 
 def test_largest_context_is_the_largest():
@@ -119,6 +152,10 @@ def test_report_and_cli(tmp_path):
 
     text = mp.report(SHAPE_7B, dtype="bf16", quant="int4")
     assert "KV cache per token" in text and "1M tokens: 68.00 GiB" in text and "80 GB" in text
+    # fp16 activations: float16 parameters, int8 66 GiB and int4 48 GiB per 1M tokens.
+    text = mp.report(SHAPE_7B, dtype="fp16")
+    assert "int8      66.0 KiB (parameters 2.0 KiB); 1M tokens: 66.00 GiB" in text, text
+    assert "int4      48.0 KiB (parameters 16.0 KiB); 1M tokens: 48.00 GiB" in text, text
     ck = write_tiny_internlm2(tmp_path / "m", dtype=torch.float32, seed=3)
     out = subprocess.run(
         [sys.executable, "-m", "fastinternlm", "info", str(ck.path), "--plan"],

@@ -11,8 +11,10 @@ Sizes (bytes, exact for what this package allocates):
   group of `group_size` inputs; embeddings and norms stay in the activation dtype, the
   output head too unless quant_head.
 - KV cache per token: layers x 2 (K, V) x kv_heads x row, a row being head_dim values of
-  the activation dtype, or head_dim * bits / 8 bytes of codes plus 8 bytes of (scale, zero)
-  for int8 / int4 (attention.h, format v1).
+  the activation dtype, or head_dim * bits / 8 bytes of codes plus a (scale, zero) pair per
+  group of channels for int8 / int4 (attention.h, format v3: one group per row for int8,
+  groups of 16 for int4; the pair is 4 bytes (float16) with fp16 activations, 8 (float32)
+  with bf16 and fp32).
 - workspace: the largest set of activations alive at once in one prefill chunk (residual,
   normed input, attention output, the fused projections, the SwiGLU output), the decode
   split scratch for max_batch, float32 logits; plus `reserve` for the allocator's rounding
@@ -27,6 +29,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .ops.attention import KV_QUANT_FORMATS, kv_params_dtype, kv_quant_group
+
 GiB = 1 << 30
 MiB = 1 << 20
 # The allocator rounds, cuBLAS keeps a workspace, graphs keep pools: kept free on top.
@@ -36,6 +40,7 @@ MAX_DECODE_SPLITS = 256
 # The CUDA kernels' position limit (attention_prefill refuses more).
 MAX_SEQ_LIMIT = 0x7FFFFFFF - 64
 ACT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KV_TYPES = ("fp16", "bf16", "fp32", "int8", "int4")
 
 
@@ -123,24 +128,35 @@ def weight_bytes(
     return shape.layers * per_layer + embed + head + shape.hidden * act
 
 
+def kv_param_row_bytes(shape: ModelShape, kv_cache: str, dtype: str = "fp16") -> int:
+    """Bytes of one cached row's (scale, zero) pairs (0 for a float cache): float16 pairs
+    with fp16 activations, float32 otherwise (ops.kv_params_dtype)."""
+    name = dtype_name(dtype)
+    _act(name)
+    if kv_cache not in KV_QUANT_FORMATS:
+        return 0
+    pair = 2 * kv_params_dtype(_TORCH_DTYPES[name]).itemsize
+    return pair * (shape.head_dim // kv_quant_group(KV_QUANT_FORMATS[kv_cache][1], shape.head_dim))
+
+
 def kv_row_bytes(shape: ModelShape, kv_cache: str, dtype: str = "fp16") -> int:
-    """Bytes of one cached row (a token of one KV head, K or V), parameters included."""
-    if kv_cache == "int8":
-        return shape.head_dim + 8
-    if kv_cache == "int4":
-        return shape.head_dim // 2 + 8
+    """Bytes of one cached row (a token of one KV head, K or V), parameters included;
+    dtype: the activation dtype (it sets a quantized cache's parameter dtype)."""
+    _act(dtype_name(dtype))
+    if kv_cache in KV_QUANT_FORMATS:
+        return shape.head_dim * KV_QUANT_FORMATS[kv_cache][1] // 8 + kv_param_row_bytes(shape, kv_cache, dtype)
     if kv_cache not in ACT_BYTES:
         raise ValueError(f"kv_cache must be one of {KV_TYPES}, got {kv_cache!r}")
     return shape.head_dim * ACT_BYTES[kv_cache]
 
 
-def kv_bytes_per_token(shape: ModelShape, kv_cache: str) -> int:
-    return shape.layers * 2 * shape.kv_heads * kv_row_bytes(shape, kv_cache)
+def kv_bytes_per_token(shape: ModelShape, kv_cache: str, dtype: str = "fp16") -> int:
+    return shape.layers * 2 * shape.kv_heads * kv_row_bytes(shape, kv_cache, dtype)
 
 
-def kv_param_bytes_per_token(shape: ModelShape, kv_cache: str) -> int:
+def kv_param_bytes_per_token(shape: ModelShape, kv_cache: str, dtype: str = "fp16") -> int:
     """The (scale, zero) share of kv_bytes_per_token (0 for a float cache)."""
-    return shape.layers * 2 * shape.kv_heads * 8 if kv_cache in ("int8", "int4") else 0
+    return shape.layers * 2 * shape.kv_heads * kv_param_row_bytes(shape, kv_cache, dtype)
 
 
 def workspace_bytes(shape: ModelShape, dtype: str, max_batch: int, chunk: int) -> int:
@@ -216,8 +232,8 @@ def plan(
         max_seq_len,
         max_batch,
         weight_bytes(shape, dtype, quant, group_size, quant_head) if weights is None else weights,
-        kv_bytes_per_token(shape, kv_cache) * tokens,
-        kv_param_bytes_per_token(shape, kv_cache) * tokens,
+        kv_bytes_per_token(shape, kv_cache, dtype) * tokens,
+        kv_param_bytes_per_token(shape, kv_cache, dtype) * tokens,
         workspace_bytes(shape, dtype, max_batch, min(chunk, max_seq_len)),
         reserve,
     )
@@ -232,7 +248,7 @@ def largest_context(shape: ModelShape, free: int, *, max_batch: int = 1, kv_cach
         shape, max_seq_len=max(fixed.max_seq_len, kw.get("chunk", 2048)), max_batch=max_batch, kv_cache=kv_cache, **kw
     )
     fixed_bytes = fixed.total - fixed.kv_cache_bytes
-    per_seq_token = kv_bytes_per_token(shape, fixed.kv_cache) * max_batch
+    per_seq_token = kv_bytes_per_token(shape, fixed.kv_cache, fixed.dtype) * max_batch
     n = max(0, (free - fixed_bytes) // per_seq_token)
     n = min(n, MAX_SEQ_LIMIT)
     return n // 64 * 64 if n > 64 else n
@@ -275,7 +291,7 @@ def alternatives(
     )
     out = {}
     for kv in ("int8", "int4"):
-        if kv_row_bytes(p.shape, kv) < kv_row_bytes(p.shape, p.kv_cache):
+        if kv_row_bytes(p.shape, kv, p.dtype) < kv_row_bytes(p.shape, p.kv_cache, p.dtype):
             out[f"max_seq_len with kv_cache={kv}"] = largest_context(
                 p.shape, free, max_batch=p.max_batch, kv_cache=kv, **kw
             )
@@ -372,12 +388,12 @@ def report(
     lines = [
         f"weights: {gib(weight_bytes(shape, dtype_name(dtype), quant, group_size, quant_head))} "
         f"({dtype_name(dtype)}{', int4 linears' if quant else ''})",
-        "KV cache per token (all layers, K and V):",
+        f"KV cache per token (all layers, K and V; {dtype_name(dtype)} activations):",
     ]
     kvs = [dtype_name(dtype), "int8", "int4"]
     for kv in kvs:
-        per = kv_bytes_per_token(shape, kv)
-        params = kv_param_bytes_per_token(shape, kv)
+        per = kv_bytes_per_token(shape, kv, dtype_name(dtype))
+        params = kv_param_bytes_per_token(shape, kv, dtype_name(dtype))
         lines.append(
             f"  {kv:5s} {per / 1024:8.1f} KiB"
             + (f" (parameters {params / 1024:.1f} KiB)" if params else "")

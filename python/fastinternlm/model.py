@@ -15,8 +15,9 @@ file.
 
 The KV cache is preallocated: per layer, k and v of [max_batch, kv_heads, max_seq_len,
 head_dim]; a sequence owns one slot (a row of the batch dimension). kv_cache="int8" or
-"int4" stores them quantized per token and KV head (ops.QuantizedKV, format v1 of
-attention.h): a half or a quarter of the bytes plus 8 bytes of (scale, zero) per row; the
+"int4" stores them quantized per token and KV head (ops.QuantizedKV, format v3 of
+attention.h): a half or a quarter of the bytes plus a (scale, zero) per row (int8) or per
+16 channels (int4), 4 bytes with float16 activations and 8 otherwise; the
 attention kernels quantize on write and dequantize on read. Decode takes its
 tokens, slots, positions and rotary bases as device tensors and never reads them back on
 the host, so a whole decode step can be captured as a CUDA graph and replayed.

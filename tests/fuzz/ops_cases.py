@@ -1086,6 +1086,91 @@ add(
 )
 
 
+# ---- quantized KV cache (format v3 of attention.h): QuantizedKV codes and params ---------------
+
+from test_attention_kv_quant import assert_cache_equal, clone, poisoned_cache, ref_quantize  # noqa: E402
+
+
+def _quant_args(device, bits, head_dim=64, tokens=5, dtype=None):
+    """Prefill arguments over a QuantizedKV pair (3 slots, 2 KV heads, 16 positions)."""
+    a = _prefill_args(device, tokens=tokens, head_dim=head_dim, dtype=dtype)
+    a["k_cache"], a["v_cache"] = (poisoned_cache(3, 2, 16, head_dim, bits, device, a["q"].dtype) for _ in range(2))
+    return a
+
+
+def _quant_prefill_ok(bits, head_dim, dtype=None):
+    def fn(device):
+        a = _quant_args(device, bits, head_dim, dtype=dtype)
+        expected = {n: clone(a[n]) for n in ("k_cache", "v_cache")}
+        _prefill(**a)
+        # Exactly the format's codes and per-group pairs at the written rows, the rest
+        # untouched.
+        for n, x in (("k_cache", a["k"]), ("v_cache", a["v"])):
+            codes, params = ref_quantize(x.transpose(0, 1), bits)
+            expected[n].codes[1, :, 2:7] = codes.to(device)
+            expected[n].params[1, :, 2:7] = params.to(device)
+            assert_cache_equal(a[n], expected[n], n)
+
+    return fn
+
+
+for _bits in (8, 4):
+    for _hd in (64, 128):
+        add("attention_prefill", f"quantized-ok-int{_bits}-D{_hd}", _quant_prefill_ok(_bits, _hd))
+    # float16 activations: float16 (scale, zero) pairs on every device.
+    add("attention_prefill", f"quantized-ok-int{_bits}-fp16", _quant_prefill_ok(_bits, 128, torch.float16))
+
+
+@case("attention_prefill", ValueError, r"k_cache.params must be 5-D, got shape \(3, 2, 16, 2\)")
+def quantized_int4_params_of_format_v1(device):
+    # int4 keeps a pair per 16 channels: the one-pair-per-row shape of format v1 is refused.
+    a = _quant_args(device, 4)
+    kc = a["k_cache"]
+    a["k_cache"] = ops.QuantizedKV(kc.codes, kc.params[..., 0, :].contiguous(), 4)
+    _prefill(**a)
+
+
+@case("attention_prefill", ValueError, r"v_cache.params must have shape \(3, 2, 16, 1, 2\), got \(3, 2, 16, 4, 2\)")
+def quantized_int8_params_of_int4(device):
+    a = _quant_args(device, 8)
+    a["v_cache"] = ops.QuantizedKV(a["v_cache"].codes, poisoned_cache(3, 2, 16, 64, 4, device, a["q"].dtype).params, 8)
+    _prefill(**a)
+
+
+def _decode_with_params(device, dtype, params_dtype, which):
+    """Decode with float16 / bfloat16 activations and `which` cache array's params cast to
+    params_dtype (format v3 wants float16 pairs for float16, float32 for bfloat16)."""
+    a = _decode_args(device, dtype=dtype)
+    a["k_cache"], a["v_cache"] = (poisoned_cache(4, 2, 16, 64, 4, device, dtype) for _ in range(2))
+    c = a[which]
+    a[which] = ops.QuantizedKV(c.codes, c.params.to(params_dtype), 4)
+    _decode(**a)
+
+
+@case("attention_decode", TypeError, r"k_cache.params must have dtype float32 for bfloat16 activations .*got float16")
+def quantized_params_float16_for_bfloat16(device):
+    _decode_with_params(device, torch.bfloat16, torch.float16, "k_cache")
+
+
+@case("attention_decode", TypeError, r"v_cache.params must have dtype float16 for float16 activations .*got float32")
+def quantized_params_float32_for_float16(device):
+    _decode_with_params(device, torch.float16, torch.float32, "v_cache")
+
+
+@case("attention_decode", TypeError, r"k_cache.params must have dtype float16 or float32, got bfloat16")
+def quantized_params_bfloat16(device):
+    _decode_with_params(device, torch.bfloat16, torch.bfloat16, "k_cache")
+
+
+@case(
+    "attention_decode_qkv", TypeError, r"k_cache.params must have dtype float16 for float16 activations .*got float32"
+)
+def quantized_qkv_params_float32_for_float16(device):
+    a = _qkv_args(device, dtype=torch.float16)
+    a["k_cache"], a["v_cache"] = (poisoned_cache(4, 2, 16, 64, 8, device, torch.float32) for _ in range(2))
+    _decode_qkv(**a)
+
+
 # ---- int4: quantize_int4, dequantize_int4, int4_gemm, Int4Weight -------------------------------
 
 from test_int4_gemm import assert_gemm_matches, random_weight, reconstruct, reference_quantize  # noqa: E402

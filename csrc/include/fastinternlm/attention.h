@@ -14,8 +14,8 @@
 // q_heads / kv_heads from 1 to 8; float16/bfloat16 (float32 too on the CPU); a scale that
 // is finite and > 0 (models use 1/sqrt(head_dim)). On CUDA every pointer (q, k, v, out,
 // both caches, the workspace) must be 16-byte aligned, since the kernels move 16-byte
-// vectors, and a quantized cache's parameter arrays 8-byte aligned; on the CPU the element
-// alignment suffices.
+// vectors, and a quantized cache's parameter arrays aligned to one (scale, zero) pair (8
+// bytes for float32 parameters, 4 for float16); on the CPU the element alignment suffices.
 #pragma once
 
 #include "fastinternlm/common.h"
@@ -23,32 +23,69 @@
 namespace fastinternlm {
 
 // What a cache row holds. kActivation: the activation dtype itself. kInt8 / kInt4: codes plus
-// an affine pair per row, quantized when the row is written and dequantized where it is read
-// (inside the attention kernels: no separate pass, no activation-dtype copy of the cache).
+// an affine pair per group of channels, quantized when the row is written and dequantized
+// where it is read (inside the attention kernels: no separate pass, no activation-dtype copy
+// of the cache).
 //
-// Quantized format, version 1. A row is one token of one KV head: head_dim values x.
+// Quantized format, version 3. A row is one token of one KV head: head_dim values x, cut
+// into groups of g consecutive channels, g = kv_cache_group(format, head_dim): the whole row
+// (g = head_dim) for int8, 16 channels for int4.
 //   k, v:               uint8 [num_slots, kv_heads, max_seq, head_dim * bits / 8]
-//   k_params, v_params: float32 [num_slots, kv_heads, max_seq, 2], per row (scale, zero)
-// (bits = 8 or 4; qmax = 2^bits - 1 = 255 or 15). Each row, of K and of V separately:
-//   zero  = min_i x_i                      (x_i converted exactly from the activation dtype)
-//   scale = (max_i x_i - zero) / qmax      (float32, each operation rounded once)
-//   q_i   = min(qmax, rint((x_i - zero) * (1 / scale)))   (ties to even; all 0 if scale == 0)
-//   x_i  ~= q_i * scale + zero             (float32; |error| <= scale / 2 + float32 roundings)
+//   k_params, v_params: P [num_slots, kv_heads, max_seq, head_dim / g, 2], per group
+//                       (scale, zero); P = kv_cache_params_dtype(activation dtype): float16
+//                       for float16 activations, float32 for bfloat16 and float32
+// (bits = 8 or 4; qmax = 2^bits - 1 = 255 or 15). Each group, of K and of V separately:
+//   zero  = min_i x_i                      (exact in P: x_i is a value of the activation dtype)
+//   s     = (max_i x_i - zero) / qmax      (float32, each operation rounded once)
+//   scale = s rounded to P upward (float16: the least float16 >= s; float32: s itself), so
+//           that (max - zero) / scale <= qmax up to the float32 roundings
+//   q_i   = min(qmax, rint((x_i - zero) * (1 / float(scale))))   (float32, ties to even;
+//           all 0 if scale == 0, i.e. a constant group)
+//   x_i  ~= fma(float(q_i), float(scale), float(zero))   (float32, rounded once, on every
+//           device; |error| <= scale / 2 + float32 roundings, scale being the stored one)
+// The codes come from the stored (rounded) scale and zero, so the float16 rounding of the
+// scale widens the step by one float16 ulp at most (2^-10 relative; at most 2^-24 absolute
+// for a scale in float16's subnormal range, below 2^-14) and never moves a value beyond half
+// of the stored step.
 // int4 packs two codes per byte: value 2j in the low nibble of byte j, 2j + 1 in the high one.
-// Unsigned codes with zero = the row minimum make it asymmetric (a row that is all positive
-// still uses every code), like lmdeploy's online KV quantization; the per-row parameters
+// Unsigned codes with zero = the group minimum make it asymmetric (a group that is all
+// positive still uses every code), like lmdeploy's online KV quantization; the parameters
 // follow each token's own range, so one outlier token does not coarsen the others.
-// Why float32 parameters and not half: bfloat16 activations can exceed half's range
-// (65504), a half scale would add a relative error of 2^-11 times q (up to 0.12 steps at
-// q = 255) to every value, and 8 bytes per row is 6% of an int8 row of 128 (12% of int4).
+// Why groups of 16 for int4 (versions 1 and earlier had one pair per row for both): after
+// RoPE a few key channels carry outliers, and a row's 16 levels spread over their range left
+// SmolLM2-135M 15 % above the float cache's perplexity; groups of 16 bring it within 5 %
+// (int8, with 256 levels, stays within 0.1 % per row). docs/accuracy.md has the candidates
+// measured (groups, Hadamard rotation, clipping, float16 parameters) and their cost. A group
+// of 16 is two 8-value lanes of the CUDA kernels, so its minimum and maximum take one shuffle.
+// Why float16 parameters only for float16 activations (version 2 stored float32 always):
+// the parameters are half of an int4 row (at head_dim 128: 64 bytes of codes, 64 of float32
+// pairs), and float16 pairs bring a 7B model's int4 cache at 1M tokens onto one 80 GB card.
+// A float16 value's minimum is a float16 and the range of two float16 values divided by
+// qmax stays below 65504 / 7.5, so both fit float16; bfloat16 values reach 3e38, beyond
+// float16's range (65504), and float32 activations run on the CPU only, where memory is not
+// the limit. Bytes per row at head_dim 128 (64: half of each):
+//   int8: 128 of codes + 8 (float32 pair) or 4 (float16 pair)
+//   int4:  64 of codes + 64 (8 float32 pairs) or 32 (8 float16 pairs)
 // The rows must be finite. Offsets into the cache are 64-bit on every path (a 1M-token cache
 // of a few slots has more than 2^31 elements per layer).
 enum class KVCacheFormat : int { kActivation = 0, kInt8 = 1, kInt4 = 2 };
 
-// Bits per cached value (16/32 for kActivation is the dtype's; this returns 8 or 4, else 0)
-// and bytes of one row of codes.
+// Bits per cached value (16/32 for kActivation is the dtype's; this returns 8 or 4, else 0).
 constexpr int kv_cache_bits(KVCacheFormat f) {
   return f == KVCacheFormat::kInt8 ? 8 : f == KVCacheFormat::kInt4 ? 4 : 0;
+}
+
+// Channels per (scale, zero) group of a quantized format: head_dim for int8, 16 for int4
+// (0 for kActivation). head_dim / group pairs per row.
+constexpr int64_t kv_cache_group(KVCacheFormat f, int64_t head_dim) {
+  return f == KVCacheFormat::kInt8 ? head_dim : f == KVCacheFormat::kInt4 ? 16 : 0;
+}
+
+// The dtype of a quantized cache's (scale, zero) parameters for activation dtype `dtype`
+// (format version 3 above): float16 for float16, float32 otherwise. The caller allocates
+// k_params and v_params of this dtype; nothing in the KVCache records it.
+constexpr DType kv_cache_params_dtype(DType dtype) {
+  return dtype == DType::kFloat16 ? DType::kFloat16 : DType::kFloat32;
 }
 
 struct KVCache {
@@ -59,8 +96,8 @@ struct KVCache {
   int64_t max_seq = 0;
   int64_t head_dim = 0;
   KVCacheFormat format = KVCacheFormat::kActivation;
-  void* k_params = nullptr;  // quantized formats only: float32 [num_slots, kv_heads, max_seq, 2]
-  void* v_params = nullptr;
+  void* k_params = nullptr;  // quantized formats only: kv_cache_params_dtype(activation dtype)
+  void* v_params = nullptr;  // [num_slots, kv_heads, max_seq, head_dim / group, 2]
 };
 
 // Prefill a chunk of one sequence: writes k, v [tokens, kv_heads, head_dim] into `slot` at

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -121,6 +122,9 @@ def with_kv_cache(llm, kv_cache: str):
 
     m = llm.model
     other = copy.copy(llm)
+    # Its own engine: the original's, once created, runs the original model (and its cache).
+    other._engine = None
+    other._engine_lock = threading.Lock()
     other.model = Transformer(
         m.config,
         m.tok_embeddings,
@@ -167,11 +171,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         metavar="TYPES",
         help="comma-separated int8,int4: only compare perplexity with these KV caches to the float one",
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="activation dtype of our model (with --kv-cache only: it sets the quantized cache's parameter dtype)",
+    )
     args = parser.parse_args(argv)
     kv_types = [] if args.kv_cache is None else [t for t in args.kv_cache.split(",") if t]
     for t in kv_types:
         if t not in ("int8", "int4"):
             parser.error(f"--kv-cache takes int8 and/or int4, got {t!r}")
+    if args.dtype != "float32" and not kv_types:
+        parser.error(f"--dtype {args.dtype} needs --kv-cache (the HF comparison runs in float32)")
+    dtype = getattr(torch, args.dtype)
 
     import fastinternlm
     from ..weights.gguf import default_model_path
@@ -180,9 +193,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     print(f"model {path}\ncpu: {os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}")
-    results: Dict[str, object] = {"model": os.path.basename(path), "tokens": args.tokens, "window": args.window}
+    results: Dict[str, object] = {
+        "model": os.path.basename(path),
+        "tokens": args.tokens,
+        "window": args.window,
+        "dtype": args.dtype,
+    }
 
-    llm = fastinternlm.load(path, device="cpu", dtype=torch.float32, max_seq_len=args.window + 256, progress=False)
+    llm = fastinternlm.load(path, device="cpu", dtype=dtype, max_seq_len=args.window + 256, progress=False)
     ids = llm.tokenizer.encode(evaluation_text(), add_bos=False)
     chunks = windows(ids, args.tokens, args.window)
     n_scored = sum(len(c) - 1 for c in chunks)

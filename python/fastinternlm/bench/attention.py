@@ -95,10 +95,10 @@ def _chunk_cases(device, dtype, q_heads, kv_heads, head_dim, chunks) -> List[Cas
     return out
 
 
-def _random_quantized(batch, kv_heads, ctx, head_dim, bits, device) -> ops.QuantizedKV:
+def _random_quantized(batch, kv_heads, ctx, head_dim, bits, device, dtype) -> ops.QuantizedKV:
     """Random codes with (scale, zero) spanning about [-2.5, 2.5]: the values of a unit
-    normal row, for timing."""
-    c = ops.QuantizedKV.empty(batch, kv_heads, ctx, head_dim, bits, device)
+    normal row, for timing (params of the dtype `dtype` activations use)."""
+    c = ops.QuantizedKV.empty(batch, kv_heads, ctx, head_dim, bits, device, dtype=dtype)
     c.codes.random_(0, 256)
     c.params[..., 0] = 5.0 / (2**bits - 1)
     c.params[..., 1] = -2.5
@@ -110,10 +110,11 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
     over the activation-dtype cache of the same shape (what the quantized cache replaces)."""
     out = []
     for bits in (8, 4):
-        row = head_dim * bits // 8 + 8  # codes + (scale, zero)
+        pair = 2 * ops.kv_params_dtype(dtype).itemsize
+        row = head_dim * bits // 8 + pair * (head_dim // ops.kv_quant_group(bits, head_dim))  # codes + (scale, zero)
         for batch, ctx in decode_shapes:
-            kc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device)
-            vc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device)
+            kc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device, dtype)
+            vc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device, dtype)
             q = torch.randn(batch, q_heads, head_dim, dtype=dtype, device=device)
             k = torch.randn(batch, kv_heads, head_dim, dtype=dtype, device=device)
             v = torch.randn_like(k)
@@ -141,8 +142,8 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
             q = torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
             k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=device)
             v = torch.randn_like(k)
-            kc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device)
-            vc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device)
+            kc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device, dtype)
+            vc = _random_quantized(1, kv_heads, tokens, head_dim, bits, device, dtype)
             qt = q.transpose(0, 1).unsqueeze(0).contiguous()
             bk, bv, name = _baseline_kv(
                 k.transpose(0, 1).unsqueeze(0).contiguous(), v.transpose(0, 1).unsqueeze(0).contiguous(), q_heads

@@ -3,6 +3,8 @@ stream). One module per kernel family, named like its C++ files."""
 
 from .attention import (
     KV_QUANT_FORMATS,
+    kv_params_dtype,
+    kv_quant_group,
     QuantizedKV,
     attention_decode,
     attention_decode_qkv,
@@ -19,6 +21,8 @@ __all__ = [
     "INT4_FORMAT_VERSION",
     "Int4Weight",
     "KV_QUANT_FORMATS",
+    "kv_params_dtype",
+    "kv_quant_group",
     "QuantizedKV",
     "add_rms_norm",
     "attention_decode",

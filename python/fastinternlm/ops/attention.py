@@ -3,8 +3,8 @@ csrc/include/fastinternlm/attention.h).
 
 A layer's cache is two tensors k_cache, v_cache of shape [slots, kv_heads, max_seq, head_dim]
 in the activation dtype, or two QuantizedKV (int8 or int4 codes with a (scale, zero) pair per
-token and KV head, format v1 of attention.h); a sequence owns one slot. head_dim is 64 or
-128, q_heads a multiple of kv_heads with a group size of 1 to 8. Scores, softmax and the
+group of channels of each token and KV head, format v3 of attention.h: the pairs float16 for
+float16 activations, float32 otherwise); a sequence owns one slot. head_dim is 64 or 128, q_heads a multiple of kv_heads with a group size of 1 to 8. Scores, softmax and the
 weighted sum are float32."""
 
 from __future__ import annotations
@@ -33,24 +33,47 @@ def _scale(scale, head_dim: int) -> float:
 KV_QUANT_FORMATS = {"int8": (1, 8), "int4": (2, 4)}
 
 
+def kv_quant_group(bits: int, head_dim: int) -> int:
+    """Channels per (scale, zero) pair of a quantized cache row (attention.h kv_cache_group):
+    the whole row for int8, 16 for int4."""
+    return head_dim if bits == 8 else 16
+
+
+def kv_params_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a quantized cache's (scale, zero) pairs for activations of `dtype`
+    (attention.h kv_cache_params_dtype): float16 for float16 (half the bytes; a float16
+    row's minimum and range fit float16), float32 otherwise (bfloat16 values exceed
+    float16's range; float32 runs on the CPU only)."""
+    return torch.float16 if dtype == torch.float16 else torch.float32
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedKV:
-    """One quantized cache array of a layer (its K or its V), format v1 of attention.h:
+    """One quantized cache array of a layer (its K or its V), format v3 of attention.h:
     codes uint8 [slots, kv_heads, max_seq, head_dim * bits // 8] (int4: value 2j in the low
-    nibble of byte j) and params float32 [slots, kv_heads, max_seq, 2], the (scale, zero) of
-    each row; a row x is stored as q = rint((x - zero) / scale) with zero = min(x),
-    scale = (max(x) - min(x)) / (2^bits - 1), and read as q * scale + zero."""
+    nibble of byte j) and params [slots, kv_heads, max_seq, head_dim // group, 2] of
+    kv_params_dtype(activation dtype), the (scale, zero) of each group of `group`
+    consecutive channels of a row (group = kv_quant_group(bits, head_dim): the whole row for
+    int8, 16 for int4); a group x is stored as q = rint((x - zero) / scale) with
+    zero = min(x), scale = (max(x) - min(x)) / (2^bits - 1) (rounded up to float16 for
+    float16 parameters), and read as q * scale + zero."""
 
     codes: torch.Tensor
     params: torch.Tensor
     bits: int
 
     @classmethod
-    def empty(cls, num_slots: int, kv_heads: int, max_seq: int, head_dim: int, bits: int, device=None) -> "QuantizedKV":
+    def empty(
+        cls, num_slots: int, kv_heads: int, max_seq: int, head_dim: int, bits: int, device=None, *, dtype: torch.dtype
+    ) -> "QuantizedKV":
+        """dtype: the activation dtype the cache serves (it sets the params dtype)."""
         if bits not in (8, 4):
             raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
         codes = torch.empty(num_slots, kv_heads, max_seq, head_dim * bits // 8, dtype=torch.uint8, device=device)
-        params = torch.empty(num_slots, kv_heads, max_seq, 2, dtype=torch.float32, device=device)
+        groups = head_dim // kv_quant_group(bits, head_dim)
+        params = torch.empty(num_slots, kv_heads, max_seq, groups, 2, dtype=kv_params_dtype(dtype), device=device)
         return cls(codes, params, bits)
 
     @property
@@ -58,6 +81,11 @@ class QuantizedKV:
         """(slots, kv_heads, max_seq, head_dim): the shape of the values it stands for."""
         s, h, m, b = self.codes.shape
         return (s, h, m, b * 8 // self.bits)
+
+    @property
+    def group(self) -> int:
+        """Channels per (scale, zero) pair."""
+        return kv_quant_group(self.bits, self.shape[3])
 
     @property
     def device(self) -> torch.device:
@@ -68,14 +96,23 @@ class QuantizedKV:
         return f"int{self.bits}"
 
     def nbytes(self) -> int:
-        return self.codes.numel() + self.params.numel() * 4
+        return self.codes.numel() + self.params.numel() * self.params.element_size()
 
-    def check(self, name: str) -> None:
+    def check(self, name: str, dtype: Optional[torch.dtype] = None) -> None:
+        """Types and shapes; with the activation dtype, also the params dtype it requires
+        (the kernels read the pairs as that type: float32 pairs read as float16 would be
+        garbage, not an error)."""
         if self.bits not in (8, 4):
             raise ValueError(f"{name}.bits must be 8 or 4, got {self.bits!r}")
         check_tensor(f"{name}.codes", self.codes, dtypes=(torch.uint8,), ndim=4)
-        s, h, m, _ = self.codes.shape
-        check_tensor(f"{name}.params", self.params, dtypes=(torch.float32,), shape=(s, h, m, 2))
+        s, h, m, d = self.shape
+        groups = d // kv_quant_group(self.bits, d)
+        check_tensor(f"{name}.params", self.params, dtypes=(torch.float16, torch.float32), shape=(s, h, m, groups, 2))
+        if dtype is not None and self.params.dtype != kv_params_dtype(dtype):
+            want, act, got = (str(t).replace("torch.", "") for t in (kv_params_dtype(dtype), dtype, self.params.dtype))
+            raise TypeError(
+                f"{name}.params must have dtype {want} for {act} activations (attention.h format v3), got {got}"
+            )
         same_device(**{f"{name}.codes": self.codes, f"{name}.params": self.params})
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -86,8 +123,8 @@ class QuantizedKV:
         else:
             c = self.codes.to(torch.int16)
             q = torch.stack([c & 15, c >> 4], dim=-1).flatten(-2).to(torch.float64)
-        p = self.params.to(torch.float64)
-        return (q * p[..., :1] + p[..., 1:]).to(dtype)
+        p = self.params.to(torch.float64).repeat_interleave(self.group, dim=-2)  # [..., head_dim, 2]
+        return (q * p[..., 0] + p[..., 1]).to(dtype)
 
 
 KVArray = Union[torch.Tensor, QuantizedKV]
@@ -97,23 +134,26 @@ def empty_kv_cache(
     kv_cache: str, num_slots: int, kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None
 ) -> Tuple[KVArray, KVArray]:
     """An uninitialised (k_cache, v_cache) pair of one layer: kv_cache "int8" / "int4" for
-    quantized arrays, anything else the activation dtype `dtype` (the caller has resolved
-    names such as "fp16" against it)."""
+    quantized arrays (their params of kv_params_dtype(dtype)), anything else the activation
+    dtype `dtype` (the caller has resolved names such as "fp16" against it)."""
     if kv_cache in KV_QUANT_FORMATS:
         bits = KV_QUANT_FORMATS[kv_cache][1]
-        return tuple(QuantizedKV.empty(num_slots, kv_heads, max_seq, head_dim, bits, device) for _ in range(2))
+        return tuple(
+            QuantizedKV.empty(num_slots, kv_heads, max_seq, head_dim, bits, device, dtype=dtype) for _ in range(2)
+        )
     shape = (num_slots, kv_heads, max_seq, head_dim)
     return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
 
 def _check_kv_pair(dtype: torch.dtype, k_cache, v_cache) -> Tuple[int, int, int, int]:
     """Both arrays of one kind: tensors of the activation dtype, or QuantizedKV of one bit
-    width; returns the cache shape (slots, kv_heads, max_seq, head_dim)."""
+    width with params of kv_params_dtype(dtype); returns the cache shape (slots, kv_heads,
+    max_seq, head_dim)."""
     if isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
         for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
             if not isinstance(c, QuantizedKV):
                 raise TypeError(f"{name} must be a QuantizedKV like the other cache array, got {type(c).__name__}")
-            c.check(name)
+            c.check(name, dtype)
         if v_cache.bits != k_cache.bits:
             raise ValueError(f"v_cache must be int{k_cache.bits} like k_cache, got int{v_cache.bits}")
         if v_cache.shape != k_cache.shape:
@@ -385,6 +425,7 @@ def attention_decode_qkv(
 __all__ = [
     "KV_QUANT_FORMATS",
     "QuantizedKV",
+    "kv_params_dtype",
     "attention_decode",
     "attention_decode_qkv",
     "attention_decode_workspace_bytes",
