@@ -224,7 +224,9 @@ def _tiny_weight_bytes(c, precision: str) -> int:
 
 
 def _tiny_kv_per_token(c, kv: str) -> int:
-    row = {"fp16": 2 * c.head_dim, "int8": c.head_dim + 8, "int4": c.head_dim // 2 + 8}[kv]
+    # Format v3 (attention.h) for float16 activations, the bench's: a float16 (scale, zero)
+    # pair, 4 bytes, per row for int8 and per 16 channels for int4.
+    row = {"fp16": 2 * c.head_dim, "int8": c.head_dim + 4, "int4": c.head_dim // 2 + c.head_dim // 16 * 4}[kv]
     return c.num_layers * 2 * c.num_kv_heads * row
 
 
