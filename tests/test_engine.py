@@ -548,6 +548,61 @@ def test_prefill_budget_interleaves_with_decode(ckpt):
     assert long_gen.token_ids == expected.token_ids and len(short_gen.token_ids) == 60
 
 
+def test_each_arriving_prompt_has_its_own_budget(ckpt, monkeypatch):
+    """Two prompts arriving while a request decodes each advance by one budget per step
+    (both chunks in the same forward as the decode rows); the step's prompt rows stay
+    within the activation bound (PREFILL_CHUNK, lowered here to 20 to be reached)."""
+    from fastinternlm import sequence
+
+    monkeypatch.setattr(sequence, "PREFILL_CHUNK", 20)
+    llm = load(ckpt, max_batch=3)
+    no_stop(llm)
+    engine = Engine(llm, prefill_chunk=12)
+    events = []
+    real_step = llm.model.step
+    gate, held = threading.Event(), threading.Event()
+    gate.set()
+
+    def step(decode, chunks=()):
+        if not gate.is_set():
+            held.set()
+            gate.wait(30)
+        events.append(
+            (0 if decode is None else decode.tokens.shape[0], [(c.slot, c.start, c.tokens.shape[0]) for c in chunks])
+        )
+        return real_step(decode, chunks)
+
+    llm.model.step = step
+    try:
+        short = engine.submit(prompt_ids(ckpt, 4), max_new_tokens=40)
+        next(iter(short))
+        a_prompt, b_prompt = prompt_ids(ckpt, 50), prompt_ids(ckpt, 37)
+        # Hold the scheduler inside a step while both arrive: the next step admits both.
+        gate.clear()
+        assert held.wait(30)
+        a, b = engine.submit(a_prompt, max_new_tokens=3), engine.submit(b_prompt, max_new_tokens=3)
+        gate.set()
+        got = [a.result(timeout=60), b.result(timeout=60)]
+        short.result(timeout=60)
+    finally:
+        gate.set()
+        del llm.model.step
+    engine.close()
+    span = engine._attention_span
+    both = [chunks for decode, chunks in events if len(chunks) == 2]
+    assert both, events
+    for chunks in both:
+        assert sum(n for _, _, n in chunks) <= 20
+        for _, start, n in chunks:
+            assert sum(1 + p / span for p in range(start, start + n)) <= 12 + 1e-9 or n == 1
+    # The first step of the pair gives the first prompt its whole budget from position 0
+    # (the most tokens whose cost fits 12) and the second the rest of the 20 rows.
+    first = max(n for n in range(1, 13) if sum(1 + p / span for p in range(n)) <= 12)
+    assert [n for _, _, n in both[0]] == [first, 20 - first]
+    expected = solo(ckpt, [(a_prompt, dict(max_new_tokens=3)), (b_prompt, dict(max_new_tokens=3))])
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+
+
 def test_greedy_tokens_identical_alone_and_with_15_others(ckpt, seed):
     rng = random.Random(seed)
     llm = load(ckpt, max_batch=16)

@@ -10,9 +10,12 @@ queues requests and reads their results. Each step of the scheduler:
 
 1. drops cancelled and timed-out requests (their slots are free for this step), and
    admits waiting requests into free slots (first come, first served);
-2. picks the step's prompt chunks under the prefill budget (`prefill_chunk`), taken from
-   the requests still prefilling in arrival order, so a long prompt delays the running
-   streams by at most one budget of work per step. The budget counts work, not tokens:
+2. picks the step's prompt chunks: every request still prefilling advances by at most
+   one prefill budget (`prefill_chunk`) of work, so a long prompt delays the running
+   streams by at most one budget per step; a burst of N new prompts costs them N budgets
+   per step for a few steps, rather than making the last of the burst wait N times as
+   long for its first token (the prompt rows of one step stay within PREFILL_CHUNK,
+   the activation-memory bound). The budget counts work, not tokens:
    a prompt token at position p costs 1 + p / attention_span, where the attention span
    is the context at which a token's attention does as many multiply-adds as its linear
    layers (weights per layer / (2 * heads * head_dim): 3072 for SmolLM2-135M, 26.6K for
@@ -69,11 +72,13 @@ from .sequence import Generation, PrefillProgress, SequenceState, prefill_chunk,
 from .sampling import SamplingParams, sample_rows
 
 FINISH_REASONS = ("stop", "stop_string", "length", "cancelled", "timeout", "error")
-# Prefill tokens per scheduler step while other requests are decoding: a step then costs
-# about one decode step plus this many prompt tokens, which bounds the running streams'
-# inter-token latency. On a 2-core CPU 32 tokens of SmolLM2-135M take about as long as one
-# batched decode step of 16 sequences (~0.3 s), so a long prompt arriving at most doubles
-# the streams' token interval; on a GPU 512 tokens of a 7B model cost a few decode steps.
+# Prefill budget of a prompt per scheduler step while other requests are decoding (in
+# tokens at position 0; deeper ones cost more, module docs): a step then costs about one
+# decode step plus this much prompt work per arriving prompt, which bounds the running
+# streams' inter-token latency. On a 2-core CPU 32 tokens of SmolLM2-135M cost about as
+# much as one batched decode step of 15 sequences (docs/benchmarks.md: a 2K prompt
+# arriving about doubles the streams' median token interval); on a GPU 512 tokens of a
+# 7B model cost a few decode steps.
 PREFILL_BUDGET_CPU = 32
 PREFILL_BUDGET_CUDA = 512
 _IDLE_POLL_S = 0.5  # how often an idle scheduler thread checks that its engine still exists
@@ -281,9 +286,9 @@ class Engine:
     then run through it); creating a second while the first runs raises ValueError.
 
     max_waiting: requests that may wait for a slot; past it submit raises EngineOverloaded.
-    prefill_chunk: the prefill budget per step while others decode, in tokens at position
-    0 (deeper tokens cost more, module docs; default PREFILL_BUDGET_CPU /
-    PREFILL_BUDGET_CUDA).
+    prefill_chunk: the prefill budget of each prompt per step while others decode, in
+    tokens at position 0 (deeper tokens cost more, module docs; default
+    PREFILL_BUDGET_CPU / PREFILL_BUDGET_CUDA).
     batch_invariant: on the CPU, run the output head at a fixed row count (the slot
     count) so a row's logits do not depend on how many rows share the step (module docs);
     False saves that padding (a 16-slot SmolLM2 head costs ~1.5x a 1-row one) at the price
@@ -648,27 +653,26 @@ class Engine:
         llm, model = self.llm, self.model
         dev = llm.device
         decoding = [a for a in self._active if not a.prefilling and a.req.kind == "generate"]
-        # ---- the step's prompt chunks, under the token budget ----
-        solo_chunk = prefill_chunk(dev)
-        budget = float(self.prefill_chunk if decoding else solo_chunk)
+        # ---- the step's prompt chunks: a budget per prompt, rows bounded per step ----
+        rows_left = prefill_chunk(dev)  # the activation-memory bound on a step's prompt rows
         planned: List[_Active] = []
         chunks: List[Chunk] = []
         for a in self._active:
-            if budget <= 0:
+            if rows_left <= 0:
                 break
             if not a.prefilling:
                 continue
             prompt = a.req.prompt
             start = a.prefilled
-            n = min(solo_chunk, len(prompt) - start)
+            n = min(rows_left, len(prompt) - start)
             if decoding:
-                n = min(n, self._chunk_tokens(budget, start))
+                n = min(n, self._chunk_tokens(float(self.prefill_chunk), start))
+            rows_left -= n
             if a.progress is None and start == 0 and llm.prefill_progress:
                 a.progress = prefill_progress(len(prompt), dev)
             tokens = torch.tensor(prompt[start : start + n], dtype=torch.int64, device=dev)
             planned.append(a)
             chunks.append(Chunk(tokens, a.slot.index, start, a.base))
-            budget -= self._chunk_cost(start, n) if decoding else n
         # ---- one forward: the batched decode rows and the chunks together ----
         decode_rows = None
         if decoding:
