@@ -1,8 +1,9 @@
 """The CPU paths' thread count and instruction-set tier never change results.
 
 Every output element is computed by one thread with the same float32 operations in the
-same order, and the tiers (AVX-512 for attention, AVX2/FMA, generic) perform the same
-roundings, so the outputs must be bit-for-bit equal, not merely close. The one documented exception
+same order, and the tiers (AVX-512 for attention and int4_gemm's buffered path, AVX2/FMA,
+generic) perform the same roundings, so the outputs must be bit-for-bit equal, not merely
+close. The one documented exception
 (csrc/cpu_tiers.h): int4_gemm accumulates with fused multiply-adds where the instruction
 set has them, and the generic tier on x86 has none. The sizes are large enough that the
 ops really split their work (above the inline threshold of csrc/parallel.h)."""
