@@ -18,8 +18,9 @@
 // into namespaces fastinternlm::cpu_generic and (on x86 with GCC or Clang)
 // fastinternlm::cpu_x86_v3, and called through FIL_TIER_SELECT(function), a pointer to the
 // tier this CPU runs. A kernel that gains from 16-lane vectors (attention's prefill) also
-// has an x86-64-v4 (AVX-512) tier, FIL_TIER_SELECT_V4 (cpu_tiers.inc); its lanes perform
-// the same scalar operations too.
+// has an x86-64-v4 (AVX-512) tier, FIL_TIER_SELECT_V4 (cpu_tiers.inc), and so does
+// int4_gemm's buffered path (two outputs' 8-lane accumulators per register); their lanes
+// perform the same scalar operations too.
 #pragma once
 
 #include "fastinternlm/common.h"

@@ -17,8 +17,11 @@
 #include "kernels_cuda.h"
 #include "parallel.h"
 
+// The buffered path (many rows of x) also has an AVX-512 tier; the fused one keeps v3.
 #define FIL_TIER_KERNELS "int4_gemm_cpu.inc"
+#define FIL_TIER_WITH_V4 1
 #include "cpu_tiers.inc"
+#undef FIL_TIER_WITH_V4
 #undef FIL_TIER_KERNELS
 
 namespace fastinternlm {
@@ -208,7 +211,9 @@ Status int4_gemm_cpu(T* out, const T* x, int64_t m, const Int4Weight& w) {
     });
     xs = xf.data();
   }
-  const auto columns = FIL_TIER_SELECT(gemm_columns<T>);
+  // Only the buffered path has 16-lane kernels (two outputs per register); the fused
+  // path stays on the v3 code.
+  const auto columns = buffered ? FIL_TIER_SELECT_V4(gemm_columns<T>) : FIL_TIER_SELECT(gemm_columns<T>);
   const auto* s = static_cast<const uint16_t*>(w.scales);
   const auto* o = static_cast<const uint16_t*>(w.offsets);
   const int64_t panels = (n + kPanelCols - 1) / kPanelCols;

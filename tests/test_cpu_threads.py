@@ -1,8 +1,9 @@
 """The CPU paths' thread count and instruction-set tier never change results.
 
 Every output element is computed by one thread with the same float32 operations in the
-same order, and the tiers (AVX-512 for attention, AVX2/FMA, generic) perform the same
-roundings, so the outputs must be bit-for-bit equal, not merely close. The one documented exception
+same order, and the tiers (AVX-512 for attention and int4_gemm's buffered path, AVX2/FMA,
+generic) perform the same roundings, so the outputs must be bit-for-bit equal, not merely
+close. The one documented exception
 (csrc/cpu_tiers.h): int4_gemm accumulates with fused multiply-adds where the instruction
 set has them, and the generic tier on x86 has none. The sizes are large enough that the
 ops really split their work (above the inline threshold of csrc/parallel.h)."""
@@ -197,6 +198,83 @@ def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtyp
             tol = 2 * bounds[name] * (1 + 2 * u) + 2 * u * e.abs()
             if dtype == torch.float16:
                 tol = tol + 2.0**-24  # both may round an underflowing result
+            assert bool(((theirs.double() - e).abs() <= tol).all()), f"{name} ({dtype})"
+            continue
+        assert torch.equal(bits(theirs), bits(expected)), (
+            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the {isa} one"
+        )
+
+
+# int4_gemm's buffered path (m >= 4 rows of x), which has its own x86-64-v4 kernels (two
+# outputs' accumulators per 16-lane register, k split into blocks): odd m (a partial last
+# tile of rows, and more rows than one slab), odd n (a column pair padded with zeros, a
+# partial last panel), k of one, three and many groups, and k past one block of words.
+BUFFERED_SHAPES = [
+    # (m, n, k, group_size)
+    (4, 37, 32, 32),
+    (5, 19, 3 * 64, 64),
+    (17, 203, 3 * 128, 128),
+    (39, 45, 17 * 32, 32),
+    (70, 61, 17 * 64, 64),
+    (23, 29, 49 * 32, 32),
+    (513, 35, 9 * 128, 128),
+]
+
+
+def buffered_cases(dtype, error_bounds):
+    cases = {}
+    for m, n, k, g in BUFFERED_SHAPES:
+        w = random_weight(n, k, g)
+        x = rand(m, k, dtype=dtype)
+        name = f"int4_gemm m={m} n={n} k={k} g={g}"
+        cases[name] = ops.int4_gemm(x, w)
+        if error_bounds is not None:
+            u32 = UNIT_ROUNDOFF[torch.float32]
+            gamma = (k + 1) * u32 / (1 - (k + 1) * u32)
+            w64 = ops.dequantize_int4(w, torch.float32).double()
+            error_bounds[name] = gamma * (x.double().abs() @ w64.abs().T)
+    return cases
+
+
+BUFFERED_CHILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_cpu_threads import buffered_cases
+from fastinternlm import cpu
+torch.manual_seed({seed})
+torch.save({{"isa": cpu.cpu_isa(), "out": buffered_cases({dtype}, None)}}, {path!r})
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "x86-64-v3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemm_buffered_path_on_every_tier(device, cpu_only, dtype, isa, seed, tmp_path):
+    # This process runs its best tier (x86-64-v4 where the CPU has AVX-512) against a child
+    # with a lower one forced: the same bits, except the generic tier on x86, which has no
+    # FMA (the bound of test_results_do_not_depend_on_cpu_tier_or_env_threads applies).
+    if isa != "generic" and cpu.cpu_isa() != "x86-64-v4":
+        pytest.skip("this CPU has no AVX-512 tier to compare with x86-64-v3")
+    path = tmp_path / "child.pt"
+    env = dict(os.environ, FASTINTERNLM_CPU_ISA=isa)
+    code = BUFFERED_CHILD.format(
+        tests=str(ROOT / "tests"), seed=seed, dtype=f"torch.{str(dtype).split('.')[-1]}", path=str(path)
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    child = torch.load(path)
+    assert child["isa"] == isa
+    torch.manual_seed(seed)
+    bounds = {}
+    ours = buffered_cases(dtype, bounds)
+    generic_has_fma = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+    for name, expected in ours.items():
+        theirs = child["out"][name]
+        if isa == "generic" and cpu.cpu_isa() != "generic" and not generic_has_fma:
+            e = expected.double()
+            u = UNIT_ROUNDOFF[dtype]
+            tol = 2 * bounds[name] * (1 + 2 * u) + 2 * u * e.abs()
+            if dtype == torch.float16:
+                tol = tol + 2.0**-24
             assert bool(((theirs.double() - e).abs() <= tol).all()), f"{name} ({dtype})"
             continue
         assert torch.equal(bits(theirs), bits(expected)), (

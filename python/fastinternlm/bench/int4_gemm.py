@@ -4,8 +4,9 @@
 weights, where this torch build has it for the device and dtype.
 
 CUDA: the InternLM2.5-7B linear layers at M = 1 (decode), 16 and 2048 (prefill), group
-128. CPU: two small square-ish layers at group 128, and SmolLM2-135M's MLP layers at group
-32 (its Q4_1 GGUF), the model the CPU path runs end to end. Decode reads every weight once, so the weights are rotated among copies that
+128. CPU: two small square-ish layers at group 128, and SmolLM2-135M's layers (fused q/k/v,
+o, fused gate/up, down) at group 32 (its Q4_1 GGUF), the model the CPU path runs end to
+end. Decode reads every weight once, so the weights are rotated among copies that
 together exceed L2 (50 MB on H100); otherwise a repeated call would be served from L2.
 
     python -m fastinternlm.bench.int4_gemm [cuda|cpu] [float16|bfloat16|float32]
@@ -35,10 +36,15 @@ CUDA_ROWS = [1, 16, 2048]
 CPU_SHAPES = [
     ("small", 1024, 1024, 128),
     ("ffn-ish", 2816, 1024, 128),
-    ("smollm2 up", 1536, 576, 32),
+    ("smollm2 qkv", 960, 576, 32),
+    ("smollm2 o", 576, 576, 32),
+    ("smollm2 gate/up", 3072, 576, 32),
     ("smollm2 down", 576, 1536, 32),
 ]
-CPU_ROWS = [1, 16, 128]
+# 1: batch-1 decode (the fused path); 16 and 64: the engine's batched decode steps; 512: a
+# prefill chunk (both the buffered path, which has an AVX-512 tier: compare it with
+# FASTINTERNLM_CPU_ISA=x86-64-v3 in a second process).
+CPU_ROWS = [1, 16, 64, 512]
 ROTATE_BYTES = 128 << 20  # > 2x the H100's L2
 
 
