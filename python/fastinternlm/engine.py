@@ -675,6 +675,7 @@ class Engine:
             chunks.append(Chunk(tokens, a.slot.index, start, a.base))
         # ---- one forward: the batched decode rows and the chunks together ----
         decode_rows = None
+        decode_logits = None
         if decoding:
             for a in decoding:
                 if a.req.params.repetition_penalty != 1.0:
@@ -684,13 +685,12 @@ class Engine:
             positions = torch.tensor([a.position() for a in decoding], dtype=torch.int32, device=dev)
             for a in decoding:
                 a.slot.tokens.append(a.seq.ids[-1])
-            decode_rows = DecodeRows(tokens, slots, positions, self._bases(positions, decoding))
-        decode_logits = None
+            if llm.cuda_graph:  # the graph pads the rows and takes the bases itself
+                decode_logits = self._graph_decode(tokens, slots, positions, decoding)
+            else:
+                decode_rows = DecodeRows(tokens, slots, positions, self._bases(positions, decoding))
         hidden_rows: List[torch.Tensor] = []
         row = 0  # rows of `hidden` consumed so far
-        if decode_rows is not None and llm.cuda_graph:
-            decode_logits = self._graph_decode(decode_rows, decoding)
-            decode_rows = None
         if decode_rows is not None or chunks:
             hidden = model.step(decode_rows, chunks)
             if decode_rows is not None:
@@ -752,11 +752,10 @@ class Engine:
             return self.llm._bases_for(positions)
         return torch.tensor([a.base for a in rows], dtype=torch.float32, device=positions.device)
 
-    def _graph_decode(self, decode: DecodeRows, rows) -> torch.Tensor:
+    def _graph_decode(self, tokens, slots, positions, rows) -> torch.Tensor:
         """CUDA: replay the graph of the smallest power-of-two batch (or max_batch) that
         holds these rows; the unused rows get slot -1, which the attention kernel skips, so
         they write nothing, and their logits are dropped."""
-        tokens, slots, positions = decode.tokens, decode.slots, decode.positions
         batch = len(rows)
         bucket = 1
         while bucket < batch:

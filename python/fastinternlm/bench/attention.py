@@ -110,8 +110,6 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
     over the activation-dtype cache of the same shape (what the quantized cache replaces)."""
     out = []
     for bits in (8, 4):
-        pair = 2 * ops.kv_params_dtype(dtype).itemsize
-        row = head_dim * bits // 8 + pair * (head_dim // ops.kv_quant_group(bits, head_dim))  # codes + (scale, zero)
         for batch, ctx in decode_shapes:
             kc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device, dtype)
             vc = _random_quantized(batch, kv_heads, ctx, head_dim, bits, device, dtype)
@@ -134,7 +132,7 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
                     ),
                     lambda q4=q4, bk=bk, bv=bv: _sdpa(q4, bk, bv, False),
                     f"{name} over the {dtype} cache",
-                    bytes=2 * batch * kv_heads * ctx * row,
+                    bytes=kc.nbytes() + vc.nbytes(),  # every row of both caches, codes and pairs
                 )
             )
             del bk, bv
@@ -155,7 +153,7 @@ def _quantized_cases(device, dtype, q_heads, kv_heads, head_dim, decode_shapes, 
                     lambda q=q, k=k, v=v, kc=kc, vc=vc: ops.attention_prefill(q, k, v, kc, vc, 0, 0),
                     lambda qt=qt, bk=bk, bv=bv: _sdpa(qt, bk, bv, True),
                     f"{name}, causal",
-                    bytes=2 * tokens * kv_heads * row,
+                    bytes=kc.nbytes() + vc.nbytes(),
                     flops=4 * tokens * tokens // 2 * head_dim * q_heads,
                 )
             )
