@@ -532,6 +532,7 @@ def test_chat_page_in_headless_chromium(smol, seed):
     n = rng.randint(8, 12)
     ref = smol.generate([{"role": "user", "content": question}], max_new_tokens=n, temperature=0.0)
     browser = _chromium()
+    gate, held = threading.Event(), threading.Event()
     try:
         with serving(smol, max_waiting=8) as (server, engine):
             browser.get(server.url + "/")
@@ -551,8 +552,20 @@ def test_chat_page_in_headless_chromium(smol, seed):
             stats = browser.find_element(By.ID, "stats").text
             assert f"{len(ref.token_ids)} tokens" in stats and "tokens/s" in stats
 
-            # Stop: a long answer is cut off by the button and its request cancelled in the engine.
+            # Stop: an answer still streaming is cut off by the button and its request cancelled
+            # in the engine. The model's reply to this prompt can be a handful of tokens, which
+            # could all arrive before the click, so the engine is held in its first decode step
+            # (after the prefill has streamed the first token) until the page has stopped.
             cancelled = engine.stats()["requests_cancelled"]
+            real_step = smol.model.step
+
+            def held_step(decode, chunks=()):
+                if decode is not None:
+                    held.set()
+                    gate.wait(60)
+                return real_step(decode, chunks)
+
+            smol.model.step = held_step
             box = browser.find_element(By.ID, "max-tokens")
             box.clear()
             box.send_keys("2000")
@@ -572,10 +585,14 @@ def test_chat_page_in_headless_chromium(smol, seed):
                 30,
                 "the page to stop",
             )
+            assert held.is_set()  # the page stopped while the answer was still being generated
+            gate.set()
             _wait_for(lambda: engine.stats()["requests_cancelled"] > cancelled, 60, "the engine to cancel")
             browser.find_element(By.ID, "new-chat").click()
             assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
+        gate.set()
+        smol.model.__dict__.pop("step", None)
         browser.quit()
 
 
