@@ -429,10 +429,24 @@ def test_queue_full_429_and_disconnect_frees_the_slot(tmp_path):
         # The slot serves the next request.
         r = httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False, max_tokens=2), timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-        # A client of a non-streamed request that gives up is noticed too.
+        # A client of a non-streamed request that gives up is noticed too. The engine is held
+        # in its decode steps until the client has given up, so a machine fast enough to write
+        # the 400 tokens within the client's 3 s cannot answer before the timeout.
         cancelled = _stats(server)["requests_cancelled"]
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False), timeout=3)
+        gate, real_step = threading.Event(), llm.model.step
+
+        def held_step(decode, chunks=()):
+            if decode is not None:
+                gate.wait(60)
+            return real_step(decode, chunks)
+
+        llm.model.step = held_step
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False), timeout=3)
+        finally:
+            gate.set()
+            del llm.model.step
         _wait_for(lambda: _stats(server)["requests_cancelled"] == cancelled + 1, 60, "the abandoned request to end")
         _wait_for(lambda: _stats(server)["free_slots"] == 1, 60, "its slot to be free")
 
