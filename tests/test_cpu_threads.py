@@ -155,6 +155,43 @@ def test_results_do_not_depend_on_thread_count(device, cpu_only, dtype, seed):
             )
 
 
+def run_child(template: str, isa: str, seed: int, dtype, tmp_path, **env) -> dict:
+    """Runs `template` (CHILD or BUFFERED_CHILD) in a fresh process with the tier forced to
+    `isa` (the tier and the environment's thread count are read once per process) and
+    returns what it saved."""
+    path = tmp_path / "child.pt"
+    code = template.format(
+        tests=str(ROOT / "tests"), seed=seed, dtype=f"torch.{str(dtype).split('.')[-1]}", path=str(path)
+    )
+    env = dict(os.environ, FASTINTERNLM_CPU_ISA=isa, **env)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    child = torch.load(path)
+    assert child["isa"] == isa
+    return child
+
+
+def assert_same_as_tier(ours: dict, theirs: dict, bounds: dict, dtype, isa: str) -> None:
+    """Every result equals the child's bit for bit, except against the generic tier on x86,
+    which has no FMA: there a rounded product and sum replace an FMA per term, both
+    accumulations lie within the bound B of the exact value and each rounds once to dtype,
+    so they differ by at most 2 B + u (|a| + |b|) <= 2 B (1 + u) + u (2 |a| + 2 B)."""
+    generic_has_fma = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+    for name, expected in ours.items():
+        got = theirs[name]
+        if name in bounds and isa == "generic" and cpu.cpu_isa() != "generic" and not generic_has_fma:
+            e = expected.double()
+            u = UNIT_ROUNDOFF[dtype]
+            tol = 2 * bounds[name] * (1 + 2 * u) + 2 * u * e.abs()
+            if dtype == torch.float16:
+                tol = tol + 2.0**-24  # both may round an underflowing result
+            assert bool(((got.double() - e).abs() <= tol).all()), f"{name} ({dtype})"
+            continue
+        assert torch.equal(bits(got), bits(expected)), (
+            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the {isa} one"
+        )
+
+
 CHILD = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -173,36 +210,12 @@ def test_results_do_not_depend_on_cpu_tier_or_env_threads(device, cpu_only, dtyp
     # read once per process) against this process's default tier, one thread.
     if isa != "generic" and cpu.cpu_isa() != "x86-64-v4":
         pytest.skip("this CPU has no AVX-512 tier to compare with x86-64-v3")
-    path = tmp_path / "child.pt"
-    env = dict(os.environ, FASTINTERNLM_CPU_ISA=isa, FASTINTERNLM_NUM_THREADS="2")
-    code = CHILD.format(
-        tests=str(ROOT / "tests"), seed=seed, dtype=f"torch.{str(dtype).split('.')[-1]}", path=str(path)
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    child = torch.load(path)
-    assert child["isa"] == isa and child["threads"] == 2
+    child = run_child(CHILD, isa, seed, dtype, tmp_path, FASTINTERNLM_NUM_THREADS="2")
+    assert child["threads"] == 2
     cpu.set_num_threads(1)
     torch.manual_seed(seed)
     bounds = {}
-    ours = run_ops(dtype, bounds)
-    generic_has_fma = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
-    for name, expected in ours.items():
-        theirs = child["out"][name]
-        if name in bounds and isa == "generic" and cpu.cpu_isa() != "generic" and not generic_has_fma:
-            # A rounded product and sum instead of an FMA per term: both accumulations lie
-            # within the bound B of the exact value, then each rounds once to dtype, so
-            # they differ by at most 2 B + u (|a| + |b|) <= 2 B (1 + u) + u (2 |a| + 2 B).
-            e = expected.double()
-            u = UNIT_ROUNDOFF[dtype]
-            tol = 2 * bounds[name] * (1 + 2 * u) + 2 * u * e.abs()
-            if dtype == torch.float16:
-                tol = tol + 2.0**-24  # both may round an underflowing result
-            assert bool(((theirs.double() - e).abs() <= tol).all()), f"{name} ({dtype})"
-            continue
-        assert torch.equal(bits(theirs), bits(expected)), (
-            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the {isa} one"
-        )
+    assert_same_as_tier(run_ops(dtype, bounds), child["out"], bounds, dtype, isa)
 
 
 # int4_gemm's buffered path (m >= 4 rows of x), which has its own x86-64-v4 kernels (two
@@ -251,35 +264,13 @@ torch.save({{"isa": cpu.cpu_isa(), "out": buffered_cases({dtype}, None)}}, {path
 def test_int4_gemm_buffered_path_on_every_tier(device, cpu_only, dtype, isa, seed, tmp_path):
     # This process runs its best tier (x86-64-v4 where the CPU has AVX-512) against a child
     # with a lower one forced: the same bits, except the generic tier on x86, which has no
-    # FMA (the bound of test_results_do_not_depend_on_cpu_tier_or_env_threads applies).
+    # FMA (assert_same_as_tier gives the bound).
     if isa != "generic" and cpu.cpu_isa() != "x86-64-v4":
         pytest.skip("this CPU has no AVX-512 tier to compare with x86-64-v3")
-    path = tmp_path / "child.pt"
-    env = dict(os.environ, FASTINTERNLM_CPU_ISA=isa)
-    code = BUFFERED_CHILD.format(
-        tests=str(ROOT / "tests"), seed=seed, dtype=f"torch.{str(dtype).split('.')[-1]}", path=str(path)
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    child = torch.load(path)
-    assert child["isa"] == isa
+    child = run_child(BUFFERED_CHILD, isa, seed, dtype, tmp_path)
     torch.manual_seed(seed)
     bounds = {}
-    ours = buffered_cases(dtype, bounds)
-    generic_has_fma = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
-    for name, expected in ours.items():
-        theirs = child["out"][name]
-        if isa == "generic" and cpu.cpu_isa() != "generic" and not generic_has_fma:
-            e = expected.double()
-            u = UNIT_ROUNDOFF[dtype]
-            tol = 2 * bounds[name] * (1 + 2 * u) + 2 * u * e.abs()
-            if dtype == torch.float16:
-                tol = tol + 2.0**-24
-            assert bool(((theirs.double() - e).abs() <= tol).all()), f"{name} ({dtype})"
-            continue
-        assert torch.equal(bits(theirs), bits(expected)), (
-            f"{name} ({dtype}) differs between the {cpu.cpu_isa()} tier and the {isa} one"
-        )
+    assert_same_as_tier(buffered_cases(dtype, bounds), child["out"], bounds, dtype, isa)
 
 
 def test_concurrent_callers(device, cpu_only):

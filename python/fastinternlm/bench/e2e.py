@@ -999,6 +999,16 @@ def run_kv_case(bench: Bench, w: Weights, precision: str, kv: str, ctx: int, ban
         bench.free()
 
 
+def _copy_bandwidth(bench: Bench, device: torch.device) -> Optional[float]:
+    """The device's measured copy bandwidth (read + write, bytes/s): the ceiling each
+    memory-bound row is reported against. Recorded in the JSON whatever it is."""
+    bandwidth = bench.section("copy bandwidth", lambda: copy_bandwidth(device), always=True)
+    if bandwidth:
+        bench.log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    bench.info["copy_bandwidth"] = bandwidth
+    return bandwidth
+
+
 def run_kv(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     bench.info.update(device=name, torch=torch.__version__, shapes=args.shapes, mode="kv-cache")
@@ -1009,10 +1019,7 @@ def run_kv(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
     )
     torch.manual_seed(0)
     config = make_config(args.shapes)
-    bandwidth = bench.section("copy bandwidth", lambda: copy_bandwidth(device), always=True)
-    if bandwidth:
-        bench.log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
-    bench.info["copy_bandwidth"] = bandwidth
+    bandwidth = _copy_bandwidth(bench, device)
     w = bench.section("random weights", lambda: Weights(config, device), always=True)
     if w is None:
         return []
@@ -1297,11 +1304,7 @@ def run(bench: Bench, args, device: torch.device) -> List[Dict[str, Any]]:
         bench.log(f"int4 GEMV (M <= 16) variant {args.small_m_variant} selected (benchmarking hook)")
     bench.info["small_m_variant"] = 0 if args.small_m_variant is None else args.small_m_variant
     config = make_config(args.shapes)
-    bandwidth = None
-    if device.type == "cuda":
-        bandwidth = bench.section("copy bandwidth", lambda: copy_bandwidth(device), always=True)
-        if bandwidth:
-            bench.log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    bandwidth = _copy_bandwidth(bench, device) if device.type == "cuda" else None
     bench.info["copy_bandwidth"] = bandwidth
 
     w = bench.section("random weights", lambda: Weights(config, device), always=True)
