@@ -344,9 +344,12 @@ Status check_common(const Context& ctx, DType dtype, const void* out, const void
   if (!(scale > 0.0f) || !std::isfinite(scale))
     return invalid_value("scale must be a finite number > 0, got ", scale);
   if (ctx.device == Device::kCUDA) {
-    // Positions are int32 on the device and the grid spans kv_heads and rows.
-    if (cache.max_seq > std::numeric_limits<int32_t>::max())
-      return invalid_value("max_seq must be < 2^31 on CUDA, got ", cache.max_seq);
+    // Positions are int32 on the device, and the kernels step a tile of keys past the last
+    // position (decode up to 64, prefill 64) before the loop test: 256 of headroom keeps
+    // every such index in int32. The grid spans kv_heads and rows.
+    constexpr int64_t kMaxSeqCuda = std::numeric_limits<int32_t>::max() - 256;
+    if (cache.max_seq > kMaxSeqCuda)
+      return invalid_value("max_seq must be <= ", kMaxSeqCuda, " on CUDA, got ", cache.max_seq);
     if (cache.kv_heads > 65535) return invalid_value("kv_heads must be <= 65535 on CUDA, got ", cache.kv_heads);
     const int64_t max_rows = std::string(rows_name) == "batch" ? 65535 : std::numeric_limits<int32_t>::max();
     if (rows > max_rows) return invalid_value(rows_name, " must be <= ", max_rows, " on CUDA, got ", rows);

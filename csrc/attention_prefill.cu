@@ -453,6 +453,25 @@ prefill_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* 
   }
 }
 
+// Over the 48 KiB default, the dynamic shared memory is an opt-in per kernel (and device),
+// cheap to repeat. Done before the cache write: a device whose opt-in maximum is smaller
+// (sm_86 and sm_89 allow 99 KiB; head_dim 128 with a float16 or int8 cache needs more)
+// refuses the call with the cache untouched, not after the new rows are in it.
+template <typename T, int D, int F>
+Status opt_in_prefill_smem(const Context& ctx) {
+  constexpr int smem = prefill_smem_bytes<D, F>();
+  int limit = 0;
+  FIL_RETURN_IF_ERROR(cuda_status(
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, ctx.device_index),
+      "attention_prefill: cudaDeviceGetAttribute"));
+  if (smem > limit)
+    return invalid_value("attention_prefill: head_dim ", D, " with this cache format needs ", smem,
+                         " bytes of shared memory per block, the device allows ", limit);
+  return cuda_status(
+      cudaFuncSetAttribute(prefill_attention_kernel<T, D, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+      "attention_prefill: cudaFuncSetAttribute");
+}
+
 template <typename T, int D, int F>
 Status launch_prefill(const Context& ctx, T* out, const T* q, const T* kc, const T* vc,
                       const KVCache& cache, int64_t tokens, int64_t q_heads, int64_t slot,
@@ -462,10 +481,6 @@ Status launch_prefill(const Context& ctx, T* out, const T* q, const T* kc, const
   const int64_t blocks = (tokens + tile_tokens - 1) / tile_tokens * cache.kv_heads;
   auto kernel = prefill_attention_kernel<T, D, F>;
   constexpr int smem = prefill_smem_bytes<D, F>();
-  // Over the 48 KiB default: the opt-in is per kernel (and device), and cheap to repeat.
-  FIL_RETURN_IF_ERROR(cuda_status(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-      "attention_prefill: cudaFuncSetAttribute"));
   kernel<<<static_cast<unsigned>(blocks), kPrefillThreads, smem, stream_of(ctx)>>>(
       out, q, kc, vc, static_cast<int>(tokens), static_cast<int>(q_heads), static_cast<int>(group),
       tile_tokens, static_cast<int>(cache.kv_heads), cache.max_seq, slot, start, scale * kLog2e,
@@ -479,13 +494,11 @@ Status launch_prefill(const Context& ctx, T* out, const T* q, const T* kc, const
 Status attention_prefill(const Context& ctx, DType dtype, void* out, const void* q, const void* k,
                          const void* v, const KVCache& cache, int64_t tokens, int64_t q_heads,
                          int64_t slot, int64_t start, float scale) {
-  // Refused before anything is written. The kernel does position math in int, up to a key
-  // tile past the last position; its 1-D grid has ceil(tokens / tile tokens) * kv_heads
-  // blocks. (tokens, kv_heads, max_seq are validated by the caller; these are far above
-  // any model's sizes.)
-  if (cache.max_seq > 0x7fffffff - kTileKeys)
-    return invalid_value("attention_prefill: max_seq must be <= ", 0x7fffffff - kTileKeys,
-                         " on CUDA, got ", cache.max_seq);
+  // Refused before anything is written. The 1-D grid has ceil(tokens / tile tokens) *
+  // kv_heads blocks. (tokens, kv_heads and max_seq, whose bound keeps a key tile past the
+  // last position in int32, are validated by the caller; these are far above any model's
+  // sizes.)
+  static_assert(kTileKeys <= 256, "the caller's max_seq bound leaves 256 positions of headroom");
   if (tokens * cache.kv_heads > 0x7fffffff)  // a block has at least one token
     return invalid_value("attention_prefill: tokens * kv_heads must be <= ", 0x7fffffff,
                          " on CUDA, got ", tokens, " * ", cache.kv_heads);
@@ -498,6 +511,8 @@ Status attention_prefill(const Context& ctx, DType dtype, void* out, const void*
     if (cache.format == KVCacheFormat::kActivation) {
       T* kc = static_cast<T*>(cache.k);
       T* vc = static_cast<T*>(cache.v);
+      FIL_RETURN_IF_ERROR((cache.head_dim == 64 ? opt_in_prefill_smem<T, 64, 0>(ctx)
+                                                : opt_in_prefill_smem<T, 128, 0>(ctx)));
       const int64_t vecs = tokens * cache.kv_heads * (cache.head_dim / 8);
       const unsigned write_blocks = static_cast<unsigned>(vecs / 256 + 1 < 8192 ? vecs / 256 + 1 : 8192);
       prefill_write_kv_kernel<T><<<write_blocks, 256, 0, stream>>>(
@@ -512,6 +527,7 @@ Status attention_prefill(const Context& ctx, DType dtype, void* out, const void*
     }
     auto quantized = [&](auto dim, auto fmt) -> Status {
       constexpr int D = decltype(dim)::value, F = decltype(fmt)::value;
+      FIL_RETURN_IF_ERROR((opt_in_prefill_smem<T, D, F>(ctx)));
       const int64_t rows = tokens * cache.kv_heads;
       constexpr int kRowsPerBlock = 256 / (D / 8);
       const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+import fastinternlm
 from conftest import UNIT_ROUNDOFF, assert_close, rand
 from fastinternlm import ops
-from fastinternlm.ops._checks import _C, context, dtype_code
+from fastinternlm.ops._checks import _C, DEVICE_CODES, context, dtype_code
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 GROUPS = [1, 2, 3, 4, 6, 8]
@@ -688,3 +689,22 @@ def test_decode_split_tuning_hook():
     finally:
         _C._set_decode_split_tuning(*_C.decode_split_defaults)
     assert 0 < few < many
+
+
+def test_cuda_refuses_a_max_seq_past_int32_positions_before_the_device():
+    # Positions are int32 in the CUDA kernels, which step a key tile past the last one:
+    # the bound leaves that headroom. Refused by the argument checks, before any device
+    # call, so it runs without a GPU wherever the CUDA kernels are built. The pointers are
+    # never dereferenced (1 TiB apart, so no range overlaps another at this max_seq).
+    if not fastinternlm.build_info()["cuda"]:
+        pytest.skip("this build has no CUDA kernels")
+    cuda, fp16 = DEVICE_CODES["cuda"], dtype_code(torch.float16)
+    p = [(i + 1) << 40 for i in range(9)]
+    bound = 2**31 - 1 - 256
+    for max_seq in (bound + 1, 2**31 - 1, 2**31):
+        with pytest.raises(ValueError, match=f"max_seq must be <= {bound} on CUDA, got {max_seq}"):
+            _C.attention_prefill(cuda, 0, 0, fp16, *p[:6], 1, 1, max_seq, 64, 1, 1, 0, 0, 0.125, 0, 0, 0)
+        with pytest.raises(ValueError, match=f"max_seq must be <= {bound} on CUDA, got {max_seq}"):
+            _C.attention_decode(
+                cuda, 0, 0, fp16, *p[:6], 1, 1, max_seq, 64, 1, 1, p[6], p[7], 0.125, p[8], 1 << 30, 0, 0, 0
+            )

@@ -67,7 +67,8 @@ namespace fastinternlm {
 //   int8: 128 of codes + 8 (float32 pair) or 4 (float16 pair)
 //   int4:  64 of codes + 64 (8 float32 pairs) or 32 (8 float16 pairs)
 // The rows must be finite. Offsets into the cache are 64-bit on every path (a 1M-token cache
-// of a few slots has more than 2^31 elements per layer).
+// of a few slots has more than 2^31 elements per layer); positions are int32 in the CUDA
+// kernels, so CUDA takes max_seq <= 2^31 - 1 - 256 (a key tile of headroom).
 enum class KVCacheFormat : int { kActivation = 0, kInt8 = 1, kInt4 = 2 };
 
 // Bits per cached value (16/32 for kActivation is the dtype's; this returns 8 or 4, else 0).

@@ -54,9 +54,9 @@ class QuantizedKV:
     nibble of byte j) and params [slots, kv_heads, max_seq, head_dim // group, 2] of
     kv_params_dtype(activation dtype), the (scale, zero) of each group of `group`
     consecutive channels of a row (group = kv_quant_group(bits, head_dim): the whole row for
-    int8, 16 for int4); a group x is stored as q = rint((x - zero) / scale) with
-    zero = min(x), scale = (max(x) - min(x)) / (2^bits - 1) (rounded up to float16 for
-    float16 parameters), and read as q * scale + zero."""
+    int8, 16 for int4); a group x is stored as q = min(2^bits - 1, rint((x - zero) * (1 / scale)))
+    with zero = min(x), scale = (max(x) - min(x)) / (2^bits - 1) (rounded up to float16 for
+    float16 parameters; codes come from the stored scale), and read as q * scale + zero."""
 
     codes: torch.Tensor
     params: torch.Tensor
