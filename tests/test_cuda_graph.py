@@ -97,3 +97,43 @@ def test_graph_refuses_cpu_model(ckpt):
         fastinternlm.load(
             ckpt.path, device="cpu", dtype=torch.float32, progress=False, max_seq_len=32, cuda_graph="yes"
         )
+
+
+def test_padded_buckets_equal_eager_and_spare_unused_slots(ckpt, device):
+    # max_batch 8, five requests of different lengths: the decode batch shrinks from 5 to 1,
+    # so the replays use buckets 8, 4, 2 and 1 with padded rows (slot -1) beside live ones.
+    # The tokens equal eager decoding's, and the three slots no request used keep their
+    # (random) contents through the captures and every replay.
+    cuda_or_skip(device)
+    batch = prompts(ckpt, [37, 5, 50, 12, 21])
+    lengths = [9, 23, 40, 17, 31]
+
+    def run(cuda_graph):
+        llm = fastinternlm.load(
+            ckpt.path,
+            device=device,
+            dtype=torch.float16,
+            progress=False,
+            max_seq_len=160,
+            max_batch=8,
+            cuda_graph=cuda_graph,
+        )
+        caches = llm.model.k_cache + llm.model.v_cache
+        for t in caches:
+            t.normal_()
+        before = [t.clone() for t in caches]
+        engine = fastinternlm.Engine(llm)
+        assert llm.cuda_graph == cuda_graph  # the captures at engine start succeeded
+        reqs = [engine.submit(p, max_new_tokens=n) for p, n in zip(batch, lengths)]
+        out = [r.result(timeout=120).token_ids for r in reqs]
+        used = {s.index for s in engine._slots if s.tokens}
+        engine.close()
+        return out, used, before, caches
+
+    graphed, used, before, caches = run(True)
+    eager, _, _, _ = run(False)
+    assert graphed == eager
+    assert len(used) == len(batch)
+    spare = [i for i in range(8) if i not in used]
+    for a, b in zip(before, caches):
+        assert torch.equal(a[spare], b[spare])

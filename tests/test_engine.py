@@ -321,6 +321,28 @@ def test_a_request_whose_stop_handling_raises_leaves_the_others_correct(ckpt, mo
     assert llm.engine.healthy and llm.engine.stats()["requests_failed"] == 1
 
 
+def test_a_failing_graph_capture_falls_back_to_eager_decoding_with_a_warning(ckpt):
+    # The engine captures its decode graphs before it serves; a capture that fails (a
+    # driver without some feature, memory) must leave a working engine and say so. On the
+    # CPU the capture is replaced by one that fails the way torch's does.
+    llm = load(ckpt, max_batch=2)
+    no_stop(llm)
+    p = prompt_ids(ckpt, 9)
+
+    def capture():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    llm.cuda_graph = True
+    llm._capture_decode_graphs = capture
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed .*not permitted.* decodes eagerly"):
+        engine = Engine(llm)
+    assert llm.cuda_graph is False
+    got = engine.submit(p, max_new_tokens=12).result(timeout=60)
+    assert engine.healthy
+    engine.close()
+    assert got.token_ids == solo(ckpt, [(p, dict(max_new_tokens=12))])[0].token_ids
+
+
 def test_a_failing_forward_marks_the_engine_unhealthy(ckpt):
     llm = load(ckpt, max_batch=2)
     no_stop(llm)

@@ -16,7 +16,7 @@ same kernels; tests check that both give the same tokens.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -24,14 +24,37 @@ from . import _C
 from .model import Transformer
 
 
+def decode_buckets(max_batch: int) -> List[int]:
+    """The batch sizes graphs are captured for: the powers of two below max_batch, and
+    max_batch. A step of b rows replays the smallest bucket >= b (bucket_for), its spare
+    rows padded; a graph per batch size would multiply the captures and their memory."""
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_batch]
+
+
+def bucket_for(batch: int, max_batch: int) -> int:
+    """The smallest of decode_buckets(max_batch) that holds `batch` rows."""
+    b = 1
+    while b < batch:
+        b *= 2
+    return min(b, max_batch)
+
+
 class DecodeGraph:
-    """model.decode for a fixed batch size, captured on first construction.
+    """model.decode for a fixed batch size, captured when constructed.
 
     bases_for: optional callable positions -> float32 bases [batch], captured inside the
     graph (dynamic NTK computes each sequence's base from its position on the device); when
     None, `run` takes the bases as an input.
     pool: a memory pool handle shared with other graphs of the same model
-    (torch.cuda.graph_pool_handle()), so graphs for several batch sizes reuse one pool."""
+    (torch.cuda.graph_pool_handle()), so graphs for several batch sizes reuse one pool.
+    stream: the stream to capture on (graphs sharing a pool should share it); a new one on
+    the model's device when None. Never torch's default capture stream: that one is made
+    once, on whichever device was current then, and a capture on a stream of another
+    device than the model's records nothing (an empty graph whose replay does nothing)."""
 
     def __init__(
         self,
@@ -39,12 +62,23 @@ class DecodeGraph:
         batch: int,
         bases_for: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         pool=None,
+        stream: Optional["torch.cuda.Stream"] = None,
     ):
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
         if not isinstance(batch, int) or not 1 <= batch <= model.max_batch:
             raise ValueError(f"batch must be an integer in [1, max_batch={model.max_batch}], got {batch!r}")
-        dev = model.device
+        # The model's device is made current for the warm-up and the capture: torch's
+        # current stream and the library handles it creates are per device.
+        with torch.cuda.device(model.device):
+            self._build(model, batch, bases_for, pool, stream)
+
+    def _build(self, model, batch, bases_for, pool, stream) -> None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # the model's, with its index
+        if stream is None:
+            stream = torch.cuda.Stream(device=dev)
+        if stream.device != dev:
+            raise ValueError(f"stream must be on the model's device {dev}, got one on {stream.device}")
         self.model = model
         self.batch = batch
         self.bases_for = bases_for
@@ -67,9 +101,11 @@ class DecodeGraph:
             for _ in range(2):
                 step()
         torch.cuda.current_stream(dev).wait_stream(side)
-        self.programmatic_launch = bool(_C.programmatic_launch())
+        # Whether the captured kernels use programmatic launch: the switch is on and the
+        # device has it (compute capability 9.0+; below, the kernels launch plainly).
+        self.programmatic_launch = bool(_C.programmatic_launch()) and torch.cuda.get_device_capability(dev)[0] >= 9
         try:
-            self.graph, self.logits = self._capture(step, pool)
+            self.graph, self.logits = self._capture(step, pool, stream)
         except RuntimeError:
             if not self.programmatic_launch:
                 raise
@@ -78,17 +114,24 @@ class DecodeGraph:
             torch.cuda.synchronize(dev)
             _C.set_programmatic_launch(False)
             try:
-                self.graph, self.logits = self._capture(step, pool)
+                self.graph, self.logits = self._capture(step, pool, stream)
             finally:
                 _C.set_programmatic_launch(True)
             self.programmatic_launch = False
         torch.cuda.synchronize(dev)
 
     @staticmethod
-    def _capture(step, pool):
+    def _capture(step, pool, stream):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            logits = step()
+        current = torch.cuda.current_stream(stream.device)
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                logits = step()
+        finally:
+            # A capture that fails at its end (an invalidated capture raises in capture_end)
+            # leaves torch.cuda.graph without restoring the current stream: later eager work
+            # of this thread would run on the capture stream, unordered with other threads'.
+            torch.cuda.set_stream(current)
         return graph, logits
 
     def run(
@@ -110,4 +153,4 @@ class DecodeGraph:
         return self.logits
 
 
-__all__ = ["DecodeGraph"]
+__all__ = ["DecodeGraph", "bucket_for", "decode_buckets"]

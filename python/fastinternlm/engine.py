@@ -62,11 +62,13 @@ import itertools
 import math
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 
+from .cuda_graph import bucket_for
 from .model import Chunk, DecodeRows
 from .sequence import Generation, PrefillProgress, SequenceState, prefill_chunk, prefill_progress
 from .sampling import SamplingParams, sample_rows
@@ -348,6 +350,19 @@ class Engine:
         )
         self._ttft: Deque[float] = collections.deque(maxlen=4096)
         self._itl: Deque[float] = collections.deque(maxlen=16384)
+        if llm.cuda_graph:
+            try:
+                llm._capture_decode_graphs()
+            except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy
+                # Eager decoding computes the same tokens with the same kernels, only with
+                # more launch overhead per step: serve that way rather than not at all.
+                llm.cuda_graph = False
+                warnings.warn(
+                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); the engine decodes "
+                    "eagerly (the same tokens, more launch overhead per step)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self._thread = threading.Thread(
             target=_scheduler_main, args=(weakref.ref(self), self._wake), name="fastinternlm-engine", daemon=True
         )
@@ -757,10 +772,7 @@ class Engine:
         holds these rows; the unused rows get slot -1, which the attention kernel skips, so
         they write nothing, and their logits are dropped."""
         batch = len(rows)
-        bucket = 1
-        while bucket < batch:
-            bucket *= 2
-        bucket = min(bucket, self.model.max_batch)
+        bucket = bucket_for(batch, self.model.max_batch)
         pad = bucket - batch
         if pad:
             dev = tokens.device
@@ -826,6 +838,13 @@ class Engine:
 def _scheduler_main(ref, wake: threading.Event) -> None:
     """The scheduler loop. It holds its engine only weakly while idle, so an engine (and
     the model it holds) that nobody references any more is collected and the thread ends."""
+    engine = ref()
+    if engine is not None and engine.llm.device.type == "cuda" and engine.llm.device.index is not None:
+        # A new thread's current device is 0: torch's current stream (which the kernels
+        # launch on) and the graphs' replays are per device, so use the model's (load
+        # gives every CUDA model its index).
+        torch.cuda.set_device(engine.llm.device.index)
+    del engine
     while True:
         engine = ref()
         if engine is None:

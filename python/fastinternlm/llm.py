@@ -72,24 +72,41 @@ class LLM:
         self._vocab_limit = min(self.config.vocab_size, tokenizer.vocab_size)
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
-        # Decode steps replay a captured CUDA graph (one per batch size, captured on first
-        # use); on the CPU, or with cuda_graph=False, they run eagerly.
+        # Decode steps replay a captured CUDA graph (one per bucket of batch sizes, captured
+        # when the engine starts); on the CPU, or with cuda_graph=False, they run eagerly.
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graphs = {}
         self._graph_pool = None
+        self._graph_stream = None
         self._engine = None
         self._engine_lock = threading.Lock()
 
     def _decode_graph(self, batch: int):
-        graph = self._graphs.get(batch)
+        # Keyed by the NTK mode too: an "hf" graph computes the bases inside and ignores
+        # the ones passed to it, so a mode changed later needs its own graph.
+        key = (batch, self.ntk_mode)
+        graph = self._graphs.get(key)
         if graph is None:
             from .cuda_graph import DecodeGraph
 
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
+                self._graph_stream = torch.cuda.Stream(device=self.device)
             bases_for = self._bases_for if self.ntk_mode == "hf" else None
-            graph = self._graphs[batch] = DecodeGraph(self.model, batch, bases_for, self._graph_pool)
+            graph = DecodeGraph(self.model, batch, bases_for, self._graph_pool, self._graph_stream)
+            self._graphs[key] = graph
         return graph
+
+    def _capture_decode_graphs(self) -> None:
+        """Captures the graph of every decode bucket now. The engine calls this before it
+        serves: a capture in the middle of serving stalls every request for its warm-up
+        and capture, and CUDA work from another thread while it runs (global capture mode)
+        invalidates it."""
+        from .cuda_graph import decode_buckets
+
+        with torch.inference_mode():
+            for batch in decode_buckets(self.model.max_batch):
+                self._decode_graph(batch)
 
     # ---- rotary bases ------------------------------------------------------------------
     def _base(self, length: int) -> float:
