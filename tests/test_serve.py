@@ -112,6 +112,29 @@ def serving(llm, name="test-model", **engine_kw):
         assert not engine.healthy  # the app's shutdown closed it
 
 
+@contextlib.contextmanager
+def decode_held(llm):
+    """Holds the engine at its next decode step (a prompt's prefill, which streams the
+    first token, still runs) until the yielded `release` Event is set; `reached` is set once
+    a decode step is waiting. So a test can act while an answer is certainly unfinished,
+    however few tokens the model would have written. Released and removed on exit."""
+    release, reached = threading.Event(), threading.Event()
+    real_step = llm.model.step
+
+    def held_step(decode, chunks=()):
+        if decode is not None:
+            reached.set()
+            release.wait(60)
+        return real_step(decode, chunks)
+
+    llm.model.step = held_step
+    try:
+        yield release, reached
+    finally:
+        release.set()
+        del llm.model.step
+
+
 def _client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -433,20 +456,8 @@ def test_queue_full_429_and_disconnect_frees_the_slot(tmp_path):
         # in its decode steps until the client has given up, so a machine fast enough to write
         # the 400 tokens within the client's 3 s cannot answer before the timeout.
         cancelled = _stats(server)["requests_cancelled"]
-        gate, real_step = threading.Event(), llm.model.step
-
-        def held_step(decode, chunks=()):
-            if decode is not None:
-                gate.wait(60)
-            return real_step(decode, chunks)
-
-        llm.model.step = held_step
-        try:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False), timeout=3)
-        finally:
-            gate.set()
-            del llm.model.step
+        with decode_held(llm), pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=dict(long, stream=False), timeout=3)
         _wait_for(lambda: _stats(server)["requests_cancelled"] == cancelled + 1, 60, "the abandoned request to end")
         _wait_for(lambda: _stats(server)["free_slots"] == 1, 60, "its slot to be free")
 
@@ -546,7 +557,6 @@ def test_chat_page_in_headless_chromium(smol, seed):
     n = rng.randint(8, 12)
     ref = smol.generate([{"role": "user", "content": question}], max_new_tokens=n, temperature=0.0)
     browser = _chromium()
-    gate, held = threading.Event(), threading.Event()
     try:
         with serving(smol, max_waiting=8) as (server, engine):
             browser.get(server.url + "/")
@@ -571,42 +581,32 @@ def test_chat_page_in_headless_chromium(smol, seed):
             # could all arrive before the click, so the engine is held in its first decode step
             # (after the prefill has streamed the first token) until the page has stopped.
             cancelled = engine.stats()["requests_cancelled"]
-            real_step = smol.model.step
-
-            def held_step(decode, chunks=()):
-                if decode is not None:
-                    held.set()
-                    gate.wait(60)
-                return real_step(decode, chunks)
-
-            smol.model.step = held_step
-            box = browser.find_element(By.ID, "max-tokens")
-            box.clear()
-            box.send_keys("2000")
-            browser.find_element(By.ID, "input").send_keys("Tell me a very long story.")
-            browser.find_element(By.ID, "send").click()
-            _wait_for(
-                lambda: (
-                    len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
-                    and browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1].text.strip()
-                ),
-                120,
-                "the second answer to start",
-            )
-            browser.find_element(By.ID, "stop").click()
-            _wait_for(
-                lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='stopped']"),
-                30,
-                "the page to stop",
-            )
-            assert held.is_set()  # the page stopped while the answer was still being generated
-            gate.set()
+            with decode_held(smol) as (release, reached):
+                box = browser.find_element(By.ID, "max-tokens")
+                box.clear()
+                box.send_keys("2000")
+                browser.find_element(By.ID, "input").send_keys("Tell me a very long story.")
+                browser.find_element(By.ID, "send").click()
+                _wait_for(
+                    lambda: (
+                        len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
+                        and browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1].text.strip()
+                    ),
+                    120,
+                    "the second answer to start",
+                )
+                browser.find_element(By.ID, "stop").click()
+                _wait_for(
+                    lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='stopped']"),
+                    30,
+                    "the page to stop",
+                )
+                assert reached.is_set()  # the page stopped while the answer was still being generated
+                release.set()
             _wait_for(lambda: engine.stats()["requests_cancelled"] > cancelled, 60, "the engine to cancel")
             browser.find_element(By.ID, "new-chat").click()
             assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
-        gate.set()
-        smol.model.__dict__.pop("step", None)
         browser.quit()
 
 

@@ -695,15 +695,15 @@ class Engine:
             for a in decoding:
                 if a.req.params.repetition_penalty != 1.0:
                     self._seen[a.slot.index, a.seq.ids[-1]] = True
-            tokens = torch.tensor([a.seq.ids[-1] for a in decoding], dtype=torch.int64, device=dev)
-            slots = torch.tensor([a.slot.index for a in decoding], dtype=torch.int32, device=dev)
-            positions = torch.tensor([a.position() for a in decoding], dtype=torch.int32, device=dev)
+            if llm.cuda_graph:  # the graph pads the rows and takes the bases itself
+                decode_logits = self._graph_decode(decoding)
+            else:
+                tokens = torch.tensor([a.seq.ids[-1] for a in decoding], dtype=torch.int64, device=dev)
+                slots = torch.tensor([a.slot.index for a in decoding], dtype=torch.int32, device=dev)
+                positions = torch.tensor([a.position() for a in decoding], dtype=torch.int32, device=dev)
+                decode_rows = DecodeRows(tokens, slots, positions, self._bases(positions, decoding))
             for a in decoding:
                 a.slot.tokens.append(a.seq.ids[-1])
-            if llm.cuda_graph:  # the graph pads the rows and takes the bases itself
-                decode_logits = self._graph_decode(tokens, slots, positions, decoding)
-            else:
-                decode_rows = DecodeRows(tokens, slots, positions, self._bases(positions, decoding))
         hidden_rows: List[torch.Tensor] = []
         row = 0  # rows of `hidden` consumed so far
         if decode_rows is not None or chunks:
@@ -767,26 +767,22 @@ class Engine:
             return self.llm._bases_for(positions)
         return torch.tensor([a.base for a in rows], dtype=torch.float32, device=positions.device)
 
-    def _graph_decode(self, tokens, slots, positions, rows) -> torch.Tensor:
-        """CUDA: replay the graph of the smallest power-of-two batch (or max_batch) that
-        holds these rows; the unused rows get slot -1, which the attention kernel skips, so
-        they write nothing, and their logits are dropped."""
+    def _graph_decode(self, rows: List[_Active]) -> torch.Tensor:
+        """CUDA: replay the graph of the smallest bucket (cuda_graph.bucket_for) that holds
+        these rows; the padding rows get slot -1, which the attention kernel skips, so they
+        write nothing, and their logits are dropped. The rows are padded on the host, so
+        each input is one copy to the device."""
         batch = len(rows)
-        bucket = bucket_for(batch, self.model.max_batch)
-        pad = bucket - batch
-        if pad:
-            dev = tokens.device
-            tokens = torch.cat([tokens, torch.zeros(pad, dtype=tokens.dtype, device=dev)])
-            slots = torch.cat([slots, torch.full((pad,), -1, dtype=slots.dtype, device=dev)])
-            positions = torch.cat([positions, torch.zeros(pad, dtype=positions.dtype, device=dev)])
-        graph = self.llm._decode_graph(bucket)
+        pad = bucket_for(batch, self.model.max_batch) - batch
+        dev = self.llm.device
+        tokens = torch.tensor([a.seq.ids[-1] for a in rows] + [0] * pad, dtype=torch.int64, device=dev)
+        slots = torch.tensor([a.slot.index for a in rows] + [-1] * pad, dtype=torch.int32, device=dev)
+        positions = torch.tensor([a.position() for a in rows] + [0] * pad, dtype=torch.int32, device=dev)
         bases = None
         if self.llm.ntk_mode != "hf":
-            bases = torch.tensor(
-                [a.base for a in rows] + [float(self.llm.config.rope_theta)] * pad,
-                dtype=torch.float32,
-                device=tokens.device,
-            )
+            theta = float(self.llm.config.rope_theta)
+            bases = torch.tensor([a.base for a in rows] + [theta] * pad, dtype=torch.float32, device=dev)
+        graph = self.llm._decode_graph(batch + pad)
         return graph.run(tokens, slots, positions, bases)[:batch]
 
     def _head(self, hidden_rows: List[torch.Tensor]) -> Optional[torch.Tensor]:
